@@ -1,0 +1,99 @@
+"""What every attention layer shares: the call context, the SDPA call and input checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tpa.cache import CacheStep, KVCache, LayerCache
+
+
+@dataclass
+class AttentionContext:
+    """Everything a layer needs besides the hidden states; built once per model forward.
+
+    Attributes:
+        cos, sin: ``[B, T, d_rope/2]`` RoPE tables for the positions of the T new tokens.
+        mask: ``[B, T, L]`` bool (True = may attend) or None for plain causal attention over the
+            T new tokens (no cache, no padding).
+        cache: this layer's cache, or None.
+        step: the cache bookkeeping of this call (with ``cache``).
+        kv_cache: the model-wide cache (cached positions, lengths).
+        rotary: the RoPE module (to rotate cached keys where a variant stores them unrotated).
+        decode_impl: ``"auto"`` (FlashTPA kernel on CUDA where it applies), ``"kernel"`` or ``"reference"``.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None = None
+    cache: LayerCache | None = None
+    step: CacheStep | None = None
+    kv_cache: KVCache | None = None
+    rotary: nn.Module | None = None
+    decode_impl: str = "auto"
+
+
+def check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_hidden(x: torch.Tensor, hidden_size: int, layer: str) -> None:
+    if x.dim() != 3 or x.shape[-1] != hidden_size:
+        raise ValueError(f"{layer} expects hidden states of shape [batch, seq, {hidden_size}], got {tuple(x.shape)}")
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention in the ``[B, T, H, D]`` layout.
+
+    Args:
+        q: ``[B, T, H, D]``; k: ``[B, L, G, D]``; v: ``[B, L, G, E]`` with ``G`` dividing ``H``
+            (key/value heads are shared by groups of ``H/G`` query heads).
+        mask: ``[B, T, L]`` bool or None for causal attention (requires ``T == L``).
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        ``[B, T, H, E]``.
+    """
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = kh.shape[1] != qh.shape[1]
+    if mask is None:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def scaled_normal_(weight: torch.Tensor, std: float) -> None:
+    """``normal(0, std)`` init that leaves weights alone when a loader marked them as loaded."""
+    if not getattr(weight, "_is_hf_initialized", False):
+        nn.init.normal_(weight, mean=0.0, std=std)
+
+
+class Attention(nn.Module):
+    """Base class: ``forward(hidden_states [B, T, C], ctx) -> [B, T, C]`` and a cache spec."""
+
+    hidden_size: int
+
+    def cache_spec(self) -> dict[str, tuple[int, ...]]:
+        """Per-token shapes of the tensors this layer caches."""
+        raise NotImplementedError
+
+    def kv_cache_elements_per_token(self) -> int:
+        total = 0
+        for shape in self.cache_spec().values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total

@@ -1,0 +1,79 @@
+"""Multi-head attention and its key/value-sharing forms: GQA (``num_kv_heads`` groups) and MQA (one)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tpa.layers.base import Attention, AttentionContext, attend, check_hidden, check_positive, scaled_normal_
+from tpa.modules.rotary import apply_rotary
+
+
+class MultiHeadAttention(Attention):
+    """MHA (``num_kv_heads == num_heads``), GQA (``num_kv_heads`` dividing ``num_heads``), MQA (1).
+
+    One fused ``qkv_proj`` weight ``[(H + 2G) D, C]``; RoPE on q and k; the cache holds the rotated
+    ``k [G, D]`` and ``v [G, D]`` of each token: ``2 G D`` numbers.
+
+    Args:
+        hidden_size: C. num_heads: H. head_dim: D. num_kv_heads: G (default H).
+        output_gate: multiply the attention output by ``sigmoid(x W_g)`` (an extra projection).
+        init_std, out_init_std: normal init std of the projections and of ``o_proj``.
+
+    Shapes: ``forward(x [B, T, C], ctx) -> [B, T, C]``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int | None = None,
+        *,
+        output_gate: bool = False,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+    ):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        check_positive(hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim, num_kv_heads=num_kv_heads)
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+        self.hidden_size, self.num_heads, self.head_dim, self.num_kv_heads = hidden_size, num_heads, head_dim, num_kv_heads
+        self.rope_dim = head_dim
+        self.output_gate = output_gate
+        self.init_std = init_std
+        self.out_init_std = init_std if out_init_std is None else out_init_std
+        self.qkv_proj = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False) if output_gate else None
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        scaled_normal_(self.qkv_proj.weight, self.init_std)
+        if self.gate_proj is not None:
+            scaled_normal_(self.gate_proj.weight, self.init_std)
+        scaled_normal_(self.o_proj.weight, self.out_init_std)
+
+    def cache_spec(self) -> dict[str, tuple[int, ...]]:
+        return {"k": (self.num_kv_heads, self.head_dim), "v": (self.num_kv_heads, self.head_dim)}
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        check_hidden(x, self.hidden_size, type(self).__name__)
+        bsz, seq, _ = x.shape
+        h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([h * d, g * d, g * d], dim=-1)
+        q = apply_rotary(q.reshape(bsz, seq, h, d), ctx.cos, ctx.sin)
+        k = apply_rotary(k.reshape(bsz, seq, g, d), ctx.cos, ctx.sin)
+        v = v.reshape(bsz, seq, g, d)
+        mask = ctx.mask
+        if ctx.cache is not None:
+            kv = ctx.cache.update(ctx.step, k=k, v=v)
+            k, v, mask = kv["k"], kv["v"], ctx.step.mask
+        out = attend(q, k, v, mask)
+        if self.gate_proj is not None:
+            out = out * torch.sigmoid(self.gate_proj(x).reshape(bsz, seq, h, d))
+        return self.o_proj(out.reshape(bsz, seq, h * d))

@@ -1,0 +1,125 @@
+"""Multi-head Latent Attention as in DeepSeek-V2 (paper Appendix F.3).
+
+Queries go through a compressed latent ``c_Q = x W_DQ`` (size ``d'_c``, RMS-normalised), keys and
+values through ``c_KV = x W_DKV`` (size ``d_c``, RMS-normalised); a decoupled RoPE key
+``k_R = RoPE(x W_KR)`` of size ``d_R`` is shared by all heads. Per head:
+``q_i = [c_Q W_UQ_i, RoPE(c_Q W_QR_i)]``, ``k_i = [c_KV W_UK_i, k_R]``, ``v_i = c_KV W_UV_i``, and
+softmax scale ``(D + d_R) ** -0.5``. The cache holds ``c_KV`` and ``k_R``: ``d_c + d_R`` numbers.
+
+With ``absorb=True`` (the default), calls that use a cache attend in the latent space: ``W_UK`` is
+absorbed into the query and ``W_UV`` applied after attention, so cached latents are never
+up-projected (DeepSeek-V2's inference path).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tpa.layers.base import Attention, AttentionContext, attend, check_hidden, check_positive, scaled_normal_
+from tpa.modules.norm import RMSNorm
+from tpa.modules.rotary import apply_rotary
+
+
+class MultiHeadLatentAttention(Attention):
+    """MLA layer.
+
+    Args:
+        hidden_size: C. num_heads: H. head_dim: D (the non-RoPE query/key part and the value size).
+        kv_lora_rank: d_c. q_lora_rank: d'_c (0 for an uncompressed query). qk_rope_head_dim: d_R.
+        latent_norm: RMSNorm on ``c_Q`` and ``c_KV`` as in DeepSeek-V2.
+        absorb: attend in the latent space when a cache is used.
+
+    Shapes: ``forward(x [B, T, C], ctx) -> [B, T, C]``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        kv_lora_rank: int,
+        q_lora_rank: int,
+        qk_rope_head_dim: int = 32,
+        *,
+        latent_norm: bool = True,
+        absorb: bool = True,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        check_positive(
+            hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim,
+            kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
+        )
+        if not isinstance(q_lora_rank, int) or q_lora_rank < 0:
+            raise ValueError(f"q_lora_rank must be an integer >= 0 (0: no query compression), got {q_lora_rank!r}")
+        if qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even, got {qk_rope_head_dim}")
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.kv_lora_rank, self.q_lora_rank, self.rope_dim = kv_lora_rank, q_lora_rank, qk_rope_head_dim
+        self.absorb = absorb
+        self.init_std = init_std
+        self.out_init_std = init_std if out_init_std is None else out_init_std
+        self.scale = (head_dim + qk_rope_head_dim) ** -0.5
+        q_out = num_heads * (head_dim + qk_rope_head_dim)  # W_UQ and W_QR side by side
+        if q_lora_rank:
+            self.q_a_proj = nn.Linear(hidden_size, q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(q_lora_rank, eps) if latent_norm else nn.Identity()
+            self.q_b_proj = nn.Linear(q_lora_rank, q_out, bias=False)
+        else:
+            self.q_proj = nn.Linear(hidden_size, q_out, bias=False)
+        self.kv_a_proj = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=False)  # W_DKV, W_KR
+        self.kv_a_norm = RMSNorm(kv_lora_rank, eps) if latent_norm else nn.Identity()
+        self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * 2 * head_dim, bias=False)  # W_UK, W_UV per head
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module is not self.o_proj:
+                scaled_normal_(module.weight, self.init_std)
+        scaled_normal_(self.o_proj.weight, self.out_init_std)
+
+    def cache_spec(self) -> dict[str, tuple[int, ...]]:
+        return {"c_kv": (self.kv_lora_rank,), "k_rope": (self.rope_dim,)}
+
+    def _queries(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        bsz, seq, _ = x.shape
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.reshape(bsz, seq, self.num_heads, self.head_dim + self.rope_dim)
+        q_nope, q_rope = q.split([self.head_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rotary(q_rope, cos, sin)
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK, W_UV``, each ``[H, D, d_c]``."""
+        w = self.kv_b_proj.weight.reshape(self.num_heads, 2 * self.head_dim, self.kv_lora_rank)
+        return w[:, : self.head_dim], w[:, self.head_dim :]
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        check_hidden(x, self.hidden_size, type(self).__name__)
+        bsz, seq, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        q_nope, q_rope = self._queries(x, ctx.cos, ctx.sin)
+        c_kv, k_rope = self.kv_a_proj(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_rope = self.kv_a_norm(c_kv), apply_rotary(k_rope, ctx.cos, ctx.sin)
+        mask = ctx.mask
+        if ctx.cache is not None:
+            kv = ctx.cache.update(ctx.step, c_kv=c_kv, k_rope=k_rope)
+            c_kv, k_rope, mask = kv["c_kv"], kv["k_rope"], ctx.step.mask
+        length = c_kv.shape[1]
+        if ctx.cache is not None and self.absorb:
+            w_uk, w_uv = self._up_weights()
+            q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+            query = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, d_c + d_R]
+            key = torch.cat([c_kv, k_rope], dim=-1)[:, :, None]  # one latent "head" shared by all heads
+            out_latent = attend(query, key, c_kv[:, :, None], mask, scale=self.scale)  # [B, T, H, d_c]
+            out = torch.einsum("bthc,hdc->bthd", out_latent, w_uv)
+        else:
+            k_nope, v = self.kv_b_proj(c_kv).reshape(bsz, length, h, 2 * d).split([d, d], dim=-1)
+            k = torch.cat([k_nope, k_rope[:, :, None].expand(bsz, length, h, self.rope_dim)], dim=-1)
+            q = torch.cat([q_nope, q_rope], dim=-1)
+            out = attend(q, k, v, mask, scale=self.scale)
+        return self.o_proj(out.reshape(bsz, seq, h * d))

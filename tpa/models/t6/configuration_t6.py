@@ -1,0 +1,234 @@
+"""T6 configuration: a LLaMA-style model whose attention is chosen by ``attention_type``.
+
+Presets follow the paper: layers and width from Table 9, head_dim 64, head counts per attention type
+from Table 10 (so every type has about MHA's attention parameters), R_q=6 and R_k=R_v=2 for TPA and
+TPA-KVonly, 2 KV heads for GQA, d_c and d'_c from Table 10 and d_R=32 for MLA. ``tiny`` and ``mini``
+are CPU-sized presets whose head counts are derived by the same parameter matching.
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PreTrainedConfig
+
+ATTENTION_TYPES = ("tpa", "tpa_kvonly", "mha", "gqa", "mqa", "mla")
+
+# name: (layers, hidden_size, head_dim, MHA heads, d_c, d'_c, max_position_embeddings)
+_SIZES = {
+    "tiny": (4, 128, 32, 4, 64, 128, 1024),
+    "mini": (8, 512, 64, 8, 128, 256, 1024),
+    "small": (12, 768, 64, 12, 256, 512, 2048),
+    "medium": (24, 1024, 64, 16, 512, 1024, 2048),
+    "large": (36, 1280, 64, 20, 512, 1024, 2048),
+    "xl": (48, 1600, 64, 25, 512, 1024, 2048),
+}
+# Table 10 of the paper: heads per attention type for the paper's sizes.
+_TABLE10_HEADS = {
+    "small": {"mha": 12, "mqa": 23, "gqa": 22, "mla": 12, "tpa_kvonly": 22, "tpa": 34},
+    "medium": {"mha": 16, "mqa": 31, "gqa": 30, "mla": 23, "tpa_kvonly": 29, "tpa": 47},
+    "large": {"mha": 20, "mqa": 39, "gqa": 38, "mla": 34, "tpa_kvonly": 37, "tpa": 61},
+    "xl": {"mha": 25, "mqa": 49, "gqa": 48, "mla": 49, "tpa_kvonly": 47, "tpa": 78},
+}
+PRESETS = tuple(_SIZES)
+
+
+def _swiglu_width(hidden_size: int) -> int:
+    """``8/3 * C`` rounded up to a multiple of 64 (LLaMA's SwiGLU sizing)."""
+    return 64 * math.ceil(8 * hidden_size / 3 / 64)
+
+
+def attention_parameters(attention_type: str, d_model: int, heads: int, head_dim: int, *, q_rank=6, k_rank=2,
+                         v_rank=2, kv_heads=2, d_c=0, d_c_q=0, d_rope=32) -> int:
+    """Table 1's parameter count of one attention layer (projection matrices, output included)."""
+    h, d = heads, head_dim
+    if attention_type == "mha":
+        return 4 * d_model * h * d
+    if attention_type == "mqa":
+        return 2 * d_model * d * (h + 1)
+    if attention_type == "gqa":
+        return 2 * d_model * d * (h + kv_heads)
+    if attention_type == "mla":
+        return d_c_q * (d_model + h * d + h * d_rope) + d_c * (d_model + 2 * h * d) + d_model * (h * d + d_rope)
+    if attention_type == "tpa":
+        return d_model * (q_rank + k_rank + v_rank) * (h + d) + d_model * h * d
+    if attention_type == "tpa_kvonly":
+        return d_model * (k_rank + v_rank) * (h + d) + 2 * d_model * h * d
+    raise ValueError(f"unknown attention_type {attention_type!r}; expected one of {ATTENTION_TYPES}")
+
+
+def matched_heads(attention_type: str, d_model: int, head_dim: int, mha_heads: int, **kw) -> int:
+    """The head count (>= 1) whose attention parameter count is closest to MHA's with ``mha_heads``."""
+    target = attention_parameters("mha", d_model, mha_heads, head_dim)
+    best = min(range(1, 8 * mha_heads + 8), key=lambda h: abs(attention_parameters(attention_type, d_model, h,
+                                                                                      head_dim, **kw) - target))
+    return best
+
+
+class T6Config(PreTrainedConfig):
+    """Configuration of :class:`tpa.T6ForCausalLM`.
+
+    Args:
+        vocab_size, hidden_size, num_hidden_layers, intermediate_size, max_position_embeddings,
+        rms_norm_eps, rope_theta, tie_word_embeddings, initializer_range: as in LLaMA.
+        num_attention_heads: H. head_dim: D (64 in the paper).
+        attention_type: one of ``tpa, tpa_kvonly, mha, gqa, mqa, mla``.
+        q_rank, k_rank, v_rank: TPA ranks (R_q unused by TPA-KVonly).
+        num_key_value_heads: G for GQA (MQA forces 1, MHA forces H).
+        kv_lora_rank, q_lora_rank, qk_rope_head_dim: MLA's d_c, d'_c and d_R.
+        tpa_contextual_a, tpa_contextual_b, tpa_share_kv_b, tpa_head_activation, tpa_order, tpa_c_dim:
+            TPA variants (see :mod:`tpa.layers.tpa`).
+        attention_output_gate: sigmoid output gate on the attention output (any attention type).
+        attn_impl: ``"sdpa"`` (materialise Q, K, V and call SDPA) or ``"factors"`` (TPA only, Algorithm 1).
+        decode_impl: ``"auto"`` (FlashTPA kernel for TPA decoding on CUDA), ``"kernel"`` or ``"reference"``.
+        mla_latent_norm, mla_absorb: RMSNorm on MLA's latents; latent-space attention with a cache.
+    """
+
+    model_type = "t6"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 50304,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 34,
+        head_dim: int = 64,
+        intermediate_size: int | None = None,
+        attention_type: str = "tpa",
+        q_rank: int = 6,
+        k_rank: int = 2,
+        v_rank: int = 2,
+        num_key_value_heads: int | None = None,
+        kv_lora_rank: int = 256,
+        q_lora_rank: int = 512,
+        qk_rope_head_dim: int = 32,
+        rope_theta: float = 10000.0,
+        max_position_embeddings: int = 2048,
+        tie_word_embeddings: bool = True,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tpa_contextual_a: bool = True,
+        tpa_contextual_b: bool = True,
+        tpa_share_kv_b: bool = False,
+        tpa_head_activation: str = "none",
+        tpa_order: int = 2,
+        tpa_c_dim: int = 1,
+        attention_output_gate: bool = False,
+        attn_impl: str = "sdpa",
+        decode_impl: str = "auto",
+        mla_latent_norm: bool = True,
+        mla_absorb: bool = True,
+        use_cache: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"unknown attention_type {attention_type!r}; expected one of {ATTENTION_TYPES}")
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                            ("num_hidden_layers", num_hidden_layers), ("num_attention_heads", num_attention_heads),
+                            ("head_dim", head_dim), ("q_rank", q_rank), ("k_rank", k_rank), ("v_rank", v_rank),
+                            ("max_position_embeddings", max_position_embeddings)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if attention_type == "mqa":
+            num_key_value_heads = 1
+        elif attention_type == "gqa":
+            num_key_value_heads = 2 if num_key_value_heads is None else num_key_value_heads
+        else:
+            num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        if not isinstance(num_key_value_heads, int) or num_key_value_heads < 1 or \
+                num_attention_heads % num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={num_key_value_heads} must be a positive divisor of "
+                f"num_attention_heads={num_attention_heads}"
+            )
+        if decode_impl not in ("auto", "kernel", "reference"):
+            raise ValueError(f"decode_impl must be 'auto', 'kernel' or 'reference', got {decode_impl!r}")
+        if attn_impl not in ("sdpa", "factors"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'factors', got {attn_impl!r}")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size or _swiglu_width(hidden_size)
+        self.attention_type = attention_type
+        self.q_rank, self.k_rank, self.v_rank = q_rank, k_rank, v_rank
+        self.num_key_value_heads = num_key_value_heads
+        self.kv_lora_rank, self.q_lora_rank, self.qk_rope_head_dim = kv_lora_rank, q_lora_rank, qk_rope_head_dim
+        self.rope_theta = rope_theta
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.tpa_contextual_a, self.tpa_contextual_b = tpa_contextual_a, tpa_contextual_b
+        self.tpa_share_kv_b, self.tpa_head_activation = tpa_share_kv_b, tpa_head_activation
+        self.tpa_order, self.tpa_c_dim = tpa_order, tpa_c_dim
+        self.attention_output_gate = attention_output_gate
+        self.attn_impl, self.decode_impl = attn_impl, decode_impl
+        self.mla_latent_norm, self.mla_absorb = mla_latent_norm, mla_absorb
+        self.use_cache = use_cache
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_preset(cls, name: str, attention_type: str = "tpa", **overrides) -> "T6Config":
+        """A paper-sized (``small, medium, large, xl``) or CPU-sized (``tiny, mini``) configuration.
+
+        Raises:
+            ValueError: unknown preset or attention type.
+        """
+        if name not in _SIZES:
+            raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"unknown attention_type {attention_type!r}; expected one of {ATTENTION_TYPES}")
+        layers, width, head_dim, mha_heads, d_c, d_c_q, max_pos = _SIZES[name]
+        if name in _TABLE10_HEADS:
+            heads = _TABLE10_HEADS[name][attention_type]
+        else:
+            heads = matched_heads(attention_type, width, head_dim, mha_heads, d_c=d_c, d_c_q=d_c_q)
+        values = dict(
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            head_dim=head_dim,
+            attention_type=attention_type,
+            kv_lora_rank=d_c,
+            q_lora_rank=d_c_q,
+            qk_rope_head_dim=32 if head_dim >= 64 else head_dim // 2,
+            max_position_embeddings=max_pos,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def kv_cache_elements_per_token(self) -> int:
+        """Cached numbers per token per layer (Table 1), for this configuration."""
+        h, d, t = self.num_attention_heads, self.head_dim, self.attention_type
+        if t in ("tpa", "tpa_kvonly"):
+            a = h if self.tpa_contextual_a else 0
+            if self.tpa_order == 3:
+                b = d // self.tpa_c_dim + self.tpa_c_dim
+            else:
+                b = d
+            b = b if self.tpa_contextual_b else 0
+            if self.tpa_share_kv_b:
+                return (self.k_rank + self.v_rank) * a + self.k_rank * b
+            return (self.k_rank + self.v_rank) * (a + b)
+        if t == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_key_value_heads * d
+
+    def attention_parameters_per_layer(self) -> int:
+        """Table 1's attention parameter count for this configuration (plain TPA variants only)."""
+        return attention_parameters(
+            self.attention_type, self.hidden_size, self.num_attention_heads, self.head_dim,
+            q_rank=self.q_rank, k_rank=self.k_rank, v_rank=self.v_rank, kv_heads=self.num_key_value_heads,
+            d_c=self.kv_lora_rank, d_c_q=self.q_lora_rank, d_rope=self.qk_rope_head_dim,
+        )

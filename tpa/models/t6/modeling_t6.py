@@ -1,0 +1,283 @@
+"""The T6 model (paper Section 4.3): LLaMA with a pluggable attention, as a transformers model.
+
+Block: ``x <- x + Attention(RMSNorm(x))``, ``x <- x + SwiGLU(RMSNorm(x))``; a final RMSNorm and an
+LM head tied to the embedding by default. ``config.attention_type`` picks TPA, TPA-KVonly, MHA,
+GQA, MQA or MLA; every type runs through the same code path and cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from tpa.layers import AttentionContext, MultiHeadAttention, MultiHeadLatentAttention, TensorProductAttention
+from tpa.models.t6.cache_t6 import T6Cache
+from tpa.models.t6.configuration_t6 import T6Config
+from tpa.modules import RMSNorm, RotaryEmbedding, SwiGLU
+
+
+def build_attention(config: T6Config, out_init_std: float) -> nn.Module:
+    """The attention layer ``config.attention_type`` names."""
+    common = dict(init_std=config.initializer_range, out_init_std=out_init_std)
+    t = config.attention_type
+    h, d, c = config.num_attention_heads, config.head_dim, config.hidden_size
+    if t in ("tpa", "tpa_kvonly"):
+        return TensorProductAttention(
+            c, h, d, config.q_rank, config.k_rank, config.v_rank,
+            factorize_q=(t == "tpa"),
+            contextual_a=config.tpa_contextual_a,
+            contextual_b=config.tpa_contextual_b,
+            share_kv_b=config.tpa_share_kv_b,
+            head_activation=config.tpa_head_activation,
+            order=config.tpa_order,
+            c_dim=config.tpa_c_dim,
+            output_gate=config.attention_output_gate,
+            attn_impl=config.attn_impl,
+            **common,
+        )
+    if t in ("mha", "gqa", "mqa"):
+        return MultiHeadAttention(c, h, d, config.num_key_value_heads, output_gate=config.attention_output_gate,
+                                  **common)
+    if config.attention_output_gate:
+        raise ValueError("attention_output_gate is not implemented for MLA")
+    return MultiHeadLatentAttention(
+        c, h, d, config.kv_lora_rank, config.q_lora_rank, config.qk_rope_head_dim,
+        latent_norm=config.mla_latent_norm, absorb=config.mla_absorb, eps=config.rms_norm_eps, **common,
+    )
+
+
+class T6DecoderLayer(nn.Module):
+    """One pre-norm block. ``forward(x [B, T, C], ctx) -> [B, T, C]``."""
+
+    def __init__(self, config: T6Config, out_init_std: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = build_attention(config, out_init_std)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class T6PreTrainedModel(PreTrainedModel):
+    config_class = T6Config
+    config: T6Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["T6DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _out_init_std(self) -> float:
+        # nanoGPT: residual output projections get std 0.02 / sqrt(2 L)
+        return self.config.initializer_range / (2 * self.config.num_hidden_layers) ** 0.5
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if hasattr(module, "reset_parameters") and isinstance(
+            module, (TensorProductAttention, MultiHeadAttention, MultiHeadLatentAttention)
+        ):
+            module.reset_parameters()
+        elif isinstance(module, SwiGLU):
+            for weight, s in ((module.gate_up_proj.weight, std), (module.down_proj.weight, self._out_init_std())):
+                if not getattr(weight, "_is_hf_initialized", False):
+                    nn.init.normal_(weight, 0.0, s)
+        elif isinstance(module, nn.Embedding):
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, RMSNorm):
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                nn.init.ones_(module.weight)
+        elif isinstance(module, nn.Linear) and module.weight is not getattr(self, "_tied_lm_weight", None):
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                nn.init.normal_(module.weight, 0.0, std)
+
+
+class T6Model(T6PreTrainedModel):
+    """Embedding, blocks and final norm. ``forward`` returns the last hidden states and the cache."""
+
+    def __init__(self, config: T6Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        out_std = config.initializer_range / (2 * config.num_hidden_layers) ** 0.5
+        self.layers = nn.ModuleList([T6DecoderLayer(config, out_std) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_dim, config.rope_theta)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
+            if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+                raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+            bsz, seq = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape [batch, seq, {self.config.hidden_size}], "
+                    f"got {tuple(inputs_embeds.shape)}"
+                )
+            bsz, seq = inputs_embeds.shape[:2]
+        if seq == 0:
+            raise ValueError("got an empty sequence (seq length 0)")
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != bsz
+                                           or attention_mask.shape[1] < seq):
+            raise ValueError(
+                f"attention_mask must be a 2D [batch, past + seq] mask of 1 (token) and 0 (padding) with batch "
+                f"{bsz} and at least {seq} columns, got {tuple(attention_mask.shape)}"
+            )
+        if position_ids is not None and tuple(position_ids.shape) not in ((bsz, seq), (1, seq)):
+            raise ValueError(f"position_ids must have shape [{bsz}, {seq}], got {tuple(position_ids.shape)}")
+        return bsz, seq
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: T6Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        bsz, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if input_ids is not None and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got values outside")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        device = hidden.device
+        valid = (attention_mask[:, -seq:] != 0) if attention_mask is not None else \
+            torch.ones(bsz, seq, dtype=torch.bool, device=device)
+        if position_ids is not None:
+            position_ids = position_ids.expand(bsz, seq).to(device)
+
+        if past_key_values is not None and not isinstance(past_key_values, T6Cache):
+            raise TypeError(
+                f"past_key_values must be a tpa T6Cache (got {type(past_key_values).__name__}); "
+                "create one with T6Cache.for_model(model, batch_size) or let forward/generate create it"
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = T6Cache.for_model(self, bsz)
+        max_pos = self.config.max_position_embeddings
+        if past_key_values is not None:
+            kv = past_key_values.kv
+            if kv.batch_size != bsz:
+                raise ValueError(f"the cache was built for batch size {kv.batch_size}, got a batch of {bsz}")
+            step = kv.begin(valid.to(device), position_ids)
+            positions, mask = step.positions, step.mask
+            layer_caches = kv.layers
+        else:
+            step, kv, layer_caches = None, None, [None] * len(self.layers)
+            if seq > max_pos:
+                raise ValueError(f"sequence of {seq} tokens exceeds max_position_embeddings={max_pos}")
+            if bool(valid.all()):
+                positions = torch.arange(seq, device=device).expand(bsz, seq)
+                mask = None
+            else:  # padded batch: positions count real tokens; padding keys are masked out
+                positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+                idx = torch.arange(seq, device=device)
+                mask = (idx[None, None, :] <= idx[None, :, None]) & valid[:, None, :]
+                mask = mask | torch.eye(seq, dtype=torch.bool, device=device)[None]
+            if position_ids is not None:
+                positions = position_ids
+        if position_ids is not None and int(position_ids.max()) >= max_pos:
+            raise ValueError(f"position ids reach {int(position_ids.max())}, beyond max_position_embeddings={max_pos}")
+        cos, sin = self.rotary(positions)
+        for block, layer_cache in zip(self.layers, layer_caches):
+            ctx = AttentionContext(cos=cos, sin=sin, mask=mask, cache=layer_cache, step=step, kv_cache=kv,
+                                   rotary=self.rotary, decode_impl=self.config.decode_impl)
+            if self.gradient_checkpointing and self.training:
+                hidden = self._gradient_checkpointing_func(block.__call__, hidden, ctx)
+            else:
+                hidden = block(hidden, ctx)
+        if kv is not None:
+            kv.commit(step)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+
+
+class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
+    """T6 with an LM head.
+
+    ``forward(input_ids [B, T], attention_mask=None [B, past+T], position_ids=None [B, T],
+    past_key_values=None, use_cache=False, labels=None [B, T])`` returns logits ``[B, T, V]``,
+    the mean next-token loss when labels are given (shifted inside; -100 ignored) and the cache.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: T6Config):
+        super().__init__(config)
+        self.model = T6Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new: nn.Linear) -> None:
+        self.lm_head = new
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: T6Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        use_cache = False if use_cache is None and past_key_values is None else use_cache
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length, *args, **kwargs):
+        """``generate()`` gets a preallocated :class:`T6Cache` instead of transformers' DynamicCache."""
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            return
+        beams = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        model_kwargs["past_key_values"] = T6Cache.for_model(self, batch_size * beams, capacity=max_cache_length)
