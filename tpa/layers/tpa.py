@@ -185,7 +185,7 @@ class TensorProductAttention(Attention):
         if self.head_activation == "sigmoid":
             return torch.sigmoid(a)
         if self.head_activation == "softmax":
-            return torch.softmax(a.float(), dim=-1).to(a.dtype)
+            return torch.softmax(a.to(torch.promote_types(a.dtype, torch.float32)), dim=-1).to(a.dtype)
         return a
 
     def _factor(self, parts: dict[str, torch.Tensor], name: str, batch: int, length: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """``y = x / rms(x) * weight``, computed in float32 and cast back to the input dtype.
+    """``y = x / rms(x) * weight``, computed in float32 (float64 for float64 input) and cast back to the input dtype.
 
     Args:
         dim: size of the last dimension.
@@ -20,4 +20,5 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        work = torch.promote_types(x.dtype, torch.float32)
+        return torch.nn.functional.rms_norm(x.to(work), (x.shape[-1],), self.weight.to(work), self.eps).to(x.dtype)

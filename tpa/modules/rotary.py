@@ -25,13 +25,17 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE dimension must be a positive even number, got {dim}")
         self.dim = dim
         self.theta = theta
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: ``positions [B, T]`` integers. Returns ``cos, sin`` of shape ``[B, T, dim/2]`` in float32."""
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
-        return angles.cos(), angles.sin()
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: ``positions [B, T]`` integers. Returns ``cos, sin`` of shape ``[B, T, dim/2]`` in ``dtype``.
+
+        Angles are formed in float64 (the tables are small), so long positions keep full precision.
+        """
+        # computed here rather than kept as a buffer, so that model.to(bfloat16) cannot degrade it
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float64, device=positions.device) / self.dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        angles = positions.to(torch.float64)[..., None] * inv_freq
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -42,10 +46,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         cos, sin: ``[B, T, dim/2]`` from :class:`RotaryEmbedding`.
 
     Returns:
-        ``x`` rotated, same shape and dtype (computed in float32).
+        ``x`` rotated, same shape and dtype (computed in float32, or float64 for float64 input).
     """
     extra = x.dim() - cos.dim()
     shape = cos.shape[:2] + (1,) * extra + cos.shape[2:]
     cos, sin = cos.reshape(shape), sin.reshape(shape)
-    x1, x2 = x.float().chunk(2, dim=-1)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = cos.to(work), sin.to(work)
+    x1, x2 = x.to(work).chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

@@ -75,7 +75,8 @@ def tpa_attention_factors(
         mask = (k_idx <= q_idx).unsqueeze(0)
     if mask is not None:
         logits = logits.masked_fill(~mask[:, None], float("-inf"))
-    probs = torch.softmax(logits.float(), dim=-1).to(b_v.dtype)
+    work = torch.promote_types(logits.dtype, torch.float32)
+    probs = torch.softmax(logits.to(work), dim=-1).to(b_v.dtype)
     out = torch.einsum("bhqk,bkuh,bkue->bqhe", probs, a_v, b_v) / r_v
     return out
 
