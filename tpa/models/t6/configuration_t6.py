@@ -179,6 +179,16 @@ class T6Config(PreTrainedConfig):
         )
 
     @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        model_type = config_dict.get("model_type")
+        if model_type not in (None, cls.model_type):
+            raise ValueError(
+                f"this checkpoint is a {model_type!r} model, not a T6 ({cls.model_type!r}) model; load it with "
+                "the class of its own model type (e.g. transformers.AutoModelForCausalLM)"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_preset(cls, name: str, attention_type: str = "tpa", **overrides) -> "T6Config":
         """A paper-sized (``small, medium, large, xl``) or CPU-sized (``tiny, mini``) configuration.
 

@@ -7,6 +7,8 @@ GQA, MQA or MLA; every type runs through the same code path and cache.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -47,6 +49,15 @@ def build_attention(config: T6Config, out_init_std: float) -> nn.Module:
         c, h, d, config.kv_lora_rank, config.q_lora_rank, config.qk_rope_head_dim,
         latent_norm=config.mla_latent_norm, absorb=config.mla_absorb, eps=config.rms_norm_eps, **common,
     )
+
+
+AUTO_MAP = {"AutoConfig": "configuration_t6.T6Config", "AutoModelForCausalLM": "modeling_t6.T6ForCausalLM"}
+AUTO_MAP_FILES = {
+    "configuration_t6.py": '"""T6 configuration: provided by the installed `tpa` package (pip install tensor-product-attention)."""\n'
+    "from tpa.models.t6.configuration_t6 import T6Config\n",
+    "modeling_t6.py": '"""T6 model: provided by the installed `tpa` package (pip install tensor-product-attention)."""\n'
+    "from tpa.models.t6.modeling_t6 import T6ForCausalLM, T6Model\n",
+}
 
 
 class T6DecoderLayer(nn.Module):
@@ -273,6 +284,18 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Write ``config.json``, safetensors weights and two small code files (``auto_map``), so that
+        tools which never import ``tpa`` (``lm_eval --model hf``, plain transformers) can load the
+        directory with ``trust_remote_code=True``; after ``import tpa`` no remote code is needed."""
+        self.config.auto_map = dict(AUTO_MAP)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for name, text in AUTO_MAP_FILES.items():
+                with open(os.path.join(save_directory, name), "w") as f:
+                    f.write(text)
+        return result
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
