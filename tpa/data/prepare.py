@@ -1,0 +1,297 @@
+"""``prepare``: documents -> tokenizer -> token shards split into train and validation by document.
+
+Output folder (written atomically: built in a hidden temporary sibling, then renamed)::
+
+    OUT/
+      meta.json              tokenizer, vocabulary size, dtype, token and document counts, arguments
+      tokenizer/             the tokenizer (PreTrainedTokenizerFast), loadable with AutoTokenizer
+      train_000000.bin ...   raw little-endian uint16/uint32 token ids, no header
+      val_000000.bin ...
+      val_documents.npy      source-order indices of the documents that went to validation
+
+Every document is stored as ``[separator] + tokens(document)``, the separator being the tokenizer's
+bos token (or its eos token when it has no bos), as nanoGPT does with GPT-2's ``<|endoftext|>``.
+
+The split is exact and deterministic: of the N non-empty documents, ``round(val_fraction * N)``
+(at least one when ``val_fraction > 0``) are drawn for validation by a permutation seeded with
+``seed``; both splits keep the source order. The tokenizer, when trained here, sees every document
+(validation included), as is usual for corpus-level BPE.
+
+Re-running with the same arguments (and, for local files, the same file sizes and modification
+times) finds the finished folder and does nothing; different arguments need ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tpa.data.sources import DataError, SourceSpec, SourceStats, fetch_shakespeare, iter_documents, list_local_files
+from tpa.data.tokenizer import encode_batch, load_tokenizer, separator_id, train_bpe
+
+FORMAT = "tpa-token-shards"
+FORMAT_VERSION = 1
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+@dataclass
+class PrepareConfig:
+    source: SourceSpec
+    out: str
+    tokenizer: str | None = None  # HF name or path; None trains a byte-level BPE of vocab_size
+    vocab_size: int = 8192
+    val_fraction: float = 0.05
+    seed: int = 0
+    dtype: str = "auto"  # auto, uint16, uint32
+    shard_tokens: int = 100_000_000
+    batch_documents: int = 64
+    overwrite: bool = False
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+
+def choose_dtype(vocab_size: int, requested: str) -> str:
+    if requested == "auto":
+        return "uint16" if vocab_size <= 2**16 else "uint32"
+    if requested not in DTYPES:
+        raise DataError(f"unknown dtype {requested!r}; use auto, uint16 or uint32")
+    limit = np.iinfo(DTYPES[requested]).max + 1
+    if vocab_size > limit:
+        raise DataError(f"the tokenizer has {vocab_size} tokens, more than {requested} holds ({limit}); use --dtype uint32 or auto")
+    return requested
+
+
+def _fingerprint(cfg: PrepareConfig) -> str:
+    items = {
+        "format": [FORMAT, FORMAT_VERSION],
+        "source": cfg.source.describe(),
+        "tokenizer": cfg.tokenizer,
+        "vocab_size": None if cfg.tokenizer else cfg.vocab_size,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "shard_tokens": cfg.shard_tokens,
+    }
+    src = cfg.source.source
+    if not (len(src) == 1 and (src[0] == "shakespeare" or src[0].startswith("hf:"))):
+        items["files"] = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in list_local_files(src)]
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{data_dir} is not a prepared data folder (no meta.json); run `tpa data prepare` first")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path}: format {meta.get('format')} v{meta.get('version')}, expected {FORMAT} v{FORMAT_VERSION}")
+    return meta
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _ShardWriter:
+    def __init__(self, folder: Path, split: str, dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._file = None
+        self._count = 0
+
+    def _open(self):
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        self._file = open(self.folder / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+        self._count = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self._file is None or self._count == self.shard_tokens:
+                self._close()
+                self._open()
+            take = min(len(tokens), self.shard_tokens - self._count)
+            tokens[:take].astype(self.dtype, copy=False).tofile(self._file)
+            self._count += take
+            self.shards[-1]["tokens"] = self._count
+            tokens = tokens[take:]
+
+    def _close(self):
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def close(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Prepare token shards as described in the module docstring; return the metadata."""
+    from tqdm.auto import tqdm
+
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.shard_tokens <= 0:
+        raise DataError(f"shard_tokens must be positive, got {cfg.shard_tokens}")
+    if cfg.dtype not in ("auto", *DTYPES):
+        raise DataError(f"unknown dtype {cfg.dtype!r}; use auto, uint16 or uint32")
+    if cfg.source.source == ["shakespeare"]:
+        fetch_shakespeare(cfg.source.cache_dir, folio=cfg.source.folio)  # before the fingerprint: fail early
+
+    out = Path(cfg.out)
+    fingerprint = _fingerprint(cfg)
+    if (out / "meta.json").is_file():
+        try:
+            old = read_meta(out)
+        except (DataError, json.JSONDecodeError):
+            old = {}
+        if old.get("fingerprint") == fingerprint:
+            print(f"{out} is already prepared with these arguments ({old['splits']['train']['tokens']:,} train tokens); nothing to do")
+            return old
+        if not cfg.overwrite:
+            raise DataError(f"{out} holds data prepared with other arguments; pass --overwrite to replace it")
+    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise DataError(f"{out} exists and is not a prepared data folder; choose another --out or pass --overwrite")
+
+    show = cfg.progress
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets the usual mode
+    try:
+        # 1. Tokenizer
+        if cfg.tokenizer:
+            tok = load_tokenizer(cfg.tokenizer)
+            tokenizer_source = cfg.tokenizer
+        else:
+            train_stats = SourceStats()
+            texts = (d.text for d in iter_documents(cfg.source, train_stats))
+            print(f"training a byte-level BPE tokenizer with {cfg.vocab_size} tokens ...")
+            tok = train_bpe(texts, cfg.vocab_size, show_progress=bool(show))
+            if train_stats.documents == 0:
+                raise DataError(f"no documents in {cfg.source.source}: the input is empty")
+            tokenizer_source = f"byte-level BPE trained here, vocab_size={cfg.vocab_size}"
+        tok.save_pretrained(tmp / "tokenizer")
+        vocab_size = len(tok)
+        dtype_name = choose_dtype(vocab_size, cfg.dtype)
+        dtype = DTYPES[dtype_name]
+        sep = separator_id(tok)
+
+        # 2. Encode every document into one temporary stream, remembering document lengths.
+        stats = SourceStats()
+        lengths: list[int] = []
+        all_path = tmp / "all.tmp"
+        bar = tqdm(desc="tokenizing", unit="doc", disable=None if show is None else not show)
+        total = 0
+        with open(all_path, "wb") as f:
+            batch: list[str] = []
+
+            def flush():
+                nonlocal total
+                for ids in encode_batch(tok, batch):
+                    arr = np.empty(len(ids) + 1, dtype=dtype)
+                    arr[0] = sep
+                    arr[1:] = ids
+                    arr.tofile(f)
+                    lengths.append(len(arr))
+                    total += len(arr)
+                bar.update(len(batch))
+                bar.set_postfix(tokens=f"{total:,}")
+                batch.clear()
+
+            for doc in iter_documents(cfg.source, stats):
+                batch.append(doc.text)
+                if len(batch) >= cfg.batch_documents:
+                    flush()
+            if batch:
+                flush()
+        bar.close()
+        n_docs = len(lengths)
+        if n_docs == 0:
+            raise DataError(f"no documents in {cfg.source.source}: the input is empty"
+                            + (f" ({stats.empty_documents} empty documents skipped)" if stats.empty_documents else ""))
+
+        # 3. Split by document.
+        n_val = int(round(cfg.val_fraction * n_docs))
+        if cfg.val_fraction > 0:
+            n_val = max(1, n_val)
+            if n_val >= n_docs:
+                raise DataError(f"{n_docs} document(s) cannot be split into train and validation with "
+                                f"val_fraction={cfg.val_fraction}; give more documents or --val-fraction 0")
+        perm = np.random.default_rng(cfg.seed).permutation(n_docs)
+        is_val = np.zeros(n_docs, dtype=bool)
+        is_val[perm[:n_val]] = True
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+        stream = np.memmap(all_path, dtype=dtype, mode="r") if total else np.zeros(0, dtype=dtype)
+
+        splits = {}
+        for split, want in (("train", False), ("val", True)):
+            writer = _ShardWriter(tmp, split, dtype, cfg.shard_tokens)
+            docs = np.flatnonzero(is_val == want)
+            for i in docs:
+                writer.write(np.asarray(stream[offsets[i] : offsets[i + 1]]))
+            shards = writer.close()
+            splits[split] = {"documents": int(len(docs)), "tokens": int(sum(s["tokens"] for s in shards)), "shards": shards}
+        del stream
+        np.save(tmp / "val_documents.npy", np.flatnonzero(is_val))
+        all_path.unlink()
+
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "tokenizer": "tokenizer",
+            "tokenizer_source": tokenizer_source,
+            "vocab_size": vocab_size,
+            "dtype": dtype_name,
+            "separator_token_id": int(sep),
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "documents": n_docs,
+            "empty_documents": stats.empty_documents,
+            "replaced_bytes": stats.replaced_bytes,
+            "replaced_in": stats.replaced_in,
+            "tokens": int(total),
+            "splits": splits,
+            "val_fraction": cfg.val_fraction,
+            "seed": cfg.seed,
+            "shard_tokens": cfg.shard_tokens,
+            "source": cfg.source.describe(),
+        }
+        _write_json(tmp / "meta.json", meta)
+        # 4. Publish atomically.
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.rename(out, trash / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if stats.replaced_bytes:
+        print(f"warning: {stats.replaced_bytes} undecodable byte(s) replaced by U+FFFD, first in: {', '.join(stats.replaced_in)}")
+    if stats.empty_documents:
+        print(f"note: {stats.empty_documents} empty document(s) skipped")
+    print(f"prepared {out}: {n_docs:,} documents, {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens, "
+          f"vocabulary {vocab_size:,} ({dtype_name})")
+    return meta

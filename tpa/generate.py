@@ -1,0 +1,76 @@
+"""``tpa generate``: stream text from a trained model directory with ``model.generate`` and its KV cache."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a model directory (streams, uses the KV cache)",
+                              description="Generate text from a HuggingFace model directory written by `tpa train` "
+                                          "(or any causal LM with a tokenizer), streaming tokens as they come.")
+    p.add_argument("--model", required=True, help="model directory (save_pretrained + tokenizer)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from the bos token)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0: off)")
+    p.add_argument("--greedy", action="store_true", help="pick the most likely token each step (no sampling)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights dtype (auto: bfloat16 on GPUs that have it, else float32)")
+    p.set_defaults(func=_run)
+
+
+def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200, temperature: float = 0.8,
+                  top_k: int = 50, top_p: float = 1.0, greedy: bool = False, seed: int = 0, device: str = "auto",
+                  dtype: str = "auto", stream: bool = True) -> str:
+    """Generate a continuation of ``prompt``; print it as it comes when ``stream``; return the new text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    import tpa  # noqa: F401  (registers the T6 Auto classes)
+
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"--temperature must be > 0 when sampling (use --greedy for argmax), got {temperature}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is not None and (ids.numel() == 0 or ids[0, 0].item() != bos):
+        ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)  # documents start with bos in training
+    if ids.numel() == 0:
+        raise ValueError("empty prompt and the tokenizer has no bos/eos token to start from")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings {limit}")
+    ids = ids.to(device)
+    torch.manual_seed(seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
+                                                       top_k=top_k if top_k > 0 else None, top_p=top_p)
+    if stream and prompt:
+        print(prompt, end="", flush=True)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             use_cache=True, streamer=streamer, pad_token_id=tokenizer.pad_token_id or bos, **kwargs)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _run(args) -> int:
+    try:
+        generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed, device=args.device,
+                      dtype=args.dtype)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0

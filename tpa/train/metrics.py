@@ -1,0 +1,149 @@
+"""Metrics: JSONL and CSV files, TensorBoard, optional Weights & Biases; FLOPs, MFU, memory; run info."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+CSV_FIELDS = ["step", "tokens", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb",
+              "elapsed_s"]
+
+# Dense bf16 peak TFLOP/s from the vendors' datasheets (no sparsity), matched on the device name.
+PEAK_BF16_TFLOPS = [("H200", 989.5), ("H100 PCIe", 756.0), ("H100", 989.5), ("A100", 312.0), ("L40S", 362.05),
+                    ("A10G", 70.0), ("L4", 121.0), ("4090", 165.2), ("3090", 71.0)]
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def flops_per_token(model: torch.nn.Module, config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (parameters used in matrix products) + 12 x L x H x D x T.
+
+    The first term counts forward and backward of every weight matrix (the tied output head included,
+    the embedding lookup excluded); the second is the attention scores and the weighted sum of values
+    (PaLM's accounting, without discounting the causal mask).
+    """
+    params = sum(p.numel() for p in model.parameters())
+    if not getattr(config, "tie_word_embeddings", True):
+        params -= model.get_input_embeddings().weight.numel()
+    attn = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6.0 * params + attn
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak on GPUs, peak resident set size of the process on CPUs."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb / 2**20 if sys.platform != "darwin" else rss_kb / 2**30
+
+
+def _git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def run_info(device: torch.device, world_size: int, argv: list[str]) -> dict:
+    packages = {}
+    for name in ("tensor-product-attention", "torch", "transformers", "tokenizers", "numpy", "triton", "datasets",
+                 "tensorboard", "wandb"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    info = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": argv,
+        "git_revision": _git_revision(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": packages,
+        "device": str(device),
+        "world_size": world_size,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+class MetricsLogger:
+    """Appends records to metrics.jsonl and metrics.csv, and to TensorBoard / W&B when enabled.
+
+    Only rank 0 makes one. Files are appended to, so a resumed run continues the same files.
+    """
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, wandb_project: str | None, config: dict):
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        csv_path = run_dir / "metrics.csv"
+        new = not csv_path.exists() or csv_path.stat().st_size == 0
+        self.csv_file = open(csv_path, "a", newline="")
+        self.csv = csv.DictWriter(self.csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            self.csv.writeheader()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("tensorboard=True needs the tensorboard package: pip install tensorboard "
+                                   "(or pass --no-tensorboard)") from None
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("wandb_project is set but wandb is not installed: pip install wandb") from None
+            self.wandb = wandb.init(project=wandb_project, name=run_dir.name, config=config, dir=str(run_dir),
+                                    resume="allow")
+
+    def log(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        self.csv.writerow(record)
+        self.csv_file.flush()
+        step = record["step"]
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.csv_file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

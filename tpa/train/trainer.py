@@ -1,0 +1,361 @@
+"""The training loop: one process on a CPU or GPU, or torchrun ranks with DDP or FSDP2.
+
+Read top to bottom, :func:`train` does what nanoGPT's ``train.py`` does, with typed configuration and
+exact resumption: set up the process group, build the model from its preset, apply
+:func:`~tpa.train.parallel.parallelize`, make AdamW (weight decay on matrices only) and the cosine
+schedule, restore the latest checkpoint when resuming, then loop: fetch this rank's slice of the
+global batch, accumulate gradients over micro-batches, reduce the loss, stop on a non-finite one,
+clip, step, log, evaluate, checkpoint. At the end it exports a HuggingFace model directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tpa.data.loader import TokenShards, TrainBatches, val_batch, val_sequences
+from tpa.data.prepare import read_meta
+from tpa.train import checkpoint as ckpt
+from tpa.train.config import TrainConfig, save_yaml
+from tpa.train.metrics import MetricsLogger, flops_per_token, memory_gb, peak_tflops, run_info
+from tpa.train.parallel import Dist, parallelize, resolve_parallel, setup_distributed, teardown_distributed
+
+# T6Config fields that must agree between a checkpoint and the run that resumes it.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                       "intermediate_size", "attention_type", "q_rank", "k_rank", "v_rank", "num_key_value_heads",
+                       "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "tie_word_embeddings")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; no optimizer step or checkpoint was taken."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    val_loss: float | None
+    export_dir: Path | None
+    stopped: str  # "finished", "halted" (halt_at_step) or "signal"
+    checkpoint: Path | None
+
+
+def cosine_lr_factor(step: int, *, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up then cosine to min."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if max_steps <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (max_steps - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32; ``targets`` are already shifted."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def build_model_config(cfg: TrainConfig, meta: dict):
+    from tpa import T6Config
+
+    data_vocab = int(meta["vocab_size"])
+    vocab = cfg.vocab_size if cfg.vocab_size is not None else 64 * math.ceil(data_vocab / 64)
+    if vocab < data_vocab:
+        raise ValueError(f"vocab_size={vocab} is smaller than the data's tokenizer ({data_vocab} tokens)")
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("max_position_embeddings", cfg.seq_len)
+    return T6Config.from_preset(
+        cfg.preset, cfg.attention_type, vocab_size=vocab, bos_token_id=meta.get("bos_token_id"),
+        eos_token_id=meta.get("eos_token_id"), pad_token_id=meta.get("eos_token_id"), **overrides)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and leaves at the end of the current step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C leaves at once
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: TrainConfig, argv: list[str] | None = None) -> TrainResult:
+    """Run (or resume) a training run as configured; see the module docstring."""
+    cfg.validate()
+    created_pg = not (dist.is_available() and dist.is_initialized())
+    world = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, world, argv if argv is not None else sys.argv)
+    finally:
+        if created_pg:
+            teardown_distributed()
+
+
+def _all_reduce_sum(values: list[float], world: Dist) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    if world.enabled:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    from tpa import T6ForCausalLM
+
+    device = world.device
+    run_dir = cfg.resolved_run_dir()
+    ckpt_dir = run_dir / "checkpoints"
+    resume_from = ckpt.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if not cfg.resume and ckpt.list_checkpoints(ckpt_dir):
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --run-dir")
+
+    # ---- data
+    meta = read_meta(cfg.data_dir)
+    train_shards = TokenShards(cfg.data_dir, "train")
+    val_shards = TokenShards(cfg.data_dir, "val") if meta["splits"]["val"]["tokens"] else None
+    batches = TrainBatches(train_shards, cfg.seq_len, cfg.data_seed)
+    if cfg.global_batch_size % (cfg.micro_batch_size * world.world_size):
+        raise ValueError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size="
+                         f"{cfg.micro_batch_size} x world size {world.world_size}")
+    accum = cfg.global_batch_size // (cfg.micro_batch_size * world.world_size)
+
+    # ---- model
+    torch.manual_seed(cfg.seed)
+    mconfig = build_model_config(cfg, meta)
+    model = T6ForCausalLM(mconfig).to(device)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
+                                       and torch.cuda.is_bf16_supported())
+    mode = resolve_parallel(cfg.parallel, world)
+    train_model = parallelize(model, parallel=mode, world=world, bf16=bf16, compile=cfg.compile,
+                              activation_checkpointing=cfg.activation_checkpointing)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 and mode != "fsdp" \
+        else contextlib.nullcontext
+    loss_fn = torch.compile(lm_loss) if cfg.compile else lm_loss
+
+    # ---- optimizer and schedule
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda" and mode != "fsdp"
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  fused=fused or None, foreach=None if fused else True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr_factor(
+        s, warmup=cfg.warmup_steps, max_steps=cfg.max_steps, min_ratio=cfg.min_lr / cfg.lr))
+
+    step, tokens, val_loss = 0, 0, None
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        saved = state["model_config"]
+        diff = {k: (saved.get(k), getattr(mconfig, k)) for k in ARCHITECTURE_FIELDS
+                if saved.get(k) != getattr(mconfig, k, None)}
+        if diff:
+            raise ValueError(f"{resume_from} was trained with another architecture: {diff}")
+        scheduler.load_state_dict(state["scheduler"])
+        batches.load_state_dict(state["data"])
+        step, tokens, val_loss = state["step"], state["tokens"], state.get("val_loss")
+    elif cfg.resume and world.is_main:
+        print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+
+    # ---- run directory and metrics
+    logger = None
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+        mconfig.to_json_file(str(run_dir / "model_config.json"))
+        import json
+
+        with open(run_dir / "run_info.jsonl", "a") as f:
+            info = run_info(device, world.world_size, argv)
+            info.update(parallel=mode, bf16=bf16, gradient_accumulation=accum, resumed_from=str(resume_from or ""),
+                        parameters=sum(p.numel() for p in model.parameters()))
+            f.write(json.dumps(info) + "\n")
+        logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                               config=cfg.to_dict())
+
+    flops_tok = flops_per_token(model, mconfig, cfg.seq_len)
+    peak = cfg.peak_tflops or peak_tflops(device)
+    n_val = 0
+    if val_shards is not None:
+        n_val = val_sequences(val_shards, cfg.seq_len, cfg.eval_sequences) // world.world_size * world.world_size
+
+    def evaluate() -> float | None:
+        if n_val == 0:
+            return None
+        per_rank = n_val // world.world_size
+        first = world.rank * per_rank
+        total = 0.0
+        train_model.eval()
+        with torch.no_grad():
+            for lo in range(first, first + per_rank, cfg.micro_batch_size):
+                rows = val_batch(val_shards, cfg.seq_len, range(lo, min(lo + cfg.micro_batch_size, first + per_rank)))
+                rows = rows.to(device, non_blocking=True)
+                with autocast():
+                    logits = train_model(input_ids=rows[:, :-1], use_cache=False).logits
+                total += lm_loss(logits, rows[:, 1:]).item() * len(rows)
+        train_model.train()
+        return _all_reduce_sum([total], world)[0] / n_val
+
+    def save(step_: int) -> Path:
+        state = {"step": step_, "tokens": tokens, "scheduler": scheduler.state_dict(), "data": batches.state_dict(),
+                 "config": cfg.to_dict(), "model_config": mconfig.to_dict(), "world_size": world.world_size,
+                 "val_loss": val_loss}
+        return ckpt.save_checkpoint(ckpt_dir, step_, model, optimizer, state, cfg.keep_checkpoints)
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{cfg.preset}-{cfg.attention_type}", unit="step",
+               disable=(not world.is_main) or (None if cfg.progress is None else not cfg.progress), dynamic_ncols=True)
+    last_ckpt = resume_from
+    stopped = "finished"
+    try:
+        if step == 0:
+            val_loss = evaluate()
+            if logger is not None:
+                logger.log({"step": 0, "tokens": 0, "val_loss": val_loss, "lr": scheduler.get_last_lr()[0]})
+        window_time, window_tokens = 0.0, 0
+        start_time = time.perf_counter()
+        train_model.train()
+        with _StopFlag() as stop_flag:
+            while step < cfg.max_steps:
+                t0 = time.perf_counter()
+                rows = batches.next_batch(cfg.global_batch_size, world.rank, world.world_size)
+                if device.type == "cuda":
+                    rows = rows.pin_memory()
+                rows = rows.to(device, non_blocking=True)
+                loss_sum = torch.zeros((), device=device)
+                for k, micro in enumerate(rows.split(cfg.micro_batch_size)):
+                    last = k == accum - 1
+                    sync = contextlib.nullcontext()
+                    if mode == "ddp" and not last:
+                        sync = train_model.no_sync()
+                    elif mode == "fsdp":
+                        model.set_requires_gradient_sync(last)
+                    with sync:
+                        with autocast():
+                            logits = train_model(input_ids=micro[:, :-1], use_cache=False).logits
+                        loss = loss_fn(logits, micro[:, 1:])
+                        (loss / accum).backward()
+                    loss_sum += loss.detach()
+                loss_total, signals = _all_reduce_sum([loss_sum.item() / accum, float(stop_flag.signum is not None)],
+                                                      world)
+                train_loss = loss_total / world.world_size
+                if not math.isfinite(train_loss):
+                    raise NonFiniteLoss(
+                        f"the training loss is {train_loss} at step {step + 1}; stopped before the optimizer step. "
+                        f"The last good checkpoint is {last_ckpt or 'none (nothing was saved yet)'}. "
+                        "Lower the learning rate, check the data, or resume from that checkpoint.")
+                grad_norm = None
+                if cfg.grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                    grad_norm = norm.item()
+                    if not math.isfinite(grad_norm):
+                        raise NonFiniteLoss(
+                            f"the gradient norm is {grad_norm} at step {step + 1}; stopped before the optimizer step. "
+                            f"The last good checkpoint is {last_ckpt or 'none (nothing was saved yet)'}.")
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                step_tokens = cfg.global_batch_size * cfg.seq_len
+                tokens += step_tokens
+                window_time += time.perf_counter() - t0
+                window_tokens += step_tokens
+
+                evaluated = False
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    val_loss = evaluate()
+                    evaluated = True
+                if logger is not None and (step % cfg.log_every == 0 or evaluated or step == cfg.max_steps):
+                    tps = window_tokens / window_time if window_time > 0 else None
+                    record = {"step": step, "tokens": tokens, "loss": train_loss,
+                              "val_loss": val_loss if evaluated else None, "lr": lr, "grad_norm": grad_norm,
+                              "tokens_per_s": tps,
+                              "mfu": (tps * flops_tok / (peak * 1e12 * world.world_size)) if tps and peak else None,
+                              "memory_gb": memory_gb(device), "elapsed_s": time.perf_counter() - start_time}
+                    logger.log(record)
+                    window_time, window_tokens = 0.0, 0
+                    if evaluated and val_loss is not None:
+                        bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
+
+                halt = cfg.halt_at_step is not None and step >= cfg.halt_at_step
+                if signals > 0:
+                    stopped = "signal"
+                elif halt and step < cfg.max_steps:
+                    stopped = "halted"
+                if stopped != "finished" or step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                    last_ckpt = save(step)
+                if stopped != "finished":
+                    break
+    finally:
+        bar.close()
+        if logger is not None:
+            logger.close()
+
+    export_dir = None
+    if stopped == "finished" and cfg.export:
+        export_dir = export_hf(model, mconfig, Path(cfg.data_dir) / meta["tokenizer"], run_dir / "final", world)
+    if world.is_main:
+        if stopped == "signal":
+            print(f"stopped by a signal at step {step}; checkpoint {last_ckpt}; continue with --resume")
+        elif stopped == "halted":
+            print(f"halted at step {step} (halt_at_step); checkpoint {last_ckpt}; continue with --resume")
+        else:
+            print(f"finished {step} steps ({tokens:,} tokens); val loss {val_loss}; model exported to {export_dir}")
+    return TrainResult(run_dir=run_dir, step=step, tokens=tokens, val_loss=val_loss, export_dir=export_dir,
+                       stopped=stopped, checkpoint=last_ckpt)
+
+
+def export_hf(model, mconfig, tokenizer_dir: Path, out: Path, world: Dist) -> Path | None:
+    """Write ``out`` (save_pretrained + tokenizer) atomically from rank 0; every rank must call it."""
+    import os
+    import shutil
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoTokenizer
+
+    from tpa import T6ForCausalLM
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world.is_main:
+        plain = T6ForCausalLM(mconfig)
+        plain.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+        plain.generation_config.bos_token_id = mconfig.bos_token_id
+        plain.generation_config.eos_token_id = mconfig.eos_token_id
+        plain.generation_config.pad_token_id = mconfig.pad_token_id
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    if world.enabled:
+        dist.barrier()
+    return out
