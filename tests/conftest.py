@@ -1,3 +1,18 @@
+import os
+import sys
+
+# Triton kernels run on the CPU through Triton's interpreter, which must be chosen before triton is
+# first imported: set it here, before any test module is collected.
+if "triton" not in sys.modules:
+    try:
+        import torch as _torch
+
+        _cuda = _torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        _cuda = False
+    if not _cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -298,7 +298,9 @@ class TensorProductAttention(Attention):
 
             a_q, b_q = self._query_factors(f)
             buf = ctx.cache.buffer
-            out = tpa_decode(a_q, b_q, buf("a_k"), buf("b_k"), buf("a_v"), buf("b_v"), ctx.step.seqlens)
+            backend = "triton" if ctx.decode_impl == "kernel" else "auto"
+            out = tpa_decode(a_q, b_q, buf("a_k"), buf("b_k"), buf("a_v"), buf("b_v"), ctx.step.seqlens,
+                             backend=backend)
         else:
             a_k, b_k, a_v, b_v = self._key_value_factors(kv, bsz, length, ctx)
             if self.attn_impl == "factors":
