@@ -15,9 +15,11 @@ import sys
 SUBCOMMANDS = [
     "tpa.data.cli",
     "tpa.train.cli",
+    "tpa.train.demo",
     "tpa.generate",
     "tpa.eval.cli",
     "tpa.bench.cli",
+    "tpa.bench.ablate",
 ]
 
 

@@ -16,10 +16,12 @@ are kept.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,15 @@ def _is_dist() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _is_dist() else 0
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when there is no process group: that is intended here."""
+    with warnings.catch_warnings():
+        if not _is_dist():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier() -> None:
@@ -103,7 +114,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, trainer_state: 
         (tmp / "rng").mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     _barrier()
     if rank == 0:
@@ -119,13 +131,19 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, trainer_state: 
     return final
 
 
+def read_trainer_state(path: Path) -> dict:
+    """Step, tokens, scheduler and data state, configs and world size of a checkpoint."""
+    return torch.load(path / "trainer.pt", weights_only=False)
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Load model, optimizer and this rank's RNG states in place; return the trainer state."""
+    trainer_state = read_trainer_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "state"))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path / "state"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer_state = torch.load(path / "trainer.pt", weights_only=False)
     rank = _rank()
     rng_file = path / "rng" / f"rank_{rank:05d}.pt"
     if rng_file.is_file():

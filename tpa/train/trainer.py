@@ -66,6 +66,13 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (parameters of 2+ dims: linear weights, embeddings) only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def build_model_config(cfg: TrainConfig, meta: dict):
     from tpa import T6Config
 
@@ -158,9 +165,7 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
     loss_fn = torch.compile(lm_loss) if cfg.compile else lm_loss
 
     # ---- optimizer and schedule
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(model, cfg.weight_decay)
     fused = device.type == "cuda" and mode != "fsdp"
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   fused=fused or None, foreach=None if fused else True)
@@ -169,12 +174,12 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
 
     step, tokens, val_loss = 0, 0, None
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
-        saved = state["model_config"]
+        saved = ckpt.read_trainer_state(resume_from)["model_config"]
         diff = {k: (saved.get(k), getattr(mconfig, k)) for k in ARCHITECTURE_FIELDS
                 if saved.get(k) != getattr(mconfig, k, None)}
         if diff:
-            raise ValueError(f"{resume_from} was trained with another architecture: {diff}")
+            raise ValueError(f"{resume_from} was trained with another architecture (checkpoint, this run): {diff}")
+        state = ckpt.load_checkpoint(resume_from, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["data"])
         step, tokens, val_loss = state["step"], state["tokens"], state.get("val_loss")
