@@ -1,0 +1,94 @@
+"""`tpa bench train` and `tpa bench generate` end to end at a tiny size on the CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+
+from tpa.cli import main
+from tpa.models.t6.configuration_t6 import ATTENTION_TYPES
+
+
+def test_bench_train_every_type(corpus, tmp_path, capsys):
+    out = tmp_path / "train"
+    rc = main(["bench", "train", "--preset", "tiny", "--data", str(corpus[1]), "--steps", "2", "--warmup", "1",
+               "--micro-batch", "2", "--seq-len", "16", "--vocab-size", "384", "--compile", "off", "--device", "cpu",
+               "--peak-tflops", "0.5", "--output", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "train.json").read_text())
+    assert [r["attention_type"] for r in record["rows"]] == list(ATTENTION_TYPES)
+    for r in record["rows"]:
+        assert r["status"] == "ok" and r["compile"] is False
+        assert r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 and r["parameters"] > 0
+        assert 0 < r["mfu"] < 1  # from the given peak; a CPU has no known one
+    # the timed tokens are exactly the --steps after the --warmup steps
+    assert all(r["timed_steps_tokens"] == 2 * 2 * 16 for r in record["rows"])
+    with open(out / "train.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(ATTENTION_TYPES)
+    assert f"wrote {out / 'train.md'}" in printed
+    assert "| tpa | off |" in (out / "train.md").read_text()
+
+
+def test_bench_train_bad_arguments(corpus, tmp_path, capsys):
+    assert main(["bench", "train", "--preset", "giant", "--data", str(corpus[1]), "--output", str(tmp_path)]) == 2
+    assert "unknown preset 'giant'" in capsys.readouterr().err
+    missing = str(tmp_path / "none")
+    assert main(["bench", "train", "--preset", "tiny", "--data", missing, "--output", str(tmp_path)]) == 2
+    assert "tpa data prepare" in capsys.readouterr().err
+    assert main(["bench", "train", "--preset", "tiny", "--data", str(corpus[1]), "--vocab-size", "100",
+                 "--output", str(tmp_path)]) == 2
+    assert "smaller than the data's tokenizer" in capsys.readouterr().err
+
+
+def test_bench_generate_tiny(tmp_path, capsys):
+    out = tmp_path / "gen"
+    rc = main(["bench", "generate", "--preset", "tiny", "--types", "tpa", "mha", "gqa", "mla", "--contexts", "12,40",
+               "--batch-sizes", "1", "2", "--new-tokens", "3", "--prefill-chunk", "16", "--device", "cpu",
+               "--output", str(out)])
+    assert rc == 0
+    record = json.loads((out / "generate.json").read_text())
+    rows = record["rows"]
+    assert len(rows) == 4 * 2 * 2
+    params = {r["attention_type"]: r["parameters"] for r in rows}
+    assert max(params.values()) / min(params.values()) < 1.05  # matched parameter counts
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["decode_tokens_per_s"] > 0 and r["end_to_end_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+        assert r["end_to_end_tokens_per_s"] <= r["decode_tokens_per_s"]
+        # the cache holds exactly Table 1's bytes for context + new tokens
+        assert r["kv_cache_bytes"] == r["predicted_kv_cache_bytes"]
+    assert (out / "generate.csv").is_file() and "| tpa |" in (out / "generate.md").read_text()
+
+
+def test_bench_generate_time_budget_and_errors(tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert main(["bench", "generate", "--preset", "tiny", "--types", "mqa", "--contexts", "8", "--batch-sizes", "1",
+                 "--new-tokens", "2", "--time-budget", "0", "--device", "cpu", "--output", str(out)]) == 0
+    rows = json.loads((out / "generate.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["skipped (time budget)"]
+    assert main(["bench", "generate", "--preset", "nano", "--output", str(out)]) == 2
+    assert "unknown preset 'nano'" in capsys.readouterr().err
+    assert main(["bench", "generate", "--preset", "tiny", "--contexts", "4Q", "--output", str(out)]) == 2
+    assert "context length" in capsys.readouterr().err
+
+
+def test_chunked_prefill_then_generate_equals_plain_generate():
+    """The benchmark's prefill-in-chunks route produces the tokens plain generate() produces."""
+    from tpa import T6Cache, T6Config, T6ForCausalLM
+
+    for t in ("tpa", "mla", "gqa"):
+        cfg = T6Config.from_preset("tiny", t, vocab_size=97, num_hidden_layers=2, initializer_range=0.2)
+        model = T6ForCausalLM(cfg).eval()
+        ids = torch.randint(0, 97, (2, 45))
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                             do_sample=False, pad_token_id=0)
+        cache = T6Cache.for_model(model, 2, capacity=50)
+        with torch.no_grad():
+            for piece in ids[:, :-1].split(16, dim=1):
+                model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=5,
+                             min_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, ref), t
