@@ -75,6 +75,7 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile each transformer block")
     activation_checkpointing: bool = _f(False, "recompute each transformer block in the backward pass")
     seed: int = _f(0, "seed of the model initialisation")
+    profile_steps: int = _f(0, "profile this many steps from step 10 with torch.profiler into RUN_DIR/profile.txt and a trace")
     peak_tflops: float | None = _f(None, "accelerator peak bf16 TFLOP/s for MFU; default: known GPUs' dense bf16 peak")
 
     def validate(self) -> None:

@@ -235,6 +235,7 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                disable=(not world.is_main) or (None if cfg.progress is None else not cfg.progress), dynamic_ncols=True)
     last_ckpt = resume_from
     stopped = "finished"
+    profiler = None
     try:
         if step == 0:
             val_loss = evaluate()
@@ -245,6 +246,8 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
         train_model.train()
         with _StopFlag() as stop_flag:
             while step < cfg.max_steps:
+                if cfg.profile_steps and world.is_main and step == min(10, cfg.max_steps - 1) and profiler is None:
+                    profiler = _start_profiler(device)
                 t0 = time.perf_counter()
                 rows = batches.next_batch(cfg.global_batch_size, world.rank, world.world_size)
                 if device.type == "cuda":
@@ -306,6 +309,9 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                     window_time, window_tokens = 0.0, 0
                     if evaluated and val_loss is not None:
                         bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                if profiler is not None and step >= min(10, cfg.max_steps - 1) + cfg.profile_steps:
+                    _write_profile(profiler, run_dir, device)
+                    profiler = None
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
 
@@ -319,6 +325,8 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                 if stopped != "finished":
                     break
     finally:
+        if profiler is not None:
+            _write_profile(profiler, run_dir, device)
         bar.close()
         if logger is not None:
             logger.close()
@@ -335,6 +343,25 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
             print(f"finished {step} steps ({tokens:,} tokens); val loss {val_loss}; model exported to {export_dir}")
     return TrainResult(run_dir=run_dir, step=step, tokens=tokens, val_loss=val_loss, export_dir=export_dir,
                        stopped=stopped, checkpoint=last_ckpt)
+
+
+def _start_profiler(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities, record_shapes=False)
+    prof.__enter__()
+    return prof
+
+
+def _write_profile(prof, run_dir: Path, device: torch.device) -> None:
+    """The profiled steps: RUN_DIR/profile.txt (operators and kernels by time) and a Chrome trace."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    prof.__exit__(None, None, None)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    (run_dir / "profile.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+    prof.export_chrome_trace(str(run_dir / "profile_trace.json"))
 
 
 def export_hf(model, mconfig, tokenizer_dir: Path, out: Path, world: Dist) -> Path | None:
