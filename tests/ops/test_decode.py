@@ -1,0 +1,337 @@
+"""FlashTPA decoding kernel (tpa.ops.decode) against float64 ground truth and the reference twin.
+
+On a machine without CUDA the kernels run under Triton's interpreter (tests/ops/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported); with CUDA they run compiled on the GPU.
+
+Tolerance rule (FlashAttention's): the kernel's max error against a float64 computation must be at
+most twice the max error of the same computation done in PyTorch at the input dtype, plus a tiny
+absolute floor. Output buffers are poisoned with NaN before the kernels run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from tpa.ops import tpa_decode, tpa_decode_reference
+from tpa.ops import decode as decode_mod
+from tpa.ops.decode import DecodeConfig, check_cache_seqlens, default_config
+from tpa.ops.naive import gather_paged
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kernels_runnable() -> bool:
+    if DEVICE == "cuda":
+        return True
+    try:
+        return decode_mod.triton_interpreter_active()
+    except ImportError:
+        return False
+
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+KERNELS_RUNNABLE = HAVE_TRITON and _kernels_runnable()
+needs_kernel = pytest.mark.skipif(
+    not KERNELS_RUNNABLE,
+    reason="triton was imported before TRITON_INTERPRET=1 could be set; test_kernels_in_fresh_process runs these",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and references
+# ----------------------------------------------------------------------------------------------
+
+
+def make_inputs(
+    lengths, n, h, d, e, ranks, dtype, paged=False, page_size=16, capacity=None, seed=0, strided=False
+):
+    """Fresh random factors. Returns (a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table).
+
+    Contiguous caches are [B, capacity, R, X]; ``strided`` makes them slices of a wider buffer. Paged
+    caches get a shuffled block table with spare (never used) blocks."""
+    g = torch.Generator().manual_seed(seed)
+    r_q, r_k, r_v = ranks
+    bsz = len(lengths)
+    capacity = capacity or max(lengths)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    a_q, b_q = rnd(bsz, n, r_q, h), rnd(bsz, n, r_q, d)
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    if not paged:
+        extra = 7 if strided else 0
+        caches = [rnd(bsz, capacity + extra, r, x)[:, :capacity] for r, x in ((r_k, h), (r_k, d), (r_v, h), (r_v, e))]
+        return (a_q, b_q, *caches, cache_seqlens, None)
+    max_blocks = math.ceil(capacity / page_size)
+    num_blocks = bsz * max_blocks + 3
+    perm = torch.randperm(num_blocks, generator=g)[: bsz * max_blocks]
+    block_table = perm.reshape(bsz, max_blocks).to(torch.int32).to(DEVICE)
+    caches = [rnd(num_blocks, page_size, r, x) for r, x in ((r_k, h), (r_k, d), (r_v, h), (r_v, e))]
+    return (a_q, b_q, *caches, cache_seqlens, block_table)
+
+
+def reference_f64(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table=None, softmax_scale=None):
+    """Ground truth in float64, per sequence, with Q, K and V materialised (a formulation
+    independent of the factored one). Returns out [B, N, H, E] and lse [B, N, H], float64."""
+    if block_table is not None:
+        a_k, b_k, a_v, b_v = (gather_paged(c, block_table) for c in (a_k, b_k, a_v, b_v))
+    f = torch.float64
+    a_q, b_q, a_k, b_k, a_v, b_v = (t.detach().cpu().to(f) for t in (a_q, b_q, a_k, b_k, a_v, b_v))
+    bsz, n, r_q, h = a_q.shape
+    d, e = b_q.shape[-1], b_v.shape[-1]
+    scale = softmax_scale if softmax_scale is not None else d**-0.5
+    out = torch.empty(bsz, n, h, e, dtype=f)
+    lse = torch.empty(bsz, n, h, dtype=f)
+    for b, length in enumerate(cache_seqlens.tolist()):
+        q = torch.einsum("nrh,nrd->nhd", a_q[b], b_q[b]) / r_q
+        k = torch.einsum("mrh,mrd->mhd", a_k[b, :length], b_k[b, :length]) / a_k.shape[2]
+        v = torch.einsum("mrh,mre->mhe", a_v[b, :length], b_v[b, :length]) / a_v.shape[2]
+        logits = torch.einsum("nhd,mhd->hnm", q, k) * scale
+        limit = length - n + 1 + torch.arange(n)
+        visible = torch.arange(length)[None, :] < limit[:, None]
+        logits = logits.masked_fill(~visible[None], float("-inf"))
+        lse[b] = torch.logsumexp(logits, dim=-1).transpose(0, 1)
+        out[b] = torch.einsum("hnm,mhe->nhe", torch.softmax(logits, dim=-1), v)
+    return out, lse
+
+
+def torch_same_dtype(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table=None, softmax_scale=None):
+    """The reference twin's computation done in PyTorch at the input dtype (no upcast), as
+    FlashAttention's tests do for their tolerance; the softmax itself in float32 as there."""
+    if block_table is not None:
+        a_k, b_k, a_v, b_v = (gather_paged(c, block_table) for c in (a_k, b_k, a_v, b_v))
+    dt = a_q.dtype
+    r_q, r_k, r_v = a_q.shape[2], a_k.shape[2], a_v.shape[2]
+    n, m = a_q.shape[1], a_k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else b_q.shape[-1] ** -0.5
+    p = torch.einsum("bnrd,bmsd->bnmrs", b_q, b_k)
+    logits = torch.einsum("bnrh,bmsh,bnmrs->bhnm", a_q, a_k, p) * (scale / (r_q * r_k))
+    limit = cache_seqlens.long()[:, None] - n + 1 + torch.arange(n, device=a_q.device)[None, :]
+    visible = torch.arange(m, device=a_q.device)[None, None, :] < limit[:, :, None]
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    lse = torch.logsumexp(logits.float(), dim=-1).transpose(1, 2)
+    probs = torch.softmax(logits.float(), dim=-1).to(dt)
+    out = torch.einsum("bhnm,bmuh,bmue->bnhe", probs, a_v, b_v) / r_v
+    return out.to(dt), lse
+
+
+def max_err(x, ref):
+    return (x.detach().cpu().double() - ref).abs().max().item()
+
+
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def assert_close_to_truth(out, lse, inputs, softmax_scale=None):
+    """FlashAttention's rule for out and lse, plus: every element written (no NaN)."""
+    assert not torch.isnan(out).any(), "kernel left output elements unwritten (NaN poison survived)"
+    assert not torch.isnan(lse).any(), "kernel left lse elements unwritten (NaN poison survived)"
+    ref_out, ref_lse = reference_f64(*inputs, softmax_scale=softmax_scale)
+    pt_out, pt_lse = torch_same_dtype(*inputs, softmax_scale=softmax_scale)
+    dt = out.dtype
+    err, err_pt = max_err(out, ref_out), max_err(pt_out, ref_out)
+    assert err <= 2 * err_pt + FLOOR[dt], f"out error {err:.3g} > 2 x PyTorch-{dt} error {err_pt:.3g} + floor"
+    lerr, lerr_pt = max_err(lse, ref_lse), max_err(pt_lse, ref_lse)
+    assert lerr <= 2 * lerr_pt + FLOOR[dt], f"lse error {lerr:.3g} > 2 x PyTorch-{dt} error {lerr_pt:.3g} + floor"
+    # The reference twin agrees as well. Run on the same input values upcast to float32 (so that its
+    # output is not rounded to the input dtype): to float32 rounding for float32 inputs, and by the
+    # same rule, the twin as reference, for half precision.
+    up = [t.float() if t is not None and t.is_floating_point() else t for t in inputs]
+    tw_out, tw_lse = tpa_decode_reference(*up, softmax_scale=softmax_scale, return_lse=True)
+    tw_out, tw_lse = tw_out.double().cpu(), tw_lse.double().cpu()
+    if dt == torch.float32:
+        torch.testing.assert_close(out.cpu().double(), tw_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse.cpu().double(), tw_lse, rtol=1e-5, atol=1e-5)
+    else:
+        assert max_err(out, tw_out) <= 2 * max_err(pt_out, tw_out) + FLOOR[dt]
+        assert max_err(lse, tw_lse) <= 2 * max_err(pt_lse, tw_lse) + FLOOR[dt]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel against the truth
+# ----------------------------------------------------------------------------------------------
+
+# (lengths, N, H, D, E, (R_q, R_k, R_v), config). Lengths are ragged, include 1 where N=1, and are
+# not multiples of any block size (16, 32, 64) or page size. Configs cover: the default heuristic,
+# one split (direct write), many small splits (some empty), several head blocks, query tiles.
+CASES = [
+    ([1, 37, 100], 1, 34, 64, 64, (1, 1, 1), None),
+    ([1, 37, 100], 1, 34, 80, 64, (2, 3, 1), DecodeConfig(block_m=16, num_splits=5)),
+    ([23, 1, 71], 1, 34, 64, 80, (3, 2, 3), DecodeConfig(num_splits=1)),
+    ([4, 45, 99], 4, 34, 64, 64, (3, 1, 2), DecodeConfig(block_m=16, block_h=16, num_splits=3)),
+    ([4, 45, 99], 4, 34, 80, 80, (1, 2, 2), None),
+    ([9, 61, 4], 4, 5, 80, 64, (2, 1, 3), DecodeConfig(block_m=16, num_splits=4)),
+]
+
+
+def _case_id(case):
+    lengths, n, h, d, e, ranks, cfg = case
+    tag = "default" if cfg is None else f"bm{cfg.block_m}-bh{cfg.block_h}-s{cfg.num_splits}"
+    return f"N{n}-H{h}-D{d}-E{e}-R{''.join(map(str, ranks))}-{tag}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_kernel_matches_truth(case, paged, dtype, monkeypatch):
+    lengths, n, h, d, e, ranks, cfg = case
+    seed = zlib.crc32(repr((lengths, n, h, d, e, ranks, paged, str(dtype))).encode())
+    inputs = make_inputs(lengths, n, h, d, e, ranks, dtype, paged=paged, capacity=103, seed=seed)
+    monkeypatch.setattr(decode_mod, "_POISON_BUFFERS", True)  # NaN in every internal buffer
+    out = torch.full((len(lengths), n, h, e), float("nan"), dtype=dtype, device=DEVICE)
+    res, lse = tpa_decode(*inputs, return_lse=True, backend="triton", out=out, config=cfg)
+    assert res is out and lse.shape == (len(lengths), n, h) and lse.dtype == torch.float32
+    assert_close_to_truth(out, lse, inputs)
+
+
+@needs_kernel
+def test_kernel_strided_views_scale_and_no_lse(monkeypatch):
+    """Caches that are slices of wider buffers, a permuted (non-contiguous) query, a custom scale,
+    and return_lse=False with a kernel-allocated (poisoned) output."""
+    inputs = list(make_inputs([30, 77], 2, 34, 64, 64, (2, 2, 1), torch.bfloat16, capacity=90, strided=True, seed=3))
+    assert not inputs[2].is_contiguous()
+    inputs[0] = inputs[0].transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    assert not inputs[0].is_contiguous()
+    monkeypatch.setattr(decode_mod, "_POISON_BUFFERS", True)
+    out = tpa_decode(*inputs, softmax_scale=0.3, backend="triton", config=DecodeConfig(block_m=32))
+    assert out.shape == (2, 2, 34, 64) and out.dtype == torch.bfloat16
+    _, lse = tpa_decode(*inputs, softmax_scale=0.3, return_lse=True, backend="triton")
+    assert_close_to_truth(out, lse, inputs, softmax_scale=0.3)
+
+
+@needs_kernel
+def test_split_count_does_not_change_the_result():
+    """The same inputs with 1, 2 and 7 splits agree to float32 rounding (the LSE merge is exact)."""
+    inputs = make_inputs([50, 3], 1, 34, 64, 64, (2, 1, 1), torch.float32, seed=5)
+    outs = [
+        tpa_decode(*inputs, return_lse=True, backend="triton", config=DecodeConfig(block_m=16, num_splits=s))
+        for s in (1, 2, 7)
+    ]
+    for o, l in outs[1:]:
+        torch.testing.assert_close(o, outs[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(l, outs[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_in_fresh_process():
+    """When triton was imported (by another test module) before TRITON_INTERPRET=1 could be set,
+    the kernel tests above are skipped here and run in a fresh interpreter process instead."""
+    if KERNELS_RUNNABLE or not HAVE_TRITON:
+        pytest.skip("kernel tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel or split"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch, defaults, launch parameters
+# ----------------------------------------------------------------------------------------------
+
+
+def test_auto_backend_on_cpu_is_the_reference_twin():
+    """On CPU tensors backend='auto' falls back to the twin (documented)."""
+    inputs = make_inputs([5, 12], 2, 6, 32, 48, (3, 2, 2), torch.float32, seed=7)
+    inputs = tuple(t.cpu() if t is not None else None for t in inputs)
+    out, lse = tpa_decode(*inputs, return_lse=True)
+    ref_out, ref_lse = tpa_decode_reference(*inputs, return_lse=True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    buf = torch.full_like(ref_out, float("nan"))
+    assert tpa_decode(*inputs, backend="reference", out=buf) is buf and torch.equal(buf, ref_out)
+
+
+def test_default_config_depends_on_shapes_only():
+    """The launch parameters are a function of shapes and capacity; the split count is bounded."""
+    cfg = default_config(1, 1, 32, 64, 64, capacity=4096, num_sms=132)
+    assert cfg.num_splits > 1 and cfg.block_h == 32 and cfg.block_n == 1
+    assert default_config(1, 1, 32, 64, 64, capacity=4096, num_sms=132) == cfg
+    big = default_config(16, 1, 48, 64, 64, capacity=1 << 19, num_sms=132)
+    assert 1 <= big.num_splits <= 256
+    tiny = default_config(2, 1, 34, 80, 80, capacity=10, num_sms=132)
+    assert tiny.num_splits == 1  # never more splits than blocks of capacity
+    wide = default_config(1, 1, 78, 256, 256, capacity=4096, num_sms=132)
+    assert wide.block_h * wide.block_n * 256 <= 16384
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def _good():
+    return list(make_inputs([5, 9], 1, 4, 32, 32, (2, 1, 2), torch.float32, capacity=12, seed=11))
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, match",
+    [
+        (lambda x: x.__setitem__(1, x[1][:, :, :1]), ValueError, "b_q"),  # R_q mismatch
+        (lambda x: x.__setitem__(2, x[2][..., :3]), ValueError, "head count"),  # H mismatch
+        (lambda x: x.__setitem__(3, x[3][..., :16]), ValueError, "feature dim"),  # D mismatch
+        (lambda x: x.__setitem__(4, x[4][:1]), ValueError, "first two dimensions"),  # batch mismatch
+        (lambda x: x.__setitem__(5, x[5][:, :, :1]), ValueError, "R_v"),  # R_v mismatch
+        (lambda x: x.__setitem__(2, x[2][:, :, :, :, None]), ValueError, "4 dimensions"),
+        (lambda x: x.__setitem__(6, x[6].long()), TypeError, "int32"),  # wrong dtype of cache_seqlens
+        (lambda x: x.__setitem__(6, x[6].float()), TypeError, "int32"),
+        (lambda x: x.__setitem__(6, x[6][:1]), ValueError, "shape"),
+        (lambda x: x.__setitem__(6, torch.tensor([5, 13], dtype=torch.int32)), ValueError, "exceeds the cache capacity"),
+        (lambda x: x.__setitem__(6, torch.tensor([0, 9], dtype=torch.int32)), ValueError, "smaller than the number"),
+        (lambda x: x.__setitem__(3, x[3].double()), TypeError, "dtype"),
+        (lambda x: x.__setitem__(0, x[0].half()), TypeError, "dtype"),
+        (lambda x: x.__setitem__(0, [1, 2]), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_raises(mutate, exc, match):
+    args = [t.cpu() if isinstance(t, torch.Tensor) else t for t in _good()[:7]]
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        tpa_decode(*args, backend="reference")
+
+
+def test_bad_paged_input_raises():
+    args = [t.cpu() if isinstance(t, torch.Tensor) else t for t in make_inputs(
+        [5, 9], 1, 4, 32, 32, (1, 1, 1), torch.float32, paged=True, page_size=4, capacity=12, seed=2)]
+    tpa_decode(*args[:7], block_table=args[7], backend="reference")  # the good call works
+    with pytest.raises(TypeError, match="block_table must be int32"):
+        tpa_decode(*args[:7], block_table=args[7].long())
+    with pytest.raises(ValueError, match="block_table must be"):
+        tpa_decode(*args[:7], block_table=args[7][:1])
+    with pytest.raises(ValueError, match="exceeds the cache capacity"):  # capacity = 3 blocks x 4
+        tpa_decode(*args[:6], torch.tensor([5, 13], dtype=torch.int32), block_table=args[7])
+    bad_table = args[7].clone()
+    bad_table[1, 0] = 1000
+    with pytest.raises(ValueError, match="outside"):
+        tpa_decode(*args[:7], block_table=bad_table)
+
+
+def test_other_bad_arguments():
+    args = [t.cpu() if isinstance(t, torch.Tensor) else t for t in _good()[:7]]
+    with pytest.raises(ValueError, match="backend"):
+        tpa_decode(*args, backend="cuda")
+    with pytest.raises(ValueError, match="out must be"):
+        tpa_decode(*args, out=torch.empty(2, 1, 4, 31))
+    with pytest.raises(ValueError, match="do not fit"):
+        a_q, b_q = torch.randn(2, 13, 2, 4), torch.randn(2, 13, 2, 32)
+        tpa_decode(a_q, b_q, *args[2:7])
+    with pytest.raises(ValueError, match="exceeds"):
+        check_cache_seqlens(torch.tensor([3, 40], dtype=torch.int32), capacity=12, num_queries=1)
+    check_cache_seqlens(torch.tensor([3, 12], dtype=torch.int32), capacity=12, num_queries=3)  # valid
+    # check_lengths=False skips the value check (what a CUDA caller gets by default: no host sync).
+    out = tpa_decode(*args[:6], torch.tensor([5, 9], dtype=torch.int32), check_lengths=False)
+    assert out.shape == (2, 1, 4, 32)
