@@ -22,6 +22,7 @@ Writes ``memory.json``, ``memory.csv``, ``memory.md`` (and ``measured.csv`` when
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -79,12 +80,24 @@ def accounting_row(preset: str, attention_type: str, *, dtype_bytes: int, memory
     }
 
 
+def _allocated(device) -> int | None:
+    """Bytes held by live CUDA tensors after collecting garbage (None on other devices)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device)
+
+
 def measure_cache(preset: str, attention_type: str, *, tokens: int, batch: int, device, dtype, chunk: int = 1024,
                   **overrides) -> dict:
     """Fill a :class:`tpa.T6Cache` with ``tokens`` tokens per sequence and measure what it holds.
 
     Returns bytes of the cache tensors (all layers), the bytes Table 1 predicts, and on CUDA the
-    allocator's growth from just before the cache existed to after it was filled.
+    growth of live tensor bytes from just before the cache existed (after a warm-up forward pass and a
+    garbage collection) to after it was filled; that growth also holds the cache's position table.
     """
     import torch
 
@@ -94,23 +107,21 @@ def measure_cache(preset: str, attention_type: str, *, tokens: int, batch: int, 
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, tokens)
     model = T6ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (batch, tokens), device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(device)
+    with torch.no_grad():  # warm-up: library workspaces (cuBLAS) are allocated once, before the count starts
+        model(input_ids=ids[:, : min(tokens, chunk)], use_cache=False, logits_to_keep=1)
+    before = _allocated(device)
     cache = T6Cache.for_model(model, batch, capacity=tokens)
     with torch.no_grad():
         for piece in ids.split(chunk, dim=1):
             model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    allocator = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        allocator = torch.cuda.memory_allocated(device) - before
+    after = _allocated(device)
+    allocator = None if before is None else after - before
     held = sum(buf.numel() * buf.element_size() for layer in cache.kv.layers for buf in layer.buffers.values())
     elements = cache.elements_per_token()
     predicted = cfg.kv_cache_elements_per_token() * cfg.num_hidden_layers * tokens * batch * dtype.itemsize
     positions = cache.kv.positions.numel() * cache.kv.positions.element_size() if cache.kv.positions is not None else 0
     del cache, model
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"preset": preset, "attention_type": attention_type, "tokens": tokens, "batch": batch,

@@ -56,6 +56,12 @@ def training_run(values: dict, run_dir: Path, *, fresh: bool = True, keep_checkp
     from tpa.train.trainer import NonFiniteLoss, train
 
     run_dir = Path(run_dir)
+    if values.get("compile"):
+        # compiled graphs of earlier runs in this process would count towards dynamo's recompile limit
+        # (8 per code object) and, once it is hit, leave this run's blocks uncompiled
+        import torch
+
+        torch._dynamo.reset()
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     values = {"tensorboard": False, "progress": False, **values, "run_dir": str(run_dir)}
