@@ -56,7 +56,7 @@ _MAX_SPLITS = 256
 # of a tile its own warp (2 to 8 warps) for head dims up to 128 and small rank x block tiles (more
 # registers per thread otherwise spill), "fixed" uses 4 warps (8 for large tiles). ``block_m`` is for 16-bit caches (float32 uses half). ``programs_per_sm``: the split
 # count aims at this many programs per SM. Set from measurements (BENCHMARKS.md, FlashTPA decode).
-_HEURISTIC = {"warps": "fixed", "block_m": 64, "num_stages": 3, "programs_per_sm": 4}
+_HEURISTIC = {"warps": "rows", "block_m": 64, "num_stages": 3, "programs_per_sm": 4}
 _LOG2E = 1.4426950408889634
 
 # Test hook: when True, the wrapper fills every buffer it allocates (output, lse, split partials)
