@@ -5,7 +5,7 @@
 #   3. trains a tiny T6 (TPA) model and an MHA model with the same parameter count, a few minutes each;
 #   4. prints their validation losses and KV-cache bytes per token side by side;
 #   5. streams a sample from the T6 model.
-# About 10 minutes on 2 CPU cores; a GPU is used when there is one. Re-running reuses what is done.
+# Each model trains for a few minutes on 2 CPU cores; a GPU is used when there is one. Re-running reuses what is done.
 # Extra arguments go to `tpa demo` (see `tpa demo --help`), e.g. `bash scripts/demo.sh --steps 100`.
 set -euo pipefail
 
@@ -30,7 +30,8 @@ if ! python -c 'import torch' 2>/dev/null; then
         echo "== installing PyTorch (a GPU was found)"
         python -m pip install --quiet torch
     else
-        # pinned first, so that pip takes the CPU build rather than fetching a CUDA one
+        # pinned first, so that pip takes the CPU build rather than fetching a CUDA one (pip's own
+        # PIP_INDEX_URL / PIP_EXTRA_INDEX_URL settings apply, e.g. to point it at a CPU wheel index)
         echo "== installing PyTorch for CPUs"
         python -m pip install --quiet torch==2.13.0
     fi

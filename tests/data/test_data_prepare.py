@@ -16,7 +16,7 @@ from tpa.data.sources import DataError, SourceSpec, decode_utf8, fetch_shakespea
 
 
 def _prepare(source, out, **kw):
-    spec_kw = {k: kw.pop(k) for k in ("text_field",) if k in kw}
+    spec_kw = {k: kw.pop(k) for k in ("text_field", "max_documents") if k in kw}
     cfg = PrepareConfig(source=SourceSpec(source=[str(s) for s in source], **spec_kw), out=str(out),
                         progress=False, **{"vocab_size": 300, **kw})
     return prepare(cfg)
@@ -265,3 +265,24 @@ def test_val_batches(shards_dir):
     shards = TokenShards(shards_dir / "one", "val")
     rows = val_batch(shards, 8, range(2, 4))
     assert rows.shape == (2, 9) and torch.equal(rows[0], torch.from_numpy(shards.read(16, 9)))
+
+
+def test_hf_dataset_source_is_streamed(tmp_path):
+    """``hf:NAME`` goes through datasets.load_dataset(streaming=True); a local dataset folder stands in
+    for a hub name here (no network in tests)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = documents(8, seed=6)
+    (tmp_path / "ds").mkdir()
+    pq.write_table(pa.table({"content": docs, "n": list(range(8))}), tmp_path / "ds" / "train.parquet")
+    meta = _prepare([f"hf:{tmp_path / 'ds'}"], tmp_path / "out", text_field="content", val_fraction=0.25)
+    val_idx = np.load(tmp_path / "out" / "val_documents.npy").tolist()
+    assert _decode_split(tmp_path / "out", "val") == [docs[i] for i in val_idx]
+    assert _decode_split(tmp_path / "out", "train") == [d for i, d in enumerate(docs) if i not in val_idx]
+    assert meta["source"]["source"] == [f"hf:{tmp_path / 'ds'}"] and meta["documents"] == 8
+    with pytest.raises(DataError, match=r"record 0: no field 'text' \(found \['content', 'n'\]\)"):
+        _prepare([f"hf:{tmp_path / 'ds'}"], tmp_path / "out2")
+    limited = _prepare([f"hf:{tmp_path / 'ds'}"], tmp_path / "out3", text_field="content",
+                       val_fraction=0.25, max_documents=4)
+    assert limited["documents"] == 4

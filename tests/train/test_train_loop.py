@@ -203,3 +203,33 @@ def test_resume_refuses_another_architecture(reference_run, data_dir, tmp_path):
     shutil.copytree(reference_run / "checkpoints", run / "checkpoints")
     with pytest.raises(ValueError, match="another architecture"):
         train(tiny_config(data_dir, run, resume=True, max_steps=30, attention_type="mha"))
+
+
+def test_generate_streams_and_matches_a_plain_greedy_loop(reference_run, capsys):
+    """`tpa generate` (model.generate with the KV cache) equals argmax decoding by full forwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tpa  # noqa: F401
+    from tpa.cli import main
+    from tpa.generate import generate_text
+
+    model_dir = reference_run / "final"
+    assert main(["generate", "--model", str(model_dir), "--prompt", "The king", "--max-new-tokens", "10",
+                 "--greedy"]) == 0
+    streamed = capsys.readouterr().out
+    text = generate_text(str(model_dir), "The king", max_new_tokens=10, greedy=True, stream=False)
+    assert streamed.rstrip("\n") == "The king" + text
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([[tok.bos_token_id] + tok("The king", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        for _ in range(10):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert tok.decode(ids[0, -10:], skip_special_tokens=True) == text
+
+    sampled = [generate_text(str(model_dir), "The", max_new_tokens=10, seed=s, stream=False) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]
+    assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "0"]) == 1
+    assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "40"]) == 1  # past seq_len 32
+    assert "max_position_embeddings" in capsys.readouterr().err

