@@ -233,3 +233,27 @@ def test_generate_streams_and_matches_a_plain_greedy_loop(reference_run, capsys)
     assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "0"]) == 1
     assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "40"]) == 1  # past seq_len 32
     assert "max_position_embeddings" in capsys.readouterr().err
+
+
+def test_export_on_request_and_activation_checkpointing(data_dir, tmp_path):
+    """--export-only writes the latest checkpoint as a HF directory; activation checkpointing recomputes
+    the blocks and leaves every loss unchanged (fp32 on a CPU is deterministic)."""
+    plain, recomputed = tmp_path / "plain", tmp_path / "ac"
+    train(tiny_config(data_dir, plain, halt_at_step=4, max_steps=8))
+    train(tiny_config(data_dir, recomputed, halt_at_step=4, max_steps=8, activation_checkpointing=True))
+    assert train_losses(plain) == train_losses(recomputed)
+    result = train(tiny_config(data_dir, plain, max_steps=8, resume=True, export_only=True))
+    assert result.stopped == "exported" and result.export_dir == plain / "export_step_00000004"
+    assert ckpt.latest_checkpoint(plain / "checkpoints").name == "step_00000004"  # no training happened
+    from transformers import AutoModelForCausalLM
+
+    import tpa  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(result.export_dir)
+    assert model.config.vocab_size == 320
+    # the same 4 steps (the warm-up is 4 steps, so max_steps does not change them) ending in a final export
+    finished = train(tiny_config(data_dir, tmp_path / "four", max_steps=4))
+    wa, wb = load_file(str(result.export_dir / "model.safetensors")), load_file(str(finished.export_dir / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ValueError, match="needs resume"):
+        tiny_config(data_dir, plain, export_only=True)

@@ -67,6 +67,7 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
     resume: bool = _f(False, "continue from the latest complete checkpoint in RUN_DIR (start fresh if none)")
     halt_at_step: int | None = _f(None, "stop with a checkpoint after this step, keeping the schedule of max_steps")
+    export_only: bool = _f(False, "with --resume: export the latest checkpoint to RUN_DIR/export_step_N and exit")
     export: bool = _f(True, "at the end, export a HuggingFace model directory with the tokenizer to RUN_DIR/final")
     # ---- system
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (torchrun ranks use cuda:LOCAL_RANK)")
@@ -91,6 +92,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr <= lr (got {self.warmup_steps}, {self.min_lr}, {self.lr})")
+        if self.export_only and not self.resume:
+            raise ValueError("export_only exports the latest checkpoint: it needs resume=True (--resume)")
         if self.halt_at_step is not None and not 0 < self.halt_at_step <= self.max_steps:
             raise ValueError(f"halt_at_step must be in 1..max_steps={self.max_steps}, got {self.halt_at_step}")
 

@@ -47,7 +47,7 @@ class TrainResult:
     tokens: int
     val_loss: float | None
     export_dir: Path | None
-    stopped: str  # "finished", "halted" (halt_at_step) or "signal"
+    stopped: str  # "finished", "halted" (halt_at_step), "signal" or "exported" (export_only)
     checkpoint: Path | None
 
 
@@ -185,6 +185,15 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
         step, tokens, val_loss = state["step"], state["tokens"], state.get("val_loss")
     elif cfg.resume and world.is_main:
         print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    if cfg.export_only:
+        if resume_from is None:
+            raise ValueError(f"--export-only: no checkpoint in {ckpt_dir} to export")
+        out = export_hf(model, mconfig, Path(cfg.data_dir) / meta["tokenizer"], run_dir / f"export_step_{step:08d}",
+                        world)
+        if world.is_main:
+            print(f"exported {resume_from} (step {step}) to {out}")
+        return TrainResult(run_dir=run_dir, step=step, tokens=tokens, val_loss=val_loss, export_dir=out,
+                           stopped="exported", checkpoint=resume_from)
 
     # ---- run directory and metrics
     logger = None
