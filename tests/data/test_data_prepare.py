@@ -87,6 +87,11 @@ def test_deterministic_for_a_seed_and_rerun_is_safe(tmp_path, capsys):
         _prepare([tmp_path / "src"], tmp_path / "a", seed=9)
     replaced = _prepare([tmp_path / "src"], tmp_path / "a", seed=9, overwrite=True)
     assert replaced["seed"] == 9 and read_meta(tmp_path / "a")["seed"] == 9
+    # a tokenizer trained on the first 3 documents only: another tokenizer, still an exact round trip
+    few = _prepare([tmp_path / "src"], tmp_path / "few", seed=7, tokenizer_train_documents=3)
+    assert few["fingerprint"] != a["fingerprint"]
+    assert (tmp_path / "few" / "tokenizer" / "tokenizer.json").read_bytes() != (tmp_path / "a" / "tokenizer" / "tokenizer.json").read_bytes()
+    assert _decode_split(tmp_path / "few", "val") == [documents(20, seed=0)[i] for i in np.load(tmp_path / "few" / "val_documents.npy")]
     # a changed input file changes the fingerprint: the folder is not taken as up to date
     (tmp_path / "src" / "doc_0000.txt").write_text("changed text\n")
     with pytest.raises(DataError, match="--overwrite"):

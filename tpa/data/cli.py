@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="HuggingFace tokenizer name or path; without it a byte-level BPE is trained on the corpus")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of the trained BPE")
+    p.add_argument("--tokenizer-train-documents", type=int, default=None,
+                   help="train the BPE on the first N documents only (default: all)")
     p.add_argument("--text-field", default="text", help="field (jsonl, HF) or column (parquet) holding the text")
     p.add_argument("--hf-config", default=None, help="HuggingFace dataset configuration (subset) name")
     p.add_argument("--split", default="train", help="HuggingFace dataset split to read")
@@ -46,6 +48,7 @@ def _prepare(args) -> int:
     spec = SourceSpec(source=args.source, text_field=args.text_field, hf_config=args.hf_config, split=args.split,
                       max_documents=args.max_documents, folio=args.folio, cache_dir=args.cache_dir)
     cfg = PrepareConfig(source=spec, out=args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                        tokenizer_train_documents=args.tokenizer_train_documents,
                         val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
                         shard_tokens=args.shard_tokens, overwrite=args.overwrite)
     try:

@@ -24,6 +24,7 @@ times) finds the finished folder and does nothing; different arguments need ``ov
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ class PrepareConfig:
     out: str
     tokenizer: str | None = None  # HF name or path; None trains a byte-level BPE of vocab_size
     vocab_size: int = 8192
+    tokenizer_train_documents: int | None = None  # train the BPE on the first N documents only (None: all)
     val_fraction: float = 0.05
     seed: int = 0
     dtype: str = "auto"  # auto, uint16, uint32
@@ -74,6 +76,7 @@ def _fingerprint(cfg: PrepareConfig) -> str:
         "source": cfg.source.describe(),
         "tokenizer": cfg.tokenizer,
         "vocab_size": None if cfg.tokenizer else cfg.vocab_size,
+        "tokenizer_train_documents": None if cfg.tokenizer else cfg.tokenizer_train_documents,
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         "dtype": cfg.dtype,
@@ -147,6 +150,8 @@ def prepare(cfg: PrepareConfig) -> dict:
 
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.tokenizer_train_documents is not None and cfg.tokenizer_train_documents < 1:
+        raise DataError(f"tokenizer_train_documents must be >= 1, got {cfg.tokenizer_train_documents}")
     if cfg.shard_tokens <= 0:
         raise DataError(f"shard_tokens must be positive, got {cfg.shard_tokens}")
     if cfg.dtype not in ("auto", *DTYPES):
@@ -182,7 +187,8 @@ def prepare(cfg: PrepareConfig) -> dict:
             tokenizer_source = cfg.tokenizer
         else:
             train_stats = SourceStats()
-            texts = (d.text for d in iter_documents(cfg.source, train_stats))
+            texts = (d.text for d in itertools.islice(iter_documents(cfg.source, train_stats),
+                                                      cfg.tokenizer_train_documents))
             print(f"training a byte-level BPE tokenizer with {cfg.vocab_size} tokens ...")
             tok = train_bpe(texts, cfg.vocab_size, show_progress=bool(show))
             if train_stats.documents == 0:
