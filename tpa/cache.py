@@ -33,10 +33,12 @@ class CacheStep:
         valid: ``[B, T]`` bool, which new tokens are real (not padding).
         seqlens: ``[B]`` int32, valid cached tokens per sequence after this call.
         kv_len: ``max(seqlens)``, the number of slots attention reads.
-        mask: ``[B, T, kv_len]`` bool, True where a new token may attend a cached slot
-            (causal, aligned to the end of each sequence).
+        mask: ``[B, T, kv_len]`` bool, True where a new token may attend a cached slot (causal,
+            aligned to the end of each sequence); None when every sequence has the same length and
+            no new token is padding, i.e. plain causal attention aligned to the end.
         positions: ``[B, T]`` long RoPE positions of the new tokens (the slot index by default).
         all_valid: no padding among the new tokens (query i of sequence b is slot ``seqlens[b]-T+i``).
+        write_index, source_index: advanced indices into the buffers and into the new tokens.
     """
 
     slots: torch.Tensor
@@ -46,6 +48,12 @@ class CacheStep:
     mask: torch.Tensor
     positions: torch.Tensor
     all_valid: bool = False
+    write_index: tuple[torch.Tensor, torch.Tensor] | None = None
+    source_index: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """The entries of ``value [B, T, ...]`` to write: all of them, or the valid tokens only."""
+        return value if self.source_index is None else value[self.source_index]
 
 
 class LayerCache:
@@ -88,8 +96,6 @@ class LayerCache:
         if set(new) != set(self.spec):
             raise ValueError(f"cache update expects tensors {sorted(self.spec)}, got {sorted(new)}")
         out = {}
-        b_idx, t_idx = step.valid.nonzero(as_tuple=True)
-        dest = step.slots[b_idx, t_idx]
         for name, value in new.items():
             expected = (self.owner.batch_size, step.valid.shape[1], *self.spec[name])
             if tuple(value.shape) != expected:
@@ -97,7 +103,7 @@ class LayerCache:
             buf = self._ensure(name, value, self.owner.capacity)
             if buf.dtype != value.dtype:
                 raise TypeError(f"cache tensor {name!r} is {buf.dtype}, got {value.dtype}")
-            buf[b_idx, dest] = value[b_idx, t_idx]
+            buf[step.write_index] = step.gather(value)
             out[name] = buf[:, : step.kv_len]
         return out
 
@@ -149,7 +155,8 @@ class KVCache:
         return self.seqlens
 
     def begin(self, valid: torch.Tensor, positions: torch.Tensor | None = None) -> CacheStep:
-        """Plan where ``T`` new tokens go.
+        """Plan where ``T`` new tokens go. One host sync per call (lengths); a second one only for
+        calls with padding among the new tokens.
 
         Args:
             valid: ``[B, T]`` bool, False for padding tokens.
@@ -161,48 +168,55 @@ class KVCache:
                 f"this cache was built for batch size {self.batch_size}; got inputs of batch size "
                 f"{valid.shape[0] if valid.dim() else '?'}"
             )
+        if positions is not None and tuple(positions.shape) != tuple(valid.shape):
+            raise ValueError(f"position_ids must have shape {tuple(valid.shape)}, got {tuple(positions.shape)}")
         device = valid.device
+        bsz, seq = valid.shape
         before = self.get_seqlens(device).long()
         offsets = valid.long().cumsum(dim=1)  # [B, T]: valid tokens up to and including t
         slots = (before[:, None] + offsets - 1).clamp(min=0)
         after = before + offsets[:, -1]
-        kv_len = int(after.max().item())
+        stats = torch.stack([after.max(), after.min(), offsets[:, -1].min()]).tolist()  # the one sync
+        kv_len, uniform, all_valid = stats[0], stats[0] == stats[1], stats[2] == seq
         if self.max_length is not None and kv_len > self.max_length:
-            raise ValueError(
-                f"sequence of {kv_len} tokens exceeds max_position_embeddings={self.max_length}"
-            )
+            raise ValueError(f"sequence of {kv_len} tokens exceeds max_position_embeddings={self.max_length}")
         if kv_len > self.capacity:
             self.capacity = max(kv_len, 2 * self.capacity)
             if self.max_length is not None:
                 self.capacity = min(self.capacity, self.max_length)
-        if positions is None:
-            positions = slots
-        elif tuple(positions.shape) != tuple(valid.shape):
-            raise ValueError(f"position_ids must have shape {tuple(valid.shape)}, got {tuple(positions.shape)}")
-        self._store_positions(slots, valid, positions, device)
-        kv_len = max(kv_len, 1)  # an all-padding first call still reads one (masked) slot
-        key_idx = torch.arange(kv_len, device=device)
-        mask = (key_idx[None, None, :] <= slots[:, :, None]) & (key_idx[None, None, :] < after[:, None, None])
-        # a padding query must still see one slot, else its softmax row is empty (NaN); its output is unused
-        mask[..., 0] |= ~valid
-        return CacheStep(
+        if all_valid:
+            write = (torch.arange(bsz, device=device)[:, None].expand(bsz, seq), slots)
+            src = None
+        else:
+            b_idx, t_idx = valid.nonzero(as_tuple=True)
+            write, src = (b_idx, slots[b_idx, t_idx]), (b_idx, t_idx)
+        step = CacheStep(
             slots=slots,
             valid=valid,
             seqlens=after.to(torch.int32),
-            kv_len=kv_len,
-            mask=mask,
-            positions=positions.long(),
-            all_valid=bool(valid.all().item()),
+            kv_len=max(kv_len, 1),  # an all-padding first call still reads one (masked) slot
+            mask=None,
+            positions=(slots if positions is None else positions).long(),
+            all_valid=all_valid,
+            write_index=write,
+            source_index=src,
         )
+        if not (all_valid and uniform):  # ragged or padded: an explicit mask
+            key_idx = torch.arange(step.kv_len, device=device)
+            mask = (key_idx[None, None, :] <= slots[:, :, None]) & (key_idx[None, None, :] < after[:, None, None])
+            # a padding query must still see one slot, else its softmax row is empty (NaN); its output is unused
+            mask[..., 0] |= ~valid
+            step.mask = mask
+        self._store_positions(step)
+        return step
 
-    def _store_positions(self, slots, valid, positions, device) -> None:
+    def _store_positions(self, step: CacheStep) -> None:
         if self.positions is None or self.positions.shape[1] < self.capacity:
-            new = torch.zeros(self.batch_size, self.capacity, dtype=torch.long, device=device)
+            new = torch.zeros(self.batch_size, self.capacity, dtype=torch.long, device=step.slots.device)
             if self.positions is not None:
                 new[:, : self.positions.shape[1]] = self.positions
             self.positions = new
-        b_idx, t_idx = valid.nonzero(as_tuple=True)
-        self.positions[b_idx, slots[b_idx, t_idx]] = positions[b_idx, t_idx].long()
+        self.positions[step.write_index] = step.gather(step.positions)
 
     def cached_positions(self, kv_len: int) -> torch.Tensor:
         """``[B, kv_len]`` RoPE positions of the cached slots."""

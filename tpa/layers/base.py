@@ -59,7 +59,8 @@ def attend(
     Args:
         q: ``[B, T, H, D]``; k: ``[B, L, G, D]``; v: ``[B, L, G, E]`` with ``G`` dividing ``H``
             (key/value heads are shared by groups of ``H/G`` query heads).
-        mask: ``[B, T, L]`` bool or None for causal attention (requires ``T == L``).
+        mask: ``[B, T, L]`` bool, or None for causal attention aligned to the end (query i sees
+            keys ``j <= i + L - T``; flash attention when ``T == L`` or ``T == 1``).
         scale: softmax scale, default ``D ** -0.5``.
 
     Returns:
@@ -67,9 +68,15 @@ def attend(
     """
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = kh.shape[1] != qh.shape[1]
-    if mask is None:
+    t_q, t_k = qh.shape[2], kh.shape[2]
+    if mask is None and t_q == t_k:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    elif mask is None and t_q == 1:
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
     else:
+        if mask is None:
+            idx = torch.arange(t_k, device=q.device)
+            mask = (idx[None, :] <= idx[:t_q, None] + (t_k - t_q))[None]
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
 

@@ -6,7 +6,7 @@ values through ``c_KV = x W_DKV`` (size ``d_c``, RMS-normalised); a decoupled Ro
 ``q_i = [c_Q W_UQ_i, RoPE(c_Q W_QR_i)]``, ``k_i = [c_KV W_UK_i, k_R]``, ``v_i = c_KV W_UV_i``, and
 softmax scale ``(D + d_R) ** -0.5``. The cache holds ``c_KV`` and ``k_R``: ``d_c + d_R`` numbers.
 
-With ``absorb=True`` (the default), calls that use a cache attend in the latent space: ``W_UK`` is
+With ``absorb=True`` (the default), calls that use a cache with at most 16 new tokens attend in the latent space: ``W_UK`` is
 absorbed into the query and ``W_UV`` applied after attention, so cached latents are never
 up-projected (DeepSeek-V2's inference path).
 """
@@ -60,6 +60,9 @@ class MultiHeadLatentAttention(Attention):
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.kv_lora_rank, self.q_lora_rank, self.rope_dim = kv_lora_rank, q_lora_rank, qk_rope_head_dim
         self.absorb = absorb
+        # latent-space attention pays off for a few new tokens against a long cache (decoding); a long
+        # prefill is cheaper with up-projected keys and values (and can use flash attention)
+        self.absorb_max_tokens = 16
         self.init_std = init_std
         self.out_init_std = init_std if out_init_std is None else out_init_std
         self.scale = (head_dim + qk_rope_head_dim) ** -0.5
@@ -110,7 +113,7 @@ class MultiHeadLatentAttention(Attention):
             kv = ctx.cache.update(ctx.step, c_kv=c_kv, k_rope=k_rope)
             c_kv, k_rope, mask = kv["c_kv"], kv["k_rope"], ctx.step.mask
         length = c_kv.shape[1]
-        if ctx.cache is not None and self.absorb:
+        if ctx.cache is not None and self.absorb and seq <= self.absorb_max_tokens:
             w_uk, w_uv = self._up_weights()
             q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
             query = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, d_c + d_R]
