@@ -21,7 +21,7 @@ def main() -> None:
     args = p.parse_args()
     dev = torch.device("cuda")
     for t in args.types:
-        model = T6ForCausalLM(T6Config.from_preset("small", t)).to(dev, torch.bfloat16).eval()
+        model = T6ForCausalLM(T6Config.from_preset("small", t, max_position_embeddings=args.context + 4096)).to(dev, torch.bfloat16).eval()
         for bsz in args.batch:
             ids = torch.randint(0, 50000, (bsz, args.context), device=dev)
             with torch.no_grad():
