@@ -7,8 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tpa.cache import CacheStep, KVCache, LayerCache
+
+
+# With a cache the key length changes at every call; cuDNN attention builds a new plan per shape
+# (milliseconds of host time per call), so cached calls use the other backends.
+_CACHE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -72,12 +78,14 @@ def attend(
     if mask is None and t_q == t_k:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     elif mask is None and t_q == 1:
-        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
+        with sdpa_kernel(_CACHE_BACKENDS):
+            out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
     else:
         if mask is None:
             idx = torch.arange(t_k, device=q.device)
             mask = (idx[None, :] <= idx[:t_q, None] + (t_k - t_q))[None]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
+        with sdpa_kernel(_CACHE_BACKENDS):
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 

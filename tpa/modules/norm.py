@@ -20,5 +20,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype == self.weight.dtype:  # the fused CUDA kernel accumulates in float32
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         work = torch.promote_types(x.dtype, torch.float32)
         return torch.nn.functional.rms_norm(x.to(work), (x.shape[-1],), self.weight.to(work), self.eps).to(x.dtype)
