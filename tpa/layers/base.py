@@ -84,6 +84,9 @@ def attend(
         if mask is None:
             idx = torch.arange(t_k, device=q.device)
             mask = (idx[None, :] <= idx[:t_q, None] + (t_k - t_q))[None]
+        if gqa:  # the memory-efficient kernel (the one taking masks) has no grouped heads: share by expanding
+            group = qh.shape[1] // kh.shape[1]
+            kh, vh, gqa = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1), False
         with sdpa_kernel(_CACHE_BACKENDS):
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)

@@ -274,7 +274,12 @@ class TensorProductAttention(Attention):
         eye = torch.eye(heads, dtype=q.dtype, device=q.device) * heads
         return eye.expand(bsz, seq, heads, heads), q
 
-    def _use_decode_kernel(self, ctx: AttentionContext) -> bool:
+    # the decode kernel serves decoding, speculative and small chunked steps; a long prefill goes to SDPA
+    decode_kernel_max_tokens = 16
+
+    def _use_decode_kernel(self, ctx: AttentionContext, new_tokens: int) -> bool:
+        if new_tokens > self.decode_kernel_max_tokens:
+            return False
         if ctx.cache is None or ctx.step is None or ctx.decode_impl == "reference" or self.attn_impl != "sdpa":
             return False
         if ctx.decode_impl == "auto" and ctx.cos.device.type != "cuda":
@@ -293,7 +298,7 @@ class TensorProductAttention(Attention):
             kv = {name: f[name] for name in self.cache_spec()}
             length, mask = seq, ctx.mask
 
-        if self._use_decode_kernel(ctx):
+        if self._use_decode_kernel(ctx, seq):
             from tpa.ops.decode import tpa_decode
 
             a_q, b_q = self._query_factors(f)
