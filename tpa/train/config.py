@@ -45,10 +45,10 @@ class TrainConfig:
     # ---- batch and schedule
     global_batch_size: int = _f(16, "sequences per optimizer step, summed over ranks and accumulation steps")
     micro_batch_size: int = _f(16, "sequences per forward/backward on one rank")
-    max_steps: int = _f(300, "optimizer steps of the whole schedule")
+    max_steps: int = _f(400, "optimizer steps of the whole schedule")
     lr: float = _f(2e-3, "peak learning rate")
     min_lr: float = _f(2e-4, "learning rate at the end of the cosine schedule")
-    warmup_steps: int = _f(30, "linear warm-up steps before the cosine decay")
+    warmup_steps: int = _f(40, "linear warm-up steps before the cosine decay")
     weight_decay: float = _f(0.1, "AdamW weight decay, on matrices (parameters of 2+ dims) only")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
@@ -63,7 +63,7 @@ class TrainConfig:
     progress: bool | None = _f(None, "progress bar; default: when stderr is a terminal")
     # ---- run directory and checkpoints
     run_dir: str | None = _f(None, "run directory; default runs/PRESET-ATTENTION_TYPE")
-    checkpoint_every: int = _f(100, "steps between checkpoints (also at the end and on SIGINT/SIGTERM)")
+    checkpoint_every: int = _f(200, "steps between checkpoints (also at the end and on SIGINT/SIGTERM)")
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
     resume: bool = _f(False, "continue from the latest complete checkpoint in RUN_DIR (start fresh if none)")
     halt_at_step: int | None = _f(None, "stop with a checkpoint after this step, keeping the schedule of max_steps")
