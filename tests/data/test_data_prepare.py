@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.data.corpus import documents, write_txt_corpus
+from data.corpus import documents, write_txt_corpus
 from tpa.data.loader import TokenShards, TrainBatches, val_batch
 from tpa.data.prepare import PrepareConfig, choose_dtype, prepare, read_meta
 from tpa.data.sources import DataError, SourceSpec, decode_utf8, fetch_shakespeare

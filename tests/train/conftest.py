@@ -1,4 +1,8 @@
-"""Shared fixtures: a small prepared corpus and tiny training configurations."""
+"""Shared fixtures: a small prepared corpus and tiny training configurations.
+
+pytest puts ``tests/`` on ``sys.path`` (the test folders are packages under a folder that is not),
+so the test packages import each other as ``data`` and ``train``, with plain ``pytest`` too.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data.corpus import write_txt_corpus
+from data.corpus import write_txt_corpus
 from tpa.data.prepare import PrepareConfig, prepare
 from tpa.data.sources import SourceSpec
 from tpa.train.config import build_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tests.data.corpus import write_txt_corpus
+from data.corpus import write_txt_corpus
 
 
 def test_demo_compares_tpa_and_mha(tmp_path, monkeypatch, capsys):

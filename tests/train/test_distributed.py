@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.conftest import read_metrics, tiny_config, train_losses
+from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ COMMON = dict(global_batch_size=8, micro_batch_size=2, max_steps=STEPS, eval_eve
 
 def _torchrun(data_dir: Path, run: Path, parallel: str, *extra: str) -> None:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tpa.cli",
            "train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir", str(run), "--parallel", parallel,

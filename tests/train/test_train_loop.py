@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.conftest import read_metrics, tiny_config, train_losses
+from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.train import checkpoint as ckpt
 from tpa.train.trainer import NonFiniteLoss, train
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
     return env
 
 
@@ -109,7 +109,7 @@ def test_killed_checkpoint_write_leaves_previous_one(reference_run, data_dir, tm
 import os, signal
 from pathlib import Path
 from tpa.train import checkpoint
-from tests.train.conftest import tiny_config
+from train.conftest import tiny_config
 from tpa.train.trainer import train
 
 def die_half_way(tmp):
