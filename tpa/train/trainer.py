@@ -382,6 +382,7 @@ def export_hf(model, mconfig, tokenizer_dir: Path, out: Path, world: Dist) -> Pa
     from transformers import AutoTokenizer
 
     from tpa import T6ForCausalLM
+    from tpa.models.t6 import save_model_and_tokenizer
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.is_main:
@@ -392,8 +393,8 @@ def export_hf(model, mconfig, tokenizer_dir: Path, out: Path, world: Dist) -> Pa
         plain.generation_config.pad_token_id = mconfig.pad_token_id
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        # checks that the tokenizer fits the model's vocabulary before anything is written
+        save_model_and_tokenizer(plain, AutoTokenizer.from_pretrained(tokenizer_dir), tmp)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
