@@ -15,6 +15,7 @@ TPA_VARIANTS = [
     {"attention_type": "tpa", "tpa_contextual_a": False},
     {"attention_type": "tpa", "tpa_contextual_b": False},
     {"attention_type": "tpa", "tpa_share_kv_b": True},
+    {"attention_type": "tpa", "tpa_share_kv_b": True, "tpa_contextual_b": False},
     {"attention_type": "tpa", "tpa_head_activation": "softmax"},
     {"attention_type": "tpa", "tpa_order": 3, "tpa_c_dim": 2},
     {"attention_type": "tpa", "attention_output_gate": True},

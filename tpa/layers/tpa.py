@@ -245,19 +245,18 @@ class TensorProductAttention(Attention):
                 return kv[name]
             return self._factor({}, name, bsz, length)
 
-        if self.share_kv_b:
-            b_raw = kv["b_kv"] if "b_kv" in kv else get("b_k")
-            if "b_kv" in kv and ctx.kv_cache is not None:  # cached unrotated: rotate by each slot's position
-                cos, sin = ctx.rotary(ctx.kv_cache.cached_positions(length))
-            else:
-                cos, sin = ctx.cos, ctx.sin
-            b_k, b_v = apply_rotary(b_raw, cos, sin), b_raw
+        def key_rotation():  # RoPE tables of the key positions: the cached slots, or the new tokens
+            if ctx.cache is not None:
+                return ctx.rotary(ctx.kv_cache.cached_positions(length))
+            return ctx.cos, ctx.sin
+
+        if self.share_kv_b:  # the shared factor is held unrotated: rotate it for the keys only
+            b_v = kv["b_kv"] if "b_kv" in kv else get("b_k")
+            b_k = apply_rotary(b_v, *key_rotation())
         else:
             b_k, b_v = get("b_k"), get("b_v")
             if not self.contextual_b:  # learned parameters: rotate by the key positions now
-                cos, sin = (ctx.rotary(ctx.kv_cache.cached_positions(length)) if ctx.cache is not None
-                            else (ctx.cos, ctx.sin))
-                b_k = apply_rotary(b_k, cos, sin)
+                b_k = apply_rotary(b_k, *key_rotation())
         a_k, a_v = get("a_k"), get("a_v")
         if self.order == 3:
             b_k = self._features(b_k, get("c_k"))
