@@ -99,8 +99,12 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def generate_point(model, *, batch: int, context: int, new_tokens: int, chunk: int, device) -> dict:
-    """Time one (batch, context) point as described in the module docstring."""
+def generate_point(model, *, batch: int, context: int, new_tokens: int, chunk: int, device,
+                   capacity: int | None = None) -> dict:
+    """Time one (batch, context) point as described in the module docstring.
+
+    ``capacity`` sizes the cache (default ``context + new_tokens``); a warm-up passes the capacity of
+    the point it prepares, since the decode kernel's launch configuration depends on it."""
     import torch
 
     from tpa import T6Cache
@@ -112,7 +116,7 @@ def generate_point(model, *, batch: int, context: int, new_tokens: int, chunk: i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    cache = T6Cache.for_model(model, batch, capacity=context + new_tokens)
+    cache = T6Cache.for_model(model, batch, capacity=capacity or context + new_tokens)
     with torch.no_grad():
         for piece in ids[:, :-1].split(chunk, dim=1):
             model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -209,7 +213,7 @@ def run(args) -> dict:
                 try:
                     model = _build(cfg, device, dtype)
                     generate_point(model, batch=b, context=min(c, 64), new_tokens=2, chunk=args.prefill_chunk,
-                                   device=device)  # warm-up: kernels, allocator
+                                   device=device, capacity=c + args.new_tokens)  # warm-up: kernels, allocator
                     timing = generate_point(model, batch=b, context=c, new_tokens=args.new_tokens,
                                             chunk=args.prefill_chunk, device=device)
                     results[(t, b, c)] = {**base, "status": "ok", **timing}
