@@ -20,7 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CacheStep", "KVCache", "LayerCache"]
+__all__ = ["CacheStep", "KVCache", "LayerCache", "elements_per_token"]
+
+
+def elements_per_token(spec: dict[str, tuple[int, ...]]) -> int:
+    """Cached numbers per token for a spec of per-token shapes (Table 1 of the paper)."""
+    return sum(math.prod(shape) for shape in spec.values())
 
 
 @dataclass
@@ -71,7 +76,7 @@ class LayerCache:
 
     def elements_per_token(self) -> int:
         """Cached numbers per token in this layer (Table 1 of the paper)."""
-        return sum(math.prod(shape) for shape in self.spec.values())
+        return elements_per_token(self.spec)
 
     def _ensure(self, name: str, like: torch.Tensor, capacity: int) -> torch.Tensor:
         buf = self.buffers.get(name)

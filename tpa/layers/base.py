@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tpa.cache import CacheStep, KVCache, LayerCache
+from tpa.cache import CacheStep, KVCache, LayerCache, elements_per_token
 
 
 # With a cache the key length changes at every call; cuDNN attention builds a new plan per shape
@@ -108,10 +108,4 @@ class Attention(nn.Module):
         raise NotImplementedError
 
     def kv_cache_elements_per_token(self) -> int:
-        total = 0
-        for shape in self.cache_spec().values():
-            n = 1
-            for s in shape:
-                n *= s
-            total += n
-        return total
+        return elements_per_token(self.cache_spec())

@@ -16,6 +16,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from tpa.layers import AttentionContext, MultiHeadAttention, MultiHeadLatentAttention, TensorProductAttention
+from tpa.layers.base import scaled_normal_
 from tpa.models.t6.cache_t6 import T6Cache
 from tpa.models.t6.configuration_t6 import T6Config
 from tpa.modules import RMSNorm, RotaryEmbedding, SwiGLU
@@ -96,18 +97,13 @@ class T6PreTrainedModel(PreTrainedModel):
         ):
             module.reset_parameters()
         elif isinstance(module, SwiGLU):
-            for weight, s in ((module.gate_up_proj.weight, std), (module.down_proj.weight, self._out_init_std())):
-                if not getattr(weight, "_is_hf_initialized", False):
-                    nn.init.normal_(weight, 0.0, s)
-        elif isinstance(module, nn.Embedding):
-            if not getattr(module.weight, "_is_hf_initialized", False):
-                nn.init.normal_(module.weight, 0.0, std)
+            scaled_normal_(module.gate_up_proj.weight, std)
+            scaled_normal_(module.down_proj.weight, self._out_init_std())
         elif isinstance(module, RMSNorm):
             if not getattr(module.weight, "_is_hf_initialized", False):
                 nn.init.ones_(module.weight)
-        elif isinstance(module, nn.Linear) and module.weight is not getattr(self, "_tied_lm_weight", None):
-            if not getattr(module.weight, "_is_hf_initialized", False):
-                nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, (nn.Embedding, nn.Linear)):
+            scaled_normal_(module.weight, std)
 
 
 class T6Model(T6PreTrainedModel):
