@@ -56,6 +56,13 @@ def register(subparsers) -> None:
     p.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--tune", action="store_true",
                    help="first choose the launch heuristic's constants by measurement (used for the rest of the run)")
+    p.add_argument("--sweep", action="store_true",
+                   help="only sweep explicit launch configurations (splits, fused merge, stages, block, warps) at "
+                        "the target points and write sweep.csv; no grid")
+    p.add_argument("--flush", choices=["read", "write"], default="read",
+                   help="how the L2 cache is flushed before each timed call: by reading a buffer of 4x L2 (leaves "
+                        "clean lines) or by rewriting it (leaves ~L2-size of dirty lines the timed call must write "
+                        "back)")
     p.add_argument("--out", default="runs/bench_decode", help="output directory")
     p.set_defaults(func=main)
 
@@ -66,20 +73,31 @@ def register(subparsers) -> None:
 
 
 class Timer:
-    """CUDA-event timing of GPU execution, with the L2 cache flushed (a buffer of 4x L2 rewritten)
-    before each call. After the flush the stream also sleeps ~``ahead_us`` so that the host has
-    enqueued the whole call before the start event fires: the events then measure GPU time, not
-    host launch overhead (which :func:`host_time` measures separately)."""
+    """CUDA-event timing of GPU execution, with the L2 cache flushed before each call (a buffer of
+    4x L2 read, ``mode="read"``, or rewritten, ``mode="write"``). After the flush the stream also
+    sleeps ~``ahead_us`` so that the host has enqueued the whole call before the start event fires:
+    the events then measure GPU time, not host launch overhead (:func:`host_time` measures that).
 
-    def __init__(self, torch, ahead_us=300.0):
+    A rewrite leaves the L2 full of dirty lines (50 MB on an H100) that the timed call's own reads
+    must first write back to memory; a read leaves clean lines, as a decode step finds the L2 after
+    the previous layer's cache reads. Both evict the data the call reads."""
+
+    def __init__(self, torch, ahead_us=300.0, mode="read"):
+        if mode not in ("read", "write"):
+            raise ValueError(f"flush mode must be 'read' or 'write', got {mode!r}")
         self.torch = torch
+        self.mode = mode
         l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-        self.flush_buf = torch.empty(max(256 << 20, 4 * l2), dtype=torch.uint8, device="cuda")
+        self.flush_buf = torch.ones(max(256 << 20, 4 * l2) // 4, dtype=torch.int32, device="cuda")
+        self.flush_sink = torch.empty((), dtype=torch.int64, device="cuda")
         clock_mhz = getattr(torch.cuda.get_device_properties(0), "clock_rate", 1_980_000) / 1e3
         self.sleep_cycles = int(ahead_us * clock_mhz)
 
     def flush(self):
-        self.flush_buf.zero_()
+        if self.mode == "read":
+            self.torch.sum(self.flush_buf, out=self.flush_sink)
+        else:
+            self.flush_buf.zero_()
 
     def time(self, fn, reps=20, warmup=3, flush=True, budget_s=0.25, ahead=True):
         """Median microseconds of ``fn()`` over ``reps`` calls (fewer if one call is slow)."""
@@ -383,7 +401,13 @@ def main(args) -> int:
         ok = check_correctness(torch, log)
         log(f"correctness: {'PASS' if ok else 'FAIL'}")
 
-    timer = Timer(torch)
+    timer = Timer(torch, mode=args.flush)
+    log(f"L2 flush before timed calls: {args.flush}")
+    if args.sweep:
+        _guard(log, sweep, torch, timer, decode_mod, dtype, elt, bw, args.out, log)
+        with open(os.path.join(args.out, "summary.txt"), "w") as f:
+            f.write("\n".join(log_lines) + "\n")
+        return 0 if ok else 1
     ranks_list = [tuple(int(x) for x in r.split(",")) for r in args.ranks]
     lengths = []
     length = args.min_len
@@ -497,6 +521,77 @@ def main(args) -> int:
     with open(os.path.join(args.out, "summary.txt"), "w") as f:
         f.write("\n".join(log_lines) + "\n")
     return 0 if ok else 1
+
+
+SWEEP_POINTS = [  # (batch, length, ranks), H=32, d_h=64: the targets' points and the outlier
+    (1, 4096, (16, 1, 1)), (1, 16384, (16, 1, 1)), (1, 1 << 17, (16, 1, 1)), (1, 1 << 19, (16, 1, 1)),
+    (2, 1 << 19, (16, 1, 1)), (4, 1 << 18, (16, 1, 1)), (8, 1 << 17, (16, 1, 1)), (16, 1 << 16, (16, 1, 1)),
+    (16, 1 << 19, (16, 1, 1)), (4, 4096, (6, 2, 2)), (16, 1 << 19, (6, 2, 2)), (16, 4096, (16, 1, 1)),
+]
+
+
+def sweep(torch, timer, decode_mod, dtype, elt, bw, out_dir, log):
+    """Time explicit launch configurations at SWEEP_POINTS (coordinate descent): first the split
+    count with and without the fused merge (block 64, 3 stages, default warps), then stages x block
+    x warps at the best split count. Writes sweep.csv; the heuristic (``decode._HEURISTIC`` and
+    ``default_config``) is then set from it by hand, and the grid re-run checks the result."""
+    from tpa.ops.decode import DecodeConfig, default_config, tpa_decode
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows_out = []
+
+    def run(inputs, out, cfg):
+        try:
+            return timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg), reps=15, budget_s=0.05)
+        except Exception as err:  # noqa: BLE001  # a configuration that does not compile or launch
+            log(f"    {cfg} failed: {type(err).__name__}: {str(err)[:100]}")
+            return float("inf")
+
+    for bsz, length, ranks in SWEEP_POINTS:
+        inputs = tpa_inputs(torch, bsz, length, 32, 64, ranks, dtype)
+        out = torch.empty(bsz, 1, 32, 64, dtype=dtype, device="cuda")
+        nbytes = tpa_bytes(bsz, length, 32, 64, ranks, elt)
+        default = default_config(bsz, 1, 32, 64, 64, length, sms, elt, None, ranks[1], ranks[2])
+        base_us = run(inputs, out, None)
+        results = {}
+        splits = sorted({s for s in [1, 4, 8, 16, 24, 32, 48, 64, 128, 256]
+                         + [round(k * sms / bsz) for k in (1, 2, 3, 4, 6, 8)]
+                         if 1 <= s <= min(256, length // 64)})
+        for sp in splits:
+            for fused in (False, True) if sp > 1 else (False,):
+                if fused and sp * 32 * 64 * 4 > (1 << 20):
+                    continue
+                cfg = DecodeConfig(block_m=64, num_stages=3, num_splits=sp, fused_merge=fused)
+                results[cfg] = run(inputs, out, cfg)
+        best = min(results, key=results.get)
+        for stages in (2, 3, 4):
+            for bm in (32, 64, 128):
+                for warps in (None, 2, 4, 8):
+                    cfg = DecodeConfig(block_m=bm, num_stages=stages, num_splits=best.num_splits,
+                                       fused_merge=best.fused_merge, num_warps=warps)
+                    if cfg not in results:
+                        results[cfg] = run(inputs, out, cfg)
+        ranked = sorted(results.items(), key=lambda kv: kv[1])
+        ideal = nbytes / (bw * 1e9) * 1e6
+        log(f"  B={bsz} L={length} R={ranks}: default {default} {base_us:.1f} us ({ideal / base_us:.1%} of copy); best:")
+        for cfg, us in ranked[:6]:
+            log(f"    {us:8.1f} us ({ideal / us:6.1%})  splits={cfg.num_splits} fused={cfg.fused_merge} "
+                f"bm={cfg.block_m} stages={cfg.num_stages} warps={cfg.num_warps}")
+        for cfg, us in results.items():
+            rows_out.append(dict(batch=bsz, length=length, ranks=",".join(map(str, ranks)), splits=cfg.num_splits,
+                                 fused=cfg.fused_merge, block_m=cfg.block_m, stages=cfg.num_stages,
+                                 warps=cfg.num_warps, us=us, frac_copy=ideal / us))
+        rows_out.append(dict(batch=bsz, length=length, ranks=",".join(map(str, ranks)), splits=default.num_splits,
+                             fused=default.fused_merge, block_m=default.block_m, stages=default.num_stages,
+                             warps="default", us=base_us, frac_copy=ideal / base_us))
+        inputs = out = None
+        torch.cuda.empty_cache()
+    path = os.path.join(out_dir, "sweep.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows_out[0]))
+        w.writeheader()
+        w.writerows(rows_out)
+    log(f"wrote {path}")
 
 
 TUNE_CANDIDATES = [

@@ -54,9 +54,13 @@ _MAX_SPLITS = 256
 
 # Constants of the launch heuristic (default_config). ``warps``: "rows" gives each group of 16 rows
 # of a tile its own warp (2 to 8 warps) for head dims up to 128 and small rank x block tiles (more
-# registers per thread otherwise spill), "fixed" uses 4 warps (8 for large tiles). ``block_m`` is for 16-bit caches (float32 uses half). ``programs_per_sm``: the split
-# count aims at this many programs per SM. Set from measurements (BENCHMARKS.md, FlashTPA decode).
-_HEURISTIC = {"warps": "rows", "block_m": 64, "num_stages": 3, "programs_per_sm": 4}
+# registers per thread otherwise spill), "fixed" uses 4 warps (8 for large tiles). ``block_m`` is
+# for 16-bit caches (float32 uses half). ``programs_per_sm``: the split count aims at this many
+# programs per SM; ``min_split_blocks``: each split covers at least this many blocks of capacity.
+# ``fuse_merge_bytes``: the merge runs inside the split kernel (one launch) when a tile's float32
+# partials are at most this many bytes. Set from measurements (BENCHMARKS.md, FlashTPA decode).
+_HEURISTIC = {"warps": "rows", "block_m": 64, "num_stages": 3, "programs_per_sm": 4, "min_split_blocks": 1,
+              "fuse_merge_bytes": 64 * 1024}
 _LOG2E = 1.4426950408889634
 
 # Test hook: when True, the wrapper fills every buffer it allocates (output, lse, split partials)
@@ -72,6 +76,7 @@ _POISON_BUFFERS = False
 
 tl = None  # triton.language, bound by _kernels()
 _round_bf16_jit = None  # triton.jit(_round_bf16), bound by _kernels()
+_merge_rows_jit = None  # triton.jit(_merge_rows), bound by _kernels()
 
 
 def _round_bf16(x, FIX: tl.constexpr):
@@ -88,8 +93,8 @@ def _round_bf16(x, FIX: tl.constexpr):
 
 def _tpa_decode_split_kernel(
     AQ, BQ, AK, BK, AV, BV, SEQLENS, BLOCK_TABLE,
-    OUT, LSE, O_PART, LSE_PART,
-    N, capacity, scale_log2, out_scale,
+    OUT, LSE, O_PART, LSE_PART, COUNTER,
+    N, capacity, num_splits, scale_log2, out_scale,
     s_aq_b, s_aq_n, s_aq_r, s_aq_h,
     s_bq_b, s_bq_n, s_bq_r, s_bq_d,
     s_ak_b, s_ak_m, s_ak_r, s_ak_h,
@@ -101,8 +106,9 @@ def _tpa_decode_split_kernel(
     R_Q: tl.constexpr, R_K: tl.constexpr, R_V: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, OFFS_64: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
 ):
     """One (split, head/query tile, sequence). Rows of every tile are (query, head) pairs:
     row = n_local * BLOCK_H + h_local. For a contiguous cache the ``*_b`` strides step over
@@ -134,7 +140,7 @@ def _tpa_decode_split_kernel(
     limit = seqlen - N + 1 + r_n
     # This split's slice of [0, seqlen), in whole blocks, from the run-time length.
     n_blocks = (seqlen + BLOCK_M - 1) // BLOCK_M
-    blocks_per_split = (n_blocks + NUM_SPLITS - 1) // NUM_SPLITS
+    blocks_per_split = (n_blocks + num_splits - 1) // num_splits
     lo = pid_s * blocks_per_split * BLOCK_M
     hi = tl.minimum(lo + blocks_per_split * BLOCK_M, seqlen)
 
@@ -237,7 +243,7 @@ def _tpa_decode_split_kernel(
     l_safe = tl.where(has, l_i, 1.0)
     lse2 = tl.where(has, m_i + tl.math.log2(l_safe), float("-inf"))  # log2 domain
     row_bnh = (b64 * N + r_n) * H + r_h  # index of (b, n, h) in [B, N, H]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         o = acc * (out_scale / l_safe)[:, None]
         o_ptr = OUT + row_bnh[:, None] * E + offs_e[None, :]
         tl.store(o_ptr, _round_bf16_jit(o, FIX_BF16).to(OUT.dtype.element_ty), mask=row_ok[:, None] & e_ok[None, :])
@@ -245,44 +251,68 @@ def _tpa_decode_split_kernel(
             tl.store(LSE + row_bnh, lse2 * 0.6931471805599453, mask=row_ok)
     else:
         o = acc / l_safe[:, None]
-        part = row_bnh * NUM_SPLITS + pid_s
+        part = row_bnh * num_splits + pid_s
         tl.store(O_PART + part[:, None] * E + offs_e[None, :], o, mask=row_ok[:, None] & e_ok[None, :])
         tl.store(LSE_PART + part, lse2, mask=row_ok)
+        if FUSED_MERGE:
+            # Split-K semaphore: the last split of this (sequence, tile) to finish merges them all.
+            # The barrier orders every thread's partial stores before the one acq_rel atomic; the
+            # merging program reads the partials past L1 (.cg) and resets the counter for the next call.
+            tl.debug_barrier()
+            tile = b64 * tl.num_programs(1) + pid_hq
+            ticket = tl.atomic_add(COUNTER + tile, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_splits - 1:
+                _merge_rows_jit(O_PART, LSE_PART, OUT, LSE, row_bnh, row_ok, offs_e, e_ok, num_splits, out_scale,
+                                E, BLOCK_S, CHUNK_S, WRITE_LSE, FIX_BF16)
+                tl.atomic_xchg(COUNTER + tile, 0)
+
+
+def _merge_rows(
+    O_PART, LSE_PART, OUT, LSE, row, row_ok, offs_e, e_ok, num_splits, out_scale,
+    E: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
+    WRITE_LSE: tl.constexpr, FIX_BF16: tl.constexpr,
+):
+    """Merge the splits of a block of (b, n, h) rows (``row [ROWS]`` int64) with a float32
+    log-sum-exp (base 2). All loads are independent of each other (the split loop is unrolled in
+    chunks of CHUNK_S), so a block costs about one memory round trip, not one per split."""
+    offs_s = tl.arange(0, BLOCK_S)
+    lse = tl.load(LSE_PART + row[:, None] * num_splits + offs_s[None, :],
+                  mask=row_ok[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
+                  cache_modifier=".cg")  # [ROWS, BLOCK_S]
+    m = tl.max(lse, axis=1)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(tl.math.exp2(lse - m_use[:, None]), axis=1)
+    acc = tl.zeros([row.shape[0], e_ok.shape[0]], dtype=tl.float32)
+    for c in tl.static_range(0, BLOCK_S, CHUNK_S):
+        offs_c = c + tl.arange(0, CHUNK_S)
+        c_ok = row_ok[:, None] & (offs_c < num_splits)[None, :]
+        part = row[:, None] * num_splits + offs_c[None, :]  # [ROWS, CHUNK_S]
+        lse_c = tl.load(LSE_PART + part, mask=c_ok, other=float("-inf"), cache_modifier=".cg")
+        o_c = tl.load(O_PART + part[:, :, None] * E + offs_e[None, None, :],
+                      mask=c_ok[:, :, None] & e_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(tl.math.exp2(lse_c - m_use[:, None])[:, :, None] * o_c, axis=1)
+    has = l > 0.0
+    l_safe = tl.where(has, l, 1.0)
+    out = acc * (out_scale / l_safe)[:, None]
+    tl.store(OUT + row[:, None] * E + offs_e[None, :], _round_bf16_jit(out, FIX_BF16).to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & e_ok[None, :])
+    if WRITE_LSE:
+        tl.store(LSE + row, tl.where(has, m_use + tl.math.log2(l_safe), float("-inf")) * 0.6931471805599453,
+                 mask=row_ok)
 
 
 def _tpa_decode_merge_kernel(
     O_PART, LSE_PART, OUT, LSE,
-    out_scale,
-    E: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    n_rows, num_splits, out_scale,
+    E: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     WRITE_LSE: tl.constexpr, FIX_BF16: tl.constexpr,
 ):
-    """Merge the splits of one (b, n, h) row with a float32 log-sum-exp.
-
-    All loads are independent of each other (the split loop is unrolled in chunks of CHUNK_S), so
-    the row costs about one memory round trip, not one per split."""
-    row = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    lse = tl.load(LSE_PART + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.sum(tl.math.exp2(lse - m_use), axis=0)
+    """Merge the splits of ROWS (b, n, h) rows per program (the unfused path)."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs_e = tl.arange(0, BLOCK_E)
-    e_ok = offs_e < E
-    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for c in tl.static_range(0, BLOCK_S, CHUNK_S):
-        offs_c = c + tl.arange(0, CHUNK_S)
-        c_ok = offs_c < NUM_SPLITS
-        lse_c = tl.load(LSE_PART + row * NUM_SPLITS + offs_c, mask=c_ok, other=float("-inf"))
-        o_c = tl.load(O_PART + (row * NUM_SPLITS + offs_c)[:, None] * E + offs_e[None, :],
-                      mask=c_ok[:, None] & e_ok[None, :], other=0.0)
-        acc += tl.sum(tl.math.exp2(lse_c - m_use)[:, None] * o_c, axis=0)
-    has = l > 0.0
-    l_safe = tl.where(has, l, 1.0)
-    out = acc * (out_scale / l_safe)
-    tl.store(OUT + row * E + offs_e, _round_bf16_jit(out, FIX_BF16).to(OUT.dtype.element_ty), mask=e_ok)
-    if WRITE_LSE:
-        tl.store(LSE + row, tl.where(has, m_use + tl.math.log2(l_safe), float("-inf")) * 0.6931471805599453)
+    _merge_rows_jit(O_PART, LSE_PART, OUT, LSE, row, row < n_rows, offs_e, offs_e < E, num_splits, out_scale,
+                    E, BLOCK_S, CHUNK_S, WRITE_LSE, FIX_BF16)
 
 
 @functools.lru_cache(maxsize=1)
@@ -293,9 +323,10 @@ def _kernels():
 
     globals()["tl"] = language
     globals()["_round_bf16_jit"] = triton.jit(_round_bf16)
+    globals()["_merge_rows_jit"] = triton.jit(_merge_rows)
     # ``capacity`` and ``N`` vary at run time without changing the code: never specialise on them.
-    split = triton.jit(_tpa_decode_split_kernel, do_not_specialize=["N", "capacity"])
-    merge = triton.jit(_tpa_decode_merge_kernel)
+    split = triton.jit(_tpa_decode_split_kernel, do_not_specialize=["N", "capacity", "num_splits"])
+    merge = triton.jit(_tpa_decode_merge_kernel, do_not_specialize=["n_rows", "num_splits"])
     return split, merge
 
 
@@ -331,8 +362,10 @@ class DecodeConfig:
         block_m: cache tokens per loop iteration (power of two, >= 16).
         block_h: heads per program (power of two; heads beyond H are masked).
         block_n: queries per program (power of two).
-        num_splits: KV splits per (sequence, head/query tile); 1 skips the merge kernel.
+        num_splits: KV splits per (sequence, head/query tile); 1 writes the output directly.
         num_warps, num_stages: Triton launch options of the split kernel.
+        fused_merge: with several splits, the last split of each tile to finish merges them in
+            the same kernel (one launch); otherwise a second kernel merges.
     """
 
     block_m: int | None = None
@@ -341,10 +374,32 @@ class DecodeConfig:
     num_splits: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    fused_merge: bool | None = None
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+# Split counters of the fused merge, per (device, stream): zero between calls (the merging program
+# resets its tile's counter), so a call costs no memset. Kept alive for the process: a CUDA graph
+# that captured a call holds its address. Calls that run concurrently on one stream cannot overlap.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+_MERGE_ELEMENTS = 4096  # float32 partial elements one merge chunk loads at once (rows x splits x E)
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """An int32 buffer of at least ``n`` zeros for this device and current stream."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        old = buf
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        if old is not None:  # a captured graph may still point at the old buffer: keep it alive
+            _COUNTERS[key + (old.numel(),)] = old
+        _COUNTERS[key] = buf
+    return buf
 
 
 @functools.lru_cache(maxsize=16)
@@ -371,7 +426,8 @@ def default_config(
     when its tiles stay small (rows x max(D, E) <= 8K elements; more head blocks otherwise). The
     cache block and pipeline depth shrink until the staged tiles fit in shared memory. The number
     of splits aims at about ``programs_per_sm * num_sms`` programs (``_HEURISTIC``), with at least
-    one block of capacity per split and at most 256 splits.
+    ``min_split_blocks`` blocks of capacity per split and at most 256 splits. The merge is fused
+    into the split kernel when a tile's partials are small (``fuse_merge_bytes``).
     """
     o = override or DecodeConfig()
     block_d, block_e = max(16, _next_pow2(d)), max(16, _next_pow2(e))
@@ -403,14 +459,20 @@ def default_config(
         num_splits = o.num_splits
     else:
         target = tune["programs_per_sm"] * num_sms
-        num_splits = max(1, min(math.ceil(target / max(base, 1)), math.ceil(capacity / block_m), _MAX_SPLITS))
+        blocks = math.ceil(capacity / block_m)
+        most = max(1, blocks // tune.get("min_split_blocks", 1))
+        num_splits = max(1, min(math.ceil(target / max(base, 1)), most, _MAX_SPLITS))
     if o.num_warps is not None:
         num_warps = o.num_warps
     elif tune["warps"] == "rows" and max(block_d, block_e) <= 128 and (k_rank + v_rank) * block_m <= 128:
         num_warps = min(8, max(2, rows // 16))
     else:
         num_warps = 4 if rows * max(block_d, block_e) <= 4096 else 8
-    return DecodeConfig(block_m, block_h, block_n, num_splits, num_warps, num_stages)
+    if o.fused_merge is not None:
+        fused = o.fused_merge
+    else:
+        fused = num_splits * rows * block_e * 4 <= tune.get("fuse_merge_bytes", 0)
+    return DecodeConfig(block_m, block_h, block_n, num_splits, num_warps, num_stages, fused and num_splits > 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,32 +542,40 @@ def tpa_decode_triton(
     fix_bf16 = interpret and a_q.dtype == torch.bfloat16
     caches = (a_k_cache, b_k_cache, a_v_cache, b_v_cache)
     block_h, block_n = cfg.block_h, cfg.block_n
-    grid = (num_splits, math.ceil(h / block_h) * math.ceil(n / block_n), bsz)
+    num_tiles = math.ceil(h / block_h) * math.ceil(n / block_n)
+    fused = cfg.fused_merge and num_splits > 1
+    counter = _split_counters(device, bsz * num_tiles) if fused else cache_seqlens  # unused unless fused
+    block_e = max(16, _next_pow2(e))
+    block_s = _next_pow2(num_splits)
+    rows = block_h * block_n
+    grid = (num_splits, num_tiles, bsz)
     split_kernel[grid](
         a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, bt,
-        out, lse_arg, o_part, lse_part,
-        n, capacity, softmax_scale * _LOG2E / (r_q * r_k), 1.0 / r_v,
+        out, lse_arg, o_part, lse_part, counter,
+        n, capacity, num_splits, softmax_scale * _LOG2E / (r_q * r_k), 1.0 / r_v,
         *a_q.stride(), *b_q.stride(),
         *a_k_cache.stride(), *b_k_cache.stride(), *a_v_cache.stride(), *b_v_cache.stride(),
         bt_stride,
         H=h, D=d, E=e, R_Q=r_q, R_K=r_k, R_V=r_v, R_PAD=max(_next_pow2(r_q), 16 // block_n),
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_M=cfg.block_m,
-        BLOCK_D=max(16, _next_pow2(d)), BLOCK_E=max(16, _next_pow2(e)),
-        NUM_SPLITS=num_splits, PAGED=paged, PAGE_SIZE=page_size,
+        BLOCK_D=max(16, _next_pow2(d)), BLOCK_E=block_e,
+        SPLIT=num_splits > 1, PAGED=paged, PAGE_SIZE=page_size,
         # float32 factors: exact float32 products (no tf32). Under the interpreter every dot runs in
         # float32 on operands already rounded to the cache dtype (its bf16 dot is broken), which
         # equals a tensor-core dot with float32 accumulation up to summation order.
         WRITE_LSE=return_lse, IEEE_DOT=interpret or b_k_cache.dtype == torch.float32, FIX_BF16=fix_bf16,
         OFFS_64=(not paged) and capacity * max(abs(c.stride(1)) for c in caches) >= 2**31,
+        FUSED_MERGE=fused, BLOCK_S=block_s,
+        CHUNK_S=max(1, min(block_s, _MERGE_ELEMENTS // (rows * block_e))) if fused else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if num_splits > 1:
-        block_e = max(16, _next_pow2(e))
-        block_s = _next_pow2(num_splits)
-        chunk_s = max(1, min(block_s, 4096 // block_e))
-        merge_kernel[(bsz * n * h,)](
-            o_part, lse_part, out, lse_arg, 1.0 / r_v,
-            E=e, NUM_SPLITS=num_splits, BLOCK_S=block_s, CHUNK_S=chunk_s, BLOCK_E=block_e,
+    if num_splits > 1 and not fused:
+        merge_rows = 4
+        n_rows = bsz * n * h
+        merge_kernel[(math.ceil(n_rows / merge_rows),)](
+            o_part, lse_part, out, lse_arg, n_rows, num_splits, 1.0 / r_v,
+            E=e, ROWS=merge_rows, BLOCK_S=block_s,
+            CHUNK_S=max(1, min(block_s, _MERGE_ELEMENTS // (merge_rows * block_e))), BLOCK_E=block_e,
             WRITE_LSE=return_lse, FIX_BF16=fix_bf16, num_warps=4,
         )
     return (out, lse) if return_lse else out
