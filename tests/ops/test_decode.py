@@ -170,10 +170,9 @@ def assert_close_to_truth(out, lse, inputs, softmax_scale=None):
 # one split (direct write), many small splits (some empty), several head blocks, query tiles.
 CASES = [
     ([1, 37, 100], 1, 34, 64, 64, (1, 1, 1), None),
-    ([1, 37, 100], 1, 34, 80, 64, (2, 3, 1), DecodeConfig(block_m=16, num_splits=5, fused_merge=False)),
-    ([1, 37, 100], 1, 34, 64, 80, (3, 1, 2), DecodeConfig(block_m=16, num_splits=6, fused_merge=True)),
+    ([1, 37, 100], 1, 34, 80, 64, (2, 3, 1), DecodeConfig(block_m=16, num_splits=5)),
     ([23, 1, 71], 1, 34, 64, 80, (3, 2, 3), DecodeConfig(num_splits=1)),
-    ([4, 45, 99], 4, 34, 64, 64, (3, 1, 2), DecodeConfig(block_m=16, block_h=16, num_splits=3, fused_merge=True)),
+    ([4, 45, 99], 4, 34, 64, 64, (3, 1, 2), DecodeConfig(block_m=16, block_h=16, num_splits=3)),
     ([4, 45, 99], 4, 34, 80, 80, (1, 2, 2), None),
     ([9, 61, 4], 4, 5, 80, 64, (2, 1, 3), DecodeConfig(block_m=16, num_splits=4)),
 ]
@@ -181,7 +180,7 @@ CASES = [
 
 def _case_id(case):
     lengths, n, h, d, e, ranks, cfg = case
-    tag = "default" if cfg is None else f"bm{cfg.block_m}-bh{cfg.block_h}-s{cfg.num_splits}-f{cfg.fused_merge}"
+    tag = "default" if cfg is None else f"bm{cfg.block_m}-bh{cfg.block_h}-s{cfg.num_splits}"
     return f"N{n}-H{h}-D{d}-E{e}-R{''.join(map(str, ranks))}-{tag}"
 
 
@@ -228,22 +227,6 @@ def test_split_count_does_not_change_the_result():
         torch.testing.assert_close(l, outs[0][1], rtol=1e-5, atol=1e-6)
 
 
-@needs_kernel
-def test_fused_merge_equals_merge_kernel_and_resets_its_counters():
-    """The in-kernel merge (last split of a tile merges) equals the separate merge kernel, leaves
-    its split counters at zero, and gives the same result when called again."""
-    inputs = make_inputs([50, 3, 77], 2, 34, 64, 64, (2, 1, 2), torch.float32, seed=9)
-    runs = [
-        tpa_decode(*inputs, return_lse=True, backend="triton",
-                   config=DecodeConfig(block_m=16, block_h=16, num_splits=4, fused_merge=fused))
-        for fused in (False, True, True)
-    ]
-    for o, l in runs[1:]:
-        torch.testing.assert_close(o, runs[0][0], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(l, runs[0][1], rtol=1e-6, atol=1e-6)
-    assert all(int(c.abs().sum()) == 0 for c in decode_mod._COUNTERS.values())
-
-
 def test_kernels_in_fresh_process():
     """When triton was imported (by another test module) before TRITON_INTERPRET=1 could be set,
     the kernel tests above are skipped here and run in a fresh interpreter process instead."""
@@ -251,7 +234,7 @@ def test_kernels_in_fresh_process():
         pytest.skip("kernel tests run in this process")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel or split or fused"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel or split"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -281,7 +264,7 @@ def test_default_config_depends_on_shapes_only():
     big = default_config(16, 1, 48, 64, 64, capacity=1 << 19, num_sms=132)
     assert 1 <= big.num_splits <= 256
     tiny = default_config(2, 1, 34, 80, 80, capacity=10, num_sms=132)
-    assert tiny.num_splits == 1 and not tiny.fused_merge  # never more splits than blocks of capacity
+    assert tiny.num_splits == 1  # never more splits than blocks of capacity
     wide = default_config(1, 1, 78, 256, 256, capacity=4096, num_sms=132)
     assert wide.block_h * wide.block_n * 256 <= 16384
 

@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("--tune", action="store_true",
                    help="first choose the launch heuristic's constants by measurement (used for the rest of the run)")
     p.add_argument("--sweep", action="store_true",
-                   help="only sweep explicit launch configurations (splits, fused merge, stages, block, warps) at "
+                   help="only sweep explicit launch configurations (splits, stages, block, warps, PDL) at "
                         "the target points and write sweep.csv; no grid")
     p.add_argument("--flush", choices=["read", "write"], default="read",
                    help="how the L2 cache is flushed before each timed call: by reading a buffer of 4x L2 (leaves "
@@ -404,6 +404,7 @@ def main(args) -> int:
     log(f"L2 flush before timed calls: {args.flush}")
     if args.sweep:
         _guard(log, sweep, torch, timer, decode_mod, dtype, elt, bw, args.out, log)
+        _guard(log, batch1_latency, torch, timer, tpa_decode, dtype, log)
         with open(os.path.join(args.out, "summary.txt"), "w") as f:
             f.write("\n".join(log_lines) + "\n")
         return 0 if ok else 1
@@ -523,17 +524,18 @@ def main(args) -> int:
 
 
 SWEEP_POINTS = [  # (batch, length, ranks), H=32, d_h=64: the targets' points and the outlier
-    (1, 4096, (16, 1, 1)), (1, 16384, (16, 1, 1)), (1, 1 << 17, (16, 1, 1)), (1, 1 << 19, (16, 1, 1)),
+    (1, 4096, (16, 1, 1)), (1, 16384, (16, 1, 1)), (1, 1 << 19, (16, 1, 1)),
     (2, 1 << 19, (16, 1, 1)), (4, 1 << 18, (16, 1, 1)), (8, 1 << 17, (16, 1, 1)), (16, 1 << 16, (16, 1, 1)),
-    (16, 1 << 19, (16, 1, 1)), (4, 4096, (6, 2, 2)), (16, 1 << 19, (6, 2, 2)), (16, 4096, (16, 1, 1)),
+    (4, 4096, (6, 2, 2)), (16, 4096, (16, 1, 1)),
 ]
 
 
 def sweep(torch, timer, decode_mod, dtype, elt, bw, out_dir, log):
     """Time explicit launch configurations at SWEEP_POINTS (coordinate descent): first the split
-    count with and without the fused merge (block 64, 3 stages, default warps), then stages x block
-    x warps at the best split count. Writes sweep.csv; the heuristic (``decode._HEURISTIC`` and
-    ``default_config``) is then set from it by hand, and the grid re-run checks the result."""
+    count (block 64, 3 stages, default warps), then stages x block x warps at the best split count,
+    then the best without programmatic dependent launch of the merge kernel. Writes sweep.csv; the
+    heuristic (``decode._HEURISTIC`` and ``default_config``) is then set from it by hand, and the
+    grid re-run checks the result."""
     from tpa.ops.decode import DecodeConfig, default_config, tpa_decode
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -557,31 +559,37 @@ def sweep(torch, timer, decode_mod, dtype, elt, bw, out_dir, log):
                          + [round(k * sms / bsz) for k in (1, 2, 3, 4, 6, 8)]
                          if 1 <= s <= min(256, length // 64)})
         for sp in splits:
-            for fused in (False, True) if sp > 1 else (False,):
-                if fused and sp * 32 * 64 * 4 > (1 << 20):
-                    continue
-                cfg = DecodeConfig(block_m=64, num_stages=3, num_splits=sp, fused_merge=fused)
-                results[cfg] = run(inputs, out, cfg)
+            cfg = DecodeConfig(block_m=64, num_stages=3, num_splits=sp)
+            results[cfg] = run(inputs, out, cfg)
         best = min(results, key=results.get)
         for stages in (2, 3, 4):
-            for bm in (32, 64, 128):
-                for warps in (None, 2, 4, 8):
-                    cfg = DecodeConfig(block_m=bm, num_stages=stages, num_splits=best.num_splits,
-                                       fused_merge=best.fused_merge, num_warps=warps)
+            for bm in (64, 128):
+                for warps in (None, 4, 8):
+                    cfg = DecodeConfig(block_m=bm, num_stages=stages, num_splits=best.num_splits, num_warps=warps)
                     if cfg not in results:
                         results[cfg] = run(inputs, out, cfg)
         ranked = sorted(results.items(), key=lambda kv: kv[1])
+        top = ranked[0][0]
+        decode_mod._USE_PDL = False
+        try:
+            no_pdl = run(inputs, out, top)
+        finally:
+            decode_mod._USE_PDL = True
+        rows_out.append(dict(batch=bsz, length=length, ranks=",".join(map(str, ranks)), splits=top.num_splits,
+                             block_m=top.block_m, stages=top.num_stages, warps=f"{top.num_warps} no-PDL", us=no_pdl,
+                             frac_copy=nbytes / (bw * 1e9) * 1e6 / no_pdl))
         ideal = nbytes / (bw * 1e9) * 1e6
-        log(f"  B={bsz} L={length} R={ranks}: default {default} {base_us:.1f} us ({ideal / base_us:.1%} of copy); best:")
+        log(f"  B={bsz} L={length} R={ranks}: default {default} {base_us:.1f} us ({ideal / base_us:.1%} of copy); "
+            f"best without PDL {no_pdl:.1f} us; best:")
         for cfg, us in ranked[:6]:
-            log(f"    {us:8.1f} us ({ideal / us:6.1%})  splits={cfg.num_splits} fused={cfg.fused_merge} "
+            log(f"    {us:8.1f} us ({ideal / us:6.1%})  splits={cfg.num_splits} "
                 f"bm={cfg.block_m} stages={cfg.num_stages} warps={cfg.num_warps}")
         for cfg, us in results.items():
             rows_out.append(dict(batch=bsz, length=length, ranks=",".join(map(str, ranks)), splits=cfg.num_splits,
-                                 fused=cfg.fused_merge, block_m=cfg.block_m, stages=cfg.num_stages,
+                                 block_m=cfg.block_m, stages=cfg.num_stages,
                                  warps=cfg.num_warps, us=us, frac_copy=ideal / us))
         rows_out.append(dict(batch=bsz, length=length, ranks=",".join(map(str, ranks)), splits=default.num_splits,
-                             fused=default.fused_merge, block_m=default.block_m, stages=default.num_stages,
+                             block_m=default.block_m, stages=default.num_stages,
                              warps="default", us=base_us, frac_copy=ideal / base_us))
         inputs = out = None
         torch.cuda.empty_cache()

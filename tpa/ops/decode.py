@@ -57,10 +57,8 @@ _MAX_SPLITS = 256
 # registers per thread otherwise spill), "fixed" uses 4 warps (8 for large tiles). ``block_m`` is
 # for 16-bit caches (float32 uses half). ``programs_per_sm``: the split count aims at this many
 # programs per SM; ``min_split_blocks``: each split covers at least this many blocks of capacity.
-# ``fuse_merge_bytes``: the merge runs inside the split kernel (one launch) when a tile's float32
-# partials are at most this many bytes. Set from measurements (BENCHMARKS.md, FlashTPA decode).
-_HEURISTIC = {"warps": "rows", "block_m": 64, "num_stages": 3, "programs_per_sm": 4, "min_split_blocks": 1,
-              "fuse_merge_bytes": 64 * 1024}
+# Set from measurements (BENCHMARKS.md, FlashTPA decode).
+_HEURISTIC = {"warps": "rows", "block_m": 64, "num_stages": 3, "programs_per_sm": 4, "min_split_blocks": 1}
 _LOG2E = 1.4426950408889634
 
 # Test hook: when True, the wrapper fills every buffer it allocates (output, lse, split partials)
@@ -76,7 +74,6 @@ _POISON_BUFFERS = False
 
 tl = None  # triton.language, bound by _kernels()
 _round_bf16_jit = None  # triton.jit(_round_bf16), bound by _kernels()
-_merge_rows_jit = None  # triton.jit(_merge_rows), bound by _kernels()
 
 
 def _round_bf16(x, FIX: tl.constexpr):
@@ -93,7 +90,7 @@ def _round_bf16(x, FIX: tl.constexpr):
 
 def _tpa_decode_split_kernel(
     AQ, BQ, AK, BK, AV, BV, SEQLENS, BLOCK_TABLE,
-    OUT, LSE, O_PART, LSE_PART, COUNTER,
+    OUT, LSE, O_PART, LSE_PART,
     N, capacity, num_splits, scale_log2, out_scale,
     s_aq_b, s_aq_n, s_aq_r, s_aq_h,
     s_bq_b, s_bq_n, s_bq_r, s_bq_d,
@@ -108,7 +105,6 @@ def _tpa_decode_split_kernel(
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, OFFS_64: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
 ):
     """One (split, head/query tile, sequence). Rows of every tile are (query, head) pairs:
     row = n_local * BLOCK_H + h_local. For a contiguous cache the ``*_b`` strides step over
@@ -254,65 +250,44 @@ def _tpa_decode_split_kernel(
         part = row_bnh * num_splits + pid_s
         tl.store(O_PART + part[:, None] * E + offs_e[None, :], o, mask=row_ok[:, None] & e_ok[None, :])
         tl.store(LSE_PART + part, lse2, mask=row_ok)
-        if FUSED_MERGE:
-            # Split-K semaphore: the last split of this (sequence, tile) to finish merges them all.
-            # The barrier orders every thread's partial stores before the one acq_rel atomic; the
-            # merging program reads the partials past L1 (.cg) and resets the counter for the next call.
-            tl.debug_barrier()
-            tile = b64 * tl.num_programs(1) + pid_hq
-            ticket = tl.atomic_add(COUNTER + tile, 1, sem="acq_rel", scope="gpu")
-            if ticket == num_splits - 1:
-                _merge_rows_jit(O_PART, LSE_PART, OUT, LSE, row_bnh, row_ok, offs_e, e_ok, num_splits, out_scale,
-                                E, BLOCK_S, CHUNK_S, WRITE_LSE, FIX_BF16)
-                tl.atomic_xchg(COUNTER + tile, 0)
-
-
-def _merge_rows(
-    O_PART, LSE_PART, OUT, LSE, row, row_ok, offs_e, e_ok, num_splits, out_scale,
-    E: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
-    WRITE_LSE: tl.constexpr, FIX_BF16: tl.constexpr,
-):
-    """Merge the splits of a block of (b, n, h) rows (``row [ROWS]`` int64) with a float32
-    log-sum-exp (base 2). All loads are independent of each other (the split loop is unrolled in
-    chunks of CHUNK_S), so a block costs about one memory round trip, not one per split."""
-    offs_s = tl.arange(0, BLOCK_S)
-    lse = tl.load(LSE_PART + row[:, None] * num_splits + offs_s[None, :],
-                  mask=row_ok[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
-                  cache_modifier=".cg")  # [ROWS, BLOCK_S]
-    m = tl.max(lse, axis=1)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.sum(tl.math.exp2(lse - m_use[:, None]), axis=1)
-    acc = tl.zeros([row.shape[0], e_ok.shape[0]], dtype=tl.float32)
-    for c in tl.static_range(0, BLOCK_S, CHUNK_S):
-        offs_c = c + tl.arange(0, CHUNK_S)
-        c_ok = row_ok[:, None] & (offs_c < num_splits)[None, :]
-        part = row[:, None] * num_splits + offs_c[None, :]  # [ROWS, CHUNK_S]
-        lse_c = tl.load(LSE_PART + part, mask=c_ok, other=float("-inf"), cache_modifier=".cg")
-        o_c = tl.load(O_PART + part[:, :, None] * E + offs_e[None, None, :],
-                      mask=c_ok[:, :, None] & e_ok[None, None, :], other=0.0, cache_modifier=".cg")
-        acc += tl.sum(tl.math.exp2(lse_c - m_use[:, None])[:, :, None] * o_c, axis=1)
-    has = l > 0.0
-    l_safe = tl.where(has, l, 1.0)
-    out = acc * (out_scale / l_safe)[:, None]
-    tl.store(OUT + row[:, None] * E + offs_e[None, :], _round_bf16_jit(out, FIX_BF16).to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & e_ok[None, :])
-    if WRITE_LSE:
-        tl.store(LSE + row, tl.where(has, m_use + tl.math.log2(l_safe), float("-inf")) * 0.6931471805599453,
-                 mask=row_ok)
 
 
 def _tpa_decode_merge_kernel(
     O_PART, LSE_PART, OUT, LSE,
-    n_rows, num_splits, out_scale,
-    E: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_E: tl.constexpr,
-    WRITE_LSE: tl.constexpr, FIX_BF16: tl.constexpr,
+    num_splits, out_scale,
+    E: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+    WRITE_LSE: tl.constexpr, FIX_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Merge the splits of ROWS (b, n, h) rows per program (the unfused path)."""
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    """Merge the splits of one (b, n, h) row with a float32 log-sum-exp.
+
+    All loads are independent of each other (the split loop is unrolled in chunks of CHUNK_S), so
+    the row costs about one memory round trip, not one per split. With PDL the kernel is launched
+    while the split kernel still runs (programmatic dependent launch) and waits here for its
+    results, which hides the launch latency."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(tl.math.exp2(lse - m_use), axis=0)
     offs_e = tl.arange(0, BLOCK_E)
-    _merge_rows_jit(O_PART, LSE_PART, OUT, LSE, row, row < n_rows, offs_e, offs_e < E, num_splits, out_scale,
-                    E, BLOCK_S, CHUNK_S, WRITE_LSE, FIX_BF16)
+    e_ok = offs_e < E
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for c in tl.static_range(0, BLOCK_S, CHUNK_S):
+        offs_c = c + tl.arange(0, CHUNK_S)
+        c_ok = offs_c < num_splits
+        lse_c = tl.load(LSE_PART + row * num_splits + offs_c, mask=c_ok, other=float("-inf"))
+        o_c = tl.load(O_PART + (row * num_splits + offs_c)[:, None] * E + offs_e[None, :],
+                      mask=c_ok[:, None] & e_ok[None, :], other=0.0)
+        acc += tl.sum(tl.math.exp2(lse_c - m_use)[:, None] * o_c, axis=0)
+    has = l > 0.0
+    l_safe = tl.where(has, l, 1.0)
+    out = acc * (out_scale / l_safe)
+    tl.store(OUT + row * E + offs_e, _round_bf16_jit(out, FIX_BF16).to(OUT.dtype.element_ty), mask=e_ok)
+    if WRITE_LSE:
+        tl.store(LSE + row, tl.where(has, m_use + tl.math.log2(l_safe), float("-inf")) * 0.6931471805599453)
 
 
 @functools.lru_cache(maxsize=1)
@@ -323,10 +298,9 @@ def _kernels():
 
     globals()["tl"] = language
     globals()["_round_bf16_jit"] = triton.jit(_round_bf16)
-    globals()["_merge_rows_jit"] = triton.jit(_merge_rows)
     # ``capacity`` and ``N`` vary at run time without changing the code: never specialise on them.
     split = triton.jit(_tpa_decode_split_kernel, do_not_specialize=["N", "capacity", "num_splits"])
-    merge = triton.jit(_tpa_decode_merge_kernel, do_not_specialize=["n_rows", "num_splits"])
+    merge = triton.jit(_tpa_decode_merge_kernel, do_not_specialize=["num_splits"])
     return split, merge
 
 
@@ -362,10 +336,9 @@ class DecodeConfig:
         block_m: cache tokens per loop iteration (power of two, >= 16).
         block_h: heads per program (power of two; heads beyond H are masked).
         block_n: queries per program (power of two).
-        num_splits: KV splits per (sequence, head/query tile); 1 writes the output directly.
+        num_splits: KV splits per (sequence, head/query tile); 1 writes the output directly and
+            skips the merge kernel.
         num_warps, num_stages: Triton launch options of the split kernel.
-        fused_merge: with several splits, the last split of each tile to finish merges them in
-            the same kernel (one launch); otherwise a second kernel merges.
     """
 
     block_m: int | None = None
@@ -374,32 +347,23 @@ class DecodeConfig:
     num_splits: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
-    fused_merge: bool | None = None
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-# Split counters of the fused merge, per (device, stream): zero between calls (the merging program
-# resets its tile's counter), so a call costs no memset. Kept alive for the process: a CUDA graph
-# that captured a call holds its address. Calls that run concurrently on one stream cannot overlap.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-_MERGE_ELEMENTS = 4096  # float32 partial elements one merge chunk loads at once (rows x splits x E)
+# Programmatic dependent launch of the merge kernel (Hopper and later): it starts while the split
+# kernel finishes and waits on-device for its results. A switch for A/B measurements.
+_USE_PDL = True
 
 
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """An int32 buffer of at least ``n`` zeros for this device and current stream."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        old = buf
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        if old is not None:  # a captured graph may still point at the old buffer: keep it alive
-            _COUNTERS[key + (old.numel(),)] = old
-        _COUNTERS[key] = buf
-    return buf
+@functools.lru_cache(maxsize=16)
+def _pdl_supported(device: torch.device) -> bool:
+    import triton.language as language
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(language.extra.cuda, "gdc_wait")
 
 
 @functools.lru_cache(maxsize=16)
@@ -426,8 +390,7 @@ def default_config(
     when its tiles stay small (rows x max(D, E) <= 8K elements; more head blocks otherwise). The
     cache block and pipeline depth shrink until the staged tiles fit in shared memory. The number
     of splits aims at about ``programs_per_sm * num_sms`` programs (``_HEURISTIC``), with at least
-    ``min_split_blocks`` blocks of capacity per split and at most 256 splits. The merge is fused
-    into the split kernel when a tile's partials are small (``fuse_merge_bytes``).
+    ``min_split_blocks`` blocks of capacity per split and at most 256 splits.
     """
     o = override or DecodeConfig()
     block_d, block_e = max(16, _next_pow2(d)), max(16, _next_pow2(e))
@@ -468,11 +431,7 @@ def default_config(
         num_warps = min(8, max(2, rows // 16))
     else:
         num_warps = 4 if rows * max(block_d, block_e) <= 4096 else 8
-    if o.fused_merge is not None:
-        fused = o.fused_merge
-    else:
-        fused = num_splits * rows * block_e * 4 <= tune.get("fuse_merge_bytes", 0)
-    return DecodeConfig(block_m, block_h, block_n, num_splits, num_warps, num_stages, fused and num_splits > 1)
+    return DecodeConfig(block_m, block_h, block_n, num_splits, num_warps, num_stages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,16 +501,11 @@ def tpa_decode_triton(
     fix_bf16 = interpret and a_q.dtype == torch.bfloat16
     caches = (a_k_cache, b_k_cache, a_v_cache, b_v_cache)
     block_h, block_n = cfg.block_h, cfg.block_n
-    num_tiles = math.ceil(h / block_h) * math.ceil(n / block_n)
-    fused = cfg.fused_merge and num_splits > 1
-    counter = _split_counters(device, bsz * num_tiles) if fused else cache_seqlens  # unused unless fused
     block_e = max(16, _next_pow2(e))
-    block_s = _next_pow2(num_splits)
-    rows = block_h * block_n
-    grid = (num_splits, num_tiles, bsz)
+    grid = (num_splits, math.ceil(h / block_h) * math.ceil(n / block_n), bsz)
     split_kernel[grid](
         a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, bt,
-        out, lse_arg, o_part, lse_part, counter,
+        out, lse_arg, o_part, lse_part,
         n, capacity, num_splits, softmax_scale * _LOG2E / (r_q * r_k), 1.0 / r_v,
         *a_q.stride(), *b_q.stride(),
         *a_k_cache.stride(), *b_k_cache.stride(), *a_v_cache.stride(), *b_v_cache.stride(),
@@ -565,18 +519,15 @@ def tpa_decode_triton(
         # equals a tensor-core dot with float32 accumulation up to summation order.
         WRITE_LSE=return_lse, IEEE_DOT=interpret or b_k_cache.dtype == torch.float32, FIX_BF16=fix_bf16,
         OFFS_64=(not paged) and capacity * max(abs(c.stride(1)) for c in caches) >= 2**31,
-        FUSED_MERGE=fused, BLOCK_S=block_s,
-        CHUNK_S=max(1, min(block_s, _MERGE_ELEMENTS // (rows * block_e))) if fused else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if num_splits > 1 and not fused:
-        merge_rows = 4
-        n_rows = bsz * n * h
-        merge_kernel[(math.ceil(n_rows / merge_rows),)](
-            o_part, lse_part, out, lse_arg, n_rows, num_splits, 1.0 / r_v,
-            E=e, ROWS=merge_rows, BLOCK_S=block_s,
-            CHUNK_S=max(1, min(block_s, _MERGE_ELEMENTS // (merge_rows * block_e))), BLOCK_E=block_e,
-            WRITE_LSE=return_lse, FIX_BF16=fix_bf16, num_warps=4,
+    if num_splits > 1:
+        block_s = _next_pow2(num_splits)
+        pdl = _USE_PDL and not interpret and _pdl_supported(device)
+        merge_kernel[(bsz * n * h,)](
+            o_part, lse_part, out, lse_arg, num_splits, 1.0 / r_v,
+            E=e, BLOCK_S=block_s, CHUNK_S=max(1, min(block_s, 4096 // block_e)), BLOCK_E=block_e,
+            WRITE_LSE=return_lse, FIX_BF16=fix_bf16, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}),
         )
     return (out, lse) if return_lse else out
 
