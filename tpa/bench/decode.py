@@ -124,6 +124,23 @@ class Timer:
         return statistics.median(times)
 
 
+def kernel_times(torch, fn, calls=5):
+    """Mean GPU microseconds per call of each kernel ``fn`` launches (torch.profiler), as a dict."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for evt in prof.key_averages():
+        if evt.device_time_total > 0:
+            out[evt.key[:40]] = round(evt.device_time_total / calls, 1)
+    return out
+
+
 def host_time(torch, fn, n=1000):
     """Wall-clock microseconds per call of ``n`` back-to-back calls (bounded by host overhead when
     the GPU work is shorter than the launch path)."""
@@ -417,7 +434,7 @@ def main(args) -> int:
     rows = []
     csv_path = os.path.join(args.out, "decode.csv")
     fields = ["method", "ranks", "kv_heads", "batch", "d_model", "heads", "length", "us", "bytes", "gbps",
-              "frac_copy", "backend", "splits"]
+              "frac_copy", "backend", "splits", "retimed_us"]
     free_margin = 0.85
 
     def fits(nbytes):
@@ -442,6 +459,7 @@ def main(args) -> int:
     log(f"[{time.perf_counter() - t_start:.0f} s] grid (GPU time: CUDA events, L2 flushed before each call; median):")
     def grid():
         sdpa_choice = {}
+        last_us = {}
         for d_model in args.d_model:
             h = d_model // args.head_dim
             d = args.head_dim
@@ -469,8 +487,16 @@ def main(args) -> int:
                         us = timer.time(fn, reps=args.reps)
                         cfg = decode_mod.default_config(bsz, 1, h, d, d, length, props.multi_processor_count, elt,
                                                         None, ranks[1], ranks[2])
+                        key = (d_model, bsz, ranks)
+                        retimed = ""
+                        if key in last_us and us > 2.5 * last_us[key]:  # slower than twice the bytes can explain
+                            retimed = [round(timer.time(fn, reps=args.reps), 1) for _ in range(2)]
+                            log(f"  anomaly: TPA{ranks} B={bsz} L={length} took {us:.1f} us, {last_us[key]:.1f} us at "
+                                f"half the length; timed again: {retimed}; kernels: {kernel_times(torch, fn)}")
+                        last_us[key] = us
                         record(method="tpa", ranks=",".join(map(str, ranks)), kv_heads="", batch=bsz, d_model=d_model,
-                               heads=h, length=length, us=us, bytes=nbytes, backend="triton", splits=cfg.num_splits)
+                               heads=h, length=length, us=us, bytes=nbytes, backend="triton", splits=cfg.num_splits,
+                               retimed_us=retimed)
                         if length <= args.reference_max_len:
                             try:
                                 ref_fn = lambda: tpa_decode_reference(*inputs[:7])  # noqa: E731
@@ -645,7 +671,7 @@ def tune(torch, timer, tpa_decode, decode_mod, dtype, elt, bw, log):
 
 def batch1_latency(torch, timer, tpa_decode, dtype, log):
     """Batch 1, length 4096, H=32, d_h=64, ranks (16,1,1): plain launches and CUDA-graph replay."""
-    from tpa.ops.decode import tpa_decode_triton
+    from tpa.ops.decode import DecodeConfig, tpa_decode_triton
 
     inputs = tpa_inputs(torch, 1, 4096, 32, 64, (16, 1, 1), dtype)
     out = torch.empty(1, 1, 32, 64, dtype=dtype, device="cuda")
@@ -667,6 +693,13 @@ def batch1_latency(torch, timer, tpa_decode, dtype, log):
         for _ in range(10):
             fn()
     res["graph_10_calls_per_call_warm_us"] = timer.time(graph10.replay, reps=50, flush=False) / 10
+    for splits, warps in ((64, 4), (64, 2), (32, 2)):  # the launch heuristic's neighbours
+        cfg = DecodeConfig(num_splits=splits, num_warps=warps)
+        alt = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(alt):
+            tpa_decode(*inputs[:7], out=out, config=cfg)
+        res[f"graph_gpu_flushed_us_splits{splits}_warps{warps}"] = timer.time(alt.replay, reps=200)
+    res["kernels_us"] = kernel_times(torch, fn)
     for name, kv in (("sdpa_mqa", 1), ("sdpa_gqa4", 4)):
         for variant in ("flash_rows", "cudnn_rows"):
             try:
@@ -676,7 +709,7 @@ def batch1_latency(torch, timer, tpa_decode, dtype, log):
                 pass
     log("batch 1, length 4096, H=32, d_h=64, ranks (16,1,1):")
     for k, v in res.items():
-        log(f"  {k:<42} {v:8.2f} us")
+        log(f"  {k:<42} {v:8.2f} us" if isinstance(v, float) else f"  {k:<42} {v}")
     return res
 
 

@@ -58,7 +58,7 @@ _MAX_SPLITS = 256
 # for 16-bit caches (float32 uses half). ``programs_per_sm``: the split count aims at this many
 # programs per SM; ``min_split_blocks``: each split covers at least this many blocks of capacity.
 # Set from measurements (BENCHMARKS.md, FlashTPA decode).
-_HEURISTIC = {"warps": "rows", "block_m": 64, "num_stages": 3, "programs_per_sm": 4, "min_split_blocks": 1}
+_HEURISTIC = {"warps": "rows", "block_m": 64, "num_stages": 3, "programs_per_sm": 4, "min_split_blocks": 2}
 _LOG2E = 1.4426950408889634
 
 # Test hook: when True, the wrapper fills every buffer it allocates (output, lse, split partials)
@@ -390,7 +390,9 @@ def default_config(
     when its tiles stay small (rows x max(D, E) <= 8K elements; more head blocks otherwise). The
     cache block and pipeline depth shrink until the staged tiles fit in shared memory. The number
     of splits aims at about ``programs_per_sm * num_sms`` programs (``_HEURISTIC``), with at least
-    ``min_split_blocks`` blocks of capacity per split and at most 256 splits.
+    ``min_split_blocks`` blocks of capacity per split, at most 256 splits, and no empty split when
+    the cache is full. Programs that stream at most two blocks are bound by memory latency, not
+    bandwidth, and get 4 warps.
     """
     o = override or DecodeConfig()
     block_d, block_e = max(16, _next_pow2(d)), max(16, _next_pow2(e))
@@ -418,17 +420,20 @@ def default_config(
         while staged_bytes(block_m, num_stages) > budget and block_m > 16:
             block_m //= 2
     base = batch * math.ceil(num_queries / block_n) * math.ceil(num_heads / block_h)
+    blocks = math.ceil(capacity / block_m)
     if o.num_splits is not None:
         num_splits = o.num_splits
     else:
         target = tune["programs_per_sm"] * num_sms
-        blocks = math.ceil(capacity / block_m)
         most = max(1, blocks // tune.get("min_split_blocks", 1))
         num_splits = max(1, min(math.ceil(target / max(base, 1)), most, _MAX_SPLITS))
+        # as many splits as it takes to cover the capacity in equal whole blocks: no empty split
+        num_splits = math.ceil(blocks / math.ceil(blocks / num_splits))
+    latency_bound = blocks <= 2 * num_splits  # each program streams at most two blocks
     if o.num_warps is not None:
         num_warps = o.num_warps
     elif tune["warps"] == "rows" and max(block_d, block_e) <= 128 and (k_rank + v_rank) * block_m <= 128:
-        num_warps = min(8, max(2, rows // 16))
+        num_warps = 4 if latency_bound and rows <= 64 else min(8, max(2, rows // 16))
     else:
         num_warps = 4 if rows * max(block_d, block_e) <= 4096 else 8
     return DecodeConfig(block_m, block_h, block_n, num_splits, num_warps, num_stages)
