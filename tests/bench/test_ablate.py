@@ -38,14 +38,22 @@ def test_ablation_writes_plot_and_one_row_per_type(corpus, tmp_path, capsys):
     # every type ran with the same data, data order, seeds, budget and optimizer settings
     shared = ("data_dir", "data_seed", "seed", "seq_len", "global_batch_size", "max_steps", "lr", "min_lr",
               "warmup_steps", "eval_every", "eval_sequences")
-    configs = [r["train_config"] for r in record["results"].values()]
+    configs = [r["train_config"] for r in record["runs"]]
     assert all({k: c[k] for k in shared} == {k: configs[0][k] for k in shared} for c in configs)
     assert [c["attention_type"] for c in configs] == record["types"]
+    assert configs[0]["seed"] == 0 and configs[0]["data_seed"] == 0 and record["seeds"] == [0]
+    assert all((out / "runs" / "seed0" / t / "metrics.jsonl").is_file() for t in record["types"])
+    # one seed: the table of the one-seed ablation, without spread columns
+    assert table.splitlines()[2] == ("| attention | params | attn. params / layer | heads | KV cache / token (bf16, "
+                                     "all layers) | final val loss | val perplexity | train tokens/s |")
+    assert "±" not in table and "seed" not in table
     # at matched parameters TPA caches less per token than MHA
     assert record["results"]["tpa"]["kv_bytes_per_token"] < record["results"]["mha"]["kv_bytes_per_token"]
     assert record["parameter_spread"] < 0.1
     with open(out / "ablation.csv") as f:
         assert [r["attention_type"] for r in csv.DictReader(f)] == record["types"]
+    with open(out / "seeds.csv") as f:
+        assert [(r["attention_type"], r["seed"]) for r in csv.DictReader(f)] == [(t, "0") for t in record["types"]]
     assert f"wrote {out / 'loss.png'}" in printed
 
     # --replot redraws from ablation.json alone

@@ -3,34 +3,48 @@
 Each attention type (by default MHA, MQA, GQA, MLA, TPA-KVonly and TPA) is trained with the
 project's training loop (:func:`tpa.train.trainer.train`) at one preset, whose head counts match the
 attention parameters across types (the paper's Table 10 for its sizes, the same matching for
-``tiny`` and ``mini``), on the same token shards, visiting the same sequences in the same order
-(one ``data_seed``), from the same initialisation seed, for the same number of tokens, with the same
-optimizer and schedule. Then it writes
+``tiny`` and ``mini``), on the same token shards, for the same number of tokens, with the same
+optimizer and schedule, once per seed (``--seeds``, default one seed: ``--seed``, 0). The run of
+seed s initialises the model with seed s and visits the training windows in the order of data seed
+``--data-seed`` + s: every type sees the same initialisation seed and the same sequences in the same
+order within a seed, and seeds vary both sources of noise. A seed's runs are the same whichever other
+seeds are run beside them, so an ablation can be split over several calls and merged. Then it writes
 
-- ``loss.png``: training and validation loss against tokens, one line per type;
+- ``loss.png``: training and validation loss against tokens, one line per type (with several seeds:
+  the mean over seeds, with a band from the lowest to the highest seed);
 - ``ablation.md``: final validation loss and perplexity, KV-cache bytes per token (all layers, bf16),
-  parameters (whole model and attention per layer) and training tokens/s per type;
-- ``ablation.json`` (everything, curves included), ``ablation.csv`` (the table) and ``curves.csv``
-  (every logged step of every type); each type's run folder is under ``runs/``.
+  parameters (whole model and attention per layer) and training tokens/s per type; with several
+  seeds, the mean ± sample standard deviation over seeds, the mean best validation loss, and a
+  second table with every seed's final validation loss;
+- ``ablation.json`` (everything: the settings, one row per run with its curve and configurations, the
+  per-type summaries), ``ablation.csv`` (one row per type), ``seeds.csv`` (one row per type and
+  seed) and ``curves.csv`` (every logged step of every run); each run's folder is
+  ``runs/seed<S>/<type>``.
 
-``tpa ablate --replot DIR`` redraws the plot and the table from ``DIR/ablation.json``.
+An output folder that already holds an ablation is kept unless asked: ``--resume`` keeps its finished
+runs (same settings required) and trains the missing ones, ``--overwrite`` starts afresh.
+``tpa ablate --replot DIR`` redraws the plot and the table from ``DIR/ablation.json``;
+``tpa ablate --replot DIR1 DIR2 ... --output MERGED`` merges ablations of the same settings that
+hold different seeds or types (e.g. one per device call) into one.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from tpa.bench.ablate_report import FIELDS, plot_losses, table_markdown, write_outputs
+from tpa.bench.ablate_results import LABELS, ORDER, best_val_loss, merge, normalize, recipe_differences, refresh
 from tpa.eval.report import UsageError
 
-ORDER = ("mha", "mqa", "gqa", "mla", "tpa_kvonly", "tpa")
-LABELS = {"mha": "MHA", "mqa": "MQA", "gqa": "GQA", "mla": "MLA", "tpa_kvonly": "TPA-KVonly", "tpa": "TPA"}
-FIELDS = ["attention_type", "parameters", "attention_params_per_layer", "heads", "kv_elements_per_token",
-          "kv_bytes_per_token", "final_val_loss", "val_perplexity", "final_train_loss", "tokens", "tokens_per_s",
-          "train_seconds"]
+__all__ = ["FIELDS", "LABELS", "ORDER", "parse_seeds", "plot_losses", "register", "replot", "run", "table_markdown",
+           "write_outputs"]
+DEFAULT_OUTPUT = "runs/ablate"
 
 
 def register(subparsers) -> None:
@@ -40,8 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="tiny", help="model preset (tiny for a CPU, mini ~30-50M parameters, small)")
     p.add_argument("--types", nargs="+", default=["all"], help="attention types, or all")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help="optimizer steps per type (default 200)")
-    budget.add_argument("--tokens", type=int, default=None, help="training tokens per type (rounded up to whole steps)")
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200)")
+    budget.add_argument("--tokens", type=int, default=None, help="training tokens per run (rounded up to whole steps)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass (default: --batch-size)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
@@ -50,16 +64,29 @@ def register(subparsers) -> None:
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5%% of the steps)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation losses (default: 10 per run)")
     p.add_argument("--eval-sequences", type=int, default=64, help="validation sequences per evaluation")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed (the same for every type)")
-    p.add_argument("--data-seed", type=int, default=0, help="data-order seed (the same for every type)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the seed of a one-seed ablation (default 0); the same as --seeds SEED")
+    p.add_argument("--seeds", nargs="+", default=None, metavar="SEED",
+                   help="seeds (distinct, >= 0): every type is trained once per seed; seed s initialises the "
+                        "model with s and orders the data with --data-seed + s")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="data-order seed of seed 0 (seed s uses data seed + s; the same for every type)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--export", action="store_true", help="export each trained model (RUN/final) for tpa eval")
     p.add_argument("--no-plot", action="store_true", help="skip the plot (e.g. where matplotlib is missing)")
-    p.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier ablation in --output")
-    p.add_argument("--replot", metavar="DIR", default=None, help="only redraw plot and table from DIR/ablation.json")
-    p.add_argument("--output", default="runs/ablate", help="output folder")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="keep the finished runs of the ablation in --output (same settings) and train the "
+                            "missing (type, seed) runs")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the ablation in --output (its runs/ folder is deleted)")
+    p.add_argument("--replot", metavar="DIR", nargs="+", default=None,
+                   help="only redraw plot and tables from DIR/ablation.json; with several folders (of the same "
+                        "settings, different seeds or types) merge them into --output")
+    p.add_argument("--output", default=None,
+                   help=f"output folder (default {DEFAULT_OUTPUT}; with --replot: DIR, or the merged folder)")
     p.set_defaults(func=_run)
 
 
@@ -68,14 +95,15 @@ def _run(args) -> int:
 
     try:
         if args.replot:
-            replot(args.replot, plot=not args.no_plot)
+            replot(args.replot, output=args.output, plot=not args.no_plot, overwrite=args.overwrite)
         else:
             run(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RunInterrupted as err:
-        print(f"error: interrupted: {err}; the finished types are in the outputs", file=sys.stderr)
+        print(f"error: interrupted: {err}; the finished runs are in the outputs (add them to with --resume)",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -88,11 +116,73 @@ def _check_matplotlib() -> None:
                          "(or pass --no-plot and redraw later with --replot)") from None
 
 
-def run(args) -> dict:
-    """Train every type, then write plot, table and data; return the JSON record."""
+def parse_seeds(seeds: list[str] | None, seed: int | None) -> list[int]:
+    """The seeds of ``--seeds`` (space- or comma-separated) or, without it, ``[--seed]`` (default ``[0]``).
+
+    Raises:
+        UsageError: both options, a value that is not an integer, a negative seed or one given twice.
+    """
+    if seeds is None:
+        seeds = [str(0 if seed is None else seed)]
+    elif seed is not None:
+        raise UsageError("give --seed or --seeds, not both (--seeds 3 is the same as --seed 3)")
+    out: list[int] = []
+    for item in seeds:
+        for name in (x for x in re.split(r"[,\s]+", str(item)) if x):
+            if not re.fullmatch(r"[+-]?\d+", name):
+                raise UsageError(f"--seeds: {name!r} is not an integer")
+            value = int(name)
+            if value < 0:
+                raise UsageError(f"seeds must be >= 0, got {value}")
+            if value in out:
+                raise UsageError(f"--seeds lists seed {value} twice; give each seed once")
+            out.append(value)
+    if not out:
+        raise UsageError("--seeds: no seed given")
+    return out
+
+
+def _read_record(folder: str | Path) -> dict:
+    """The normalized record of ``folder/ablation.json``, or a UsageError that says what is wrong."""
+    import json
+
+    path = Path(folder) / "ablation.json"
+    if not path.is_file():
+        raise UsageError(f"{str(folder)!r}: no ablation.json there")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read {path}: {err}") from None
+    return normalize(record, str(path))
+
+
+def _run_row(t: str, seed: int, data_seed: int, run_: dict, seconds: float, meta: dict) -> dict:
+    """One finished run as a row of ``record["runs"]``."""
     from tpa import T6Config
     from tpa.bench.memory import model_parameters
-    from tpa.bench.runs import RunInterrupted, check_data_dir, final_val_loss, perplexity, throughput, training_run
+    from tpa.bench.runs import final_val_loss, perplexity, throughput
+
+    mc = T6Config.from_dict(run_["model_config"])
+    records = run_["records"]
+    val = final_val_loss(records)
+    train_losses = [r["loss"] for r in records if r.get("loss") is not None]
+    curve = [{k: r.get(k) for k in ("step", "tokens", "loss", "val_loss")} for r in records]
+    return {
+        "attention_type": t, "seed": seed, "data_seed": data_seed, "parameters": model_parameters(mc),
+        "attention_params_per_layer": mc.attention_parameters_per_layer(), "heads": mc.num_attention_heads,
+        "kv_elements_per_token": mc.kv_cache_elements_per_token() * mc.num_hidden_layers,
+        "kv_bytes_per_token": 2 * mc.kv_cache_elements_per_token() * mc.num_hidden_layers,
+        "final_val_loss": val, "val_perplexity": perplexity(val), "best_val_loss": best_val_loss(curve),
+        "final_train_loss": train_losses[-1] if train_losses else None, "tokens": run_["result"]["tokens"],
+        "tokens_per_s": throughput(records)["tokens_per_s"], "train_seconds": seconds,
+        "device_name": meta["device_name"], "date": meta["date"],
+        "curve": curve, "model_config": run_["model_config"], "train_config": run_["config"],
+    }
+
+
+def run(args) -> dict:
+    """Train every (type, seed) run not already finished, then write plot, table and data; return the record."""
+    from tpa.bench.runs import RunInterrupted, check_data_dir, training_run
     from tpa.eval.report import atomic_write_json, parse_list, resolve_device, run_metadata
     from tpa.models.t6.configuration_t6 import ATTENTION_TYPES, PRESETS
 
@@ -100,6 +190,9 @@ def run(args) -> dict:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
     types = parse_list(args.types, ATTENTION_TYPES, "attention type")
     types = [t for t in ORDER if t in types]
+    seeds = parse_seeds(args.seeds, args.seed)
+    if args.data_seed < 0:
+        raise UsageError(f"--data-seed must be >= 0, got {args.data_seed}")
     for name in ("batch_size", "seq_len", "eval_sequences"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -125,59 +218,67 @@ def run(args) -> dict:
     meta = check_data_dir(args.data)
     if not meta["splits"]["val"]["tokens"]:
         raise UsageError(f"--data {args.data!r} has no validation tokens; prepare it with --val-fraction > 0")
+    out = Path(args.output or DEFAULT_OUTPUT)
+    has_runs = (out / "runs").is_dir() and any((out / "runs").iterdir())
+    if (has_runs or (out / "ablation.json").exists()) and not (args.resume or args.overwrite):
+        raise UsageError(f"{out} already holds an ablation; pass --overwrite to replace it or --resume to keep "
+                         "its finished runs and train the missing ones (or choose another --output)")
     device = resolve_device(args.device)
-    out = Path(args.output)
-    if (out / "runs").exists() and any((out / "runs").iterdir()) and not args.overwrite:
-        raise UsageError(f"{out} already holds ablation runs; pass --overwrite or choose another --output")
 
     record = {
-        "preset": args.preset, "data": args.data, "types": [], "requested_types": types, "steps": steps,
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "tokens_per_type": steps * step_tokens, "lr": args.lr,
-        "min_lr": min_lr, "warmup_steps": warmup, "eval_every": eval_every, "eval_sequences": args.eval_sequences,
-        "seed": args.seed, "data_seed": args.data_seed, "precision": args.precision, "compile": args.compile,
-        "parameter_spread": None, "complete": False, "seconds": None, "results": {},
-        "run": run_metadata(device),
+        "format": "tpa-ablation", "version": 2, "preset": args.preset, "data": args.data,
+        "data_fingerprint": meta.get("fingerprint"), "requested_types": types, "requested_seeds": seeds,
+        "steps": steps, "batch_size": args.batch_size, "micro_batch": micro, "seq_len": args.seq_len,
+        "tokens_per_type": steps * step_tokens, "lr": args.lr, "min_lr": min_lr, "warmup_steps": warmup,
+        "eval_every": eval_every, "eval_sequences": args.eval_sequences, "data_seed": args.data_seed,
+        "precision": args.precision, "compile": args.compile, "seconds": 0.0, "run": run_metadata(device),
+        "runs": [],
     }
-    results = record["results"]
+    if args.overwrite and (out / "runs").exists():
+        shutil.rmtree(out / "runs")
+    if args.resume and (out / "ablation.json").exists():
+        earlier = _read_record(out)
+        diff = recipe_differences(earlier, record)
+        if diff:
+            raise UsageError(f"--resume: {out} holds an ablation with other settings ({'; '.join(diff)}, there vs "
+                             "here); use its settings, or pass --overwrite or another --output")
+        record["runs"] = earlier["runs"]
+        record["requested_types"] = [t for t in ORDER if t in earlier["requested_types"] or t in types]
+        record["requested_seeds"] = sorted(set(earlier["requested_seeds"]) | set(seeds))
+        record["seconds"] = earlier.get("seconds") or 0.0
+    refresh(record)
+    done = {(r["attention_type"], r["seed"]) for r in record["runs"]}
+    previous_seconds = record["seconds"]
     start = time.perf_counter()
     interrupted = None
-    for t in types:
-        values = dict(preset=args.preset, attention_type=t, data_dir=args.data, seq_len=args.seq_len,
-                      data_seed=args.data_seed, seed=args.seed, global_batch_size=args.batch_size,
-                      micro_batch_size=micro, max_steps=steps, lr=args.lr, min_lr=min_lr, warmup_steps=warmup,
-                      eval_every=eval_every, eval_sequences=args.eval_sequences, log_every=1,
-                      checkpoint_every=steps, keep_checkpoints=1, export=args.export, device=str(device),
-                      precision=args.precision, parallel="none", compile=args.compile)
-        t0 = time.perf_counter()
-        try:
-            run_ = training_run(values, out / "runs" / t)
-        except RunInterrupted as err:
-            interrupted = err
+    for seed in seeds:  # seed-major: an interrupted ablation has whole seeds of every type
+        for t in types:
+            if (t, seed) in done:
+                print(f"{t} seed {seed}: finished earlier, kept", flush=True)
+                continue
+            values = dict(preset=args.preset, attention_type=t, data_dir=args.data, seq_len=args.seq_len,
+                          data_seed=args.data_seed + seed, seed=seed, global_batch_size=args.batch_size,
+                          micro_batch_size=micro, max_steps=steps, lr=args.lr, min_lr=min_lr, warmup_steps=warmup,
+                          eval_every=eval_every, eval_sequences=args.eval_sequences, log_every=1,
+                          checkpoint_every=steps, keep_checkpoints=1, export=args.export, device=str(device),
+                          precision=args.precision, parallel="none", compile=args.compile)
+            t0 = time.perf_counter()
+            try:
+                run_ = training_run(values, out / "runs" / f"seed{seed}" / t)
+            except RunInterrupted as err:
+                interrupted = err
+                break
+            row = _run_row(t, seed, args.data_seed + seed, run_, time.perf_counter() - t0, record["run"])
+            record["runs"].append(row)
+            refresh(record)
+            record["seconds"] = previous_seconds + time.perf_counter() - start
+            atomic_write_json(out / "ablation.json", record)  # after every run: an interrupted ablation keeps them
+            print(f"{t} seed {seed}: val loss {row['final_val_loss']}, {row['tokens_per_s'] or 0:,.0f} tokens/s, "
+                  f"{row['train_seconds']:.1f} s", flush=True)
+        if interrupted is not None:
             break
-        seconds = time.perf_counter() - t0
-        mc = T6Config.from_dict(run_["model_config"])
-        records = run_["records"]
-        val = final_val_loss(records)
-        train_losses = [r["loss"] for r in records if r.get("loss") is not None]
-        results[t] = {
-            "attention_type": t, "parameters": model_parameters(mc),
-            "attention_params_per_layer": mc.attention_parameters_per_layer(), "heads": mc.num_attention_heads,
-            "kv_elements_per_token": mc.kv_cache_elements_per_token() * mc.num_hidden_layers,
-            "kv_bytes_per_token": 2 * mc.kv_cache_elements_per_token() * mc.num_hidden_layers,
-            "final_val_loss": val, "val_perplexity": perplexity(val),
-            "final_train_loss": train_losses[-1] if train_losses else None, "tokens": run_["result"]["tokens"],
-            "tokens_per_s": throughput(records)["tokens_per_s"], "train_seconds": seconds,
-            "curve": [{k: r.get(k) for k in ("step", "tokens", "loss", "val_loss")} for r in records],
-            "model_config": run_["model_config"], "train_config": run_["config"],
-        }
-        record["types"].append(t)
-        params = [r["parameters"] for r in results.values()]
-        record["parameter_spread"] = (max(params) - min(params)) / min(params)
-        record["seconds"] = time.perf_counter() - start
-        atomic_write_json(out / "ablation.json", record)  # after every type: an interrupted ablation keeps them
-        print(f"{t}: val loss {val}, {results[t]['tokens_per_s'] or 0:,.0f} tokens/s, {seconds:.1f} s", flush=True)
-    record["complete"] = interrupted is None
-    record["seconds"] = time.perf_counter() - start
+    record["seconds"] = previous_seconds + time.perf_counter() - start
+    refresh(record)
     atomic_write_json(out / "ablation.json", record)
     print(f"wrote {out / 'ablation.json'}")
     if record["types"]:
@@ -187,86 +288,38 @@ def run(args) -> dict:
     return record
 
 
-def table_markdown(record: dict) -> str:
-    from tpa.eval.report import fmt_bytes, fmt_float, fmt_int, markdown_table
+def replot(folders: str | list[str], *, output: str | None = None, plot: bool = True,
+           overwrite: bool = False) -> list[Path]:
+    """Redraw ``loss.png`` and rewrite the tables from ``folder/ablation.json``; with several folders
+    (ablations of the same settings holding different seeds or types), merge them into ``output``.
 
-    rows = []
-    for t in record["types"]:
-        r = record["results"][t]
-        rows.append([LABELS.get(t, t), fmt_int(r["parameters"]), fmt_int(r["attention_params_per_layer"]), r["heads"],
-                     f"{fmt_int(r['kv_bytes_per_token'])} B ({fmt_bytes(r['kv_bytes_per_token'])})",
-                     fmt_float(r["final_val_loss"], 4), fmt_float(r["val_perplexity"], 2),
-                     fmt_int(round(r["tokens_per_s"])) if r.get("tokens_per_s") else ""])
-    run = record["run"]
-    head = ("" if record.get("complete", True) else "Incomplete (interrupted): ") + (
-        f"Ablation: preset {record['preset']}, {fmt_int(record['tokens_per_type'])} training tokens per type "
-        f"({record['steps']} steps x {record['batch_size']} x {record['seq_len']}), lr {record['lr']:g} -> "
-        f"{record['min_lr']:g}, data {record['data']}; {run['device_name']}, {run['date']}. Parameter counts "
-        f"differ by at most {100 * (record['parameter_spread'] or 0):.2f}%.\n\n")
-    return head + markdown_table(
-        ["attention", "params", "attn. params / layer", "heads", "KV cache / token (bf16, all layers)",
-         "final val loss", "val perplexity", "train tokens/s"], rows, align="lrrrrrrr")
+    Redrawing one folder in place leaves its ``ablation.json`` as it is; otherwise the (merged)
+    ``ablation.json`` is written to ``output`` too, so that folder can be redrawn or resumed later.
 
-
-def plot_losses(record: dict, path: Path) -> Path:
-    """Training loss (left) and validation loss (right) against tokens, one line per type; saved atomically."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tpa.eval.report import atomic_write_bytes
-
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for t in record["types"]:
-        curve = record["results"][t]["curve"]
-        train = [(c["tokens"], c["loss"]) for c in curve if c.get("loss") is not None]
-        val = [(c["tokens"], c["val_loss"]) for c in curve if c.get("val_loss") is not None]
-        label = LABELS.get(t, t)
-        if train:
-            ax_train.plot(*zip(*train), label=label, linewidth=1.0)
-        if val:
-            ax_val.plot(*zip(*val), label=label, marker="o", markersize=3, linewidth=1.2)
-    for ax, title in ((ax_train, "training loss"), (ax_val, "validation loss")):
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("loss")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"T6 {record['preset']}: attention types at matched parameters ({record['run']['device_name']})",
-                 fontsize=10)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def write_outputs(record: dict, out: Path, *, plot: bool = True) -> list[Path]:
-    """Write ``ablation.md``, ``ablation.csv``, ``curves.csv`` and (unless disabled) ``loss.png``."""
-    from tpa.eval.report import atomic_write_csv, atomic_write_text, print_written
-
-    text = table_markdown(record)
-    rows = [{k: record["results"][t].get(k) for k in FIELDS} for t in record["types"]]
-    curves = [{"attention_type": t, **c} for t in record["types"] for c in record["results"][t]["curve"]]
-    paths = [atomic_write_text(out / "ablation.md", text), atomic_write_csv(out / "ablation.csv", rows, FIELDS),
-             atomic_write_csv(out / "curves.csv", curves, ["attention_type", "step", "tokens", "loss", "val_loss"])]
-    if plot:
-        paths.append(plot_losses(record, out / "loss.png"))
-    print(text, end="")
-    print_written(paths)
-    return paths
-
-
-def replot(folder: str, *, plot: bool = True) -> list[Path]:
-    """Redraw ``loss.png`` and rewrite the tables from ``folder/ablation.json``."""
-    import json
-
-    path = Path(folder) / "ablation.json"
-    if not path.is_file():
-        raise UsageError(f"--replot {folder!r}: no ablation.json there")
+    Raises:
+        UsageError: no ablation.json, several folders without ``output``, records that cannot be merged,
+            or an ``output`` that holds another ablation (without ``overwrite``).
+    """
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    if len(folders) > 1 and output is None:
+        raise UsageError("--replot with several folders merges them: give --output for the merged folder")
+    if len(set(Path(f).resolve() for f in folders)) < len(folders):
+        raise UsageError("--replot lists one folder twice")
     if plot:
         _check_matplotlib()
-    record = json.loads(path.read_text())
-    return write_outputs(record, Path(folder), plot=plot)
+    records = [(str(f), _read_record(f)) for f in folders]
+    record = records[0][1] if len(records) == 1 else merge(records)
+    dest = Path(output) if output is not None else Path(folders[0])
+    paths = []
+    is_source = any(dest.resolve() == Path(f).resolve() for f in folders)
+    if not is_source and (dest / "ablation.json").exists() and not overwrite:
+        raise UsageError(f"{dest} already holds an ablation; pass --overwrite to replace it or choose another --output")
+    try:
+        if len(records) > 1 or not is_source:
+            from tpa.eval.report import atomic_write_json
+
+            paths.append(atomic_write_json(dest / "ablation.json", record))
+            print(f"wrote {paths[-1]}")
+        return paths + write_outputs(record, dest, plot=plot)
+    except OSError as err:
+        raise UsageError(f"cannot write to {dest} ({err}); give --output for a writable folder") from None

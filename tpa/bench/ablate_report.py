@@ -1,0 +1,148 @@
+"""The outputs of ``tpa ablate``: markdown table, loss plot and CSV files, from a normalized record.
+
+With one seed the table and the plot are those the ablation has always written (one value per type,
+one line per type). With several seeds the table shows, per type, the number of seeds, the final
+validation loss as mean ± sample standard deviation, the perplexity of the mean loss, the mean best
+validation loss and the mean training tokens/s, followed by a table of the final validation loss of
+every seed; the plot draws the mean curve of each type with a shaded band from the lowest to the
+highest value over the seeds.
+
+Files: ``ablation.md``, ``ablation.csv`` (one row per type, the summary), ``seeds.csv`` (one row per
+type and seed), ``curves.csv`` (every logged step of every run) and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tpa.bench.ablate_results import LABELS
+
+# ablation.csv: one row per type (the first twelve columns are those of the one-seed ablation)
+FIELDS = ["attention_type", "parameters", "attention_params_per_layer", "heads", "kv_elements_per_token",
+          "kv_bytes_per_token", "final_val_loss", "val_perplexity", "final_train_loss", "tokens", "tokens_per_s",
+          "train_seconds", "n_seeds", "seeds", "final_val_loss_std", "final_val_loss_min", "final_val_loss_max",
+          "best_val_loss", "best_val_loss_std"]
+# seeds.csv: one row per type and seed
+SEED_FIELDS = ["attention_type", "seed", "data_seed", "parameters", "attention_params_per_layer", "heads",
+               "kv_bytes_per_token", "final_val_loss", "val_perplexity", "best_val_loss", "final_train_loss",
+               "tokens", "tokens_per_s", "train_seconds", "device_name", "date"]
+CURVE_FIELDS = ["attention_type", "seed", "step", "tokens", "loss", "val_loss"]
+
+
+def _distinct(values) -> str:
+    return " + ".join(dict.fromkeys(str(v) for v in values if v))
+
+
+def _loss_with_std(mean: float | None, std: float | None) -> str:
+    from tpa.eval.report import fmt_float
+
+    return fmt_float(mean, 4) if std is None else f"{fmt_float(mean, 4)} ± {fmt_float(std, 4)}"
+
+
+def table_markdown(record: dict) -> str:
+    """The ablation table (and, with several seeds, the per-seed table) with a line of context."""
+    from tpa.eval.report import fmt_bytes, fmt_float, fmt_int, markdown_table
+
+    multi = len(record["seeds"]) > 1
+    rows = []
+    for t in record["types"]:
+        r = record["results"][t]
+        row = [LABELS.get(t, t), fmt_int(r["parameters"]), fmt_int(r["attention_params_per_layer"]), r["heads"],
+               f"{fmt_int(r['kv_bytes_per_token'])} B ({fmt_bytes(r['kv_bytes_per_token'])})"]
+        tokens_per_s = fmt_int(round(r["tokens_per_s"])) if r.get("tokens_per_s") else ""
+        if multi:
+            row += [r["n_seeds"], _loss_with_std(r["final_val_loss"], r["final_val_loss_std"]),
+                    fmt_float(r["val_perplexity"], 2), _loss_with_std(r["best_val_loss"], None), tokens_per_s]
+        else:
+            row += [fmt_float(r["final_val_loss"], 4), fmt_float(r["val_perplexity"], 2), tokens_per_s]
+        rows.append(row)
+    runs = record["runs"]
+    devices = _distinct(r.get("device_name") for r in runs) or record["run"]["device_name"]
+    dates = _distinct(r.get("date") for r in runs) or record["run"]["date"]
+    missing = ", ".join(f"{t} seed {s}" for t, s in record.get("missing", []))
+    head = "" if record.get("complete", True) else f"Incomplete (missing runs: {missing}): "
+    per = "per type and seed" if multi else "per type"
+    head += (f"Ablation: preset {record['preset']}, {fmt_int(record['tokens_per_type'])} training tokens {per} "
+             f"({record['steps']} steps x {record['batch_size']} x {record['seq_len']}), lr {record['lr']:g} -> "
+             f"{record['min_lr']:g}, data {record['data']}; {devices}, {dates}.")
+    if multi:
+        seeds = ", ".join(map(str, record["seeds"]))
+        head += (f" Seeds {seeds}: seed s initialises the model with s and orders the training data with "
+                 f"data seed {record['data_seed']} + s. Losses are means over the seeds ± their sample standard "
+                 "deviation; perplexity is exp(mean final loss); tokens/s is the mean.")
+    head += f" Parameter counts differ by at most {100 * (record['parameter_spread'] or 0):.2f}%.\n\n"
+    if not multi:
+        return head + markdown_table(
+            ["attention", "params", "attn. params / layer", "heads", "KV cache / token (bf16, all layers)",
+             "final val loss", "val perplexity", "train tokens/s"], rows, align="lrrrrrrr")
+    table = markdown_table(
+        ["attention", "params", "attn. params / layer", "heads", "KV cache / token (bf16, all layers)", "seeds",
+         "final val loss (mean ± std)", "val perplexity (of mean)", "best val loss (mean)", "train tokens/s (mean)"],
+        rows, align="lrrrrrrrrr")
+    by_run = {(r["attention_type"], r["seed"]): r for r in runs}
+    seed_rows = [[LABELS.get(t, t)] + [fmt_float(by_run[(t, s)].get("final_val_loss"), 4) if (t, s) in by_run
+                                       else "" for s in record["seeds"]] for t in record["types"]]
+    per_seed = markdown_table(["final val loss"] + [f"seed {s}" for s in record["seeds"]], seed_rows,
+                              align="l" + "r" * len(record["seeds"]))
+    return head + table + "\n" + per_seed
+
+
+def plot_losses(record: dict, path: Path) -> Path:
+    """Training loss (left) and validation loss (right) against tokens, one line per type (the mean
+    over seeds, with a min-max band when there are several); saved atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tpa.eval.report import atomic_write_bytes
+
+    multi = len(record["seeds"]) > 1
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for t in record["types"]:
+        summary = record["results"][t]
+        label = LABELS.get(t, t) + (f" ({summary['n_seeds']} seeds)" if multi else "")
+        for ax, key, style in ((ax_train, "loss", dict(linewidth=1.0)),
+                               (ax_val, "val_loss", dict(marker="o", markersize=3, linewidth=1.2))):
+            points = [c for c in summary["curve"] if c.get(key) is not None]
+            if not points:
+                continue
+            x = [c["tokens"] for c in points]
+            (line,) = ax.plot(x, [c[key] for c in points], label=label, **style)
+            if summary["n_seeds"] > 1:
+                ax.fill_between(x, [c[f"{key}_min"] for c in points], [c[f"{key}_max"] for c in points],
+                                color=line.get_color(), alpha=0.18, linewidth=0)
+    for ax, title in ((ax_train, "training loss"), (ax_val, "validation loss")):
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss")
+        ax.set_title(title + (" (mean over seeds, band: min-max)" if multi else ""))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    devices = _distinct(r.get("device_name") for r in record["runs"]) or record["run"]["device_name"]
+    fig.suptitle(f"T6 {record['preset']}: attention types at matched parameters ({devices})", fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_outputs(record: dict, out: Path, *, plot: bool = True) -> list[Path]:
+    """Write ``ablation.md``, ``ablation.csv``, ``seeds.csv``, ``curves.csv`` and (unless disabled)
+    ``loss.png`` into ``out``; print the table and the paths."""
+    from tpa.eval.report import atomic_write_csv, atomic_write_text, print_written
+
+    text = table_markdown(record)
+    summary = [{**record["results"][t], "seeds": " ".join(map(str, record["results"][t]["seeds"]))}
+               for t in record["types"]]
+    runs = sorted(record["runs"], key=lambda r: (record["types"].index(r["attention_type"]), r["seed"]))
+    curves = [{"attention_type": r["attention_type"], "seed": r["seed"], **c} for r in runs for c in r["curve"]]
+    paths = [atomic_write_text(out / "ablation.md", text), atomic_write_csv(out / "ablation.csv", summary, FIELDS),
+             atomic_write_csv(out / "seeds.csv", runs, SEED_FIELDS),
+             atomic_write_csv(out / "curves.csv", curves, CURVE_FIELDS)]
+    if plot:
+        paths.append(plot_losses(record, out / "loss.png"))
+    print(text, end="")
+    print_written(paths)
+    return paths
