@@ -3,7 +3,9 @@
 One :class:`KVCache` serves a whole model. It is batch-aware and ragged: every sequence ``b`` has
 its own length ``seqlens[b]``, and its cached tokens sit contiguously at slots
 ``0 .. seqlens[b]-1`` of each buffer. Padding tokens in a forward call (``valid == False``) are never
-written, so a left- or right-padded batch of prompts becomes a packed ragged cache, and a token
+counted (nor written, except by a static one-token step, which writes one at slot ``seqlens[b]``,
+beyond the length, where the next token overwrites it), so a left- or right-padded batch of prompts
+becomes a packed ragged cache, and a token
 decoded later lands at slot ``seqlens[b]``: exactly the layout the FlashTPA decode kernel reads
 (``[B, capacity, R, X]`` buffers plus ``cache_seqlens``), with no per-step copy or transpose.
 
@@ -11,6 +13,19 @@ Each layer stores named tensors whose per-token shapes its attention type declar
 (:meth:`tpa.layers.base.Attention.cache_spec`): for TPA ``a_k [R_k, H]``, rotated ``b_k [R_k, D]``,
 ``a_v [R_v, H]``, ``b_v [R_v, E]``; for MHA/GQA/MQA ``k [G, D]`` and ``v [G, D]``; for MLA the latent
 ``c_kv [d_c]`` and the RoPE key ``k_rope [d_R]``.
+
+Two modes:
+
+- dynamic (default): buffers grow by doubling; every call plans its writes with one host sync (the
+  lengths), and attention reads ``max(seqlens)`` slots.
+- static (``static=True``): every buffer is allocated once at a fixed capacity and never replaced,
+  lengths live in one device tensor updated in place, and a one-token step (decoding) is planned on
+  the device alone: no ``.item()``/``.tolist()``, no data-dependent shape. Attention then reads the
+  whole capacity under a mask built from the per-sequence lengths (or, for the FlashTPA kernel,
+  from ``cache_seqlens``). Such a step can be captured in a CUDA graph and replayed
+  (:mod:`tpa.models.t6.decode_graph`). Calls of several tokens (prefill) keep the dynamic plan. The
+  capacity counts input columns, padding included: a call of ``T`` tokens needs
+  ``num_columns + T <= capacity``, a check on host integers only.
 """
 
 from __future__ import annotations
@@ -43,7 +58,11 @@ class CacheStep:
             no new token is padding, i.e. plain causal attention aligned to the end.
         positions: ``[B, T]`` long RoPE positions of the new tokens (the slot index by default).
         all_valid: no padding among the new tokens (query i of sequence b is slot ``seqlens[b]-T+i``).
-        write_index, source_index: advanced indices into the buffers and into the new tokens.
+        write_index, source_index: advanced indices into the buffers and into the new tokens; None
+            for a static step, which writes every new token (padding too) at its own slot ``slots``.
+        kernel_seqlens: ``[B]`` int32 lengths for the FlashTPA decode kernel (query i of sequence b
+            sees slots ``j < kernel_seqlens[b] - T + 1 + i``), or None where the kernel does not
+            apply (padding among the new tokens of a dynamic step).
     """
 
     slots: torch.Tensor
@@ -55,10 +74,19 @@ class CacheStep:
     all_valid: bool = False
     write_index: tuple[torch.Tensor, torch.Tensor] | None = None
     source_index: tuple[torch.Tensor, torch.Tensor] | None = None
+    kernel_seqlens: torch.Tensor | None = None
 
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         """The entries of ``value [B, T, ...]`` to write: all of them, or the valid tokens only."""
         return value if self.source_index is None else value[self.source_index]
+
+    def write(self, buf: torch.Tensor, value: torch.Tensor) -> None:
+        """Write the new tokens ``value [B, T, ...]`` into ``buf [B, capacity, ...]`` in place."""
+        if self.write_index is not None:
+            buf[self.write_index] = self.gather(value)
+        else:  # static step: one scatter along the slot axis, no host sync
+            index = self.slots.reshape(*self.slots.shape, *([1] * (value.dim() - 2))).expand_as(value)
+            buf.scatter_(1, index, value)
 
 
 class LayerCache:
@@ -80,6 +108,8 @@ class LayerCache:
 
     def _ensure(self, name: str, like: torch.Tensor, capacity: int) -> torch.Tensor:
         buf = self.buffers.get(name)
+        if self.owner.static:  # allocated once by KVCache.__init__, never replaced
+            return buf
         if buf is None or buf.shape[1] < capacity:
             new = like.new_zeros((self.owner.batch_size, capacity, *self.spec[name]))
             if buf is not None:
@@ -96,7 +126,8 @@ class LayerCache:
 
         Returns:
             name -> ``[B, kv_len, *shape]`` views (slots beyond ``seqlens[b]`` hold stale values and
-            are masked by ``step.mask``).
+            are masked by ``step.mask``); for a static one-token step ``kv_len`` is the capacity,
+            so these are the whole buffers.
         """
         if set(new) != set(self.spec):
             raise ValueError(f"cache update expects tensors {sorted(self.spec)}, got {sorted(new)}")
@@ -107,8 +138,11 @@ class LayerCache:
                 raise ValueError(f"cache tensor {name!r} must have shape {expected}, got {tuple(value.shape)}")
             buf = self._ensure(name, value, self.owner.capacity)
             if buf.dtype != value.dtype:
-                raise TypeError(f"cache tensor {name!r} is {buf.dtype}, got {value.dtype}")
-            buf[step.write_index] = step.gather(value)
+                hint = " (a static cache takes the model's dtype when built)" if self.owner.static else ""
+                raise TypeError(f"cache tensor {name!r} is {buf.dtype}, got {value.dtype}{hint}")
+            if buf.device != value.device:
+                raise ValueError(f"cache tensor {name!r} is on {buf.device}, got a tensor on {value.device}")
+            step.write(buf, value)
             out[name] = buf[:, : step.kv_len]
         return out
 
@@ -118,7 +152,10 @@ class LayerCache:
 
     def select(self, index: torch.Tensor) -> None:
         for name, buf in self.buffers.items():
-            self.buffers[name] = buf.index_select(0, index.to(buf.device))
+            if self.owner.static:  # in place: the buffers keep their storage (captured graphs read it)
+                buf.copy_(buf.index_select(0, index.to(buf.device)))
+            else:
+                self.buffers[name] = buf.index_select(0, index.to(buf.device))
 
 
 class KVCache:
@@ -127,8 +164,13 @@ class KVCache:
     Args:
         specs: one per layer, name -> per-token shape (see module docstring).
         batch_size: number of sequences; every call must use this batch size.
-        capacity: initial slots per sequence; buffers grow by doubling when exceeded.
+        capacity: initial slots per sequence; buffers grow by doubling when exceeded (dynamic), or
+            the fixed number of slots (static). Clamped to ``max_length``.
         max_length: optional hard limit on tokens per sequence (``max_position_embeddings``).
+        static: fixed capacity, buffers allocated here once, device-only planning of one-token
+            steps (see the module docstring). Needs ``dtype`` and ``device``.
+        dtype, device: of the static buffers (the model's); ignored by a dynamic cache, whose
+            buffers take the dtype and device of the first tensors written.
     """
 
     def __init__(
@@ -137,16 +179,32 @@ class KVCache:
         batch_size: int,
         capacity: int = 256,
         max_length: int | None = None,
+        *,
+        static: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.capacity = max(1, capacity if max_length is None else min(capacity, max_length))
         self.max_length = max_length
+        self.static = static
         self.layers = [LayerCache(spec, self) for spec in specs]
         self.seqlens: torch.Tensor | None = None  # [B] int32, created on first use on the right device
         self.positions: torch.Tensor | None = None  # [B, capacity] long, RoPE position of every slot
         self.num_columns = 0  # input columns consumed per row (padding included)
+        self._slot_index: torch.Tensor | None = None  # [capacity] arange, for static masks
+        if static:
+            if dtype is None or device is None:
+                raise ValueError("a static cache needs the dtype and device of its buffers (the model's)")
+            device = torch.device(device)
+            for layer in self.layers:
+                for name, shape in layer.spec.items():
+                    layer.buffers[name] = torch.zeros((batch_size, self.capacity, *shape), dtype=dtype, device=device)
+            self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+            self.positions = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
+            self._slot_index = torch.arange(self.capacity, device=device)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -159,14 +217,31 @@ class KVCache:
             self.seqlens = torch.zeros(self.batch_size, dtype=torch.int32, device=device)
         return self.seqlens
 
+    def check_room(self, new_columns: int) -> None:
+        """Raise unless a static cache has room for ``new_columns`` more input columns (host check only)."""
+        if self.static and self.num_columns + new_columns > self.capacity:
+            limit = "" if self.max_length is None or self.capacity < self.max_length else \
+                f" (max_position_embeddings={self.max_length})"
+            raise ValueError(
+                f"static cache full: {self.num_columns} input columns held + {new_columns} new exceed its capacity of "
+                f"{self.capacity}{limit}; build the cache with capacity >= prompt width + max_new_tokens"
+            )
+
     def begin(self, valid: torch.Tensor, positions: torch.Tensor | None = None) -> CacheStep:
-        """Plan where ``T`` new tokens go. One host sync per call (lengths); a second one only for
-        calls with padding among the new tokens.
+        """Plan where ``T`` new tokens go.
+
+        Dynamic cache: one host sync per call (lengths); a second one only for calls with padding
+        among the new tokens. Static cache: a one-token call is planned on the device without any
+        sync (:meth:`_begin_static`); longer calls take the dynamic plan within the fixed capacity.
 
         Args:
             valid: ``[B, T]`` bool, False for padding tokens.
             positions: optional ``[B, T]`` explicit RoPE positions; by default a token's position is
                 its slot (the number of valid tokens before it in its sequence).
+
+        Raises:
+            ValueError: a batch size other than the cache's, mis-shaped positions, a sequence beyond
+                ``max_length``, or (static) more input columns than the capacity.
         """
         if valid.dim() != 2 or valid.shape[0] != self.batch_size:
             raise ValueError(
@@ -175,6 +250,9 @@ class KVCache:
             )
         if positions is not None and tuple(positions.shape) != tuple(valid.shape):
             raise ValueError(f"position_ids must have shape {tuple(valid.shape)}, got {tuple(positions.shape)}")
+        self.check_room(valid.shape[1])
+        if self.static and valid.shape[1] == 1:
+            return self._begin_static(valid, positions)
         device = valid.device
         bsz, seq = valid.shape
         before = self.get_seqlens(device).long()
@@ -185,7 +263,7 @@ class KVCache:
         kv_len, uniform, all_valid = stats[0], stats[0] == stats[1], stats[2] == seq
         if self.max_length is not None and kv_len > self.max_length:
             raise ValueError(f"sequence of {kv_len} tokens exceeds max_position_embeddings={self.max_length}")
-        if kv_len > self.capacity:
+        if kv_len > self.capacity:  # never for a static cache (check_room bounds every length)
             self.capacity = max(kv_len, 2 * self.capacity)
             if self.max_length is not None:
                 self.capacity = min(self.capacity, self.max_length)
@@ -195,16 +273,18 @@ class KVCache:
         else:
             b_idx, t_idx = valid.nonzero(as_tuple=True)
             write, src = (b_idx, slots[b_idx, t_idx]), (b_idx, t_idx)
+        seqlens = after.to(torch.int32)
         step = CacheStep(
             slots=slots,
             valid=valid,
-            seqlens=after.to(torch.int32),
+            seqlens=seqlens,
             kv_len=max(kv_len, 1),  # an all-padding first call still reads one (masked) slot
             mask=None,
             positions=(slots if positions is None else positions).long(),
             all_valid=all_valid,
             write_index=write,
             source_index=src,
+            kernel_seqlens=seqlens if all_valid else None,
         )
         if not (all_valid and uniform):  # ragged or padded: an explicit mask
             key_idx = torch.arange(step.kv_len, device=device)
@@ -215,13 +295,40 @@ class KVCache:
         self._store_positions(step)
         return step
 
+    def _begin_static(self, valid: torch.Tensor, positions: torch.Tensor | None) -> CacheStep:
+        """Plan a one-token step of a static cache on the device: fixed shapes, no host sync.
+
+        The token of sequence b goes to slot ``seqlens[b]``, padding or not; a padding token is not
+        counted (``seqlens`` does not advance), so the next token overwrites it. Attention reads all
+        ``capacity`` slots under the mask ``[B, 1, capacity]``: slot j is visible iff
+        ``j < seqlens_after[b]`` (slot 0 also for a padding query, whose output is unused).
+        """
+        before = self.seqlens.long()  # [B]
+        slots = before[:, None]  # [B, 1]; < capacity, since seqlens <= num_columns < capacity
+        after = before + valid[:, 0].long()
+        mask = self._slot_index[None, None, :] < after[:, None, None]  # [B, 1, capacity]
+        mask[..., 0] |= ~valid
+        step = CacheStep(
+            slots=slots,
+            valid=valid,
+            seqlens=after.to(torch.int32),
+            kv_len=self.capacity,
+            mask=mask,
+            positions=(slots if positions is None else positions).long(),
+            all_valid=False,  # not known on the host
+            # a padding token of an empty sequence still reads one (finite) slot: its own
+            kernel_seqlens=after.clamp(min=1).to(torch.int32),
+        )
+        self._store_positions(step)
+        return step
+
     def _store_positions(self, step: CacheStep) -> None:
         if self.positions is None or self.positions.shape[1] < self.capacity:
             new = torch.zeros(self.batch_size, self.capacity, dtype=torch.long, device=step.slots.device)
             if self.positions is not None:
                 new[:, : self.positions.shape[1]] = self.positions
             self.positions = new
-        self.positions[step.write_index] = step.gather(step.positions)
+        step.write(self.positions, step.positions)
 
     def cached_positions(self, kv_len: int) -> torch.Tensor:
         """``[B, kv_len]`` RoPE positions of the cached slots."""
@@ -229,20 +336,39 @@ class KVCache:
 
     def commit(self, step: CacheStep) -> None:
         """Record the new lengths once every layer has written its tokens."""
-        self.seqlens = step.seqlens
+        if self.static:
+            self.seqlens.copy_(step.seqlens)  # in place: the tensor's storage is part of captured graphs
+        else:
+            self.seqlens = step.seqlens
         self.num_columns += step.valid.shape[1]
 
     def select(self, index: torch.Tensor) -> None:
-        """Keep (or reorder, or repeat) sequences: ``index [B']`` into the batch (beam search)."""
+        """Keep (or reorder, or repeat) sequences: ``index [B']`` into the batch (beam search).
+
+        A static cache keeps its batch size and storage: only reordering (``B' == B``) is possible.
+        """
+        if self.static and int(index.numel()) != self.batch_size:
+            raise ValueError(
+                f"a static cache keeps its batch size ({self.batch_size}); cannot select {int(index.numel())} sequences"
+            )
         for layer in self.layers:
             layer.select(index)
-        if self.seqlens is not None:
-            self.seqlens = self.seqlens.index_select(0, index.to(self.seqlens.device))
-        if self.positions is not None:
-            self.positions = self.positions.index_select(0, index.to(self.positions.device))
+        for name in ("seqlens", "positions"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            chosen = value.index_select(0, index.to(value.device))
+            if self.static:
+                value.copy_(chosen)
+            else:
+                setattr(self, name, chosen)
         self.batch_size = int(index.numel())
 
     def reset(self) -> None:
-        self.seqlens = None
-        self.positions = None
+        """Forget every cached token (a static cache keeps its buffers, zeroing the lengths)."""
+        if self.static:
+            self.seqlens.zero_()
+        else:
+            self.seqlens = None
+            self.positions = None
         self.num_columns = 0

@@ -80,6 +80,15 @@ def attend(
     elif mask is None and t_q == 1:
         with sdpa_kernel(_CACHE_BACKENDS):
             out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
+    elif t_q == 1:
+        # One query over a masked cache (static decoding over the whole capacity, padded steps): the
+        # H/G query heads of each K/V group become the query axis of one head, so grouped K/V are
+        # read in place, never expanded, and the mask [B, 1, 1, L] broadcasts over heads and queries.
+        bsz, heads, groups = qh.shape[0], qh.shape[1], kh.shape[1]
+        qg = qh.reshape(bsz, groups, heads // groups, qh.shape[-1])  # query head h = g * (H/G) + j
+        with sdpa_kernel(_CACHE_BACKENDS):
+            out = F.scaled_dot_product_attention(qg, kh, vh, attn_mask=mask[:, None], scale=scale)
+        out = out.reshape(bsz, heads, 1, vh.shape[-1])
     else:
         if mask is None:
             idx = torch.arange(t_k, device=q.device)

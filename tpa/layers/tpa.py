@@ -283,8 +283,10 @@ class TensorProductAttention(Attention):
             return False
         if ctx.decode_impl == "auto" and ctx.cos.device.type != "cuda":
             return False
-        # the kernel reads the plain factor cache; other variants and padded chunks use the reference path
-        return self.order == 2 and self.contextual_a and self.contextual_b and not self.share_kv_b and ctx.step.all_valid
+        # the kernel reads the plain factor cache; other variants and padded chunks (no kernel_seqlens)
+        # use the reference path
+        plain = self.order == 2 and self.contextual_a and self.contextual_b and not self.share_kv_b
+        return plain and ctx.step.kernel_seqlens is not None
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         check_hidden(x, self.hidden_size, type(self).__name__)
@@ -303,7 +305,7 @@ class TensorProductAttention(Attention):
             a_q, b_q = self._query_factors(f)
             buf = ctx.cache.buffer
             backend = "triton" if ctx.decode_impl == "kernel" else "auto"
-            out = tpa_decode(a_q, b_q, buf("a_k"), buf("b_k"), buf("a_v"), buf("b_v"), ctx.step.seqlens,
+            out = tpa_decode(a_q, b_q, buf("a_k"), buf("b_k"), buf("a_v"), buf("b_v"), ctx.step.kernel_seqlens,
                              backend=backend)
         else:
             a_k, b_k, a_v, b_v = self._key_value_factors(kv, bsz, length, ctx)

@@ -3,6 +3,15 @@
 It wraps :class:`tpa.cache.KVCache` (which holds, per layer, only what the attention type needs:
 TPA factors, K/V, or MLA latents) and answers the questions ``generate()`` asks: how many input
 columns were consumed, how to reorder or repeat the batch for beam search.
+
+A static T6Cache (``static=True``: fixed capacity, device-only planning of one-token steps) on CUDA
+also carries a :class:`tpa.models.t6.decode_graph.DecodeGraph` (``cuda_graphs``, on by default
+there): ``T6ForCausalLM.forward`` then runs every one-token step as a replay of a captured CUDA
+graph. ``generate(..., cache_implementation="static")`` builds such a cache.
+
+``is_compileable`` stays False on purpose: transformers' ``generate`` would otherwise wrap the
+forward in ``torch.compile(mode="reduce-overhead")``; the graph capture replaces that (see
+:mod:`tpa.models.t6.decode_graph` for why).
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from tpa.cache import KVCache, LayerCache
+from tpa.models.t6.decode_graph import DecodeGraph
 
 
 class T6CacheLayer(CacheLayerMixin):
@@ -35,7 +45,10 @@ class T6CacheLayer(CacheLayerMixin):
         return self.layer.owner.num_columns
 
     def get_max_length(self) -> int:
-        return -1 if self.layer.owner.max_length is None else self.layer.owner.max_length
+        owner = self.layer.owner
+        if owner.static:
+            return owner.capacity
+        return -1 if owner.max_length is None else owner.max_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.layer.owner.num_columns + query_length, 0
@@ -45,7 +58,8 @@ class T6CacheLayer(CacheLayerMixin):
         return self.layer.owner.batch_size
 
     def reset(self) -> None:
-        self.layer.buffers.clear()
+        if not self.layer.owner.static:  # static buffers stay: captured graphs read their storage
+            self.layer.buffers.clear()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:  # done once for all layers by T6Cache
         return None
@@ -57,19 +71,48 @@ class T6Cache(Cache):
     Args:
         specs: per-layer cache specs (``layer.cache_spec()``).
         batch_size: sequences in the batch.
-        capacity: initial slots per sequence (grows by doubling).
+        capacity: initial slots per sequence (dynamic: grows by doubling; static: fixed, counted in
+            input columns, padding included).
         max_length: ``max_position_embeddings``.
+        static: fixed-capacity, graph-safe decoding (see :class:`tpa.cache.KVCache`); needs ``dtype``
+            and ``device``.
+        dtype, device: of a static cache's buffers.
+        cuda_graphs: replay one-token steps from a captured CUDA graph. ``None`` (default): on for a
+            static cache on CUDA, off otherwise. ``True`` needs ``static`` and a CUDA device.
     """
 
-    def __init__(self, specs, batch_size: int, capacity: int = 256, max_length: int | None = None):
-        self.kv = KVCache(specs, batch_size=batch_size, capacity=capacity, max_length=max_length)
+    def __init__(self, specs, batch_size: int, capacity: int = 256, max_length: int | None = None, *,
+                 static: bool = False, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 cuda_graphs: bool | None = None):
+        self.kv = KVCache(specs, batch_size=batch_size, capacity=capacity, max_length=max_length, static=static,
+                          dtype=dtype, device=device)
         super().__init__(layers=[T6CacheLayer(layer) for layer in self.kv.layers])
+        on_cuda = static and torch.device(device).type == "cuda"
+        if cuda_graphs and not static:
+            raise ValueError("cuda_graphs needs a static cache (static=True): a graph replays fixed shapes")
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs needs a CUDA device, the cache is on {device}")
+        use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self.decode_graph: DecodeGraph | None = DecodeGraph(self) if use_graphs else None
 
     @classmethod
-    def for_model(cls, model, batch_size: int, capacity: int = 256) -> "T6Cache":
+    def for_model(cls, model, batch_size: int, capacity: int = 256, *, static: bool = False,
+                  cuda_graphs: bool | None = None) -> "T6Cache":
+        """A cache shaped for ``model`` (T6ForCausalLM or T6Model); a static one takes the model's
+        dtype and device."""
         base = getattr(model, "model", model)  # T6ForCausalLM or T6Model
         specs = [block.self_attn.cache_spec() for block in base.layers]
-        return cls(specs, batch_size, capacity=capacity, max_length=model.config.max_position_embeddings)
+        extra = dict(static=True, dtype=model.dtype, device=model.device, cuda_graphs=cuda_graphs) if static else \
+            dict(cuda_graphs=cuda_graphs)
+        return cls(specs, batch_size, capacity=capacity, max_length=model.config.max_position_embeddings, **extra)
+
+    @property
+    def static(self) -> bool:
+        return self.kv.static
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.capacity
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.kv.num_columns

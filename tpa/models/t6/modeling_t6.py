@@ -165,10 +165,12 @@ class T6Model(T6PreTrainedModel):
     ) -> BaseModelOutputWithPast:
         bsz, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        # the range check syncs with the device: skip it in compiled graphs and in CUDA training steps
-        check_ids = input_ids is not None and not torch.compiler.is_compiling() and (
-            input_ids.device.type == "cpu" or not self.training
-        )
+        # a one-token step of a static cache runs without host syncs (it may be captured in a CUDA graph)
+        static_step = isinstance(past_key_values, T6Cache) and past_key_values.static and seq == 1
+        # the range checks sync with the device: skip them in compiled graphs, in CUDA training steps and in
+        # static steps (an out-of-range id then fails in the embedding lookup)
+        sync_free = torch.compiler.is_compiling() or static_step
+        check_ids = input_ids is not None and not sync_free and (input_ids.device.type == "cpu" or not self.training)
         if check_ids and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got values outside")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -207,7 +209,7 @@ class T6Model(T6PreTrainedModel):
                 mask = mask | torch.eye(seq, dtype=torch.bool, device=device)[None]
             if position_ids is not None:
                 positions = position_ids
-        if position_ids is not None and int(position_ids.max()) >= max_pos:
+        if position_ids is not None and not sync_free and int(position_ids.max()) >= max_pos:
             raise ValueError(f"position ids reach {int(position_ids.max())}, beyond max_position_embeddings={max_pos}")
         cos, sin = self.rotary(positions)
         for block, layer_cache in zip(self.layers, layer_caches):
@@ -228,6 +230,11 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
     ``forward(input_ids [B, T], attention_mask=None [B, past+T], position_ids=None [B, T],
     past_key_values=None, use_cache=False, labels=None [B, T])`` returns logits ``[B, T, V]``,
     the mean next-token loss when labels are given (shifted inside; -100 ignored) and the cache.
+
+    With a static :class:`T6Cache` on CUDA (``generate(..., cache_implementation="static")`` or
+    ``T6Cache.for_model(model, B, capacity, static=True)``), a one-token call without gradients is
+    the replay of a captured CUDA graph of the step (:mod:`tpa.models.t6.decode_graph`); its results
+    are the eager static step's.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -264,6 +271,14 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         use_cache = False if use_cache is None and past_key_values is None else use_cache
+        graph = getattr(past_key_values, "decode_graph", None)
+        if (graph is not None and input_ids is not None and inputs_embeds is None and input_ids.dim() == 2
+                and input_ids.shape[1] == 1 and labels is None and not torch.is_grad_enabled()
+                and isinstance(logits_to_keep, int) and logits_to_keep in (0, 1)
+                and not (graph.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+            # a one-token step over a static cache on CUDA: replay the captured step (tpa.models.t6.decode_graph)
+            logits = graph.step(self, input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -299,8 +314,21 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
-        """``generate()`` gets a preallocated :class:`T6Cache` instead of transformers' DynamicCache."""
+        """``generate()`` gets a preallocated :class:`T6Cache` instead of transformers' caches.
+
+        ``cache_implementation=None`` or ``"dynamic"``: a dynamic T6Cache. ``"static"``: a static one
+        of capacity ``max(prompt width + max_new_tokens - 1, generation_config.max_cache_len)``, whose
+        decode steps replay a captured CUDA graph on CUDA (:mod:`tpa.models.t6.decode_graph`).
+        """
         if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
             return
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"T6 generates with its own T6Cache: cache_implementation may be 'dynamic' or 'static', "
+                             f"got {implementation!r}")
+        static = implementation == "static"
+        if static and generation_config.max_cache_len is not None:
+            max_cache_length = max(max_cache_length, generation_config.max_cache_len)
         beams = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
-        model_kwargs["past_key_values"] = T6Cache.for_model(self, batch_size * beams, capacity=max_cache_length)
+        model_kwargs["past_key_values"] = T6Cache.for_model(self, batch_size * beams, capacity=max_cache_length,
+                                                            static=static)
