@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -20,13 +21,18 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights dtype (auto: bfloat16 on GPUs that have it, else float32)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps as CUDA-graph replays over a static cache (T6 models; default: on with CUDA)")
     p.set_defaults(func=_run)
 
 
 def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int = 50, top_p: float = 1.0, greedy: bool = False, seed: int = 0, device: str = "auto",
-                  dtype: str = "auto", stream: bool = True) -> str:
-    """Generate a continuation of ``prompt``; print it as it comes when ``stream``; return the new text."""
+                  dtype: str = "auto", stream: bool = True, cuda_graphs: bool | None = None) -> str:
+    """Generate a continuation of ``prompt``; print it as it comes when ``stream``; return the new text.
+
+    ``cuda_graphs``: for T6 models, decode with a static cache whose one-token steps replay a
+    captured CUDA graph (``generate(cache_implementation="static")``); ``None``: on with CUDA."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
@@ -40,8 +46,14 @@ def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if cuda_graphs and not device.startswith("cuda"):
+        raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    is_t6 = getattr(model.config, "model_type", None) == "t6"
+    if cuda_graphs and not is_t6:
+        raise ValueError(f"--cuda-graphs is implemented for T6 models, not {model.config.model_type!r}")
+    graphs = is_t6 and device.startswith("cuda") if cuda_graphs is None else cuda_graphs
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is not None and (ids.numel() == 0 or ids[0, 0].item() != bos):
@@ -57,6 +69,8 @@ def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
                                                        top_k=top_k if top_k > 0 else None, top_p=top_p)
+    if graphs:
+        kwargs["cache_implementation"] = "static"  # T6Cache(static=True): CUDA-graph decode steps
     if stream and prompt:
         print(prompt, end="", flush=True)
     with torch.no_grad():
@@ -69,7 +83,7 @@ def _run(args) -> int:
     try:
         generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed, device=args.device,
-                      dtype=args.dtype)
+                      dtype=args.dtype, cuda_graphs=args.cuda_graphs)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -51,6 +51,8 @@ def test_bench_generate_tiny(tmp_path, capsys):
     assert rc == 0
     record = json.loads((out / "generate.json").read_text())
     rows = record["rows"]
+    assert record["decode_mode"] == "eager" and {r["decode_mode"] for r in rows} == {"eager"}  # no graphs on CPU
+    assert "decode eager" in (out / "generate.md").read_text()
     assert len(rows) == 4 * 2 * 2
     params = {r["attention_type"]: r["parameters"] for r in rows}
     assert max(params.values()) / min(params.values()) < 1.05  # matched parameter counts
@@ -73,6 +75,8 @@ def test_bench_generate_time_budget_and_errors(tmp_path, capsys):
     assert "unknown preset 'nano'" in capsys.readouterr().err
     assert main(["bench", "generate", "--preset", "tiny", "--contexts", "4Q", "--output", str(out)]) == 2
     assert "context length" in capsys.readouterr().err
+    assert main(["bench", "generate", "--preset", "tiny", "--device", "cpu", "--cuda-graphs", "--output", str(out)]) == 2
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
 
 
 def test_chunked_prefill_then_generate_equals_plain_generate():

@@ -233,6 +233,8 @@ def test_generate_streams_and_matches_a_plain_greedy_loop(reference_run, capsys)
     assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "0"]) == 1
     assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "40"]) == 1  # past seq_len 32
     assert "max_position_embeddings" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--device", "cpu", "--cuda-graphs"]) == 1
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
 
 
 def test_export_on_request_and_activation_checkpointing(data_dir, tmp_path):

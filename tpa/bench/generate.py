@@ -10,6 +10,12 @@ depend on them). For every batch size and context length it:
 3. calls ``model.generate`` on the whole prompt with that cache, greedy, for exactly
    ``--new-tokens`` tokens (the last prompt token is processed inside ``generate``).
 
+On CUDA the decode steps replay a captured CUDA graph by default (``--cuda-graphs``; a static
+:class:`tpa.T6Cache` of capacity ``context + --new-tokens``, see :mod:`tpa.models.t6.decode_graph`);
+``--no-cuda-graphs`` decodes eagerly with a dynamic cache. The warm-up generation below uses the
+point's own cache, so the graph is captured there and the timed run only replays it; the capture
+time is reported per point (``graph_capture_s``). The mode used is recorded (``decode_mode``).
+
 It reports prefill tokens/s (prompt tokens over step 2's time), decode tokens/s (generated tokens
 over step 3's time), end-to-end tokens/s (generated tokens over the whole time, prefill included),
 the bytes the cache tensors hold, and on a GPU the peak of the CUDA allocator. Points whose weights
@@ -37,7 +43,7 @@ from tpa.eval.report import UsageError
 
 FIELDS = ["attention_type", "parameters", "heads", "batch", "context", "new_tokens", "status", "prefill_s", "decode_s",
           "prefill_tokens_per_s", "decode_tokens_per_s", "end_to_end_tokens_per_s", "kv_cache_bytes",
-          "predicted_kv_cache_bytes", "peak_memory_bytes", "prefill_chunk"]
+          "predicted_kv_cache_bytes", "peak_memory_bytes", "prefill_chunk", "decode_mode", "graph_capture_s"]
 
 
 def register(subparsers) -> None:
@@ -53,6 +59,8 @@ def register(subparsers) -> None:
     p.add_argument("--decode-impl", default="auto", choices=["auto", "kernel", "reference"],
                    help="TPA decoding: FlashTPA kernel on CUDA (auto), always the kernel, or the reference path")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps as CUDA-graph replays over a static cache (default: on with CUDA, off on CPU)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="skip points whose batch x context exceeds this (bounds the prefill time)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later points are skipped")
@@ -100,11 +108,13 @@ def _free(device) -> None:
 
 
 def generate_point(model, *, batch: int, context: int, new_tokens: int, chunk: int, device,
-                   capacity: int | None = None) -> dict:
+                   capacity: int | None = None, cache=None) -> dict:
     """Time one (batch, context) point as described in the module docstring.
 
-    ``capacity`` sizes the cache (default ``context + new_tokens``); a warm-up passes the capacity of
-    the point it prepares, since the decode kernel's launch configuration depends on it."""
+    ``capacity`` sizes a new dynamic cache (default ``context + new_tokens``); a warm-up passes the
+    capacity of the point it prepares, since the decode kernel's launch configuration depends on it.
+    ``cache``: use (after ``reset()``) this :class:`tpa.T6Cache` instead, e.g. a static one whose
+    CUDA graph a warm-up call has captured."""
     import torch
 
     from tpa import T6Cache
@@ -116,7 +126,10 @@ def generate_point(model, *, batch: int, context: int, new_tokens: int, chunk: i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    cache = T6Cache.for_model(model, batch, capacity=capacity or context + new_tokens)
+    if cache is None:
+        cache = T6Cache.for_model(model, batch, capacity=capacity or context + new_tokens)
+    else:
+        cache.reset()
     with torch.no_grad():
         for piece in ids[:, :-1].split(chunk, dim=1):
             model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -155,7 +168,7 @@ def run(args) -> dict:
     measured), return the JSON record."""
     import torch
 
-    from tpa import T6Config
+    from tpa import T6Cache, T6Config
     from tpa.bench.memory import model_parameters
     from tpa.eval.report import (fmt_bytes, parse_ints, parse_list, print_written, resolve_device, resolve_dtype,
                                  run_metadata)
@@ -174,6 +187,10 @@ def run(args) -> dict:
         raise UsageError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    graphs = device.type == "cuda" if args.cuda_graphs is None else args.cuda_graphs
+    if graphs and device.type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA device, got {device}")
+    decode_mode = "cuda-graphs" if graphs else "eager"
     capacity = _device_memory(device)
     max_len = max(contexts) + args.new_tokens
     start = time.perf_counter()
@@ -183,7 +200,8 @@ def run(args) -> dict:
     info = run_metadata(device)
     record = {"preset": args.preset, "dtype": str(dtype).replace("torch.", ""), "types": types, "contexts": contexts,
               "batch_sizes": batches, "new_tokens": args.new_tokens, "prefill_chunk": args.prefill_chunk,
-              "max_prompt_tokens": args.max_prompt_tokens, "decode_impl": args.decode_impl, "complete": False,
+              "max_prompt_tokens": args.max_prompt_tokens, "decode_impl": args.decode_impl,
+              "decode_mode": decode_mode, "complete": False,
               "rows": [], "seconds": None, "run": info}
     out = Path(args.output)
     results: dict[tuple[str, int, int], dict] = {}
@@ -196,7 +214,7 @@ def run(args) -> dict:
                 per_token = cfg.kv_cache_elements_per_token() * cfg.num_hidden_layers * dtype.itemsize
                 base = {"attention_type": t, "parameters": params[t], "heads": cfg.num_attention_heads, "batch": b,
                         "context": c, "new_tokens": args.new_tokens, "prefill_chunk": args.prefill_chunk,
-                        "predicted_kv_cache_bytes": per_token * b * (c + args.new_tokens)}
+                        "predicted_kv_cache_bytes": per_token * b * (c + args.new_tokens), "decode_mode": decode_mode}
                 status = None
                 if capacity is not None and params[t] * dtype.itemsize + base["predicted_kv_cache_bytes"] > capacity:
                     status = "does not fit"
@@ -209,13 +227,18 @@ def run(args) -> dict:
                 if status is not None:
                     results[(t, b, c)] = {**base, "status": status}
                     continue
-                model = None
+                model = cache = None
                 try:
                     model = _build(cfg, device, dtype)
+                    # one cache for the warm-up and the timed run: a static one keeps its captured graph
+                    cache = T6Cache.for_model(model, b, capacity=c + args.new_tokens, static=graphs,
+                                              cuda_graphs=graphs)
                     generate_point(model, batch=b, context=min(c, 64), new_tokens=2, chunk=args.prefill_chunk,
-                                   device=device, capacity=c + args.new_tokens)  # warm-up: kernels, allocator
+                                   device=device, cache=cache)  # warm-up: kernels, allocator, graph capture
                     timing = generate_point(model, batch=b, context=c, new_tokens=args.new_tokens,
-                                            chunk=args.prefill_chunk, device=device)
+                                            chunk=args.prefill_chunk, device=device, cache=cache)
+                    if cache.decode_graph is not None:
+                        timing["graph_capture_s"] = cache.decode_graph.capture_seconds
                     results[(t, b, c)] = {**base, "status": "ok", **timing}
                     print(f"{t} batch {b} context {c}: prefill {timing['prefill_tokens_per_s'] or 0:,.0f} tok/s, "
                           f"decode {timing['decode_tokens_per_s']:,.1f} tok/s, end-to-end "
@@ -230,7 +253,7 @@ def run(args) -> dict:
                     results[(t, b, c)] = {**base, "status": f"error: {type(err).__name__}: {err}",
                                           "traceback": traceback.format_exc()}
                     print(f"{t} batch {b} context {c}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-                del model
+                del model, cache
                 _free(device)
                 record["rows"] = [results[k] for k in sorted(results, key=_order(types))]
                 _write(record, out, final=False)
@@ -268,7 +291,8 @@ def _write(record: dict, out: Path, *, final: bool):
           fmt_bytes(r.get("peak_memory_bytes")), r["status"].split("\n")[0][:80]] for r in rows],
         align="lrrrrrrrrl")
     text = (f"Generation benchmark: preset {record['preset']}, {record['dtype']}, {record['new_tokens']} new tokens, "
-            f"greedy, prefill chunk {record['prefill_chunk']}, decode_impl {record['decode_impl']}; "
+            f"greedy, prefill chunk {record['prefill_chunk']}, decode_impl {record['decode_impl']}, "
+            f"decode {record.get('decode_mode', 'eager')}; "
             f"{info['device_name']}, {info['date']}" + ("" if final else " (incomplete)") + ".\n\n" + table)
     paths = [atomic_write_json(out / "generate.json", record), atomic_write_csv(out / "generate.csv", rows, FIELDS),
              atomic_write_text(out / "generate.md", text)]
