@@ -105,11 +105,14 @@ def _tpa_decode_split_kernel(
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, OFFS_64: tl.constexpr,
+    EARLY_LAUNCH: tl.constexpr,
 ):
     """One (split, head/query tile, sequence). Rows of every tile are (query, head) pairs:
     row = n_local * BLOCK_H + h_local. For a contiguous cache the ``*_b`` strides step over
     sequences and ``*_m`` over tokens; for a paged cache ``*_b`` steps over physical blocks and
     ``*_m`` over tokens within a block."""
+    if EARLY_LAUNCH:  # let the merge kernel (launched with PDL) start now; it waits for our results
+        tl.extra.cuda.gdc_launch_dependents()
     pid_s = tl.program_id(0)
     pid_hq = tl.program_id(1)
     b = tl.program_id(2)
@@ -356,6 +359,9 @@ def _next_pow2(x: int) -> int:
 # Programmatic dependent launch of the merge kernel (Hopper and later): it starts while the split
 # kernel finishes and waits on-device for its results. A switch for A/B measurements.
 _USE_PDL = True
+# With PDL and a split grid that fits on the SMs at once, the split kernel triggers the merge
+# kernel's launch as it starts, instead of as its programs finish.
+_EARLY_LAUNCH = True
 
 
 @functools.lru_cache(maxsize=16)
@@ -508,6 +514,7 @@ def tpa_decode_triton(
     block_h, block_n = cfg.block_h, cfg.block_n
     block_e = max(16, _next_pow2(e))
     grid = (num_splits, math.ceil(h / block_h) * math.ceil(n / block_n), bsz)
+    pdl = num_splits > 1 and _USE_PDL and not interpret and _pdl_supported(device)
     split_kernel[grid](
         a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, bt,
         out, lse_arg, o_part, lse_part,
@@ -524,11 +531,11 @@ def tpa_decode_triton(
         # equals a tensor-core dot with float32 accumulation up to summation order.
         WRITE_LSE=return_lse, IEEE_DOT=interpret or b_k_cache.dtype == torch.float32, FIX_BF16=fix_bf16,
         OFFS_64=(not paged) and capacity * max(abs(c.stride(1)) for c in caches) >= 2**31,
+        EARLY_LAUNCH=pdl and _EARLY_LAUNCH and grid[0] * grid[1] * grid[2] <= num_sms,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
         block_s = _next_pow2(num_splits)
-        pdl = _USE_PDL and not interpret and _pdl_supported(device)
         merge_kernel[(bsz * n * h,)](
             o_part, lse_part, out, lse_arg, num_splits, 1.0 / r_v,
             E=e, BLOCK_S=block_s, CHUNK_S=max(1, min(block_s, 4096 // block_e)), BLOCK_E=block_e,
