@@ -25,18 +25,19 @@ __all__ = [
 ]
 
 
-def materialize(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def materialize(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Form Q (or K, V) from its factors: ``(1/R) A^T B`` per token.
 
     Args:
         a: ``[B, T, R, H]`` head factors.
         b: ``[B, T, R, D]`` feature factors.
+        scale: multiplies the sum over ranks instead of the default ``1/R``.
 
     Returns:
         ``[B, T, H, D]``.
     """
-    rank = a.shape[-2]
-    return torch.einsum("btrh,btrd->bthd", a, b) / rank
+    out = torch.einsum("btrh,btrd->bthd", a, b)
+    return out / a.shape[-2] if scale is None else out * scale
 
 
 def tpa_attention_factors(
