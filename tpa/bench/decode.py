@@ -487,13 +487,18 @@ def main(args) -> int:
                         us = timer.time(fn, reps=args.reps)
                         cfg = decode_mod.default_config(bsz, 1, h, d, d, length, props.multi_processor_count, elt,
                                                         None, ranks[1], ranks[2])
-                        key = (d_model, bsz, ranks)
+                        # anomaly: slower than 2.5x the previous TPA point of this batch (any ranks) scaled by bytes
+                        key = (d_model, bsz)
                         retimed = ""
-                        if key in last_us and us > 2.5 * last_us[key]:  # slower than twice the bytes can explain
-                            retimed = [round(timer.time(fn, reps=args.reps), 1) for _ in range(2)]
-                            log(f"  anomaly: TPA{ranks} B={bsz} L={length} took {us:.1f} us, {last_us[key]:.1f} us at "
-                                f"half the length; timed again: {retimed}; kernels: {kernel_times(torch, fn)}")
-                        last_us[key] = us
+                        if key in last_us:
+                            prev_us, prev_bytes = last_us[key]
+                            expected = prev_us * max(1.0, nbytes / prev_bytes)
+                            if us > 2.5 * expected:
+                                retimed = [round(timer.time(fn, reps=args.reps), 1) for _ in range(2)]
+                                log(f"  anomaly: TPA{ranks} B={bsz} L={length} took {us:.1f} us, expected about "
+                                    f"{expected:.1f} us from the previous point; timed again: {retimed}; kernels: "
+                                    f"{kernel_times(torch, fn)}")
+                        last_us[key] = (us, nbytes)
                         record(method="tpa", ranks=",".join(map(str, ranks)), kv_heads="", batch=bsz, d_model=d_model,
                                heads=h, length=length, us=us, bytes=nbytes, backend="triton", splits=cfg.num_splits,
                                retimed_us=retimed)
