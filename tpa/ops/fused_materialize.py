@@ -360,6 +360,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+@functools.lru_cache(maxsize=256)
 def _scale_parts(scale: float) -> tuple[float, float]:
     """``scale`` as float32 high part + float32 low part (Triton passes Python floats as float32)."""
     hi = struct.unpack("f", struct.pack("f", scale))[0]
@@ -368,8 +369,6 @@ def _scale_parts(scale: float) -> tuple[float, float]:
 
 def _launch_args(ref: torch.Tensor, config: MaterializeConfig, rank: int, dim: int) -> dict:
     """Constexpr launch arguments shared by both kernels."""
-    import triton.language as language
-
     interpret = ref.device.type != "cuda"
     if interpret and not _interpreter_active():
         raise RuntimeError(
@@ -378,12 +377,21 @@ def _launch_args(ref: torch.Tensor, config: MaterializeConfig, rank: int, dim: i
         )
     if config.dot and ref.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"tpa_materialize: MaterializeConfig(dot=True) needs float16/bfloat16 inputs, got {ref.dtype}")
+    return _constexprs(config, rank, dim, ref.dtype, interpret)
+
+
+@functools.lru_cache(maxsize=256)
+def _constexprs(config: MaterializeConfig, rank: int, dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """The launch's constexpr arguments, computed once per (config, rank, dim, dtype, device kind): the
+    op runs once per Q, K and V in every layer, so its host path stays short."""
+    import triton.language as language
+
     return dict(
         R=rank, R_PAD=max(16, _next_pow2(rank)) if config.dot else _next_pow2(rank),
         BLOCK_T=config.block_t, BLOCK_H=config.block_h, BLOCK_D=_block_d(dim, config.dot),
         DOT=config.dot, IEEE=interpret,  # the interpreter's 16-bit dot is unreliable: float32 operands there
-        ACC=language.float64 if ref.dtype == torch.float64 else language.float32,
-        FIX_BF16=interpret and ref.dtype == torch.bfloat16,
+        ACC=language.float64 if dtype == torch.float64 else language.float32,
+        FIX_BF16=interpret and dtype == torch.bfloat16,
         num_warps=config.num_warps,
     )
 
@@ -454,6 +462,11 @@ def materialize_bwd_triton(
 
 
 def _split_config(config: list[int]) -> tuple[MaterializeConfig, MaterializeConfig]:
+    return _split_config_cached(tuple(config))
+
+
+@functools.lru_cache(maxsize=256)
+def _split_config_cached(config: tuple[int, ...]) -> tuple[MaterializeConfig, MaterializeConfig]:
     f, b = config[:4], config[4:8]
     return MaterializeConfig(*f[:3], bool(f[3])), MaterializeConfig(*b[:3], bool(b[3]))
 
