@@ -40,7 +40,6 @@ def test_precedence_preset_yaml_cli(tmp_path):
     ({"compile": "maybe"}, "compile: cannot read"),
     ({"attention_type": "linear"}, "attention_type must be one of"),
     ({"parallel": "zero3"}, "parallel must be one of"),
-    ({"compile_mode": "fastest"}, "compile_mode must be one of"),
     ({"min_lr": 1.0}, "min_lr <= lr"),
     ({"preset": "huge"}, "unknown preset 'huge'"),
     ({"halt_at_step": 0}, "halt_at_step must be in"),

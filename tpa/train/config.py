@@ -23,7 +23,6 @@ from pathlib import Path
 ATTENTION_TYPES = ("tpa", "tpa_kvonly", "mha", "gqa", "mqa", "mla")
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def _f(default, help: str, **kw):
@@ -75,8 +74,6 @@ class TrainConfig:
     precision: str = _f("auto", "bf16 (autocast / FSDP2 mixed precision), fp32, or auto: bf16 on GPUs that have it")
     parallel: str = _f("auto", "none, ddp, fsdp (FSDP2 fully_shard), or auto: ddp under torchrun, else none")
     compile: bool = _f(False, "torch.compile each transformer block")
-    compile_mode: str = _f("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs of "
-                                      "each block, fewer host launches) or max-autotune-no-cudagraphs")
     activation_checkpointing: bool = _f(False, "recompute each transformer block in the backward pass")
     seed: int = _f(0, "seed of the model initialisation")
     profile_steps: int = _f(0, "profile this many steps from step 10 with torch.profiler into RUN_DIR/profile.txt and a trace")
@@ -87,8 +84,6 @@ class TrainConfig:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("seq_len", "global_batch_size", "micro_batch_size", "max_steps", "eval_every", "log_every",

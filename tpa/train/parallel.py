@@ -81,7 +81,7 @@ def _checkpointed_forward(module: torch.nn.Module):
 
 
 def parallelize(model: torch.nn.Module, *, parallel: str, world: Dist, bf16: bool, compile: bool,
-                activation_checkpointing: bool, compile_mode: str = "default") -> torch.nn.Module:
+                activation_checkpointing: bool) -> torch.nn.Module:
     """Apply activation checkpointing, compile and DDP/FSDP2 to a T6 model already on its device.
 
     Returns the module to call for training (the DDP wrapper for DDP, the model itself otherwise).
@@ -92,7 +92,7 @@ def parallelize(model: torch.nn.Module, *, parallel: str, world: Dist, bf16: boo
             layer.forward = _checkpointed_forward(layer)
     if compile:
         for layer in layers:
-            layer.compile(mode=None if compile_mode == "default" else compile_mode)
+            layer.compile()
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -159,8 +159,7 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                                        and torch.cuda.is_bf16_supported())
     mode = resolve_parallel(cfg.parallel, world)
     train_model = parallelize(model, parallel=mode, world=world, bf16=bf16, compile=cfg.compile,
-                              activation_checkpointing=cfg.activation_checkpointing, compile_mode=cfg.compile_mode)
-    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
+                              activation_checkpointing=cfg.activation_checkpointing)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 and mode != "fsdp" \
         else contextlib.nullcontext
     loss_fn = torch.compile(lm_loss) if cfg.compile else lm_loss
@@ -265,8 +264,6 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                 rows = rows.to(device, non_blocking=True)
                 loss_sum = torch.zeros((), device=device)
                 for k, micro in enumerate(rows.split(cfg.micro_batch_size)):
-                    if graphs:  # a new forward/backward: CUDA-graph trees may reuse the last one's buffers
-                        torch.compiler.cudagraph_mark_step_begin()
                     last = k == accum - 1
                     sync = contextlib.nullcontext()
                     if mode == "ddp" and not last:
