@@ -22,7 +22,8 @@ the host from shapes only (batch, heads, queries, cache capacity, SM count), so 
 captured in a CUDA graph and replayed at any length up to the capacity. The capacity itself (and
 the strides derived from it) is a shape: changing the cache buffer size may compile a new variant.
 
-Triton is imported lazily (first call of the Triton path), so ``import tpa`` never imports it.
+The kernels are wrapped with ``triton.jit`` on the first call of the Triton path (``_kernels``); note
+that ``import tpa`` may import triton anyway (through ``torch._dynamo``, which the custom ops pull in).
 Inputs on the CPU with ``backend="triton"`` run the same kernels through Triton's interpreter, which
 needs ``TRITON_INTERPRET=1`` in the environment before triton is first imported (Triton decides at
 import time whether its own library functions are interpreted): that is how the tests exercise the
