@@ -37,7 +37,7 @@ except ImportError:
 def _kernels_runnable() -> bool:
     if not HAVE_TRITON:
         return False
-    return DEVICE == "cuda" or materialize_mod._interpreter_active()
+    return DEVICE == "cuda" or materialize_mod.triton_interpreter_active()
 
 
 KERNELS_RUNNABLE = _kernels_runnable()

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tpa.ops.decode import _next_pow2, triton_interpreter_active
 from tpa.ops.naive import materialize as materialize_reference
 
 __all__ = ["MaterializeConfig", "default_configs", "materialize_bwd_triton", "materialize_fwd_triton", "tpa_materialize"]
@@ -249,16 +250,6 @@ def _kernels():
     return fwd, bwd
 
 
-def _interpreter_active() -> bool:
-    import triton.language as language
-
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(language.zeros, InterpretedFunction)
-
-
 # --------------------------------------------------------------------------------------------
 # Launch parameters (from H, D and the rank only).
 # --------------------------------------------------------------------------------------------
@@ -291,10 +282,6 @@ class MaterializeConfig:
 
     def as_list(self) -> list[int]:
         return [self.block_t, self.block_h, self.num_warps, int(self.dot)]
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 def _block_d(feature_dim: int, dot: bool) -> int:
@@ -370,7 +357,7 @@ def _scale_parts(scale: float) -> tuple[float, float]:
 def _launch_args(ref: torch.Tensor, config: MaterializeConfig, rank: int, dim: int) -> dict:
     """Constexpr launch arguments shared by both kernels."""
     interpret = ref.device.type != "cuda"
-    if interpret and not _interpreter_active():
+    if interpret and not triton_interpreter_active():
         raise RuntimeError(
             "tpa_materialize: the Triton kernel on CPU tensors needs Triton's interpreter; set "
             "TRITON_INTERPRET=1 in the environment before triton is first imported"
