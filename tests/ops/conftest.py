@@ -2,10 +2,11 @@
 through Triton's interpreter.
 
 Triton decides at import time whether its own library functions are interpreted, so
-``TRITON_INTERPRET=1`` must be set before triton is first imported. tpa never imports triton at
-package import, so this conftest is early enough unless a test module collected before this
-directory imported triton itself; test_decode.py detects that case and reruns its kernel tests in a
-fresh process. On a machine with CUDA the variable is left alone (the kernels run compiled).
+``TRITON_INTERPRET=1`` must be set before triton is first imported (``import tpa`` may import it,
+through torch._dynamo). The root ``tests/conftest.py`` sets it before anything imports tpa; this
+conftest covers running this directory alone. When triton was imported earlier all the same, the
+kernel test modules detect it and rerun their kernel tests in a fresh process
+(``tests/ops/kernels.py``). On a machine with CUDA the variable is left alone (the kernels run compiled).
 """
 
 import os

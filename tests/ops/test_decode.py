@@ -11,39 +11,17 @@ absolute floor. Output buffers are poisoned with NaN before the kernels run.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
 import torch
 
+from tests.ops.kernels import DEVICE, KERNELS_RUNNABLE, rerun_with_interpreter
 from tpa.ops import tpa_decode, tpa_decode_reference
 from tpa.ops import decode as decode_mod
 from tpa.ops.decode import DecodeConfig, check_cache_seqlens, default_config
 from tpa.ops.naive import gather_paged
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _kernels_runnable() -> bool:
-    if DEVICE == "cuda":
-        return True
-    try:
-        return decode_mod.triton_interpreter_active()
-    except ImportError:
-        return False
-
-
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-
-KERNELS_RUNNABLE = HAVE_TRITON and _kernels_runnable()
 needs_kernel = pytest.mark.skipif(
     not KERNELS_RUNNABLE,
     reason="triton was imported before TRITON_INTERPRET=1 could be set; test_kernels_in_fresh_process runs these",
@@ -230,14 +208,7 @@ def test_split_count_does_not_change_the_result():
 def test_kernels_in_fresh_process():
     """When triton was imported (by another test module) before TRITON_INTERPRET=1 could be set,
     the kernel tests above are skipped here and run in a fresh interpreter process instead."""
-    if KERNELS_RUNNABLE or not HAVE_TRITON:
-        pytest.skip("kernel tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel or split"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_with_interpreter(__file__, "kernel or split")
 
 
 # ----------------------------------------------------------------------------------------------

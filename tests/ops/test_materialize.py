@@ -12,35 +12,16 @@ poisoned with NaN before the kernels write them.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
 import torch
 
+from tests.ops.kernels import DEVICE, KERNELS_RUNNABLE, rerun_with_interpreter
 from tpa.ops import fused_materialize as materialize_mod
 from tpa.ops.fused_materialize import MaterializeConfig, default_configs, tpa_materialize
 from tpa.ops.naive import materialize as materialize_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-
-
-def _kernels_runnable() -> bool:
-    if not HAVE_TRITON:
-        return False
-    return DEVICE == "cuda" or materialize_mod.triton_interpreter_active()
-
-
-KERNELS_RUNNABLE = _kernels_runnable()
 needs_kernel = pytest.mark.skipif(
     not KERNELS_RUNNABLE,
     reason="no triton, or triton imported before TRITON_INTERPRET=1 (test_kernels_in_fresh_process runs these)",
@@ -257,14 +238,7 @@ def test_layer_with_the_kernel_matches_reference(monkeypatch):
 def test_kernels_in_fresh_process():
     """When triton was imported (by another test module) before TRITON_INTERPRET=1 could be set,
     the kernel tests above are skipped here and run in a fresh interpreter process instead."""
-    if KERNELS_RUNNABLE or not HAVE_TRITON:
-        pytest.skip("kernel tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not fresh_process"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_with_interpreter(__file__, "not fresh_process")
 
 
 # ----------------------------------------------------------------------------------------------

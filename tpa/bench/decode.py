@@ -652,7 +652,7 @@ def tune(torch, timer, tpa_decode, decode_mod, dtype, elt, bw, log):
         inputs = tpa_inputs(torch, bsz, length, 32, 64, ranks, dtype)
         out = torch.empty(bsz, 1, 32, 64, dtype=dtype, device="cuda")
         for i, cand in enumerate(TUNE_CANDIDATES):
-            decode_mod._HEURISTIC = dict(cand)
+            decode_mod._HEURISTIC = {**original, **cand}  # constants a candidate leaves out keep their values
             try:
                 us = timer.time(lambda: tpa_decode(*inputs[:7], out=out), reps=10, budget_s=0.05)
             except Exception as err:  # noqa: BLE001  # a candidate that does not compile or launch
@@ -668,7 +668,7 @@ def tune(torch, timer, tpa_decode, decode_mod, dtype, elt, bw, log):
         scores[i] = st.geometric_mean(times[:5]) if all(math.isfinite(t) for t in times[:5]) else float("inf")
         log(f"  {cand}: " + " ".join(f"{t:8.1f}" for t in times) + f"   geomean(16,1,1) {scores[i]:.1f}")
     best = min(scores, key=scores.get)
-    winner = TUNE_CANDIDATES[best]
+    winner = {**original, **TUNE_CANDIDATES[best]}
     decode_mod._HEURISTIC = dict(winner)
     log(f"tune: winner {winner} (code default was {original})")
     return winner

@@ -1,0 +1,51 @@
+"""What the kernel tests of tpa.ops share: where kernels can run, and the fresh-process fallback.
+
+Kernels run compiled on a GPU, or on the CPU under Triton's interpreter when ``TRITON_INTERPRET=1``
+was set before triton was first imported (``tests/conftest.py`` does that). When another module
+imported triton first, the interpreter is off in this process: the kernel tests skip here and
+:func:`rerun_with_interpreter` runs them in a fresh process instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+
+def _kernels_runnable() -> bool:
+    if not HAVE_TRITON:
+        return False
+    if DEVICE == "cuda":
+        return True
+    from tpa.ops.decode import triton_interpreter_active
+
+    return triton_interpreter_active()
+
+
+KERNELS_RUNNABLE = _kernels_runnable()
+
+
+def rerun_with_interpreter(test_file: str, select: str) -> None:
+    """Run the tests of ``test_file`` matching ``-k select`` in a fresh interpreter process with
+    ``TRITON_INTERPRET=1``; skip when the kernel tests already ran in this process."""
+    if KERNELS_RUNNABLE or not HAVE_TRITON:
+        pytest.skip("kernel tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", select],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
