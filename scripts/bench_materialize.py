@@ -230,11 +230,11 @@ def run_block(bench: Bench, block, ctx, x, grad, variant: str):
     """Compile (when enabled) and time forward+backward of the block with one materialize variant."""
     torch = bench.torch
     import tpa.layers.tpa as tpa_layer
-    from tpa.ops.fused_materialize import tpa_materialize
+    from tpa.ops.fused_materialize import tpa_materialize_many
 
     backend = "triton" if variant == "fused" else "reference"
-    original = tpa_layer.tpa_materialize
-    tpa_layer.tpa_materialize = functools.partial(tpa_materialize, backend=backend)
+    original = tpa_layer.tpa_materialize_many
+    tpa_layer.tpa_materialize_many = functools.partial(tpa_materialize_many, backend=backend)
     try:
         torch._dynamo.reset()
         fn = torch.compile(block) if bench.compile else block
@@ -259,7 +259,7 @@ def run_block(bench: Bench, block, ctx, x, grad, variant: str):
         grads = {n: p.grad.detach().float().clone() for n, p in block.named_parameters()}
         return ms, first_s, out.detach().float(), x.grad.detach().float().clone(), grads
     finally:
-        tpa_layer.tpa_materialize = original
+        tpa_layer.tpa_materialize_many = original
 
 
 def time_block(bench: Bench) -> None:
@@ -301,11 +301,11 @@ def profile_block(bench: Bench) -> None:
     torch = bench.torch
     import tpa.layers.tpa as tpa_layer
     from torch.profiler import ProfilerActivity, profile
-    from tpa.ops.fused_materialize import tpa_materialize
+    from tpa.ops.fused_materialize import tpa_materialize_many
 
     _, block, ctx, x, grad = make_block(bench)
-    original = tpa_layer.tpa_materialize
-    tpa_layer.tpa_materialize = functools.partial(tpa_materialize, backend="triton")
+    original = tpa_layer.tpa_materialize_many
+    tpa_layer.tpa_materialize_many = functools.partial(tpa_materialize_many, backend="triton")
     try:
         torch._dynamo.reset()
         fn = torch.compile(block) if bench.compile else block
@@ -325,7 +325,7 @@ def profile_block(bench: Bench) -> None:
             if bench.cuda:
                 torch.cuda.synchronize()
     finally:
-        tpa_layer.tpa_materialize = original
+        tpa_layer.tpa_materialize_many = original
     key = "cuda_time_total" if bench.cuda else "cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=25)
     bench.results["profile_table"] = table
@@ -356,9 +356,9 @@ def sweep(bench: Bench, rank: int) -> None:
             if cfg.block_t * cfg.block_h * 64 > 32768:
                 continue
             if kind == "fwd":
-                call = functools.partial(materialize_fwd_triton, a, b, 1.0 / rank, cfg)
+                call = functools.partial(materialize_fwd_triton, [a], [b], [1.0 / rank], cfg)
             else:
-                call = functools.partial(materialize_bwd_triton, grad, a, b, 1.0 / rank, cfg)
+                call = functools.partial(materialize_bwd_triton, [grad], [a], [b], [1.0 / rank], cfg)
             ms = bench.guard(f"sweep {kind} R={rank} {cfg}", lambda: bench.time_ms(call))
             if ms is None:
                 continue

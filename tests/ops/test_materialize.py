@@ -19,7 +19,7 @@ import torch
 
 from tests.ops.kernels import DEVICE, KERNELS_RUNNABLE, rerun_with_interpreter
 from tpa.ops import fused_materialize as materialize_mod
-from tpa.ops.fused_materialize import MaterializeConfig, default_configs, tpa_materialize
+from tpa.ops.fused_materialize import MaterializeConfig, default_configs, tpa_materialize, tpa_materialize_many
 from tpa.ops.naive import materialize as materialize_reference
 
 needs_kernel = pytest.mark.skipif(
@@ -123,6 +123,60 @@ def test_kernel_matches_truth(case, dtype, poison):
     assert_close_to_truth(got, same_dtype, truth(a, b, grad))
 
 
+# Groups of pairs for one launch (tpa_materialize_many): Q, K, V with ranks (6, 2, 2); a prefill
+# with a cache (keys longer than queries); a value feature size that differs; 34 and 78 heads.
+GROUPS = [
+    [(2, 7, 6, 34, 64), (2, 7, 2, 34, 64), (2, 7, 2, 34, 64)],
+    [(1, 5, 3, 78, 64), (1, 13, 1, 78, 64), (1, 13, 2, 78, 80)],
+    [(3, 3, 2, 34, 80), (3, 3, 1, 34, 80)],
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("group", GROUPS, ids=["qkv-622", "prefill-cache-dv80", "two-parts"])
+def test_grouped_kernel_matches_truth(group, dtype, poison):
+    """Each pair of a one-launch group equals its own float64 truth (outputs and both gradients)."""
+    seed = zlib.crc32(repr((group, str(dtype))).encode())
+    factors = [make_factors(*shape, dtype, seed + i) for i, shape in enumerate(group)]
+    grads = [torch.randn(bsz, seq, heads, dim, generator=torch.Generator().manual_seed(seed + 7 + i)).to(dtype).to(DEVICE)
+             for i, (bsz, seq, _, heads, dim) in enumerate(group)]
+    leaves = [(a.detach().requires_grad_(True), b.detach().requires_grad_(True)) for a, b in factors]
+    outs = tpa_materialize_many(leaves, backend="triton")
+    assert len(outs) == len(group)
+    flat_leaves = [t for pair in leaves for t in pair]
+    got_grads = torch.autograd.grad(outs, flat_leaves, grads)
+    for i, ((a, b), grad) in enumerate(zip(factors, grads)):
+        got = (outs[i], got_grads[2 * i], got_grads[2 * i + 1])
+        same_dtype = forward_backward(materialize_reference, a, b, grad)
+        assert_close_to_truth(got, same_dtype, truth(a, b, grad))
+
+
+@needs_kernel
+def test_grouped_unused_output_and_empty_part(poison):
+    """An output that takes no part in the loss gets zero factor gradients; a pair with no tokens
+    next to others is fine; scales per pair."""
+    (a0, b0), (a1, b1) = make_factors(2, 5, 2, 34, 64, torch.float32, 1), make_factors(2, 5, 3, 34, 64, torch.float32, 2)
+    a0, b0, a1, b1 = (t.detach().requires_grad_(True) for t in (a0, b0, a1, b1))
+    empty = (torch.zeros(0, 5, 2, 34, device=DEVICE, requires_grad=True),
+             torch.zeros(0, 5, 2, 64, device=DEVICE, requires_grad=True))
+    o0, o1, o2 = tpa_materialize_many([(a0, b0), (a1, b1), empty], scales=[0.3, None, None], backend="triton")
+    assert o2.shape == (0, 5, 34, 64)
+    torch.testing.assert_close(o0, materialize_reference(a0, b0, scale=0.3), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o1, materialize_reference(a1, b1), rtol=1e-5, atol=1e-5)
+    o0.sum().backward()
+    assert torch.equal(a1.grad, torch.zeros_like(a1)) and torch.equal(b1.grad, torch.zeros_like(b1))
+    torch.testing.assert_close(b0.grad, 0.3 * a0.sum(-1, keepdim=True).expand_as(b0), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_grouped_more_than_three_pairs():
+    """Four pairs: two launches (three pairs, then one), each pair equal to the twin."""
+    pairs = [make_factors(1, 3, r, 5, 16, torch.float32, seed=r) for r in (1, 2, 3, 2)]
+    for (a, b), out in zip(pairs, tpa_materialize_many(pairs, backend="triton")):
+        torch.testing.assert_close(out, materialize_reference(a, b), rtol=1e-5, atol=1e-5)
+
+
 @needs_kernel
 def test_kernel_layouts_scale_and_strides(poison):
     """A head factor with non-unit last stride (copied by the launcher), an expanded (stride-0)
@@ -157,10 +211,12 @@ def test_gradcheck_float64():
 def test_custom_op_registration():
     """Schema, fake (meta) kernel, autograd registration and dynamic-shape tracing of the op."""
     a, b = make_factors(2, 3, 3, 7, 16, torch.float32, seed=2)
-    a, b = a.requires_grad_(True), b.requires_grad_(True)
-    fwd, bwd = default_configs(7, 16, torch.float32)
+    a2, b2 = make_factors(1, 5, 1, 7, 24, torch.float32, seed=3)
+    a, b, a2, b2 = (t.requires_grad_(True) for t in (a, b, a2, b2))
+    fwd, bwd = default_configs(7, 24, torch.float32)
     config = fwd.as_list() + bwd.as_list()
-    torch.library.opcheck(torch.ops.tpa.materialize.default, (a, b, 0.5, config))
+    torch.library.opcheck(torch.ops.tpa.materialize.default, ([a], [b], [0.5], config))
+    torch.library.opcheck(torch.ops.tpa.materialize.default, ([a, a2], [b, b2], [0.5, 1.0], config))
 
 
 @needs_kernel
@@ -221,15 +277,15 @@ def test_layer_with_the_kernel_matches_reference(monkeypatch):
 
     calls = []
 
-    def fused(a, b):
-        calls.append(a.shape)
-        return tpa_materialize(a, b, backend="triton")
+    def fused(pairs):
+        calls.append([a.shape for a, _ in pairs])
+        return tpa_materialize_many(pairs, backend="triton")
 
-    monkeypatch.setattr(tpa_layer, "tpa_materialize", functools.partial(tpa_materialize, backend="reference"))
+    monkeypatch.setattr(tpa_layer, "tpa_materialize_many", functools.partial(tpa_materialize_many, backend="reference"))
     ref_out, ref_grads = run()
-    monkeypatch.setattr(tpa_layer, "tpa_materialize", fused)
+    monkeypatch.setattr(tpa_layer, "tpa_materialize_many", fused)
     out, grads = run()
-    assert len(calls) == 3
+    assert calls == [[(2, 7, 3, 6), (2, 7, 2, 6), (2, 7, 1, 6)]]  # Q, K and V in one call
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
@@ -305,6 +361,30 @@ def test_bad_input_raises(mutate, exc, match):
     a, b = _bad(mutate)
     with pytest.raises(exc, match=match):
         tpa_materialize(a, b)
+
+
+def test_grouped_bad_input_raises():
+    a, b = torch.randn(2, 3, 2, 5), torch.randn(2, 3, 2, 8)
+    with pytest.raises(ValueError, match="at least one"):
+        tpa_materialize_many([])
+    with pytest.raises(ValueError, match="2 scales for 1 pairs"):
+        tpa_materialize_many([(a, b)], scales=[None, None])
+    with pytest.raises(TypeError, match="pair 1 must be an"):
+        tpa_materialize_many([(a, b), a])
+    with pytest.raises(ValueError, match="b \\(pair 1\\).*agree in B, T and R"):
+        tpa_materialize_many([(a, b), (a, b[:, :, :1])])
+    with pytest.raises(ValueError, match="pairs share dtype, device and H"):
+        tpa_materialize_many([(a, b), (torch.randn(2, 3, 2, 6), b)])
+    with pytest.raises(ValueError, match="pairs share dtype, device and H"):
+        tpa_materialize_many([(a, b), (a.double(), b.double())])
+
+
+def test_grouped_reference_equals_single_calls():
+    pairs = [make_factors(2, 5, r, 7, 16, torch.float32, seed=r) for r in (1, 2, 3, 4)]
+    pairs = [(a.cpu(), b.cpu()) for a, b in pairs]
+    outs = tpa_materialize_many(pairs, scales=[None, 0.5, None, 2.0])
+    for (a, b), s, o in zip(pairs, [None, 0.5, None, 2.0], outs):
+        assert torch.equal(o, materialize_reference(a, b, scale=s))
 
 
 def test_bad_arguments_raise():

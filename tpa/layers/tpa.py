@@ -33,7 +33,7 @@ from torch import nn
 
 from tpa.layers.base import Attention, AttentionContext, attend, check_hidden, check_positive, scaled_normal_
 from tpa.modules.rotary import apply_rotary
-from tpa.ops.fused_materialize import tpa_materialize
+from tpa.ops.fused_materialize import tpa_materialize_many
 from tpa.ops.naive import tpa_attention_factors
 
 HEAD_ACTIVATIONS = ("none", "sigmoid", "softmax")
@@ -314,9 +314,11 @@ class TensorProductAttention(Attention):
                 a_q, b_q = self._query_factors(f)
                 out = tpa_attention_factors(a_q, b_q, a_k, b_k, a_v, b_v, mask=mask, causal=True)
             else:
-                # fused Triton op on CUDA (one memory-bound kernel each way), the einsum twin elsewhere
-                q = f["q"] if not self.factorize_q else tpa_materialize(f["a_q"], f["b_q"])
-                out = attend(q, tpa_materialize(a_k, b_k), tpa_materialize(a_v, b_v), mask)
+                # fused Triton op on CUDA (Q, K and V in one memory-bound launch each way), the einsum
+                # twin elsewhere
+                pairs = [(f["a_q"], f["b_q"])] if self.factorize_q else []
+                *q, k, v = tpa_materialize_many(pairs + [(a_k, b_k), (a_v, b_v)])
+                out = attend(q[0] if q else f["q"], k, v, mask)
         if self.output_gate:
             out = out * torch.sigmoid(f["gate"])
         return self.o_proj(out.reshape(bsz, seq, self.num_heads * self.value_dim))

@@ -5,9 +5,10 @@ the fused op forming Q, K, V from their factors (training and prefill).
 """
 
 from tpa.ops.decode import tpa_decode
-from tpa.ops.fused_materialize import tpa_materialize
+from tpa.ops.fused_materialize import tpa_materialize, tpa_materialize_many
 from tpa.ops.naive import gather_paged, materialize, tpa_attention_factors, tpa_decode_reference
 
 __all__ = [
     "gather_paged", "materialize", "tpa_attention_factors", "tpa_decode", "tpa_decode_reference", "tpa_materialize",
+    "tpa_materialize_many",
 ]

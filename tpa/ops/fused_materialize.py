@@ -11,21 +11,26 @@ writes ``R * (H + D)``:
 
 The stack, bottom to top:
 
-- ``_materialize_fwd_kernel``: one program per ``BLOCK_T`` tokens (flattened over batch and time),
-  looping over blocks of ``BLOCK_H`` heads and storing one ``[BLOCK_T, BLOCK_H, D]`` tile each.
+- ``_fwd_part``: one program's ``BLOCK_T`` tokens (flattened over batch and time) of one factor
+  pair, looping over blocks of ``BLOCK_H`` heads and storing one ``[BLOCK_T, BLOCK_H, D]`` tile each.
   16-bit inputs: per token a ``[BLOCK_H, R] x [R, D]`` product on tensor cores (``tl.dot``, rank
   zero-padded to 16: exact products, float32 sums), which keeps the instruction count per output
   element low enough for the kernel to stay memory-bound. float32/float64: broadcast
   multiply-adds.
-- ``_materialize_bwd_kernel``: one program per ``BLOCK_T`` tokens; the output gradient of a head
-  block is loaded once and both factor gradients are reduced from it (``G B^T`` and ``A^T G`` per
-  token, on tensor cores for 16-bit inputs; ``grad_b`` accumulates across head blocks).
+- ``_bwd_part``: the same tokens' backward; the output gradient of a head block is loaded once and
+  both factor gradients are reduced from it (``G B^T`` and ``A^T G`` per token, on tensor cores for
+  16-bit inputs; ``grad_b`` accumulates across head blocks).
+- ``_materialize_fwd_kernel`` / ``_materialize_bwd_kernel``: one launch for up to three factor
+  pairs (a layer's Q, K and V: the ranks, lengths and feature sizes may differ, the head count is
+  shared); each program runs its token block of every pair in turn.
 - ``materialize_fwd_triton`` / ``materialize_bwd_triton``: host launchers.
-- ``torch.ops.tpa.materialize`` (with ``torch.ops.tpa.materialize_backward`` as its autograd
-  formula): a ``torch.library.custom_op`` with a fake (meta) implementation, so ``torch.compile``
-  treats it as one opaque op, with autograd and without a graph break.
-- ``tpa_materialize``: the public function: validates, applies autocast as ``einsum`` would, and
-  dispatches to the op or to the reference twin :func:`tpa.ops.naive.materialize`.
+- ``torch.ops.tpa.materialize`` (lists of factor pairs, with ``torch.ops.tpa.materialize_backward``
+  as its autograd formula): a ``torch.library.custom_op`` with a fake (meta) implementation, so
+  ``torch.compile`` treats it as one opaque op, with autograd and without a graph break.
+- ``tpa_materialize_many`` (a layer's Q, K and V in one op call and one launch each way: the
+  ``small`` preset's training step was bound by host time, and each op call costs a dispatch and a
+  launch) and ``tpa_materialize`` (one pair): the public functions: validate, apply autocast as
+  ``einsum`` would, and dispatch to the op or to the reference twin :func:`tpa.ops.naive.materialize`.
 
 Why ``custom_op`` and not ``triton_op``: a ``triton_op`` is decomposed by torch.compile into its
 kernel launch, which inductor compiles for a GPU, so on CPU (Triton's interpreter) it runs eagerly
@@ -49,6 +54,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +62,10 @@ import torch
 from tpa.ops.decode import _next_pow2, triton_interpreter_active
 from tpa.ops.naive import materialize as materialize_reference
 
-__all__ = ["MaterializeConfig", "default_configs", "materialize_bwd_triton", "materialize_fwd_triton", "tpa_materialize"]
+__all__ = [
+    "MaterializeConfig", "default_configs", "materialize_bwd_triton", "materialize_fwd_triton", "tpa_materialize",
+    "tpa_materialize_many",
+]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -75,6 +84,8 @@ _HEURISTIC = {
 
 # Test hook: when True, the launchers fill the buffers they allocate with NaN before the kernels run.
 _POISON_BUFFERS = False
+# Factor pairs one kernel launch takes (Q, K and V of a layer).
+_MAX_PARTS = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,6 +94,8 @@ _POISON_BUFFERS = False
 
 tl = None  # triton.language, bound by _kernels()
 _round_bf16_jit = None  # triton.jit(_round_bf16), bound by _kernels()
+_fwd_part_jit = None  # triton.jit(_fwd_part), bound by _kernels()
+_bwd_part_jit = None  # triton.jit(_bwd_part), bound by _kernels()
 
 
 def _round_bf16(x, FIX: tl.constexpr):
@@ -97,11 +110,13 @@ def _round_bf16(x, FIX: tl.constexpr):
     return x
 
 
-def _materialize_fwd_kernel(
-    A, B, OUT,
-    n_tok, seq, scale_hi, scale_lo,
-    s_a_b, s_a_t, s_a_r,
-    s_b_b, s_b_t, s_b_r,
+# Per-part bodies (inlined ``triton.jit`` helpers): one (A, B) -> OUT product, or one backward, for
+# the tokens ``pid * BLOCK_T + [0, BLOCK_T)`` of that part.
+
+
+def _fwd_part(
+    pid, A, B, OUT, n_tok, seq, scale_hi, scale_lo,
+    s_a_b, s_a_t, s_a_r, s_b_b, s_b_t, s_b_r,
     R: tl.constexpr, H: tl.constexpr, D: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, FIX_BF16: tl.constexpr,
@@ -113,7 +128,6 @@ def _materialize_fwd_kernel(
     DOT: per token a ``[BLOCK_H, R_PAD] x [R_PAD, BLOCK_D]`` tensor-core product (16-bit inputs,
     exact products, float32 sums; ranks beyond R are zero). Otherwise broadcast products in ACC.
     IEEE (the interpreter): the products in float32 on operands upcast from 16 bits."""
-    pid = tl.program_id(0)
     tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: B * T < 2**31 is checked by the launcher
     t_ok = tok < n_tok
     bi = tok // seq
@@ -153,12 +167,9 @@ def _materialize_fwd_kernel(
                  mask=t_ok[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :])
 
 
-def _materialize_bwd_kernel(
-    G, A, B, GA, GB,
-    n_tok, seq, scale_hi, scale_lo,
-    s_g_b, s_g_t, s_g_h,
-    s_a_b, s_a_t, s_a_r,
-    s_b_b, s_b_t, s_b_r,
+def _bwd_part(
+    pid, G, A, B, GA, GB, n_tok, seq, scale_hi, scale_lo,
+    s_g_b, s_g_t, s_g_h, s_a_b, s_a_t, s_a_r, s_b_b, s_b_t, s_b_r,
     R: tl.constexpr, H: tl.constexpr, D: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, FIX_BF16: tl.constexpr,
@@ -172,7 +183,6 @@ def _materialize_bwd_kernel(
     blocks in the product's float32 accumulator. Otherwise broadcast products and sums in ACC: with
     one head block (``BLOCK_H >= H``) GB rows are stored as reduced, else they accumulate in a
     ``[BLOCK_T, R_PAD, BLOCK_D]`` tile (row r selected by a mask)."""
-    pid = tl.program_id(0)
     tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = tok < n_tok
     bi = tok // seq
@@ -236,6 +246,61 @@ def _materialize_bwd_kernel(
                  mask=t_ok[:, None, None] & r_ok[None, :, None] & d_ok[None, None, :])
 
 
+# The kernels: up to three parts (Q, K, V) in one launch. Program ``pid`` does its token block of
+# every part in turn (the parts are unrolled at compile time, so each keeps its own constexpr rank
+# and feature size); a part with fewer tokens than the grid covers masks its extra blocks off.
+
+
+def _materialize_fwd_kernel(
+    A0, B0, O0, N0, T0, HI0, LO0, SA0_B, SA0_T, SA0_R, SB0_B, SB0_T, SB0_R,
+    A1, B1, O1, N1, T1, HI1, LO1, SA1_B, SA1_T, SA1_R, SB1_B, SB1_T, SB1_R,
+    A2, B2, O2, N2, T2, HI2, LO2, SA2_B, SA2_T, SA2_R, SB2_B, SB2_T, SB2_R,
+    PARTS: tl.constexpr, H: tl.constexpr,
+    R0: tl.constexpr, D0: tl.constexpr, RP0: tl.constexpr, BD0: tl.constexpr,
+    R1: tl.constexpr, D1: tl.constexpr, RP1: tl.constexpr, BD1: tl.constexpr,
+    R2: tl.constexpr, D2: tl.constexpr, RP2: tl.constexpr, BD2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, FIX_BF16: tl.constexpr,
+):
+    """Part p: ``O_p [N_p, H, D_p] = (HI_p + LO_p) * sum_r A_p[tok, r, :, None] * B_p[tok, r, None, :]``
+    for tokens ``tok < N_p`` of sequences of length ``T_p`` (see ``_fwd_part``)."""
+    pid = tl.program_id(0)
+    _fwd_part_jit(pid, A0, B0, O0, N0, T0, HI0, LO0, SA0_B, SA0_T, SA0_R, SB0_B, SB0_T, SB0_R,
+                  R0, H, D0, RP0, BLOCK_T, BLOCK_H, BD0, DOT, IEEE, ACC, FIX_BF16)
+    if PARTS > 1:
+        _fwd_part_jit(pid, A1, B1, O1, N1, T1, HI1, LO1, SA1_B, SA1_T, SA1_R, SB1_B, SB1_T, SB1_R,
+                      R1, H, D1, RP1, BLOCK_T, BLOCK_H, BD1, DOT, IEEE, ACC, FIX_BF16)
+    if PARTS > 2:
+        _fwd_part_jit(pid, A2, B2, O2, N2, T2, HI2, LO2, SA2_B, SA2_T, SA2_R, SB2_B, SB2_T, SB2_R,
+                      R2, H, D2, RP2, BLOCK_T, BLOCK_H, BD2, DOT, IEEE, ACC, FIX_BF16)
+
+
+def _materialize_bwd_kernel(
+    G0, A0, B0, GA0, GB0, N0, T0, HI0, LO0, SG0_B, SG0_T, SG0_H, SA0_B, SA0_T, SA0_R, SB0_B, SB0_T, SB0_R,
+    G1, A1, B1, GA1, GB1, N1, T1, HI1, LO1, SG1_B, SG1_T, SG1_H, SA1_B, SA1_T, SA1_R, SB1_B, SB1_T, SB1_R,
+    G2, A2, B2, GA2, GB2, N2, T2, HI2, LO2, SG2_B, SG2_T, SG2_H, SA2_B, SA2_T, SA2_R, SB2_B, SB2_T, SB2_R,
+    PARTS: tl.constexpr, H: tl.constexpr,
+    R0: tl.constexpr, D0: tl.constexpr, RP0: tl.constexpr, BD0: tl.constexpr,
+    R1: tl.constexpr, D1: tl.constexpr, RP1: tl.constexpr, BD1: tl.constexpr,
+    R2: tl.constexpr, D2: tl.constexpr, RP2: tl.constexpr, BD2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, FIX_BF16: tl.constexpr,
+):
+    """Part p: ``GA_p`` and ``GB_p`` from the output gradient ``G_p`` (see ``_bwd_part``)."""
+    pid = tl.program_id(0)
+    _bwd_part_jit(pid, G0, A0, B0, GA0, GB0, N0, T0, HI0, LO0, SG0_B, SG0_T, SG0_H,
+                  SA0_B, SA0_T, SA0_R, SB0_B, SB0_T, SB0_R, R0, H, D0, RP0, BLOCK_T, BLOCK_H, BD0,
+                  DOT, IEEE, ACC, FIX_BF16)
+    if PARTS > 1:
+        _bwd_part_jit(pid, G1, A1, B1, GA1, GB1, N1, T1, HI1, LO1, SG1_B, SG1_T, SG1_H,
+                      SA1_B, SA1_T, SA1_R, SB1_B, SB1_T, SB1_R, R1, H, D1, RP1, BLOCK_T, BLOCK_H, BD1,
+                      DOT, IEEE, ACC, FIX_BF16)
+    if PARTS > 2:
+        _bwd_part_jit(pid, G2, A2, B2, GA2, GB2, N2, T2, HI2, LO2, SG2_B, SG2_T, SG2_H,
+                      SA2_B, SA2_T, SA2_R, SB2_B, SB2_T, SB2_R, R2, H, D2, RP2, BLOCK_T, BLOCK_H, BD2,
+                      DOT, IEEE, ACC, FIX_BF16)
+
+
 @functools.lru_cache(maxsize=1)
 def _kernels():
     """The two kernels, wrapped by ``triton.jit`` on first use (interpreted under TRITON_INTERPRET=1)."""
@@ -244,9 +309,11 @@ def _kernels():
 
     globals()["tl"] = language
     globals()["_round_bf16_jit"] = triton.jit(_round_bf16)
+    globals()["_fwd_part_jit"] = triton.jit(_fwd_part)
+    globals()["_bwd_part_jit"] = triton.jit(_bwd_part)
     # token counts vary with batch and sequence length: never specialise on them
-    fwd = triton.jit(_materialize_fwd_kernel, do_not_specialize=["n_tok", "seq"])
-    bwd = triton.jit(_materialize_bwd_kernel, do_not_specialize=["n_tok", "seq"])
+    fwd = triton.jit(_materialize_fwd_kernel, do_not_specialize=[f"{x}{p}" for x in "NT" for p in range(3)])
+    bwd = triton.jit(_materialize_bwd_kernel, do_not_specialize=[f"{x}{p}" for x in "NT" for p in range(3)])
     return fwd, bwd
 
 
@@ -354,8 +421,10 @@ def _scale_parts(scale: float) -> tuple[float, float]:
     return hi, float(scale - hi)
 
 
-def _launch_args(ref: torch.Tensor, config: MaterializeConfig, rank: int, dim: int) -> dict:
-    """Constexpr launch arguments shared by both kernels."""
+def _launch_args(
+    ref: torch.Tensor, config: MaterializeConfig, heads: int, parts: tuple[tuple[int, int], ...]
+) -> dict:
+    """Constexpr launch arguments of either kernel for ``parts`` = ((rank, feature size), ...)."""
     interpret = ref.device.type != "cuda"
     if interpret and not triton_interpreter_active():
         raise RuntimeError(
@@ -364,23 +433,33 @@ def _launch_args(ref: torch.Tensor, config: MaterializeConfig, rank: int, dim: i
         )
     if config.dot and ref.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"tpa_materialize: MaterializeConfig(dot=True) needs float16/bfloat16 inputs, got {ref.dtype}")
-    return _constexprs(config, rank, dim, ref.dtype, interpret)
+    return _constexprs(config, heads, parts, ref.dtype, interpret)
 
 
 @functools.lru_cache(maxsize=256)
-def _constexprs(config: MaterializeConfig, rank: int, dim: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """The launch's constexpr arguments, computed once per (config, rank, dim, dtype, device kind): the
-    op runs once per Q, K and V in every layer, so its host path stays short."""
+def _constexprs(
+    config: MaterializeConfig, heads: int, parts: tuple[tuple[int, int], ...], dtype: torch.dtype, interpret: bool
+) -> dict:
+    """The launch's constexpr arguments, computed once per (config, H, parts, dtype, device kind): the
+    op runs in every layer, forward and backward, so its host path stays short. Slots beyond the
+    given parts repeat part 0 (their code is not compiled)."""
     import triton.language as language
 
-    return dict(
-        R=rank, R_PAD=max(16, _next_pow2(rank)) if config.dot else _next_pow2(rank),
-        BLOCK_T=config.block_t, BLOCK_H=config.block_h, BLOCK_D=_block_d(dim, config.dot),
+    meta = dict(
+        PARTS=len(parts), H=heads, BLOCK_T=config.block_t, BLOCK_H=config.block_h,
         DOT=config.dot, IEEE=interpret,  # the interpreter's 16-bit dot is unreliable: float32 operands there
         ACC=language.float64 if dtype == torch.float64 else language.float32,
         FIX_BF16=interpret and dtype == torch.bfloat16,
         num_warps=config.num_warps,
     )
+    for p in range(_MAX_PARTS):
+        rank, dim = parts[p] if p < len(parts) else parts[0]
+        meta.update({
+            f"R{p}": rank, f"D{p}": dim,
+            f"RP{p}": max(16, _next_pow2(rank)) if config.dot else _next_pow2(rank),
+            f"BD{p}": _block_d(dim, config.dot),
+        })
+    return meta
 
 
 def _check_tokens(n_tok: int) -> None:
@@ -388,63 +467,81 @@ def _check_tokens(n_tok: int) -> None:
         raise ValueError(f"tpa_materialize: B * T = {n_tok} tokens; the kernels index tokens in int32 (< 2**31)")
 
 
-def materialize_fwd_triton(a: torch.Tensor, b: torch.Tensor, scale: float, config: MaterializeConfig) -> torch.Tensor:
-    """Launch the forward kernel: ``a [B, T, R, H]``, ``b [B, T, R, D]`` -> ``[B, T, H, D]`` contiguous."""
-    bsz, seq, rank, heads = a.shape
-    dim = b.shape[-1]
-    out = torch.empty((bsz, seq, heads, dim), dtype=a.dtype, device=a.device)
-    if _POISON_BUFFERS:
-        out.fill_(float("nan"))
-    n_tok = bsz * seq
-    if n_tok == 0:
-        return out
-    _check_tokens(n_tok)
-    a, b = _unit_last(a), _unit_last(b)
-    meta = _launch_args(a, config, rank, dim)
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan")) if _POISON_BUFFERS else t
+
+
+def _pad_parts(args: list[list]) -> list:
+    """Flatten per-part argument lists, repeating part 0 in the unused slots up to ``_MAX_PARTS``."""
+    flat = []
+    for p in range(_MAX_PARTS):
+        flat.extend(args[p] if p < len(args) else args[0])
+    return flat
+
+
+def materialize_fwd_triton(
+    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], scale: Sequence[float], config: MaterializeConfig
+) -> list[torch.Tensor]:
+    """Launch the forward kernel once for 1 to 3 parts (e.g. Q, K and V): part p is
+    ``a[p] [B_p, T_p, R_p, H]``, ``b[p] [B_p, T_p, R_p, D_p]`` -> ``[B_p, T_p, H, D_p]`` contiguous."""
+    heads = a[0].shape[3]
+    outs, args, shapes, n_max = [], [], [], 0
+    for a_p, b_p, s_p in zip(a, b, scale):
+        bsz, seq, rank, _ = a_p.shape
+        dim = b_p.shape[-1]
+        out = _poisoned(torch.empty((bsz, seq, heads, dim), dtype=a_p.dtype, device=a_p.device))
+        outs.append(out)
+        n_tok = bsz * seq
+        _check_tokens(n_tok)
+        n_max = max(n_max, n_tok)
+        a_p, b_p = _unit_last(a_p), _unit_last(b_p)
+        hi, lo = _scale_parts(s_p)
+        args.append([a_p, b_p, out, n_tok, max(seq, 1), hi, lo, *a_p.stride()[:3], *b_p.stride()[:3]])
+        shapes.append((rank, dim))
+    if n_max == 0:
+        return outs
+    meta = _launch_args(a[0], config, heads, tuple(shapes))
     fwd, _ = _kernels()
-    hi, lo = _scale_parts(scale)
-    fwd[(-(-n_tok // config.block_t),)](
-        a, b, out, n_tok, seq, hi, lo,
-        a.stride(0), a.stride(1), a.stride(2),
-        b.stride(0), b.stride(1), b.stride(2),
-        H=heads, D=dim, **meta,
-    )
-    return out
+    fwd[(-(-n_max // config.block_t),)](*_pad_parts(args), **meta)
+    return outs
 
 
 def materialize_bwd_triton(
-    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, config: MaterializeConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: ``grad [B, T, H, D]`` -> ``(grad_a [B, T, R, H], grad_b [B, T, R, D])``,
-    both contiguous in the dtype of ``a``."""
-    bsz, seq, rank, heads = a.shape
-    dim = b.shape[-1]
-    grad_a = torch.empty((bsz, seq, rank, heads), dtype=a.dtype, device=a.device)
-    grad_b = torch.empty((bsz, seq, rank, dim), dtype=a.dtype, device=a.device)
-    if _POISON_BUFFERS:
-        grad_a.fill_(float("nan"))
-        grad_b.fill_(float("nan"))
-    n_tok = bsz * seq
-    if n_tok == 0:
-        return grad_a, grad_b
-    _check_tokens(n_tok)
-    grad, a, b = _unit_last(grad.to(a.dtype)), _unit_last(a), _unit_last(b)
-    meta = _launch_args(a, config, rank, dim)
+    grad: Sequence[torch.Tensor],
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    scale: Sequence[float],
+    config: MaterializeConfig,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Launch the backward kernel once for 1 to 3 parts: ``grad[p] [B_p, T_p, H, D_p]`` ->
+    ``(grad_a [B_p, T_p, R_p, H], grad_b [B_p, T_p, R_p, D_p])``, contiguous in the dtype of ``a[p]``."""
+    heads = a[0].shape[3]
+    grads, args, shapes, n_max = [], [], [], 0
+    for g_p, a_p, b_p, s_p in zip(grad, a, b, scale):
+        bsz, seq, rank, _ = a_p.shape
+        dim = b_p.shape[-1]
+        grad_a = _poisoned(torch.empty((bsz, seq, rank, heads), dtype=a_p.dtype, device=a_p.device))
+        grad_b = _poisoned(torch.empty((bsz, seq, rank, dim), dtype=a_p.dtype, device=a_p.device))
+        grads.append((grad_a, grad_b))
+        n_tok = bsz * seq
+        _check_tokens(n_tok)
+        n_max = max(n_max, n_tok)
+        g_p, a_p, b_p = _unit_last(g_p.to(a_p.dtype)), _unit_last(a_p), _unit_last(b_p)
+        hi, lo = _scale_parts(s_p)
+        args.append([g_p, a_p, b_p, grad_a, grad_b, n_tok, max(seq, 1), hi, lo,
+                     *g_p.stride()[:3], *a_p.stride()[:3], *b_p.stride()[:3]])
+        shapes.append((rank, dim))
+    if n_max == 0:
+        return grads
+    meta = _launch_args(a[0], config, heads, tuple(shapes))
     _, bwd = _kernels()
-    hi, lo = _scale_parts(scale)
-    bwd[(-(-n_tok // config.block_t),)](
-        grad, a, b, grad_a, grad_b, n_tok, seq, hi, lo,
-        grad.stride(0), grad.stride(1), grad.stride(2),
-        a.stride(0), a.stride(1), a.stride(2),
-        b.stride(0), b.stride(1), b.stride(2),
-        H=heads, D=dim, **meta,
-    )
-    return grad_a, grad_b
+    bwd[(-(-n_max // config.block_t),)](*_pad_parts(args), **meta)
+    return grads
 
 
 # --------------------------------------------------------------------------------------------
-# The custom ops: torch.ops.tpa.materialize and its backward. ``config`` carries the launch
-# parameters as eight ints: forward (block_t, block_h, num_warps, dot), then backward.
+# The custom ops: torch.ops.tpa.materialize (1 to 3 parts) and its backward. ``config`` carries the
+# launch parameters as eight ints: forward (block_t, block_h, num_warps, dot), then backward.
 # --------------------------------------------------------------------------------------------
 
 
@@ -459,65 +556,159 @@ def _split_config_cached(config: tuple[int, ...]) -> tuple[MaterializeConfig, Ma
 
 
 @torch.library.custom_op("tpa::materialize", mutates_args=())
-def _materialize_op(a: torch.Tensor, b: torch.Tensor, scale: float, config: list[int]) -> torch.Tensor:
+def _materialize_op(
+    a: list[torch.Tensor], b: list[torch.Tensor], scale: list[float], config: list[int]
+) -> list[torch.Tensor]:
     return materialize_fwd_triton(a, b, scale, _split_config(config)[0])
 
 
 @_materialize_op.register_fake
 def _(a, b, scale, config):
-    return a.new_empty((a.shape[0], a.shape[1], a.shape[3], b.shape[3]))
+    return [a_p.new_empty((a_p.shape[0], a_p.shape[1], a_p.shape[3], b_p.shape[3])) for a_p, b_p in zip(a, b)]
 
 
 @torch.library.custom_op("tpa::materialize_backward", mutates_args=())
 def _materialize_backward_op(
-    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, config: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return materialize_bwd_triton(grad, a, b, scale, _split_config(config)[1])
+    grad: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], scale: list[float], config: list[int]
+) -> list[torch.Tensor]:
+    """``[grad_a_0, grad_b_0, grad_a_1, grad_b_1, ...]``."""
+    pairs = materialize_bwd_triton(grad, a, b, scale, _split_config(config)[1])
+    return [g for pair in pairs for g in pair]
 
 
 @_materialize_backward_op.register_fake
 def _(grad, a, b, scale, config):
-    return a.new_empty(a.shape), b.new_empty(b.shape, dtype=a.dtype)
+    return [g for a_p, b_p in zip(a, b) for g in (a_p.new_empty(a_p.shape), b_p.new_empty(b_p.shape, dtype=a_p.dtype))]
 
 
 def _setup_context(ctx, inputs, output):
     a, b, scale, config = inputs
-    ctx.save_for_backward(a, b)
-    ctx.scale, ctx.config = scale, config
+    ctx.save_for_backward(*a, *b)
+    ctx.parts, ctx.scale, ctx.config = len(a), scale, config
 
 
-def _backward(ctx, grad):
-    a, b = ctx.saved_tensors
-    grad_a, grad_b = _materialize_backward_op(grad, a, b, ctx.scale, ctx.config)
-    return grad_a, grad_b, None, None
+def _backward(ctx, grads):
+    saved = ctx.saved_tensors
+    a, b = list(saved[: ctx.parts]), list(saved[ctx.parts :])
+    grads = [  # an output that took no part in the loss has no gradient
+        g if g is not None else a_p.new_zeros((a_p.shape[0], a_p.shape[1], a_p.shape[3], b_p.shape[3]))
+        for g, a_p, b_p in zip(grads, a, b)
+    ]
+    flat = _materialize_backward_op(grads, a, b, ctx.scale, ctx.config)
+    return list(flat[0::2]), list(flat[1::2]), None, None
 
 
 _materialize_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
-# Public function
+# Public functions
 # --------------------------------------------------------------------------------------------
 
 
-def _check(a: torch.Tensor, b: torch.Tensor) -> None:
+def _check(a: torch.Tensor, b: torch.Tensor, where: str = "") -> None:
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tpa_materialize: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"tpa_materialize: {name}{where} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"tpa_materialize: {name} must have 4 dimensions [B, T, R, X], got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"tpa_materialize: {name}{where} must have 4 dimensions [B, T, R, X], got shape {tuple(t.shape)}"
+            )
     if a.shape[:3] != b.shape[:3]:
         raise ValueError(
-            f"tpa_materialize: a {tuple(a.shape)} = [B, T, R, H] and b {tuple(b.shape)} = [B, T, R, D] "
+            f"tpa_materialize: a{where} {tuple(a.shape)} = [B, T, R, H] and b{where} {tuple(b.shape)} = [B, T, R, D] "
             "must agree in B, T and R"
         )
     if a.shape[2] < 1:
-        raise ValueError("tpa_materialize: the rank R must be >= 1")
+        raise ValueError(f"tpa_materialize: the rank R{where} must be >= 1")
     if a.device != b.device:
-        raise ValueError(f"tpa_materialize: a is on {a.device}, b on {b.device}; both must share a device")
+        raise ValueError(f"tpa_materialize: a{where} is on {a.device}, b{where} on {b.device}; both must share a device")
     for name, t in (("a", a), ("b", b)):
         if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"tpa_materialize: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise TypeError(
+                f"tpa_materialize: {name}{where} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+            )
+
+
+def tpa_materialize_many(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    scales: Sequence[float | None] | None = None,
+    backend: str = "auto",
+    fwd_config: MaterializeConfig | None = None,
+    bwd_config: MaterializeConfig | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`tpa_materialize` of several factor pairs (Q, K and V of a layer) in one op call: one
+    kernel launch for up to three pairs each way, where separate calls cost a launch and an op
+    dispatch each (the host time that bounds a training step at the ``small`` size).
+
+    Args:
+        pairs: ``[(a_0, b_0), (a_1, b_1), ...]``, each as in :func:`tpa_materialize`. The pairs share
+            the head count H, the dtype and the device; batch, length, rank and feature size may differ.
+        scales: one per pair, ``None`` for ``1/R``; default all ``None``.
+        backend, fwd_config, bwd_config: as in :func:`tpa_materialize` (one launch configuration,
+            chosen for the largest feature size); the auto backend takes the Triton op only when
+            every pair is in its range.
+
+    Returns:
+        one ``[B_p, T_p, H, D_p]`` tensor per pair.
+
+    Raises:
+        TypeError, ValueError: as :func:`tpa_materialize`, naming the pair; pairs that differ in
+        H, dtype or device; no pairs; a wrong number of scales.
+    """
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"tpa_materialize: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("tpa_materialize_many: expected at least one (a, b) pair")
+    scales = [None] * len(pairs) if scales is None else list(scales)
+    if len(scales) != len(pairs):
+        raise ValueError(f"tpa_materialize_many: {len(scales)} scales for {len(pairs)} pairs")
+    many = len(pairs) > 1
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"tpa_materialize_many: pair {i} must be an (a, b) tuple")
+        _check(*pair, f" (pair {i})" if many else "")
+    a0 = pairs[0][0]
+    device_type = a0.device.type
+    if torch.is_autocast_enabled(device_type):  # as autocast treats einsum: float64 stays, the rest is cast
+        dtype = torch.get_autocast_dtype(device_type)
+        pairs = [tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in pair) for pair in pairs]
+    for i, (a, b) in enumerate(pairs):
+        where = f" (pair {i})" if many else ""
+        if a.dtype != b.dtype:
+            raise TypeError(f"tpa_materialize: a{where} ({a.dtype}) and b{where} ({b.dtype}) must share one dtype")
+        if (a.dtype, a.device, a.shape[3]) != (pairs[0][0].dtype, pairs[0][0].device, pairs[0][0].shape[3]):
+            raise ValueError(
+                f"tpa_materialize_many: pair {i} ({a.dtype}, {a.device}, H={a.shape[3]}) differs from pair 0 "
+                f"({pairs[0][0].dtype}, {pairs[0][0].device}, H={pairs[0][0].shape[3]}); pairs share dtype, device and H"
+            )
+    heads = a0.shape[3]
+    ranks = [a.shape[2] for a, _ in pairs]
+    dims = [b.shape[3] for _, b in pairs]
+    if backend == "auto":
+        use_triton = (
+            device_type == "cuda" and _HAVE_TRITON and max(ranks) <= _AUTO_MAX["rank"]
+            and max(dims) <= _AUTO_MAX["feature"] and heads <= _AUTO_MAX["heads"]
+        )
+    elif backend == "triton":
+        if not _HAVE_TRITON:
+            raise RuntimeError("tpa_materialize: backend='triton' needs the triton package")
+        if device_type not in ("cuda", "cpu"):
+            raise ValueError(f"tpa_materialize: backend='triton' runs on CUDA (or CPU via the interpreter), not {a0.device}")
+        use_triton = True
+    else:
+        use_triton = False
+    if not use_triton:
+        return tuple(materialize_reference(a, b, scale=s) for (a, b), s in zip(pairs, scales))
+    scales = [float(1.0 / r if s is None else s) for r, s in zip(ranks, scales)]
+    fwd_default, bwd_default = default_configs(heads, max(dims), pairs[0][0].dtype)
+    config = (fwd_config or fwd_default).as_list() + (bwd_config or bwd_default).as_list()
+    outs = []
+    for i in range(0, len(pairs), _MAX_PARTS):
+        group = pairs[i : i + _MAX_PARTS]
+        outs.extend(_materialize_op([a for a, _ in group], [b for _, b in group], scales[i : i + _MAX_PARTS], config))
+    return tuple(outs)
 
 
 def tpa_materialize(
@@ -554,33 +745,4 @@ def tpa_materialize(
         ValueError: not 4-dimensional, ``a``/``b`` disagreeing in B, T or R, different devices,
             an unknown backend.
     """
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"tpa_materialize: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    _check(a, b)
-    device_type = a.device.type
-    if torch.is_autocast_enabled(device_type):  # as autocast treats einsum: float64 stays, the rest is cast
-        dtype = torch.get_autocast_dtype(device_type)
-        a, b = (t if t.dtype == torch.float64 else t.to(dtype) for t in (a, b))
-    if a.dtype != b.dtype:
-        raise TypeError(f"tpa_materialize: a ({a.dtype}) and b ({b.dtype}) must share one dtype")
-    rank, heads, dim = a.shape[2], a.shape[3], b.shape[3]
-    if backend == "auto":
-        use_triton = (
-            device_type == "cuda" and _HAVE_TRITON and rank <= _AUTO_MAX["rank"]
-            and dim <= _AUTO_MAX["feature"] and heads <= _AUTO_MAX["heads"]
-        )
-    elif backend == "triton":
-        if not _HAVE_TRITON:
-            raise RuntimeError("tpa_materialize: backend='triton' needs the triton package")
-        if device_type not in ("cuda", "cpu"):
-            raise ValueError(f"tpa_materialize: backend='triton' runs on CUDA (or CPU via the interpreter), not {a.device}")
-        use_triton = True
-    else:
-        use_triton = False
-    if not use_triton:
-        return materialize_reference(a, b, scale=scale)
-    if scale is None:
-        scale = 1.0 / rank
-    fwd_default, bwd_default = default_configs(heads, dim, a.dtype)
-    fwd, bwd = fwd_config or fwd_default, bwd_config or bwd_default
-    return _materialize_op(a, b, float(scale), fwd.as_list() + bwd.as_list())
+    return tpa_materialize_many([(a, b)], [scale], backend, fwd_config, bwd_config)[0]
