@@ -1,9 +1,12 @@
-"""torchrun --nproc_per_node 2 on CPUs (gloo): DDP and FSDP2 reproduce a one-process run with the same
-global batch, and an FSDP2 (DCP) checkpoint resumes under torchrun and loads in one process."""
+"""torchrun on CPUs (gloo): DDP and FSDP2 reproduce a one-process run with the same global batch, on two
+ranks of one node and on two simulated nodes (two torchrun launchers, LOCAL_RANK 0 on both, RANK 0 and 1),
+and an FSDP2 (DCP) checkpoint resumes under torchrun and loads in one process."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +23,55 @@ STEPS = 6
 COMMON = dict(global_batch_size=8, micro_batch_size=2, max_steps=STEPS, eval_every=3, checkpoint_every=3)
 
 
-def _torchrun(data_dir: Path, run: Path, parallel: str, *extra: str) -> None:
+def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tpa.cli",
-           "train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir", str(run), "--parallel", parallel,
-           "--seq-len", "32", "--warmup-steps", "4", "--lr", "3e-3", "--min-lr", "3e-4", "--eval-sequences", "16",
-           "--log-every", "1", "--no-tensorboard", "--progress", "false", "--device", "cpu",
-           *[str(a) for kv in COMMON.items() for a in ("--" + kv[0].replace("_", "-"), kv[1])], *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return env
+
+
+def _train_args(data_dir: Path, run: Path, parallel: str, *extra: str) -> list[str]:
+    return ["-m", "tpa.cli", "train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir", str(run),
+            "--parallel", parallel, "--seq-len", "32", "--warmup-steps", "4", "--lr", "3e-3", "--min-lr", "3e-4",
+            "--eval-sequences", "16", "--log-every", "1", "--no-tensorboard", "--progress", "false", "--device", "cpu",
+            *[str(a) for kv in COMMON.items() for a in ("--" + kv[0].replace("_", "-"), kv[1])], *extra]
+
+
+def _torchrun(data_dir: Path, run: Path, parallel: str, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *_train_args(data_dir, run, parallel, *extra)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_two_nodes(data_dir: Path, run: Path, parallel: str, logs: Path, *extra: str) -> None:
+    """Two torchrun launchers of one process each, as on two nodes (static rendezvous on 127.0.0.1):
+    node_rank 0 and 1 give RANK 0 and 1 with LOCAL_RANK 0 on both; the run directory is shared."""
+    port = _free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    try:
+        for node in (0, 1):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                   *_train_args(data_dir, run, parallel, *extra)]
+            out = open(logs / f"node{node}.log", "w")
+            procs.append((subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT), out))
+        codes = [p.wait(timeout=300) for p, _ in procs]
+    finally:
+        for p, out in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            out.close()
+    assert codes == [0, 0], "\n".join(f"--- node {n} (exit {c}):\n" + (logs / f"node{n}.log").read_text()[-4000:]
+                                      for n, c in enumerate(codes))
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +104,22 @@ def test_two_ranks_match_one_process(parallel, single_run, data_dir, tmp_path):
     _compare(run, single_run, rtol=1e-5)
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_nodes_match_one_process(parallel, single_run, data_dir, tmp_path):
+    """Two simulated nodes of one rank each (LOCAL_RANK 0, RANK 0 and 1): the global rank shards the data
+    (else both ranks would train on the same half and the losses would differ), only RANK 0 writes metrics,
+    run files and the export (metrics.jsonl has each step once), and each rank saves its own RNG state."""
+    run = tmp_path / "run"
+    _torchrun_two_nodes(data_dir, run, parallel, tmp_path / "logs")
+    _compare(run, single_run, rtol=1e-5)
+    steps = [r["step"] for r in read_metrics(run)]
+    assert steps == sorted(set(steps)) == list(range(STEPS + 1))
+    assert sorted(p.name for p in (run / "checkpoints" / f"step_{STEPS:08d}" / "rng").iterdir()) == \
+        ["rank_00000.pt", "rank_00001.pt"]
+    info = [json.loads(line) for line in (run / "run_info.jsonl").read_text().splitlines()]
+    assert len(info) == 1 and info[0]["world_size"] == 2 and info[0]["parallel"] == parallel
+
+
 def test_fsdp_checkpoint_resumes_and_reshards(single_run, data_dir, tmp_path):
     """An FSDP2 run halted at step 3 resumes under torchrun, and its DCP checkpoint loads in one process."""
     run = tmp_path / "run"
@@ -80,3 +137,29 @@ def test_fsdp_checkpoint_resumes_and_reshards(single_run, data_dir, tmp_path):
     got, want = train_losses(one), train_losses(single_run)
     for step in range(4, STEPS + 1):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0)
+
+
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+@pytest.mark.parametrize("rank,local_rank,world_size", [(1, 0, 2), (3, 1, 4), (0, 0, 2)])
+def test_gpu_device_is_local_rank_and_rank_is_global(device, rank, local_rank, world_size, monkeypatch):
+    """On GPUs, rank r of a node takes cuda:LOCAL_RANK (not cuda:RANK, which does not exist on the second node),
+    while rank, world size and the main process come from RANK / WORLD_SIZE. CUDA and the process group are
+    stubbed: this checks only the choices setup_distributed makes."""
+    import torch.distributed as dist
+
+    from tpa.train.parallel import setup_distributed
+
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", torch.device(d)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.setdefault("init", kw))
+    world = setup_distributed(device)
+    assert world.device == torch.device("cuda", local_rank) == calls["set_device"]
+    assert (world.rank, world.local_rank, world.world_size) == (rank, local_rank, world_size)
+    assert world.is_main == (rank == 0) and world.enabled
+    assert calls["init"] == {"backend": "nccl", "device_id": torch.device("cuda", local_rank)}
