@@ -57,6 +57,7 @@ def _run(args) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from tpa.data.sources import DataError
+    from tpa.train.metrics import MissingPackage
     from tpa.train.trainer import NonFiniteLoss, train
 
     try:
@@ -64,7 +65,7 @@ def _run(args) -> int:
     except (NonFiniteLoss, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except ValueError as err:
+    except (ValueError, MissingPackage) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

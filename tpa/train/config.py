@@ -59,7 +59,8 @@ class TrainConfig:
     eval_sequences: int = _f(64, "validation sequences per evaluation (the same ones every time)")
     log_every: int = _f(10, "steps between metric records")
     tensorboard: bool = _f(True, "write TensorBoard event files under RUN_DIR/tensorboard")
-    wandb_project: str | None = _f(None, "log to this Weights & Biases project (needs `pip install wandb`)")
+    wandb_project: str | None = _f(None, "log to this Weights & Biases project (needs `pip install wandb`); "
+                                         "--resume continues the same W&B run (its id is in RUN_DIR/wandb_run_id.txt)")
     progress: bool | None = _f(None, "progress bar; default: when stderr is a terminal")
     # ---- run directory and checkpoints
     run_dir: str | None = _f(None, "run directory; default runs/PRESET-ATTENTION_TYPE")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import platform
 import resource
+import secrets
 import subprocess
 import sys
 import time
@@ -95,36 +97,75 @@ def run_info(device: torch.device, world_size: int, argv: list[str]) -> dict:
     return info
 
 
+class MissingPackage(RuntimeError):
+    """A logging backend was asked for, but its package is not installed."""
+
+
+def check_logging_packages(*, tensorboard: bool, wandb_project: str | None) -> None:
+    """Fail before any work when an asked-for logging backend is missing.
+
+    Every rank calls this, so under torchrun all ranks stop at once with the same message instead of
+    rank 0 failing alone after the model is built.
+    """
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise MissingPackage("tensorboard=True needs the tensorboard package: pip install tensorboard "
+                             "(or pass --no-tensorboard)")
+    if wandb_project and importlib.util.find_spec("wandb") is None:
+        raise MissingPackage(f"wandb_project={wandb_project!r} (--wandb-project) needs the wandb package, which is "
+                             "not installed: pip install wandb (or leave --wandb-project out)")
+
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def wandb_run_id(run_dir: Path, resume: bool) -> str:
+    """The W&B run id of this run directory: kept in RUN_DIR/wandb_run_id.txt and reused on resume.
+
+    A run resumed from a checkpoint continues the same W&B run; a fresh start gets a new id.
+    ``WANDB_RUN_ID`` in the environment, when set, wins.
+    """
+    if os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
+    path = run_dir / WANDB_ID_FILE
+    if resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 class MetricsLogger:
     """Appends records to metrics.jsonl and metrics.csv, and to TensorBoard / W&B when enabled.
 
-    Only rank 0 makes one. Files are appended to, so a resumed run continues the same files.
+    Only rank 0 makes one. Files are appended to, so a resumed run continues the same files, and
+    (with ``resume``) the same W&B run.
     """
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, wandb_project: str | None, config: dict):
+    def __init__(self, run_dir: Path, *, tensorboard: bool, wandb_project: str | None, config: dict,
+                 resume: bool = False):
+        check_logging_packages(tensorboard=tensorboard, wandb_project=wandb_project)
+        self.tb = None
+        self.wandb = None
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         csv_path = run_dir / "metrics.csv"
         new = not csv_path.exists() or csv_path.stat().st_size == 0
         self.csv_file = open(csv_path, "a", newline="")
-        self.csv = csv.DictWriter(self.csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            self.csv.writeheader()
-        self.tb = None
-        if tensorboard:
-            try:
+        try:
+            self.csv = csv.DictWriter(self.csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if new:
+                self.csv.writeheader()
+            if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise RuntimeError("tensorboard=True needs the tensorboard package: pip install tensorboard "
-                                   "(or pass --no-tensorboard)") from None
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.wandb = None
-        if wandb_project:
-            try:
+
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            if wandb_project:
                 import wandb
-            except ImportError:
-                raise RuntimeError("wandb_project is set but wandb is not installed: pip install wandb") from None
-            self.wandb = wandb.init(project=wandb_project, name=run_dir.name, config=config, dir=str(run_dir),
-                                    resume="allow")
+
+                self.wandb = wandb.init(project=wandb_project, name=run_dir.name, config=config, dir=str(run_dir),
+                                        id=wandb_run_id(run_dir, resume), resume="allow")
+        except BaseException:
+            self.close(failed=True)
+            raise
 
     def log(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
@@ -140,10 +181,11 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the files; a W&B run is marked failed (exit code 1) when training raised."""
         self.jsonl.close()
         self.csv_file.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)

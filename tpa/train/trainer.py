@@ -27,7 +27,8 @@ from tpa.data.loader import TokenShards, TrainBatches, val_batch, val_sequences
 from tpa.data.prepare import read_meta
 from tpa.train import checkpoint as ckpt
 from tpa.train.config import TrainConfig, save_yaml
-from tpa.train.metrics import MetricsLogger, flops_per_token, memory_gb, peak_tflops, run_info
+from tpa.train.metrics import (MetricsLogger, check_logging_packages, flops_per_token, memory_gb, peak_tflops,
+                               run_info)
 from tpa.train.parallel import Dist, parallelize, resolve_parallel, setup_distributed, teardown_distributed
 
 # T6Config fields that must agree between a checkpoint and the run that resumes it.
@@ -134,6 +135,9 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
 
     from tpa import T6ForCausalLM
 
+    # every rank, before any work: a missing TensorBoard / W&B package stops all ranks at once
+    check_logging_packages(tensorboard=cfg.tensorboard and not cfg.export_only,
+                           wandb_project=None if cfg.export_only else cfg.wandb_project)
     device = world.device
     run_dir = cfg.resolved_run_dir()
     ckpt_dir = run_dir / "checkpoints"
@@ -209,7 +213,7 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                         parameters=sum(p.numel() for p in model.parameters()))
             f.write(json.dumps(info) + "\n")
         logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
-                               config=cfg.to_dict())
+                               config=cfg.to_dict(), resume=resume_from is not None)
 
     flops_tok = flops_per_token(model, mconfig, cfg.seq_len)
     peak = cfg.peak_tflops or peak_tflops(device)
@@ -245,6 +249,7 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
     last_ckpt = resume_from
     stopped = "finished"
     profiler = None
+    failed = True
     try:
         if step == 0:
             val_loss = evaluate()
@@ -333,12 +338,13 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                     last_ckpt = save(step)
                 if stopped != "finished":
                     break
+        failed = False
     finally:
         if profiler is not None:
             _write_profile(profiler, run_dir, device)
         bar.close()
         if logger is not None:
-            logger.close()
+            logger.close(failed=failed)
 
     export_dir = None
     if stopped == "finished" and cfg.export:
