@@ -132,10 +132,18 @@ GROUPS = [
 ]
 
 
+@pytest.fixture(params=["custom_op", "triton_op"])
+def registration(request, monkeypatch):
+    """Both registrations of the op: ``custom_op`` and ``triton_op`` (eager here; compiled by inductor
+    on a GPU, which scripts/gpu_model_check.py covers)."""
+    monkeypatch.setattr(materialize_mod, "_REGISTRATION", request.param)
+    return request.param
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
 @pytest.mark.parametrize("group", GROUPS, ids=["qkv-622", "prefill-cache-dv80", "two-parts"])
-def test_grouped_kernel_matches_truth(group, dtype, poison):
+def test_grouped_kernel_matches_truth(group, dtype, poison, registration):
     """Each pair of a one-launch group equals its own float64 truth (outputs and both gradients)."""
     seed = zlib.crc32(repr((group, str(dtype))).encode())
     factors = [make_factors(*shape, dtype, seed + i) for i, shape in enumerate(group)]
@@ -196,7 +204,7 @@ def test_kernel_layouts_scale_and_strides(poison):
 
 
 @needs_kernel
-def test_gradcheck_float64():
+def test_gradcheck_float64(registration):
     """The kernel in float64 (float64 accumulation) passes autograd's numerical gradient check."""
     g = torch.Generator().manual_seed(5)
     a = torch.randn(1, 3, 2, 5, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_(True)
@@ -256,7 +264,7 @@ def test_empty_batch():
 
 
 @needs_kernel
-def test_layer_with_the_kernel_matches_reference(monkeypatch):
+def test_layer_with_the_kernel_matches_reference(monkeypatch, registration):
     """TensorProductAttention's SDPA path with the fused op (forced) gives the reference's output and
     parameter gradients (the wiring: Q, K and V through the op, factors sliced from one projection)."""
     import tpa.layers.tpa as tpa_layer

@@ -93,9 +93,6 @@ _MAX_PARTS = 3
 # --------------------------------------------------------------------------------------------
 
 tl = None  # triton.language, bound by _kernels()
-_round_bf16_jit = None  # triton.jit(_round_bf16), bound by _kernels()
-_fwd_part_jit = None  # triton.jit(_fwd_part), bound by _kernels()
-_bwd_part_jit = None  # triton.jit(_bwd_part), bound by _kernels()
 
 
 def _round_bf16(x, FIX: tl.constexpr):
@@ -161,7 +158,7 @@ def _fwd_part(
                 b_r = tl.load(b_tok[:, None] + r * s_b_r + offs_d[None, :],
                               mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)  # [BLOCK_T, BLOCK_D]
                 acc += a_r[:, :, None] * b_r[:, None, :]
-        out = _round_bf16_jit(acc * scale, FIX_BF16)
+        out = _round_bf16(acc * scale, FIX_BF16)
         o_ptr = o_tok[:, None, None] + offs_h[None, :, None] * D + offs_d[None, None, :]
         tl.store(o_ptr, out.to(OUT.dtype.element_ty),
                  mask=t_ok[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :])
@@ -222,7 +219,7 @@ def _bwd_part(
             else:
                 ga = tl.dot(g, b_t)
                 gb_acc = tl.dot(a_t, g, gb_acc)
-            ga = _round_bf16_jit(ga * scale, FIX_BF16)
+            ga = _round_bf16(ga * scale, FIX_BF16)
             tl.store(ga_tok[:, None, None] + offs_r[None, None, :] * H + offs_h[None, :, None], ga.to(out_ty),
                      mask=th_ok[:, :, None] & r_ok[None, None, :])
         else:
@@ -231,17 +228,17 @@ def _bwd_part(
                 a_r = tl.load(a_tok[:, None] + r * s_a_r + offs_h[None, :], mask=th_ok, other=0.0).to(ACC)
                 b_r = tl.load(b_tok[:, None] + r * s_b_r + offs_d[None, :],
                               mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
-                ga = _round_bf16_jit(tl.sum(g * b_r[:, None, :], axis=2) * scale, FIX_BF16)  # [BT, BH]
+                ga = _round_bf16(tl.sum(g * b_r[:, None, :], axis=2) * scale, FIX_BF16)  # [BT, BH]
                 tl.store(ga_tok[:, None] + r * H + offs_h[None, :], ga.to(out_ty), mask=th_ok)
                 part = tl.sum(g * a_r[:, :, None], axis=1)  # [BT, BD]
                 if BLOCK_H >= H:  # one head block: this row of GB is complete
-                    gb = _round_bf16_jit(part * scale, FIX_BF16)
+                    gb = _round_bf16(part * scale, FIX_BF16)
                     tl.store(gb_tok[:, None] + r * D + offs_d[None, :], gb.to(out_ty),
                              mask=t_ok[:, None] & d_ok[None, :])
                 else:
                     gb_acc += tl.where(offs_r[None, :, None] == r, part[:, None, :], 0.0)
     if DOT or BLOCK_H < H:
-        gb = _round_bf16_jit(gb_acc * scale, FIX_BF16)
+        gb = _round_bf16(gb_acc * scale, FIX_BF16)
         tl.store(gb_tok[:, None, None] + offs_r[None, :, None] * D + offs_d[None, None, :], gb.to(out_ty),
                  mask=t_ok[:, None, None] & r_ok[None, :, None] & d_ok[None, None, :])
 
@@ -260,18 +257,19 @@ def _materialize_fwd_kernel(
     R1: tl.constexpr, D1: tl.constexpr, RP1: tl.constexpr, BD1: tl.constexpr,
     R2: tl.constexpr, D2: tl.constexpr, RP2: tl.constexpr, BD2: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, FIX_BF16: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr, FP64: tl.constexpr, FIX_BF16: tl.constexpr,
 ):
     """Part p: ``O_p [N_p, H, D_p] = (HI_p + LO_p) * sum_r A_p[tok, r, :, None] * B_p[tok, r, None, :]``
     for tokens ``tok < N_p`` of sequences of length ``T_p`` (see ``_fwd_part``)."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
-    _fwd_part_jit(pid, A0, B0, O0, N0, T0, HI0, LO0, SA0_B, SA0_T, SA0_R, SB0_B, SB0_T, SB0_R,
+    _fwd_part(pid, A0, B0, O0, N0, T0, HI0, LO0, SA0_B, SA0_T, SA0_R, SB0_B, SB0_T, SB0_R,
                   R0, H, D0, RP0, BLOCK_T, BLOCK_H, BD0, DOT, IEEE, ACC, FIX_BF16)
     if PARTS > 1:
-        _fwd_part_jit(pid, A1, B1, O1, N1, T1, HI1, LO1, SA1_B, SA1_T, SA1_R, SB1_B, SB1_T, SB1_R,
+        _fwd_part(pid, A1, B1, O1, N1, T1, HI1, LO1, SA1_B, SA1_T, SA1_R, SB1_B, SB1_T, SB1_R,
                       R1, H, D1, RP1, BLOCK_T, BLOCK_H, BD1, DOT, IEEE, ACC, FIX_BF16)
     if PARTS > 2:
-        _fwd_part_jit(pid, A2, B2, O2, N2, T2, HI2, LO2, SA2_B, SA2_T, SA2_R, SB2_B, SB2_T, SB2_R,
+        _fwd_part(pid, A2, B2, O2, N2, T2, HI2, LO2, SA2_B, SA2_T, SA2_R, SB2_B, SB2_T, SB2_R,
                       R2, H, D2, RP2, BLOCK_T, BLOCK_H, BD2, DOT, IEEE, ACC, FIX_BF16)
 
 
@@ -284,19 +282,20 @@ def _materialize_bwd_kernel(
     R1: tl.constexpr, D1: tl.constexpr, RP1: tl.constexpr, BD1: tl.constexpr,
     R2: tl.constexpr, D2: tl.constexpr, RP2: tl.constexpr, BD2: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, FIX_BF16: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr, FP64: tl.constexpr, FIX_BF16: tl.constexpr,
 ):
     """Part p: ``GA_p`` and ``GB_p`` from the output gradient ``G_p`` (see ``_bwd_part``)."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
-    _bwd_part_jit(pid, G0, A0, B0, GA0, GB0, N0, T0, HI0, LO0, SG0_B, SG0_T, SG0_H,
+    _bwd_part(pid, G0, A0, B0, GA0, GB0, N0, T0, HI0, LO0, SG0_B, SG0_T, SG0_H,
                   SA0_B, SA0_T, SA0_R, SB0_B, SB0_T, SB0_R, R0, H, D0, RP0, BLOCK_T, BLOCK_H, BD0,
                   DOT, IEEE, ACC, FIX_BF16)
     if PARTS > 1:
-        _bwd_part_jit(pid, G1, A1, B1, GA1, GB1, N1, T1, HI1, LO1, SG1_B, SG1_T, SG1_H,
+        _bwd_part(pid, G1, A1, B1, GA1, GB1, N1, T1, HI1, LO1, SG1_B, SG1_T, SG1_H,
                       SA1_B, SA1_T, SA1_R, SB1_B, SB1_T, SB1_R, R1, H, D1, RP1, BLOCK_T, BLOCK_H, BD1,
                       DOT, IEEE, ACC, FIX_BF16)
     if PARTS > 2:
-        _bwd_part_jit(pid, G2, A2, B2, GA2, GB2, N2, T2, HI2, LO2, SG2_B, SG2_T, SG2_H,
+        _bwd_part(pid, G2, A2, B2, GA2, GB2, N2, T2, HI2, LO2, SG2_B, SG2_T, SG2_H,
                       SA2_B, SA2_T, SA2_R, SB2_B, SB2_T, SB2_R, R2, H, D2, RP2, BLOCK_T, BLOCK_H, BD2,
                       DOT, IEEE, ACC, FIX_BF16)
 
@@ -308,9 +307,10 @@ def _kernels():
     import triton.language as language
 
     globals()["tl"] = language
-    globals()["_round_bf16_jit"] = triton.jit(_round_bf16)
-    globals()["_fwd_part_jit"] = triton.jit(_fwd_part)
-    globals()["_bwd_part_jit"] = triton.jit(_bwd_part)
+    # the helpers are rebound to their jitted selves under their own names, as the kernels call them
+    # (inductor, launching the kernels of the triton_op, emits each helper's source under its name)
+    for helper in (_round_bf16, _fwd_part, _bwd_part):
+        globals()[helper.__name__] = triton.jit(helper)
     # token counts vary with batch and sequence length: never specialise on them
     fwd = triton.jit(_materialize_fwd_kernel, do_not_specialize=[f"{x}{p}" for x in "NT" for p in range(3)])
     bwd = triton.jit(_materialize_bwd_kernel, do_not_specialize=[f"{x}{p}" for x in "NT" for p in range(3)])
@@ -443,12 +443,10 @@ def _constexprs(
     """The launch's constexpr arguments, computed once per (config, H, parts, dtype, device kind): the
     op runs in every layer, forward and backward, so its host path stays short. Slots beyond the
     given parts repeat part 0 (their code is not compiled)."""
-    import triton.language as language
-
     meta = dict(
         PARTS=len(parts), H=heads, BLOCK_T=config.block_t, BLOCK_H=config.block_h,
         DOT=config.dot, IEEE=interpret,  # the interpreter's 16-bit dot is unreliable: float32 operands there
-        ACC=language.float64 if dtype == torch.float64 else language.float32,
+        FP64=dtype == torch.float64,
         FIX_BF16=interpret and dtype == torch.bfloat16,
         num_warps=config.num_warps,
     )
@@ -479,11 +477,24 @@ def _pad_parts(args: list[list]) -> list:
     return flat
 
 
+def _launcher(kernel, via_inductor: bool):
+    if via_inductor:
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
 def materialize_fwd_triton(
-    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], scale: Sequence[float], config: MaterializeConfig
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    scale: Sequence[float],
+    config: MaterializeConfig,
+    via_inductor: bool = False,
 ) -> list[torch.Tensor]:
     """Launch the forward kernel once for 1 to 3 parts (e.g. Q, K and V): part p is
-    ``a[p] [B_p, T_p, R_p, H]``, ``b[p] [B_p, T_p, R_p, D_p]`` -> ``[B_p, T_p, H, D_p]`` contiguous."""
+    ``a[p] [B_p, T_p, R_p, H]``, ``b[p] [B_p, T_p, R_p, D_p]`` -> ``[B_p, T_p, H, D_p]`` contiguous.
+    ``via_inductor``: launch through ``wrap_triton`` (inside a ``triton_op``)."""
     heads = a[0].shape[3]
     outs, args, shapes, n_max = [], [], [], 0
     for a_p, b_p, s_p in zip(a, b, scale):
@@ -502,7 +513,7 @@ def materialize_fwd_triton(
         return outs
     meta = _launch_args(a[0], config, heads, tuple(shapes))
     fwd, _ = _kernels()
-    fwd[(-(-n_max // config.block_t),)](*_pad_parts(args), **meta)
+    _launcher(fwd, via_inductor)[(-(-n_max // config.block_t),)](*_pad_parts(args), **meta)
     return outs
 
 
@@ -512,6 +523,7 @@ def materialize_bwd_triton(
     b: Sequence[torch.Tensor],
     scale: Sequence[float],
     config: MaterializeConfig,
+    via_inductor: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Launch the backward kernel once for 1 to 3 parts: ``grad[p] [B_p, T_p, H, D_p]`` ->
     ``(grad_a [B_p, T_p, R_p, H], grad_b [B_p, T_p, R_p, D_p])``, contiguous in the dtype of ``a[p]``."""
@@ -535,13 +547,23 @@ def materialize_bwd_triton(
         return grads
     meta = _launch_args(a[0], config, heads, tuple(shapes))
     _, bwd = _kernels()
-    bwd[(-(-n_max // config.block_t),)](*_pad_parts(args), **meta)
+    _launcher(bwd, via_inductor)[(-(-n_max // config.block_t),)](*_pad_parts(args), **meta)
     return grads
 
 
 # --------------------------------------------------------------------------------------------
-# The custom ops: torch.ops.tpa.materialize (1 to 3 parts) and its backward. ``config`` carries the
-# launch parameters as eight ints: forward (block_t, block_h, num_warps, dot), then backward.
+# The ops (lists of 1 to 3 factor pairs) and their backward. ``config`` carries the launch
+# parameters as eight ints: forward (block_t, block_h, num_warps, dot), then backward.
+#
+# Two registrations of one computation:
+# - ``tpa::materialize`` (``custom_op``): opaque to torch.compile, which calls it through the
+#   dispatcher and this module's Python launcher; runs anywhere, compiled or not, including CPU
+#   tensors under Triton's interpreter.
+# - ``tpa::materialize_triton`` (``triton_op``, registered on first CUDA use): torch.compile sees the
+#   kernel launches inside it and inductor emits them into its generated code with its own
+#   launcher, without Python in between at run time. The training step of the ``small`` preset
+#   spends host time, not GPU time; this is the one CUDA tensors take. Its compiled form needs a
+#   GPU (the interpreter cannot run on fake tensors); eagerly it also runs interpreted.
 # --------------------------------------------------------------------------------------------
 
 
@@ -555,29 +577,21 @@ def _split_config_cached(config: tuple[int, ...]) -> tuple[MaterializeConfig, Ma
     return MaterializeConfig(*f[:3], bool(f[3])), MaterializeConfig(*b[:3], bool(b[3]))
 
 
-@torch.library.custom_op("tpa::materialize", mutates_args=())
-def _materialize_op(
-    a: list[torch.Tensor], b: list[torch.Tensor], scale: list[float], config: list[int]
-) -> list[torch.Tensor]:
-    return materialize_fwd_triton(a, b, scale, _split_config(config)[0])
+def _fwd_impl(a, b, scale, config, via_inductor=False):
+    return materialize_fwd_triton(a, b, scale, _split_config(config)[0], via_inductor)
 
 
-@_materialize_op.register_fake
-def _(a, b, scale, config):
-    return [a_p.new_empty((a_p.shape[0], a_p.shape[1], a_p.shape[3], b_p.shape[3])) for a_p, b_p in zip(a, b)]
-
-
-@torch.library.custom_op("tpa::materialize_backward", mutates_args=())
-def _materialize_backward_op(
-    grad: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], scale: list[float], config: list[int]
-) -> list[torch.Tensor]:
+def _bwd_impl(grad, a, b, scale, config, via_inductor=False):
     """``[grad_a_0, grad_b_0, grad_a_1, grad_b_1, ...]``."""
-    pairs = materialize_bwd_triton(grad, a, b, scale, _split_config(config)[1])
+    pairs = materialize_bwd_triton(grad, a, b, scale, _split_config(config)[1], via_inductor)
     return [g for pair in pairs for g in pair]
 
 
-@_materialize_backward_op.register_fake
-def _(grad, a, b, scale, config):
+def _fwd_fake(a, b, scale, config):
+    return [a_p.new_empty((a_p.shape[0], a_p.shape[1], a_p.shape[3], b_p.shape[3])) for a_p, b_p in zip(a, b)]
+
+
+def _bwd_fake(grad, a, b, scale, config):
     return [g for a_p, b_p in zip(a, b) for g in (a_p.new_empty(a_p.shape), b_p.new_empty(b_p.shape, dtype=a_p.dtype))]
 
 
@@ -587,18 +601,67 @@ def _setup_context(ctx, inputs, output):
     ctx.parts, ctx.scale, ctx.config = len(a), scale, config
 
 
-def _backward(ctx, grads):
-    saved = ctx.saved_tensors
-    a, b = list(saved[: ctx.parts]), list(saved[ctx.parts :])
-    grads = [  # an output that took no part in the loss has no gradient
-        g if g is not None else a_p.new_zeros((a_p.shape[0], a_p.shape[1], a_p.shape[3], b_p.shape[3]))
-        for g, a_p, b_p in zip(grads, a, b)
-    ]
-    flat = _materialize_backward_op(grads, a, b, ctx.scale, ctx.config)
-    return list(flat[0::2]), list(flat[1::2]), None, None
+def _autograd_backward(backward_op):
+    def backward(ctx, grads):
+        saved = ctx.saved_tensors
+        a, b = list(saved[: ctx.parts]), list(saved[ctx.parts :])
+        grads = [  # an output that took no part in the loss has no gradient
+            g if g is not None else a_p.new_zeros((a_p.shape[0], a_p.shape[1], a_p.shape[3], b_p.shape[3]))
+            for g, a_p, b_p in zip(grads, a, b)
+        ]
+        flat = backward_op(grads, a, b, ctx.scale, ctx.config)
+        return list(flat[0::2]), list(flat[1::2]), None, None
+
+    return backward
 
 
-_materialize_op.register_autograd(_backward, setup_context=_setup_context)
+@torch.library.custom_op("tpa::materialize", mutates_args=())
+def _materialize_op(
+    a: list[torch.Tensor], b: list[torch.Tensor], scale: list[float], config: list[int]
+) -> list[torch.Tensor]:
+    return _fwd_impl(a, b, scale, config)
+
+
+@torch.library.custom_op("tpa::materialize_backward", mutates_args=())
+def _materialize_backward_op(
+    grad: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], scale: list[float], config: list[int]
+) -> list[torch.Tensor]:
+    return _bwd_impl(grad, a, b, scale, config)
+
+
+_materialize_op.register_fake(_fwd_fake)
+_materialize_backward_op.register_fake(_bwd_fake)
+_materialize_op.register_autograd(_autograd_backward(_materialize_backward_op), setup_context=_setup_context)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_ops():
+    """``tpa::materialize_triton`` and its backward, registered on first use (``triton_op`` imports
+    triton and inductor)."""
+    from torch.library import triton_op
+
+    @triton_op("tpa::materialize_triton", mutates_args=())
+    def forward(a: list[torch.Tensor], b: list[torch.Tensor], scale: list[float], config: list[int]) -> list[torch.Tensor]:
+        return _fwd_impl(a, b, scale, config, via_inductor=True)
+
+    @triton_op("tpa::materialize_triton_backward", mutates_args=())
+    def backward(
+        grad: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], scale: list[float], config: list[int]
+    ) -> list[torch.Tensor]:
+        return _bwd_impl(grad, a, b, scale, config, via_inductor=True)
+
+    forward.register_autograd(_autograd_backward(backward), setup_context=_setup_context)
+    return forward, backward
+
+
+# Which registration the Triton path uses: "auto" (triton_op for CUDA tensors, custom_op otherwise),
+# "custom_op" or "triton_op" (tests and A/B measurements).
+_REGISTRATION = "auto"
+
+
+def _op_for(device_type: str):
+    use_triton_op = _REGISTRATION == "triton_op" or (_REGISTRATION == "auto" and device_type == "cuda")
+    return _triton_ops()[0] if use_triton_op else _materialize_op
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,10 +767,11 @@ def tpa_materialize_many(
     scales = [float(1.0 / r if s is None else s) for r, s in zip(ranks, scales)]
     fwd_default, bwd_default = default_configs(heads, max(dims), pairs[0][0].dtype)
     config = (fwd_config or fwd_default).as_list() + (bwd_config or bwd_default).as_list()
+    op = _op_for(device_type)
     outs = []
     for i in range(0, len(pairs), _MAX_PARTS):
         group = pairs[i : i + _MAX_PARTS]
-        outs.extend(_materialize_op([a for a, _ in group], [b for _, b in group], scales[i : i + _MAX_PARTS], config))
+        outs.extend(op([a for a, _ in group], [b for _, b in group], scales[i : i + _MAX_PARTS], config))
     return tuple(outs)
 
 
