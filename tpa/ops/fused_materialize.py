@@ -559,7 +559,7 @@ def materialize_bwd_triton(
 # - ``tpa::materialize`` (``custom_op``): opaque to torch.compile, which calls it through the
 #   dispatcher and this module's Python launcher; runs anywhere, compiled or not, including CPU
 #   tensors under Triton's interpreter.
-# - ``tpa::materialize_triton`` (``triton_op``, registered on first CUDA use): torch.compile sees the
+# - ``tpa::materialize_triton`` (``triton_op``, registered when triton is installed): torch.compile sees the
 #   kernel launches inside it and inductor emits them into its generated code with its own
 #   launcher, without Python in between at run time. The training step of the ``small`` preset
 #   spends host time, not GPU time; this is the one CUDA tensors take. Its compiled form needs a
@@ -634,10 +634,9 @@ _materialize_backward_op.register_fake(_bwd_fake)
 _materialize_op.register_autograd(_autograd_backward(_materialize_backward_op), setup_context=_setup_context)
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_ops():
-    """``tpa::materialize_triton`` and its backward, registered on first use (``triton_op`` imports
-    triton and inductor)."""
+def _register_triton_ops():
+    """``tpa::materialize_triton`` and its backward (at import, when triton is installed: torch.compile
+    must find them registered, it cannot register an op while tracing)."""
     from torch.library import triton_op
 
     @triton_op("tpa::materialize_triton", mutates_args=())
@@ -654,6 +653,9 @@ def _triton_ops():
     return forward, backward
 
 
+_TRITON_OPS = _register_triton_ops() if _HAVE_TRITON else None
+
+
 # Which registration the Triton path uses: "auto" (triton_op for CUDA tensors, custom_op otherwise),
 # "custom_op" or "triton_op" (tests and A/B measurements).
 _REGISTRATION = "auto"
@@ -661,7 +663,7 @@ _REGISTRATION = "auto"
 
 def _op_for(device_type: str):
     use_triton_op = _REGISTRATION == "triton_op" or (_REGISTRATION == "auto" and device_type == "cuda")
-    return _triton_ops()[0] if use_triton_op else _materialize_op
+    return _TRITON_OPS[0] if use_triton_op else _materialize_op
 
 
 # --------------------------------------------------------------------------------------------
