@@ -191,6 +191,62 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     assert result.step == 20 and result.stopped == "finished"
 
 
+def test_deferred_host_reads_match_reading_every_step(reference_run, data_dir, tmp_path):
+    """host_sync='deferred' (the loss read every 5 steps here, the fused AdamW) trains as reading it
+    every step does (foreach AdamW): the same losses up to the two optimizers' rounding."""
+    run = tmp_path / "run"
+    result = train(tiny_config(data_dir, run, host_sync="deferred", log_every=5))
+    assert result.stopped == "finished" and result.step == 20
+    got, ref = train_losses(run), train_losses(reference_run)
+    assert sorted(got) == [5, 10, 15, 20]
+    for step, loss in got.items():
+        assert loss == pytest.approx(ref[step], rel=1e-4), step
+
+
+def test_deferred_non_finite_loss_skips_the_step_and_stops_at_the_next_read(data_dir, tmp_path, monkeypatch):
+    """With deferred reads a NaN at step 5 is found at the read of step 6: the fused AdamW skipped
+    step 5's update on the device, no checkpoint is written after it, and the message names step 5."""
+    import tpa.train.trainer as trainer
+
+    real = trainer.lm_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        loss = real(logits, targets)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] > 2 * 5 - 1:
+                return loss * float("nan")
+        return loss
+
+    skipped = []
+    real_step = trainer._deferred_optimizer_step
+
+    def spy(model, optimizer, loss, *args):
+        before = [p.detach().clone() for p in model.parameters()]
+        real_step(model, optimizer, loss, *args)
+        if not torch.isfinite(loss):
+            skipped.append(all(torch.equal(b, p) for b, p in zip(before, model.parameters())))
+
+    monkeypatch.setattr(trainer, "lm_loss", poisoned)
+    monkeypatch.setattr(trainer, "_deferred_optimizer_step", spy)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 5; the optimizer skipped.*step 6.*step_00000004"):
+        train(tiny_config(data_dir, run, checkpoint_every=2, keep_checkpoints=5, host_sync="deferred", log_every=3))
+    assert skipped == [True, True]  # steps 5 and 6: parameters untouched
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [2, 4]
+    assert not (run / "final").exists()
+
+
+def test_host_sync_choices():
+    from tpa.train.config import build_config
+
+    with pytest.raises(ValueError, match="host_sync must be one of"):
+        build_config(None, {"preset": "tiny", "host_sync": "never"})
+    with pytest.raises(ValueError, match="needs the fused AdamW"):
+        build_config(None, {"preset": "tiny", "host_sync": "deferred", "parallel": "fsdp"})
+
+
 def test_existing_run_needs_resume(reference_run, data_dir):
     with pytest.raises(ValueError, match="--resume"):
         train(tiny_config(data_dir, reference_run))

@@ -23,6 +23,7 @@ from pathlib import Path
 ATTENTION_TYPES = ("tpa", "tpa_kvonly", "mha", "gqa", "mqa", "mla")
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
+HOST_SYNC = ("auto", "step", "deferred")
 
 
 def _f(default, help: str, **kw):
@@ -75,6 +76,12 @@ class TrainConfig:
     precision: str = _f("auto", "bf16 (autocast / FSDP2 mixed precision), fp32, or auto: bf16 on GPUs that have it")
     parallel: str = _f("auto", "none, ddp, fsdp (FSDP2 fully_shard), or auto: ddp under torchrun, else none")
     compile: bool = _f(False, "torch.compile each transformer block")
+    host_sync: str = _f(
+        "auto",
+        "when the host reads the loss: 'step' (every step; a non-finite loss stops the run before its optimizer "
+        "step); 'deferred' (every 10 steps and at log, eval, checkpoint and last steps, so the host never waits "
+        "for the GPU in between; a non-finite step is skipped on the device by the fused AdamW and the run "
+        "stops at the next read; not with FSDP); 'auto': deferred on CUDA without FSDP, else step")
     activation_checkpointing: bool = _f(False, "recompute each transformer block in the backward pass")
     seed: int = _f(0, "seed of the model initialisation")
     profile_steps: int = _f(0, "profile this many steps from step 10 with torch.profiler into RUN_DIR/profile.txt and a trace")
@@ -85,6 +92,11 @@ class TrainConfig:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.host_sync not in HOST_SYNC:
+            raise ValueError(f"host_sync must be one of {HOST_SYNC}, got {self.host_sync!r}")
+        if self.host_sync == "deferred" and self.parallel == "fsdp":
+            raise ValueError("host_sync='deferred' needs the fused AdamW, which FSDP2 runs do not use: "
+                             "use host_sync='step' or 'auto' with FSDP")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("seq_len", "global_batch_size", "micro_batch_size", "max_steps", "eval_every", "log_every",

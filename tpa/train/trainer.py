@@ -130,6 +130,46 @@ def _all_reduce_sum(values: list[float], world: Dist) -> list[float]:
     return t.tolist()
 
 
+# With deferred host reads: the most steps between two reads of the loss (and of a stop signal).
+_DEFERRED_READ_EVERY = 10
+
+
+def _deferred_optimizer_step(model, optimizer, loss: torch.Tensor, grad_clip: float, world: Dist, pending: list,
+                             step: int) -> None:
+    """Clip and step without the host reading anything from the device: the rank-averaged loss and
+    the gradient norm stay on the device, and the fused AdamW skips the update (on the device) when
+    either is not finite. The values go to ``pending`` for :func:`_read_pending`."""
+    loss = loss.detach().float()
+    if world.enabled:
+        dist.all_reduce(loss)
+        loss = loss / world.world_size
+    norm = None
+    bad = ~torch.isfinite(loss)
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        bad = bad | ~torch.isfinite(norm)
+    optimizer.found_inf = bad.float()
+    optimizer.step()
+    pending.append((step, loss, norm, bad))
+
+
+def _read_pending(pending: list, last_ckpt) -> tuple[float, float | None]:
+    """Read the deferred values (one host sync) and empty ``pending``; return the latest step's loss
+    and gradient norm, or raise :class:`NonFiniteLoss` naming the first step whose loss or norm was
+    not finite (its update was skipped on the device, as were those of later non-finite steps)."""
+    rows = [(step, loss.item(), None if norm is None else norm.item()) for step, loss, norm, _ in pending]
+    pending.clear()
+    for step, loss, norm in rows:
+        what = ("training loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+        if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
+            raise NonFiniteLoss(
+                f"the {what[0]} is {what[1]} at step {step}; the optimizer skipped that step's update and the run "
+                f"stopped at the next read of the loss (step {rows[-1][0]}; host_sync='deferred'). "
+                f"The last good checkpoint is {last_ckpt or 'none (nothing was saved yet)'}. "
+                "Lower the learning rate, check the data, or resume from that checkpoint.")
+    return rows[-1][1], rows[-1][2]
+
+
 def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
     from tqdm.auto import tqdm
 
@@ -170,7 +210,11 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
 
     # ---- optimizer and schedule
     groups = param_groups(model, cfg.weight_decay)
-    fused = device.type == "cuda" and mode != "fsdp"
+    if cfg.host_sync == "deferred" and mode == "fsdp":
+        raise ValueError("host_sync='deferred' needs the fused AdamW, which FSDP2 runs do not use")
+    deferred = cfg.host_sync == "deferred" or (cfg.host_sync == "auto" and device.type == "cuda" and mode != "fsdp")
+    # the fused AdamW skips a step on the device when told a value was not finite (found_inf)
+    fused = (device.type == "cuda" and mode != "fsdp") or deferred
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   fused=fused or None, foreach=None if fused else True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr_factor(
@@ -256,6 +300,8 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
             if logger is not None:
                 logger.log({"step": 0, "tokens": 0, "val_loss": val_loss, "lr": scheduler.get_last_lr()[0]})
         window_time, window_tokens = 0.0, 0
+        pending: list[tuple] = []  # deferred host reads: (step, loss, grad norm, not-finite flag) on the device
+        train_loss = grad_norm = None
         start_time = time.perf_counter()
         train_model.train()
         with _StopFlag() as stop_flag:
@@ -281,35 +327,47 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                         loss = loss_fn(logits, micro[:, 1:])
                         (loss / accum).backward()
                     loss_sum += loss.detach()
-                loss_total, signals = _all_reduce_sum([loss_sum.item() / accum, float(stop_flag.signum is not None)],
-                                                      world)
-                train_loss = loss_total / world.world_size
-                if not math.isfinite(train_loss):
-                    raise NonFiniteLoss(
-                        f"the training loss is {train_loss} at step {step + 1}; stopped before the optimizer step. "
-                        f"The last good checkpoint is {last_ckpt or 'none (nothing was saved yet)'}. "
-                        "Lower the learning rate, check the data, or resume from that checkpoint.")
-                grad_norm = None
-                if cfg.grad_clip > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-                    grad_norm = norm.item()
-                    if not math.isfinite(grad_norm):
-                        raise NonFiniteLoss(
-                            f"the gradient norm is {grad_norm} at step {step + 1}; stopped before the optimizer step. "
-                            f"The last good checkpoint is {last_ckpt or 'none (nothing was saved yet)'}.")
                 lr = scheduler.get_last_lr()[0]
-                optimizer.step()
+                if deferred:
+                    _deferred_optimizer_step(model, optimizer, loss_sum / accum, cfg.grad_clip, world, pending, step + 1)
+                else:
+                    loss_total, signals = _all_reduce_sum(
+                        [loss_sum.item() / accum, float(stop_flag.signum is not None)], world)
+                    train_loss = loss_total / world.world_size
+                    if not math.isfinite(train_loss):
+                        raise NonFiniteLoss(
+                            f"the training loss is {train_loss} at step {step + 1}; stopped before the optimizer step. "
+                            f"The last good checkpoint is {last_ckpt or 'none (nothing was saved yet)'}. "
+                            "Lower the learning rate, check the data, or resume from that checkpoint.")
+                    grad_norm = None
+                    if cfg.grad_clip > 0:
+                        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                        grad_norm = norm.item()
+                        if not math.isfinite(grad_norm):
+                            raise NonFiniteLoss(
+                                f"the gradient norm is {grad_norm} at step {step + 1}; stopped before the optimizer "
+                                f"step. The last good checkpoint is {last_ckpt or 'none (nothing was saved yet)'}.")
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 step_tokens = cfg.global_batch_size * cfg.seq_len
                 tokens += step_tokens
+                will_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+                if deferred and (step % _DEFERRED_READ_EVERY == 0 or will_eval or step % cfg.log_every == 0
+                                 or step % cfg.checkpoint_every == 0
+                                 or (cfg.halt_at_step is not None and step >= cfg.halt_at_step)):
+                    # the host reads the losses of the steps since the last read (waiting for the GPU once)
+                    train_loss, grad_norm = _read_pending(pending, last_ckpt)
+                    signals = _all_reduce_sum([float(stop_flag.signum is not None)], world)[0]
+                elif deferred:
+                    signals = 0.0
                 window_time += time.perf_counter() - t0
                 window_tokens += step_tokens
 
                 evaluated = False
-                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                if will_eval:
                     val_loss = evaluate()
                     evaluated = True
                 if logger is not None and (step % cfg.log_every == 0 or evaluated or step == cfg.max_steps):
@@ -327,7 +385,8 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                     _write_profile(profiler, run_dir, device)
                     profiler = None
                 bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
+                if train_loss is not None:
+                    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
 
                 halt = cfg.halt_at_step is not None and step >= cfg.halt_at_step
                 if signals > 0:
