@@ -166,7 +166,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     assert result.step == steps[-1] + 2
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+def _poison_loss_from_step(monkeypatch, step: int):
+    """Make the training loss NaN from the second micro-batch of ``step`` on (2 micro-batches a step);
+    return the real loss function."""
     import tpa.train.trainer as trainer
 
     real = trainer.lm_loss
@@ -176,11 +178,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
         loss = real(logits, targets)
         if torch.is_grad_enabled():
             calls["n"] += 1
-            if calls["n"] > 2 * 5 - 1:  # the second micro-batch of step 5 (2 micro-batches a step)
+            if calls["n"] > 2 * step - 1:
                 return loss * float("nan")
         return loss
 
     monkeypatch.setattr(trainer, "lm_loss", poisoned)
+    return real
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    import tpa.train.trainer as trainer
+
+    real = _poison_loss_from_step(monkeypatch, 5)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 5.*step_00000004"):
         train(tiny_config(data_dir, run, checkpoint_every=2, keep_checkpoints=5))
@@ -208,17 +217,7 @@ def test_deferred_non_finite_loss_skips_the_step_and_stops_at_the_next_read(data
     step 5's update on the device, no checkpoint is written after it, and the message names step 5."""
     import tpa.train.trainer as trainer
 
-    real = trainer.lm_loss
-    calls = {"n": 0}
-
-    def poisoned(logits, targets):
-        loss = real(logits, targets)
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] > 2 * 5 - 1:
-                return loss * float("nan")
-        return loss
-
+    _poison_loss_from_step(monkeypatch, 5)
     skipped = []
     real_step = trainer._deferred_optimizer_step
 
@@ -228,7 +227,6 @@ def test_deferred_non_finite_loss_skips_the_step_and_stops_at_the_next_read(data
         if not torch.isfinite(loss):
             skipped.append(all(torch.equal(b, p) for b, p in zip(before, model.parameters())))
 
-    monkeypatch.setattr(trainer, "lm_loss", poisoned)
     monkeypatch.setattr(trainer, "_deferred_optimizer_step", spy)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 5; the optimizer skipped.*step 6.*step_00000004"):
