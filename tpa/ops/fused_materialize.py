@@ -477,12 +477,27 @@ def _pad_parts(args: list[list]) -> list:
     return flat
 
 
-def _launcher(kernel, via_inductor: bool):
+def _token_args(a_p: torch.Tensor, scale: float) -> list:
+    """A part's ``n_tok, seq, scale_hi, scale_lo`` kernel arguments (``seq`` at least 1: it divides)."""
+    bsz, seq = a_p.shape[:2]
+    _check_tokens(bsz * seq)
+    return [bsz * seq, max(seq, 1), *_scale_parts(scale)]
+
+
+def _launch(kernel, args: list[list], shapes: list[tuple[int, int]], a: Sequence[torch.Tensor],
+            config: MaterializeConfig, via_inductor: bool) -> None:
+    """One launch over the parts' ``args`` (part p's head factors ``a[p]``), through ``wrap_triton``
+    inside the ``triton_op``; nothing to do when no part has tokens."""
+    n_max = max(a_p.shape[0] * a_p.shape[1] for a_p in a)
+    if n_max == 0:
+        return
+    ref = a[0]
+    meta = _launch_args(ref, config, ref.shape[3], tuple(shapes))
     if via_inductor:
         from torch.library import wrap_triton
 
-        return wrap_triton(kernel)
-    return kernel
+        kernel = wrap_triton(kernel)
+    kernel[(-(-n_max // config.block_t),)](*_pad_parts(args), **meta)
 
 
 def materialize_fwd_triton(
@@ -496,24 +511,16 @@ def materialize_fwd_triton(
     ``a[p] [B_p, T_p, R_p, H]``, ``b[p] [B_p, T_p, R_p, D_p]`` -> ``[B_p, T_p, H, D_p]`` contiguous.
     ``via_inductor``: launch through ``wrap_triton`` (inside a ``triton_op``)."""
     heads = a[0].shape[3]
-    outs, args, shapes, n_max = [], [], [], 0
+    outs, args, shapes = [], [], []
     for a_p, b_p, s_p in zip(a, b, scale):
         bsz, seq, rank, _ = a_p.shape
         dim = b_p.shape[-1]
         out = _poisoned(torch.empty((bsz, seq, heads, dim), dtype=a_p.dtype, device=a_p.device))
         outs.append(out)
-        n_tok = bsz * seq
-        _check_tokens(n_tok)
-        n_max = max(n_max, n_tok)
         a_p, b_p = _unit_last(a_p), _unit_last(b_p)
-        hi, lo = _scale_parts(s_p)
-        args.append([a_p, b_p, out, n_tok, max(seq, 1), hi, lo, *a_p.stride()[:3], *b_p.stride()[:3]])
+        args.append([a_p, b_p, out, *_token_args(a_p, s_p), *a_p.stride()[:3], *b_p.stride()[:3]])
         shapes.append((rank, dim))
-    if n_max == 0:
-        return outs
-    meta = _launch_args(a[0], config, heads, tuple(shapes))
-    fwd, _ = _kernels()
-    _launcher(fwd, via_inductor)[(-(-n_max // config.block_t),)](*_pad_parts(args), **meta)
+    _launch(_kernels()[0], args, shapes, a, config, via_inductor)
     return outs
 
 
@@ -528,26 +535,18 @@ def materialize_bwd_triton(
     """Launch the backward kernel once for 1 to 3 parts: ``grad[p] [B_p, T_p, H, D_p]`` ->
     ``(grad_a [B_p, T_p, R_p, H], grad_b [B_p, T_p, R_p, D_p])``, contiguous in the dtype of ``a[p]``."""
     heads = a[0].shape[3]
-    grads, args, shapes, n_max = [], [], [], 0
+    grads, args, shapes = [], [], []
     for g_p, a_p, b_p, s_p in zip(grad, a, b, scale):
         bsz, seq, rank, _ = a_p.shape
         dim = b_p.shape[-1]
         grad_a = _poisoned(torch.empty((bsz, seq, rank, heads), dtype=a_p.dtype, device=a_p.device))
         grad_b = _poisoned(torch.empty((bsz, seq, rank, dim), dtype=a_p.dtype, device=a_p.device))
         grads.append((grad_a, grad_b))
-        n_tok = bsz * seq
-        _check_tokens(n_tok)
-        n_max = max(n_max, n_tok)
         g_p, a_p, b_p = _unit_last(g_p.to(a_p.dtype)), _unit_last(a_p), _unit_last(b_p)
-        hi, lo = _scale_parts(s_p)
-        args.append([g_p, a_p, b_p, grad_a, grad_b, n_tok, max(seq, 1), hi, lo,
+        args.append([g_p, a_p, b_p, grad_a, grad_b, *_token_args(a_p, s_p),
                      *g_p.stride()[:3], *a_p.stride()[:3], *b_p.stride()[:3]])
         shapes.append((rank, dim))
-    if n_max == 0:
-        return grads
-    meta = _launch_args(a[0], config, heads, tuple(shapes))
-    _, bwd = _kernels()
-    _launcher(bwd, via_inductor)[(-(-n_max // config.block_t),)](*_pad_parts(args), **meta)
+    _launch(_kernels()[1], args, shapes, a, config, via_inductor)
     return grads
 
 
