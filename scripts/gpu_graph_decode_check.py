@@ -46,6 +46,7 @@ import torch
 import tpa
 from tpa import T6Cache, T6Config, T6ForCausalLM
 from tpa.eval.report import atomic_write_json, atomic_write_text, run_metadata
+from tpa.models.t6.hf_compat import cache_kwargs
 
 NEW_TOKENS = 16
 PROMPT_LENGTHS = (5, 16, 11)
@@ -82,7 +83,7 @@ def left_padded_prompts(vocab: int, device):
 
 def greedy(model, ids, mask, cache):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW_TOKENS,
+        return model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=NEW_TOKENS,
                               do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
 
 
@@ -120,15 +121,15 @@ def sync_free_step(model, ids, mask) -> bool:
     """Prefill a static eager cache, run one step, then one more under sync debug mode "error"."""
     cache = new_cache(model, ids.shape[0], ids.shape[1] + 2, "static")
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(ids, attention_mask=mask, cache=cache, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        tok = model(tok, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        tok = model(tok, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            model(tok, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(tok, attention_mask=mask, cache=cache, use_cache=True)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
@@ -173,7 +174,7 @@ def _prefill(model, cache, ids, chunk: int = 1024):
     with torch.no_grad():
         out = None
         for piece in ids.split(chunk, dim=1):
-            out = model(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(piece, cache=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1:].argmax(-1)
 
 
@@ -188,11 +189,11 @@ def forward_ms_per_step(model, mode: str, context: int, batch: int, device, warm
     tok = _prefill(model, cache, ids)
     with torch.no_grad():
         for _ in range(warmup):
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         _sync(device)
     return 1e3 * (time.perf_counter() - start) / steps
 
@@ -207,7 +208,7 @@ def generate_ms_per_token(model, mode: str, context: int, batch: int, device, ne
         _sync(device)
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n,
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=n,
                                  min_new_tokens=n, **kw)
         _sync(device)
         elapsed = time.perf_counter() - start

@@ -30,12 +30,12 @@ def main() -> None:
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     for piece in ids.split(1024, dim=1):
-                        model(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        model(piece, cache=cache, use_cache=True, logits_to_keep=1)
                     torch.cuda.synchronize()
                     t1 = time.perf_counter()
                     tok = ids[:, -1:]
                     for _ in range(args.steps):
-                        out = model(tok, past_key_values=cache, use_cache=True)
+                        out = model(tok, cache=cache, use_cache=True)
                         tok = out.logits[:, -1:].argmax(-1)
                     torch.cuda.synchronize()
                     t2 = time.perf_counter()
@@ -55,7 +55,7 @@ def main() -> None:
 
                 with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     for _ in range(3):
-                        out = model(tok, past_key_values=cache, use_cache=True)
+                        out = model(tok, cache=cache, use_cache=True)
                         tok = out.logits[:, -1:].argmax(-1)
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))

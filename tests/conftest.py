@@ -17,6 +17,16 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests skip cleanly on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with `python -m pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

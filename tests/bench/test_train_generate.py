@@ -9,6 +9,7 @@ import torch
 
 from tpa.cli import main
 from tpa.models.t6.configuration_t6 import ATTENTION_TYPES
+from tpa.models.t6.hf_compat import cache_kwargs
 
 
 def test_bench_train_every_type(corpus, tmp_path, capsys):
@@ -92,7 +93,7 @@ def test_chunked_prefill_then_generate_equals_plain_generate():
         cache = T6Cache.for_model(model, 2, capacity=50)
         with torch.no_grad():
             for piece in ids[:, :-1].split(16, dim=1):
-                model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=5,
+                model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=5,
                              min_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(out, ref), t

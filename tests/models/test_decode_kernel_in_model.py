@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tpa import T6Config, T6ForCausalLM
+from tpa.models.t6.hf_compat import output_cache
 
 pytest.importorskip("triton")
 VOCAB = 89
@@ -42,7 +43,7 @@ def test_kernel_path_is_taken():
     decode.tpa_decode = spy
     try:
         out = model(torch.randint(1, VOCAB, (1, 4)), use_cache=True)
-        model(torch.randint(1, VOCAB, (1, 1)), past_key_values=out.past_key_values, use_cache=True)
+        model(torch.randint(1, VOCAB, (1, 1)), cache=output_cache(out), use_cache=True)
     finally:
         decode.tpa_decode = original
     assert calls and all(c == "triton" for c in calls)

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 import tpa
 from tpa import T6Config, T6ForCausalLM
 from tpa.models.t6 import load_model_and_tokenizer, save_model_and_tokenizer
+from tpa.models.t6.hf_compat import output_cache
 
 VOCAB = 101
 
@@ -89,9 +90,9 @@ def test_cache_measured_elements_match_table1():
     out = model(torch.randint(1, VOCAB, (1, 4)), use_cache=True)
     cfg = model.config
     expected = (cfg.k_rank + cfg.v_rank) * (cfg.num_attention_heads + cfg.head_dim)
-    assert out.past_key_values.elements_per_token() == [expected] * cfg.num_hidden_layers
-    assert isinstance(out.past_key_values, tpa.T6Cache)
-    assert sorted(out.past_key_values.kv.layers[0].buffers) == ["a_k", "a_v", "b_k", "b_v"]
+    assert output_cache(out).elements_per_token() == [expected] * cfg.num_hidden_layers
+    assert isinstance(output_cache(out), tpa.T6Cache)
+    assert sorted(output_cache(out).kv.layers[0].buffers) == ["a_k", "a_v", "b_k", "b_v"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

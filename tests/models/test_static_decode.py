@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tpa
 from tpa import T6Cache, T6Config, T6ForCausalLM
 from tpa.models.t6.decode_graph import DecodeGraph
+from tpa.models.t6.hf_compat import cache_kwargs, output_cache
 
 VOCAB = 101
 
@@ -77,8 +78,8 @@ def test_static_generate_equals_dynamic_left_padded(attention_type):
     ids, mask = left_padded()
     ref = model.generate(ids, attention_mask=mask, **GREEDY)
     out = model.generate(ids, attention_mask=mask, cache_implementation="static", **GREEDY)
-    assert not ref.past_key_values.static
-    assert out.past_key_values.static and out.past_key_values.capacity == 9 + 8 - 1
+    assert not output_cache(ref).static
+    assert output_cache(out).static and output_cache(out).capacity == 9 + 8 - 1
     assert len(set(ref.sequences[:, 9:].flatten().tolist())) > 2, "test model too degenerate to discriminate"
     assert_same_generation(ref, out)
 
@@ -91,7 +92,7 @@ def test_graph_replay_generate_equals_dynamic(attention_type):
     ids, mask = left_padded((3, 7))
     ref = model.generate(ids, attention_mask=mask, **GREEDY)
     cache = with_eager_replay(model, 2, capacity=7 + 8)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, **GREEDY)
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), **GREEDY)
     assert_same_generation(ref, out)
     graph = cache.decode_graph
     assert (graph.captures, graph.replays) == (1, 7)  # the prompt is eager, then 7 one-token steps
@@ -147,10 +148,10 @@ def test_static_steps_equal_dynamic_steps_for_variants(overrides):
     for static in (False, True):
         cache = T6Cache.for_model(model, 2, capacity=12, static=static)
         with torch.no_grad():
-            out = [model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]]
+            out = [model(ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]]
             for t in range(steps.shape[1]):
                 mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
-                out.append(model(steps[:, t:t + 1], attention_mask=mask[:, : 6 + t + 1], past_key_values=cache,
+                out.append(model(steps[:, t:t + 1], attention_mask=mask[:, : 6 + t + 1], cache=cache,
                                  use_cache=True).logits[:, -1])
         logits.append(torch.stack(out))
         mask = mask[:, :6]
@@ -168,12 +169,12 @@ def test_explicit_positions_and_padding_steps():
     results = {}
     with torch.no_grad():
         for name, cache in [*caches.items(), ("replay", replay)]:
-            model(ids, position_ids=pos, past_key_values=cache, use_cache=True)
-            a = model(ids[:, :1], position_ids=torch.tensor([[45], [45]]), past_key_values=cache, use_cache=True)
+            model(ids, position_ids=pos, cache=cache, use_cache=True)
+            a = model(ids[:, :1], position_ids=torch.tensor([[45], [45]]), cache=cache, use_cache=True)
             pad = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]])  # row 1's token is padding
             b = model(ids[:, 1:2], attention_mask=pad, position_ids=torch.tensor([[46], [46]]),
-                      past_key_values=cache, use_cache=True)
-            c = model(ids[:, 2:3], position_ids=torch.tensor([[47], [46]]), past_key_values=cache, use_cache=True)
+                      cache=cache, use_cache=True)
+            c = model(ids[:, 2:3], position_ids=torch.tensor([[47], [46]]), cache=cache, use_cache=True)
             results[name] = (a.logits, b.logits[:1], c.logits, cache.kv.seqlens.tolist())
     assert results[True][3] == results[False][3] == results["replay"][3] == [8, 7]
     for name in (True, "replay"):
@@ -192,8 +193,8 @@ def test_chunked_prefill_then_static_generate():
     cache = with_eager_replay(model, 2, capacity=21 + 5)
     with torch.no_grad():
         for piece in ids[:, :-1].split(8, dim=1):
-            model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=5,
+            model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=5,
                          min_new_tokens=5, do_sample=False)
     assert torch.equal(out, ref)
     assert cache.decode_graph.replays == 5  # the last prompt token and 4 generated ones
@@ -213,12 +214,12 @@ def test_graph_is_captured_again_when_the_model_changes():
     ids = torch.randint(1, VOCAB, (1, 4))
     cache = with_eager_replay(model, 1, capacity=12)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-        model(ids[:, :1], past_key_values=cache, use_cache=True)
-        model(ids[:, 1:2], past_key_values=cache, use_cache=True)
+        model(ids, cache=cache, use_cache=True)
+        model(ids[:, :1], cache=cache, use_cache=True)
+        model(ids[:, 1:2], cache=cache, use_cache=True)
         assert cache.decode_graph.captures == 1
         model.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(model.model.layers[0].mlp.down_proj.weight * 2)
-        model(ids[:, 2:3], past_key_values=cache, use_cache=True)
+        model(ids[:, 2:3], cache=cache, use_cache=True)
     assert cache.decode_graph.captures == 2 and cache.kv.num_columns == 7
 
 
@@ -244,7 +245,7 @@ SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "repeat_
 
 def traced_step(model, cache, token, mask=None):
     with torch.no_grad(), OpTrace() as trace:
-        model(token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(token, attention_mask=mask, cache=cache, use_cache=True)
     return trace.ops
 
 
@@ -258,7 +259,7 @@ def test_static_step_has_no_host_sync_and_fixed_shapes(attention_type):
     for static in (True, False):
         cache = T6Cache.for_model(model, 2, capacity=12, static=static)
         with torch.no_grad():
-            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(ids, attention_mask=mask, cache=cache, use_cache=True)
         first = traced_step(model, cache, ids[:, :1], mask=torch.ones(2, 7, dtype=torch.long))
         second = traced_step(model, cache, ids[:, 1:2], mask=torch.tensor([[1] * 8, [1] * 7 + [0]]))
         traces[static] = (first, second)
@@ -277,8 +278,8 @@ def test_static_step_traces_as_one_graph(attention_type):
     cache = T6Cache.for_model(model, 2, capacity=12, static=True)
     ids = torch.randint(1, VOCAB, (2, 5))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-        step = torch.compile(lambda x: model(x, past_key_values=cache, use_cache=True).logits, backend="eager",
+        model(ids, cache=cache, use_cache=True)
+        step = torch.compile(lambda x: model(x, cache=cache, use_cache=True).logits, backend="eager",
                              fullgraph=True)
         step(ids[:, :1])
     torch._dynamo.reset()
@@ -301,8 +302,8 @@ def test_static_cache_keeps_its_storage():
     assert all(b.shape[1] == 16 for layer in kv.layers for b in layer.buffers.values())
     ids = torch.randint(1, VOCAB, (2, 6))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-        model(ids[:, :1], past_key_values=cache, use_cache=True)
+        model(ids, cache=cache, use_cache=True)
+        model(ids[:, :1], cache=cache, use_cache=True)
         snapshot = kv.layers[0].buffers["a_k"].clone()
         cache.reorder_cache(torch.tensor([1, 0]))
         assert torch.equal(kv.layers[0].buffers["a_k"], snapshot.flip(0))
@@ -318,19 +319,19 @@ def test_generating_beyond_the_static_capacity_is_a_clear_error():
     cache = T6Cache.for_model(model, 1, capacity=7, static=True)
     ids = torch.randint(1, VOCAB, (1, 5))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-        model(ids[:, :1], past_key_values=cache, use_cache=True)
-        model(ids[:, :1], past_key_values=cache, use_cache=True)
+        model(ids, cache=cache, use_cache=True)
+        model(ids[:, :1], cache=cache, use_cache=True)
+        model(ids[:, :1], cache=cache, use_cache=True)
         with pytest.raises(ValueError, match="static cache full: 7 input columns held \\+ 1 new exceed its capacity of 7"):
-            model(ids[:, :1], past_key_values=cache, use_cache=True)
+            model(ids[:, :1], cache=cache, use_cache=True)
     cache = with_eager_replay(model, 1, capacity=6)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-        model(ids[:, :1], past_key_values=cache, use_cache=True)
+        model(ids, cache=cache, use_cache=True)
+        model(ids[:, :1], cache=cache, use_cache=True)
         with pytest.raises(ValueError, match="static cache full"):
-            model(ids[:, :1], past_key_values=cache, use_cache=True)
+            model(ids[:, :1], cache=cache, use_cache=True)
         with pytest.raises(ValueError, match="static cache full"):
-            model(torch.randint(1, VOCAB, (1, 2)), past_key_values=T6Cache.for_model(model, 1, 1, static=True),
+            model(torch.randint(1, VOCAB, (1, 2)), cache=T6Cache.for_model(model, 1, 1, static=True),
                   use_cache=True)
     assert cache.decode_graph.replays == 1
 
@@ -347,23 +348,23 @@ def test_bad_static_configurations_raise():
         model.generate(torch.randint(1, VOCAB, (1, 3)), max_new_tokens=2, cache_implementation="offloaded")
     cache = T6Cache.for_model(model.to(torch.bfloat16), 1, capacity=8, static=True)
     with pytest.raises(TypeError, match="static cache takes the model's dtype"):
-        model.float()(torch.randint(1, VOCAB, (1, 3)), past_key_values=cache, use_cache=True)
+        model.float()(torch.randint(1, VOCAB, (1, 3)), cache=cache, use_cache=True)
     cache = T6Cache.for_model(model, 2, capacity=8, static=True)
     replay = EagerReplay(cache)
     with pytest.raises(ValueError, match=r"input_ids of shape \[2, 1\]"):
         replay.step(model, torch.zeros(1, 1, dtype=torch.long))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("attention_type", tpa.ATTENTION_TYPES)
 def test_cuda_graph_generate_equals_static_eager(attention_type):
     model = tiny(attention_type).cuda()
     ids, mask = left_padded()
     ids, mask = ids.cuda(), mask.cuda()
     eager = T6Cache.for_model(model, 3, capacity=16, static=True, cuda_graphs=False)
-    ref = model.generate(ids, attention_mask=mask, past_key_values=eager, **GREEDY)
+    ref = model.generate(ids, attention_mask=mask, **cache_kwargs(eager), **GREEDY)
     out = model.generate(ids, attention_mask=mask, cache_implementation="static", **GREEDY)
-    graph = out.past_key_values.decode_graph
+    graph = output_cache(out).decode_graph
     assert graph is not None and graph.captures == 1 and graph.replays == 7
     assert torch.equal(ref.sequences, out.sequences)
     for a, b in zip(ref.scores, out.scores):

@@ -9,6 +9,7 @@ import tpa
 from tpa import T6Config, T6ForCausalLM
 from tpa.models.t6.configuration_t6 import attention_parameters
 from tpa.models.t6.modeling_t6 import build_attention
+from tpa.models.t6.hf_compat import output_cache
 
 VOCAB = 97
 TPA_VARIANTS = [
@@ -39,10 +40,10 @@ def decode_all(model, ids, prefill, attention_mask=None):
     """Prefill ``ids[:, :prefill]`` then feed one token at a time; returns the logits of every step."""
     out = model(ids[:, :prefill], attention_mask=None if attention_mask is None else attention_mask[:, :prefill],
                 use_cache=True)
-    cache, logits = out.past_key_values, [out.logits]
+    cache, logits = output_cache(out), [out.logits]
     for t in range(prefill, ids.shape[1]):
         mask = None if attention_mask is None else attention_mask[:, : t + 1]
-        out = model(ids[:, t : t + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(ids[:, t : t + 1], attention_mask=mask, cache=cache, use_cache=True)
         logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
 
@@ -78,14 +79,14 @@ def test_ragged_batch_decode_equals_each_sequence_alone(attention_type, side):
         sl = slice(width - n, width) if side == "left" else slice(0, n)
         ids[b, sl], mask[b, sl] = seqs[b][:n], 1
     out = model(ids, attention_mask=mask, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert cache.kv.seqlens.tolist() == lengths
     prompt_logits = out.logits
     step_logits = []
     for t in range(new):
         tok = torch.stack([s[n + t] for s, n in zip(seqs, lengths)])[:, None]
         mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
-        step_logits.append(model(tok, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, 0])
+        step_logits.append(model(tok, attention_mask=mask, cache=cache, use_cache=True).logits[:, 0])
     for b, n in enumerate(lengths):
         alone = model(seqs[b][None]).logits[0]
         sl = slice(width - n, width) if side == "left" else slice(0, n)
@@ -160,7 +161,7 @@ def test_table10_presets():
 def test_variant_cache_sizes_measured_on_tensors(overrides, elements):
     model = tiny("tpa", **overrides)
     out = model(torch.randint(0, VOCAB, (2, 5)), use_cache=True)
-    measured = out.past_key_values.elements_per_token()
+    measured = output_cache(out).elements_per_token()
     assert measured == [elements(model.config)] * model.config.num_hidden_layers
     assert model.config.kv_cache_elements_per_token() == elements(model.config)
 
@@ -207,10 +208,10 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randint(0, VOCAB, (1, 17)))
     out = model(torch.randint(0, VOCAB, (1, 10)), use_cache=True)
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        model(torch.randint(0, VOCAB, (1, 7)), past_key_values=out.past_key_values, use_cache=True)
+        model(torch.randint(0, VOCAB, (1, 7)), cache=output_cache(out), use_cache=True)
     out = model(torch.randint(0, VOCAB, (2, 4)), use_cache=True)
     with pytest.raises(ValueError, match="batch size 2"):
-        model(torch.randint(0, VOCAB, (3, 1)), past_key_values=out.past_key_values, use_cache=True)
+        model(torch.randint(0, VOCAB, (3, 1)), cache=output_cache(out), use_cache=True)
     with pytest.raises(ValueError, match="token ids"):
         model(torch.tensor([[VOCAB]]))
     with pytest.raises(ValueError, match="attention_mask"):

@@ -118,6 +118,7 @@ def generate_point(model, *, batch: int, context: int, new_tokens: int, chunk: i
     import torch
 
     from tpa import T6Cache
+    from tpa.models.t6.hf_compat import cache_kwargs
 
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, context), device=device)
@@ -132,10 +133,10 @@ def generate_point(model, *, batch: int, context: int, new_tokens: int, chunk: i
         cache.reset()
     with torch.no_grad():
         for piece in ids[:, :-1].split(chunk, dim=1):
-            model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1)
     _sync(device)
     t1 = time.perf_counter()
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     _sync(device)
     t2 = time.perf_counter()

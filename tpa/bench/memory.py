@@ -113,7 +113,7 @@ def measure_cache(preset: str, attention_type: str, *, tokens: int, batch: int, 
     cache = T6Cache.for_model(model, batch, capacity=tokens)
     with torch.no_grad():
         for piece in ids.split(chunk, dim=1):
-            model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1)
     after = _allocated(device)
     allocator = None if before is None else after - before
     held = sum(buf.numel() * buf.element_size() for layer in cache.kv.layers for buf in layer.buffers.values())

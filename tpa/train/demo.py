@@ -39,7 +39,7 @@ def model_summary(model_dir: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     cache = T6Cache.for_model(model, batch_size=1, capacity=16)
     with torch.no_grad():
-        model(input_ids=torch.arange(1, 9).unsqueeze(0), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.arange(1, 9).unsqueeze(0), cache=cache, use_cache=True)
     buffers = [buf for layer in cache.kv.layers for buf in layer.buffers.values()]
     return {"parameters": model.num_parameters(), "heads": model.config.num_attention_heads,
             "cache_elements": sum(buf[0, 0].numel() for buf in buffers),

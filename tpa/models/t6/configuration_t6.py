@@ -85,7 +85,7 @@ class T6Config(PreTrainedConfig):
     """
 
     model_type = "t6"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

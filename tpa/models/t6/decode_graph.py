@@ -96,7 +96,7 @@ class DecodeGraph:
         """The eager static step on the static inputs: ``logits [B, 1, V]``."""
         out = model.model(input_ids=self.input_ids, attention_mask=self.valid,
                           position_ids=self.position_ids if explicit_positions else None,
-                          past_key_values=self._cache(), use_cache=True)
+                          cache=self._cache(), use_cache=True)
         return model.lm_head(out.last_hidden_state)
 
     def _capture(self, model, explicit_positions: bool) -> tuple[Callable[[], None], torch.Tensor]:

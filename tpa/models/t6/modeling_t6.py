@@ -19,6 +19,7 @@ from tpa.layers import AttentionContext, MultiHeadAttention, MultiHeadLatentAtte
 from tpa.layers.base import scaled_normal_
 from tpa.models.t6.cache_t6 import T6Cache
 from tpa.models.t6.configuration_t6 import T6Config
+from tpa.models.t6.hf_compat import CACHE_NAME, cache_kwargs, pick_cache
 from tpa.modules import RMSNorm, RotaryEmbedding, SwiGLU
 
 
@@ -82,7 +83,7 @@ class T6PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["T6DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     def _out_init_std(self) -> float:
@@ -161,8 +162,12 @@ class T6Model(T6PreTrainedModel):
         past_key_values: T6Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: T6Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """``cache`` and ``past_key_values`` are two names of one argument (transformers >= 5.24 passes
+        ``cache``); the output carries the cache under the installed transformers' name."""
+        past_key_values = pick_cache(cache, past_key_values)
         bsz, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         # a one-token step of a static cache runs without host syncs (it may be captured in a CUDA graph)
@@ -182,7 +187,7 @@ class T6Model(T6PreTrainedModel):
 
         if past_key_values is not None and not isinstance(past_key_values, T6Cache):
             raise TypeError(
-                f"past_key_values must be a tpa T6Cache (got {type(past_key_values).__name__}); "
+                f"the cache (`cache` or `past_key_values`) must be a tpa T6Cache (got {type(past_key_values).__name__}); "
                 "create one with T6Cache.for_model(model, batch_size) or let forward/generate create it"
             )
         if use_cache and past_key_values is None:
@@ -221,15 +226,17 @@ class T6Model(T6PreTrainedModel):
                 hidden = block(hidden, ctx)
         if kv is not None:
             kv.commit(step)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **cache_kwargs(past_key_values))
 
 
 class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
     """T6 with an LM head.
 
     ``forward(input_ids [B, T], attention_mask=None [B, past+T], position_ids=None [B, T],
-    past_key_values=None, use_cache=False, labels=None [B, T])`` returns logits ``[B, T, V]``,
+    cache=None, use_cache=False, labels=None [B, T])`` returns logits ``[B, T, V]``,
     the mean next-token loss when labels are given (shifted inside; -100 ignored) and the cache.
+    ``past_key_values`` is accepted as another name of ``cache`` (transformers before 5.24 uses it);
+    the output carries the cache under the installed transformers' name (``out.cache`` from 5.24).
 
     With a static :class:`T6Cache` on CUDA (``generate(..., cache_implementation="static")`` or
     ``T6Cache.for_model(model, B, capacity, static=True)``), a one-token call without gradients is
@@ -268,8 +275,10 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        cache: T6Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = pick_cache(cache, past_key_values)
         use_cache = False if use_cache is None and past_key_values is None else use_cache
         graph = getattr(past_key_values, "decode_graph", None)
         if (graph is not None and input_ids is not None and inputs_embeds is None and input_ids.dim() == 2
@@ -278,16 +287,16 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
                 and not (graph.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
             # a one-token step over a static cache on CUDA: replay the captured step (tpa.models.t6.decode_graph)
             logits = graph.step(self, input_ids, attention_mask=attention_mask, position_ids=position_ids)
-            return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+            return CausalLMOutputWithPast(logits=logits, **cache_kwargs(past_key_values))
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
-        hidden = out.last_hidden_state
+        hidden, past_key_values = out.last_hidden_state, getattr(out, CACHE_NAME)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -298,7 +307,7 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwargs(past_key_values))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """Write ``config.json``, safetensors weights and two small code files (``auto_map``), so that
@@ -320,7 +329,7 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
         of capacity ``max(prompt width + max_new_tokens - 1, generation_config.max_cache_len)``, whose
         decode steps replay a captured CUDA graph on CUDA (:mod:`tpa.models.t6.decode_graph`).
         """
-        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+        if model_kwargs.get(CACHE_NAME) is not None or generation_config.use_cache is False:
             return
         implementation = generation_config.cache_implementation
         if implementation not in (None, "dynamic", "static"):
@@ -330,5 +339,5 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
         if static and generation_config.max_cache_len is not None:
             max_cache_length = max(max_cache_length, generation_config.max_cache_len)
         beams = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
-        model_kwargs["past_key_values"] = T6Cache.for_model(self, batch_size * beams, capacity=max_cache_length,
+        model_kwargs[CACHE_NAME] = T6Cache.for_model(self, batch_size * beams, capacity=max_cache_length,
                                                             static=static)
