@@ -10,6 +10,8 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tpa.cache import CacheStep, KVCache, LayerCache, elements_per_token
+from tpa.modules.norm import RMSNorm
+from tpa.modules.rotary import apply_rotary
 
 
 # With a cache the key length changes at every call; cuDNN attention builds a new plan per shape
@@ -107,10 +109,43 @@ def scaled_normal_(weight: torch.Tensor, std: float) -> None:
         nn.init.normal_(weight, mean=0.0, std=std)
 
 
+def partial_rotary_dim(feature_dim: int, factor: float) -> int:
+    """How many leading features of a ``feature_dim`` vector RoPE rotates: ``int(feature_dim * factor)``
+    rounded down to an even number (the paper's code's partial-RoPE rule); ``factor=1`` rotates all."""
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
+        raise ValueError(f"rope_partial_factor must be a number in (0, 1], got {factor!r}")
+    dim = int(feature_dim * factor) // 2 * 2
+    if dim < 2:
+        raise ValueError(f"rope_partial_factor={factor} rotates {dim} of {feature_dim} features; RoPE needs at least 2")
+    return dim
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first ``2 * cos.shape[-1]`` features of ``x [B, T, *, D]``; the rest pass unchanged."""
+    rotated = 2 * cos.shape[-1]
+    if rotated == x.shape[-1]:
+        return apply_rotary(x, cos, sin)
+    head, tail = x.split([rotated, x.shape[-1] - rotated], dim=-1)
+    return torch.cat([apply_rotary(head, cos, sin), tail], dim=-1)
+
+
 class Attention(nn.Module):
-    """Base class: ``forward(hidden_states [B, T, C], ctx) -> [B, T, C]`` and a cache spec."""
+    """Base class: ``forward(hidden_states [B, T, C], ctx) -> [B, T, C]`` and a cache spec.
+
+    A layer may norm each head's output before the output projection (the paper's code's
+    ``using_groupnorm``): :meth:`init_head_norm` in ``__init__``, :meth:`norm_heads` in ``forward``.
+    """
 
     hidden_size: int
+
+    def init_head_norm(self, enabled: bool, value_dim: int, eps: float) -> None:
+        """An RMSNorm with gain over each head's ``value_dim`` output features (one gain shared by all heads)."""
+        self.head_norm = RMSNorm(value_dim, eps) if enabled else None
+
+    def norm_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """``out [B, T, H, E]`` normed per head when the layer has a head norm, else unchanged."""
+        head_norm = getattr(self, "head_norm", None)
+        return out if head_norm is None else head_norm(out)
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         """Per-token shapes of the tensors this layer caches."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tpa.layers.base import Attention, AttentionContext, attend, check_hidden, check_positive, scaled_normal_
-from tpa.modules.rotary import apply_rotary
+from tpa.layers.base import (Attention, AttentionContext, apply_partial_rotary, attend, check_hidden, check_positive,
+                             partial_rotary_dim, scaled_normal_)
 
 
 class MultiHeadAttention(Attention):
@@ -18,6 +18,8 @@ class MultiHeadAttention(Attention):
     Args:
         hidden_size: C. num_heads: H. head_dim: D. num_kv_heads: G (default H).
         output_gate: multiply the attention output by ``sigmoid(x W_g)`` (an extra projection).
+        rope_partial_factor: RoPE rotates only the first ``partial_rotary_dim(D, factor)`` features of q and k.
+        head_norm, head_norm_eps: RMSNorm with gain over each head's output before ``o_proj``.
         init_std, out_init_std: normal init std of the projections and of ``o_proj``.
 
     Shapes: ``forward(x [B, T, C], ctx) -> [B, T, C]``.
@@ -31,6 +33,9 @@ class MultiHeadAttention(Attention):
         num_kv_heads: int | None = None,
         *,
         output_gate: bool = False,
+        rope_partial_factor: float = 1.0,
+        head_norm: bool = False,
+        head_norm_eps: float = 1e-5,
         init_std: float = 0.02,
         out_init_std: float | None = None,
     ):
@@ -42,7 +47,8 @@ class MultiHeadAttention(Attention):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
         self.hidden_size, self.num_heads, self.head_dim, self.num_kv_heads = hidden_size, num_heads, head_dim, num_kv_heads
-        self.rope_dim = head_dim
+        self.rope_dim = partial_rotary_dim(head_dim, rope_partial_factor)
+        self.init_head_norm(head_norm, head_dim, head_norm_eps)
         self.output_gate = output_gate
         self.init_std = init_std
         self.out_init_std = init_std if out_init_std is None else out_init_std
@@ -66,14 +72,14 @@ class MultiHeadAttention(Attention):
         bsz, seq, _ = x.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([h * d, g * d, g * d], dim=-1)
-        q = apply_rotary(q.reshape(bsz, seq, h, d), ctx.cos, ctx.sin)
-        k = apply_rotary(k.reshape(bsz, seq, g, d), ctx.cos, ctx.sin)
+        q = apply_partial_rotary(q.reshape(bsz, seq, h, d), ctx.cos, ctx.sin)
+        k = apply_partial_rotary(k.reshape(bsz, seq, g, d), ctx.cos, ctx.sin)
         v = v.reshape(bsz, seq, g, d)
         mask = ctx.mask
         if ctx.cache is not None:
             kv = ctx.cache.update(ctx.step, k=k, v=v)
             k, v, mask = kv["k"], kv["v"], ctx.step.mask
-        out = attend(q, k, v, mask)
+        out = self.norm_heads(attend(q, k, v, mask))
         if self.gate_proj is not None:
             out = out * torch.sigmoid(self.gate_proj(x).reshape(bsz, seq, h, d))
         return self.o_proj(out.reshape(bsz, seq, h * d))

@@ -3,8 +3,8 @@
 Queries go through a compressed latent ``c_Q = x W_DQ`` (size ``d'_c``, RMS-normalised), keys and
 values through ``c_KV = x W_DKV`` (size ``d_c``, RMS-normalised); a decoupled RoPE key
 ``k_R = RoPE(x W_KR)`` of size ``d_R`` is shared by all heads. Per head:
-``q_i = [c_Q W_UQ_i, RoPE(c_Q W_QR_i)]``, ``k_i = [c_KV W_UK_i, k_R]``, ``v_i = c_KV W_UV_i``, and
-softmax scale ``(D + d_R) ** -0.5``. The cache holds ``c_KV`` and ``k_R``: ``d_c + d_R`` numbers.
+``q_i = [c_Q W_UQ_i, RoPE(c_Q W_QR_i)]``, ``k_i = [c_KV W_UK_i, k_R]``, ``v_i = c_KV W_UV_i`` (size
+``E``, default D), and softmax scale ``(D + d_R) ** -0.5``. The cache holds ``c_KV`` and ``k_R``: ``d_c + d_R`` numbers.
 
 With ``absorb=True`` (the default), calls that use a cache with at most 16 new tokens attend in the latent space: ``W_UK`` is
 absorbed into the query and ``W_UV`` applied after attention, so cached latents are never
@@ -25,10 +25,12 @@ class MultiHeadLatentAttention(Attention):
     """MLA layer.
 
     Args:
-        hidden_size: C. num_heads: H. head_dim: D (the non-RoPE query/key part and the value size).
+        hidden_size: C. num_heads: H. head_dim: D (the non-RoPE query/key part).
+        value_dim: E, the value head size (default D).
         kv_lora_rank: d_c. q_lora_rank: d'_c (0 for an uncompressed query). qk_rope_head_dim: d_R.
-        latent_norm: RMSNorm on ``c_Q`` and ``c_KV`` as in DeepSeek-V2.
+        latent_norm: RMSNorm on ``c_Q`` and ``c_KV`` as in DeepSeek-V2 (epsilon ``eps``).
         absorb: attend in the latent space when a cache is used.
+        head_norm, head_norm_eps: RMSNorm with gain over each head's output before ``o_proj``.
 
     Shapes: ``forward(x [B, T, C], ctx) -> [B, T, C]``.
     """
@@ -44,20 +46,24 @@ class MultiHeadLatentAttention(Attention):
         *,
         latent_norm: bool = True,
         absorb: bool = True,
+        value_dim: int | None = None,
+        head_norm: bool = False,
+        head_norm_eps: float = 1e-5,
         init_std: float = 0.02,
         out_init_std: float | None = None,
         eps: float = 1e-6,
     ):
         super().__init__()
+        value_dim = head_dim if value_dim is None else value_dim
         check_positive(
-            hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim,
+            hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim, value_dim=value_dim,
             kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
         )
         if not isinstance(q_lora_rank, int) or q_lora_rank < 0:
             raise ValueError(f"q_lora_rank must be an integer >= 0 (0: no query compression), got {q_lora_rank!r}")
         if qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim must be even, got {qk_rope_head_dim}")
-        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.hidden_size, self.num_heads, self.head_dim, self.value_dim = hidden_size, num_heads, head_dim, value_dim
         self.kv_lora_rank, self.q_lora_rank, self.rope_dim = kv_lora_rank, q_lora_rank, qk_rope_head_dim
         self.absorb = absorb
         # latent-space attention pays off for a few new tokens against a long cache (decoding); a long
@@ -75,8 +81,9 @@ class MultiHeadLatentAttention(Attention):
             self.q_proj = nn.Linear(hidden_size, q_out, bias=False)
         self.kv_a_proj = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=False)  # W_DKV, W_KR
         self.kv_a_norm = RMSNorm(kv_lora_rank, eps) if latent_norm else nn.Identity()
-        self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * 2 * head_dim, bias=False)  # W_UK, W_UV per head
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * (head_dim + value_dim), bias=False)  # W_UK, W_UV per head
+        self.o_proj = nn.Linear(num_heads * value_dim, hidden_size, bias=False)
+        self.init_head_norm(head_norm, value_dim, head_norm_eps)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -97,14 +104,14 @@ class MultiHeadLatentAttention(Attention):
         return q_nope, apply_rotary(q_rope, cos, sin)
 
     def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``W_UK, W_UV``, each ``[H, D, d_c]``."""
-        w = self.kv_b_proj.weight.reshape(self.num_heads, 2 * self.head_dim, self.kv_lora_rank)
+        """``W_UK [H, D, d_c]``, ``W_UV [H, E, d_c]``."""
+        w = self.kv_b_proj.weight.reshape(self.num_heads, self.head_dim + self.value_dim, self.kv_lora_rank)
         return w[:, : self.head_dim], w[:, self.head_dim :]
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         check_hidden(x, self.hidden_size, type(self).__name__)
         bsz, seq, _ = x.shape
-        h, d = self.num_heads, self.head_dim
+        h, d, e = self.num_heads, self.head_dim, self.value_dim
         q_nope, q_rope = self._queries(x, ctx.cos, ctx.sin)
         c_kv, k_rope = self.kv_a_proj(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv, k_rope = self.kv_a_norm(c_kv), apply_rotary(k_rope, ctx.cos, ctx.sin)
@@ -121,8 +128,8 @@ class MultiHeadLatentAttention(Attention):
             out_latent = attend(query, key, c_kv[:, :, None], mask, scale=self.scale)  # [B, T, H, d_c]
             out = torch.einsum("bthc,hdc->bthd", out_latent, w_uv)
         else:
-            k_nope, v = self.kv_b_proj(c_kv).reshape(bsz, length, h, 2 * d).split([d, d], dim=-1)
+            k_nope, v = self.kv_b_proj(c_kv).reshape(bsz, length, h, d + e).split([d, e], dim=-1)
             k = torch.cat([k_nope, k_rope[:, :, None].expand(bsz, length, h, self.rope_dim)], dim=-1)
             q = torch.cat([q_nope, q_rope], dim=-1)
             out = attend(q, k, v, mask, scale=self.scale)
-        return self.o_proj(out.reshape(bsz, seq, h * d))
+        return self.o_proj(self.norm_heads(out).reshape(bsz, seq, h * e))

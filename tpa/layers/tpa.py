@@ -31,8 +31,8 @@ import math
 import torch
 from torch import nn
 
-from tpa.layers.base import Attention, AttentionContext, attend, check_hidden, check_positive, scaled_normal_
-from tpa.modules.rotary import apply_rotary
+from tpa.layers.base import (Attention, AttentionContext, apply_partial_rotary, attend, check_hidden, check_positive,
+                             partial_rotary_dim, scaled_normal_)
 from tpa.ops.fused_materialize import tpa_materialize_many
 from tpa.ops.naive import tpa_attention_factors
 
@@ -59,6 +59,9 @@ class TensorProductAttention(Attention):
         value_dim: E, the value feature size (default D).
         factorize_q, contextual_a, contextual_b, share_kv_b, head_activation, order, c_dim,
         output_gate, attn_impl: see the module docstring.
+        rope_partial_factor: RoPE rotates only the first ``partial_rotary_dim(D, factor)`` features of
+            each ``b_q``/``b_k`` (and KVonly query) vector (second order only).
+        head_norm, head_norm_eps: RMSNorm with gain over each head's output before ``o_proj``.
         init_std: std of the normal init of non-factor projections (KVonly query, gate).
         out_init_std: std of the output projection init (default ``init_std``).
 
@@ -84,6 +87,9 @@ class TensorProductAttention(Attention):
         c_dim: int = 1,
         output_gate: bool = False,
         attn_impl: str = "sdpa",
+        rope_partial_factor: float = 1.0,
+        head_norm: bool = False,
+        head_norm_eps: float = 1e-5,
         init_std: float = 0.02,
         out_init_std: float | None = None,
     ):
@@ -120,7 +126,10 @@ class TensorProductAttention(Attention):
         self.b_dim = head_dim // c_dim  # feature size of the b factors (D, or d_b for third order)
         if self.b_dim % 2:
             raise ValueError(f"RoPE rotates the b factors, whose size must be even; got {self.b_dim}")
-        self.rope_dim = self.b_dim
+        if order == 3 and rope_partial_factor != 1:
+            raise ValueError("rope_partial_factor is only implemented for second-order TPA (order=2)")
+        self.rope_dim = partial_rotary_dim(self.b_dim, rope_partial_factor)
+        self.init_head_norm(head_norm, value_dim, head_norm_eps)
 
         # factor name -> (rank, width); then split into token-dependent segments and parameters
         factors: dict[str, tuple[int, int]] = {}
@@ -199,10 +208,10 @@ class TensorProductAttention(Attention):
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``[B, T, R, D]`` feature vectors; for third order, each ``d_b`` block (``T_t = I (x) R_t``)."""
-        if x.shape[-1] == self.rope_dim:
-            return apply_rotary(x, cos, sin)
+        if self.order == 2:
+            return apply_partial_rotary(x, cos, sin)
         blocks = x.unflatten(-1, (x.shape[-1] // self.rope_dim, self.rope_dim))
-        return apply_rotary(blocks, cos, sin).flatten(-2)
+        return apply_partial_rotary(blocks, cos, sin).flatten(-2)
 
     def _features(self, b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         return b if c is None else expand_third_order(b, c)
@@ -221,7 +230,7 @@ class TensorProductAttention(Attention):
             out["a_q"] = self._factor(parts, "a_q", bsz, seq)
             b_q = self._factor(parts, "b_q", bsz, seq)
             c_q = self._factor(parts, "c_q", bsz, seq) if self.order == 3 else None
-            out["b_q"] = self._features(apply_rotary(b_q, cos, sin), c_q)
+            out["b_q"] = self._features(apply_partial_rotary(b_q, cos, sin), c_q)
         else:
             q = parts["q"].reshape(bsz, seq, self.num_heads, self.head_dim)
             out["q"] = self._rope(q, cos, sin)
@@ -233,7 +242,7 @@ class TensorProductAttention(Attention):
             if self.share_kv_b:
                 out["b_kv"] = b_k
             else:
-                out["b_k"] = apply_rotary(b_k, cos, sin)
+                out["b_k"] = apply_partial_rotary(b_k, cos, sin)
         if self.output_gate:
             out["gate"] = parts["gate"].reshape(bsz, seq, self.num_heads, self.value_dim)
         return out
@@ -253,11 +262,11 @@ class TensorProductAttention(Attention):
 
         if self.share_kv_b:  # the shared factor is held unrotated: rotate it for the keys only
             b_v = kv["b_kv"] if "b_kv" in kv else get("b_k")
-            b_k = apply_rotary(b_v, *key_rotation())
+            b_k = apply_partial_rotary(b_v, *key_rotation())
         else:
             b_k, b_v = get("b_k"), get("b_v")
             if not self.contextual_b:  # learned parameters: rotate by the key positions now
-                b_k = apply_rotary(b_k, *key_rotation())
+                b_k = apply_partial_rotary(b_k, *key_rotation())
         a_k, a_v = get("a_k"), get("a_v")
         if self.order == 3:
             b_k = self._features(b_k, get("c_k"))
@@ -319,6 +328,7 @@ class TensorProductAttention(Attention):
                 pairs = [(f["a_q"], f["b_q"])] if self.factorize_q else []
                 *q, k, v = tpa_materialize_many(pairs + [(a_k, b_k), (a_v, b_v)])
                 out = attend(q[0] if q else f["q"], k, v, mask)
+        out = self.norm_heads(out)
         if self.output_gate:
             out = out * torch.sigmoid(f["gate"])
         return self.o_proj(out.reshape(bsz, seq, self.num_heads * self.value_dim))

@@ -39,9 +39,13 @@ def _swiglu_width(hidden_size: int) -> int:
 
 
 def attention_parameters(attention_type: str, d_model: int, heads: int, head_dim: int, *, q_rank=6, k_rank=2,
-                         v_rank=2, kv_heads=2, d_c=0, d_c_q=0, d_rope=32) -> int:
-    """Table 1's parameter count of one attention layer (projection matrices, output included)."""
+                         v_rank=2, kv_heads=2, d_c=0, d_c_q=0, d_rope=32, v_head_dim=None) -> int:
+    """Table 1's parameter count of one attention layer (projection matrices, output included).
+
+    ``v_head_dim`` (MLA only): the value head size E (default ``head_dim``).
+    """
     h, d = heads, head_dim
+    e = head_dim if v_head_dim is None else v_head_dim
     if attention_type == "mha":
         return 4 * d_model * h * d
     if attention_type == "mqa":
@@ -49,7 +53,7 @@ def attention_parameters(attention_type: str, d_model: int, heads: int, head_dim
     if attention_type == "gqa":
         return 2 * d_model * d * (h + kv_heads)
     if attention_type == "mla":
-        return d_c_q * (d_model + h * d + h * d_rope) + d_c * (d_model + 2 * h * d) + d_model * (h * d + d_rope)
+        return d_c_q * (d_model + h * d + h * d_rope) + d_c * (d_model + h * d + h * e) + d_model * (h * e + d_rope)
     if attention_type == "tpa":
         return d_model * (q_rank + k_rank + v_rank) * (h + d) + d_model * h * d
     if attention_type == "tpa_kvonly":
@@ -82,6 +86,17 @@ class T6Config(PreTrainedConfig):
         attn_impl: ``"sdpa"`` (materialise Q, K, V and call SDPA) or ``"factors"`` (TPA only, Algorithm 1).
         decode_impl: ``"auto"`` (FlashTPA kernel for TPA decoding on CUDA), ``"kernel"`` or ``"reference"``.
         mla_latent_norm, mla_absorb: RMSNorm on MLA's latents; latent-space attention with a cache.
+        mla_latent_norm_eps: epsilon of MLA's latent norms (default ``rms_norm_eps``).
+        v_head_dim: MLA's value head size E (default ``head_dim``).
+        rope_partial_factor: RoPE rotates only the first ``int(D * factor)`` (rounded down to even)
+            features of each query/key feature vector (TPA's ``b_q``/``b_k``, the KVonly/MHA/GQA/MQA
+            query and key heads); 1 rotates all. Not for MLA (its RoPE part is ``qk_rope_head_dim``) or
+            third-order TPA.
+        attention_head_norm, attention_head_norm_eps: an RMSNorm with gain over each head's attention
+            output before the output projection (the paper's code's ``using_groupnorm``), any type.
+
+    The block and final norms are ``RMSNorm`` with gain and epsilon ``rms_norm_eps``; a model whose
+    norms have no gain (the paper's code) is expressed with gains of one.
     """
 
     model_type = "t6"
@@ -119,6 +134,11 @@ class T6Config(PreTrainedConfig):
         decode_impl: str = "auto",
         mla_latent_norm: bool = True,
         mla_absorb: bool = True,
+        mla_latent_norm_eps: float | None = None,
+        v_head_dim: int | None = None,
+        rope_partial_factor: float = 1.0,
+        attention_head_norm: bool = False,
+        attention_head_norm_eps: float = 1e-5,
         use_cache: bool = True,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -149,6 +169,21 @@ class T6Config(PreTrainedConfig):
             raise ValueError(f"decode_impl must be 'auto', 'kernel' or 'reference', got {decode_impl!r}")
         if attn_impl not in ("sdpa", "factors"):
             raise ValueError(f"attn_impl must be 'sdpa' or 'factors', got {attn_impl!r}")
+        if v_head_dim is not None and attention_type != "mla" and v_head_dim != head_dim:
+            raise ValueError(f"v_head_dim is an MLA option; {attention_type} uses head_dim={head_dim} for values")
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        if not isinstance(v_head_dim, int) or isinstance(v_head_dim, bool) or v_head_dim < 1:
+            raise ValueError(f"v_head_dim must be an integer >= 1, got {v_head_dim!r}")
+        if not isinstance(rope_partial_factor, (int, float)) or isinstance(rope_partial_factor, bool) \
+                or not 0 < rope_partial_factor <= 1:
+            raise ValueError(f"rope_partial_factor must be a number in (0, 1], got {rope_partial_factor!r}")
+        if rope_partial_factor != 1 and (attention_type == "mla" or tpa_order == 3):
+            raise ValueError("rope_partial_factor applies to TPA (second order), TPA-KVonly, MHA, GQA and MQA; "
+                             "MLA's rotated part is set by qk_rope_head_dim")
+        for name, value in (("rms_norm_eps", rms_norm_eps), ("attention_head_norm_eps", attention_head_norm_eps),
+                            ("mla_latent_norm_eps", mla_latent_norm_eps)):
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -169,6 +204,10 @@ class T6Config(PreTrainedConfig):
         self.attention_output_gate = attention_output_gate
         self.attn_impl, self.decode_impl = attn_impl, decode_impl
         self.mla_latent_norm, self.mla_absorb = mla_latent_norm, mla_absorb
+        self.mla_latent_norm_eps = mla_latent_norm_eps
+        self.v_head_dim = v_head_dim
+        self.rope_partial_factor = rope_partial_factor
+        self.attention_head_norm, self.attention_head_norm_eps = attention_head_norm, attention_head_norm_eps
         self.use_cache = use_cache
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
@@ -236,9 +275,11 @@ class T6Config(PreTrainedConfig):
         return 2 * self.num_key_value_heads * d
 
     def attention_parameters_per_layer(self) -> int:
-        """Table 1's attention parameter count for this configuration (plain TPA variants only)."""
-        return attention_parameters(
+        """Table 1's attention parameter count for this configuration (plain TPA variants only), plus the
+        gains of the per-head output norm when ``attention_head_norm`` is set."""
+        projections = attention_parameters(
             self.attention_type, self.hidden_size, self.num_attention_heads, self.head_dim,
             q_rank=self.q_rank, k_rank=self.k_rank, v_rank=self.v_rank, kv_heads=self.num_key_value_heads,
-            d_c=self.kv_lora_rank, d_c_q=self.q_lora_rank, d_rope=self.qk_rope_head_dim,
+            d_c=self.kv_lora_rank, d_c_q=self.q_lora_rank, d_rope=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
         )
+        return projections + (self.v_head_dim if self.attention_head_norm else 0)

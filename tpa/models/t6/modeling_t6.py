@@ -25,7 +25,8 @@ from tpa.modules import RMSNorm, RotaryEmbedding, SwiGLU
 
 def build_attention(config: T6Config, out_init_std: float) -> nn.Module:
     """The attention layer ``config.attention_type`` names."""
-    common = dict(init_std=config.initializer_range, out_init_std=out_init_std)
+    common = dict(init_std=config.initializer_range, out_init_std=out_init_std,
+                  head_norm=config.attention_head_norm, head_norm_eps=config.attention_head_norm_eps)
     t = config.attention_type
     h, d, c = config.num_attention_heads, config.head_dim, config.hidden_size
     if t in ("tpa", "tpa_kvonly"):
@@ -40,16 +41,18 @@ def build_attention(config: T6Config, out_init_std: float) -> nn.Module:
             c_dim=config.tpa_c_dim,
             output_gate=config.attention_output_gate,
             attn_impl=config.attn_impl,
+            rope_partial_factor=config.rope_partial_factor,
             **common,
         )
     if t in ("mha", "gqa", "mqa"):
         return MultiHeadAttention(c, h, d, config.num_key_value_heads, output_gate=config.attention_output_gate,
-                                  **common)
+                                  rope_partial_factor=config.rope_partial_factor, **common)
     if config.attention_output_gate:
         raise ValueError("attention_output_gate is not implemented for MLA")
     return MultiHeadLatentAttention(
         c, h, d, config.kv_lora_rank, config.q_lora_rank, config.qk_rope_head_dim,
-        latent_norm=config.mla_latent_norm, absorb=config.mla_absorb, eps=config.rms_norm_eps, **common,
+        latent_norm=config.mla_latent_norm, absorb=config.mla_absorb, value_dim=config.v_head_dim,
+        eps=config.rms_norm_eps if config.mla_latent_norm_eps is None else config.mla_latent_norm_eps, **common,
     )
 
 
