@@ -1,4 +1,4 @@
-"""The ``tpa`` command: data / train / generate / eval / bench / ablate.
+"""The ``tpa`` command: data / train / generate / eval / bench / ablate / convert.
 
 Each subcommand lives in the package that owns it and exposes ``register(subparsers)``; this file
 only wires them together. Heavy imports (torch, transformers) happen inside the handlers, so
@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     "tpa.eval.cli",
     "tpa.bench.cli",
     "tpa.bench.ablate",
+    "tpa.convert.cli",
 ]
 
 
