@@ -127,7 +127,7 @@ def _save(model, tok, directory: Path, result: OfficialConversion, spec) -> None
         save_model_and_tokenizer(model, tok, directory)
     else:
         model.save_pretrained(directory)
-    record = {**asdict(result), "official": asdict(spec)}
+    record = {k: v for k, v in asdict(result).items() if k != "out"} | {"official": asdict(spec)}
     (directory / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
