@@ -16,7 +16,7 @@ import torch
 
 KINDS = ("T6", "T6_kvonly", "llama-mha", "llama-gqa", "llama-mqa", "llama-mla")
 # tiny sizes per kind: n_head, head_dim (llama-mha: n_embd / n_head), ranks, group size
-BASE = dict(n_layer=2, n_embd=48, vocab_size=61, block_size=32)
+BASE = dict(n_layer=2, n_embd=40, vocab_size=61, block_size=32)  # SwiGLU width 106, not a multiple of 64
 SIZES = {
     "T6": dict(n_head=5, head_dim=8, rank=2, q_rank=3),
     "T6_kvonly": dict(n_head=5, head_dim=8, rank=3, q_rank=12),

@@ -39,6 +39,9 @@ def test_each_official_kind_converts_loads_generates_and_matches(tmp_path, kind)
     assert result.relative_error <= 1e-4
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "t6", dtype=torch.float64).eval()
     assert type(model).__name__ == "T6ForCausalLM" and model.config.attention_type == ATTENTION[kind]
+    assert model.config.intermediate_size == 106  # floor(8/3 * 40), as given (not rounded up to 128)
+    if kind == "llama-mha":
+        assert model.config.head_dim == 10  # C / n_head, whatever the config's head_dim says
     ids = torch.randint(0, config["vocab_size"], (2, 19))
     with torch.no_grad():
         assert relative_error(model(ids).logits, official_logits(config, tensors, ids)) <= F64_TOLERANCE
@@ -106,16 +109,21 @@ def tamper_shape(tensors):
 
 
 def tamper_key(tensors):
-    tensors["transformer.h.0.attn.c_qkv.W_C_q.weight"] = torch.zeros(3, 48)
+    tensors["transformer.h.0.attn.c_qkv.W_C_q.weight"] = torch.zeros(3, 40)
 
 
 def tamper_missing(tensors):
     del tensors["transformer.h.1.attn.c_qkv.W_B_v.weight"]
 
 
+def tamper_nested(tensors):
+    tensors["optimizer"] = {"step": torch.tensor(3)}  # a training checkpoint, not a state dict
+
+
 @pytest.mark.parametrize("tamper,message", [
     (tamper_pickle, "plain state dict of tensors"),
-    (tamper_shape, r"transformer.h.1.mlp.c_fc1.weight has shape \(127, 48\), expected \(128, 48\)"),
+    (tamper_nested, r"must hold a flat \{name: tensor\} state dict"),
+    (tamper_shape, r"transformer.h.1.mlp.c_fc1.weight has shape \(105, 40\), expected \(106, 40\)"),
     (tamper_key, "unexpected tensors: transformer.h.0.attn.c_qkv.W_C_q.weight"),
     (tamper_missing, "missing tensors: transformer.h.1.attn.c_qkv.W_B_v.weight"),
 ])
@@ -183,3 +191,13 @@ def test_existing_output_needs_overwrite(tmp_path):
     convert_official(tmp_path / "official", tmp_path / "t6", overwrite=True)
     assert not (tmp_path / "t6" / "keep.txt").exists() and (tmp_path / "t6" / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["official", "t6"]
+
+
+def test_bfloat16_checkpoint_is_verified_in_float32_and_written_in_bfloat16(tmp_path):
+    config, tensors = write_official_checkpoint(tmp_path / "official", "T6_kvonly")
+    tensors = {k: v.bfloat16() for k, v in tensors.items()}
+    write_official_checkpoint(tmp_path / "official", "T6_kvonly", tensors=tensors)
+    assert convert_official(tmp_path / "official", tmp_path / "t6").relative_error <= 1e-4
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "t6", dtype="auto")
+    assert model.dtype == torch.bfloat16
+    assert torch.equal(model.model.embed_tokens.weight, tensors["transformer.wte.weight"])
