@@ -171,8 +171,8 @@ class T6Config(PreTrainedConfig):
             raise ValueError(f"attn_impl must be 'sdpa' or 'factors', got {attn_impl!r}")
         if v_head_dim is not None and attention_type != "mla" and v_head_dim != head_dim:
             raise ValueError(f"v_head_dim is an MLA option; {attention_type} uses head_dim={head_dim} for values")
-        v_head_dim = head_dim if v_head_dim is None else v_head_dim
-        if not isinstance(v_head_dim, int) or isinstance(v_head_dim, bool) or v_head_dim < 1:
+        if v_head_dim is not None and (not isinstance(v_head_dim, int) or isinstance(v_head_dim, bool)
+                                       or v_head_dim < 1):
             raise ValueError(f"v_head_dim must be an integer >= 1, got {v_head_dim!r}")
         if not isinstance(rope_partial_factor, (int, float)) or isinstance(rope_partial_factor, bool) \
                 or not 0 < rope_partial_factor <= 1:
@@ -205,7 +205,7 @@ class T6Config(PreTrainedConfig):
         self.attn_impl, self.decode_impl = attn_impl, decode_impl
         self.mla_latent_norm, self.mla_absorb = mla_latent_norm, mla_absorb
         self.mla_latent_norm_eps = mla_latent_norm_eps
-        self.v_head_dim = v_head_dim
+        self.v_head_dim = v_head_dim  # None: head_dim (kept unresolved, so a later head_dim change carries over)
         self.rope_partial_factor = rope_partial_factor
         self.attention_head_norm, self.attention_head_norm_eps = attention_head_norm, attention_head_norm_eps
         self.use_cache = use_cache
@@ -280,6 +280,11 @@ class T6Config(PreTrainedConfig):
         projections = attention_parameters(
             self.attention_type, self.hidden_size, self.num_attention_heads, self.head_dim,
             q_rank=self.q_rank, k_rank=self.k_rank, v_rank=self.v_rank, kv_heads=self.num_key_value_heads,
-            d_c=self.kv_lora_rank, d_c_q=self.q_lora_rank, d_rope=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
+            d_c=self.kv_lora_rank, d_c_q=self.q_lora_rank, d_rope=self.qk_rope_head_dim, v_head_dim=self.value_head_dim,
         )
-        return projections + (self.v_head_dim if self.attention_head_norm else 0)
+        return projections + (self.value_head_dim if self.attention_head_norm else 0)
+
+    @property
+    def value_head_dim(self) -> int:
+        """E: the value size of each head (``v_head_dim`` for MLA when set, else ``head_dim``)."""
+        return self.v_head_dim or self.head_dim

@@ -51,7 +51,7 @@ def build_attention(config: T6Config, out_init_std: float) -> nn.Module:
         raise ValueError("attention_output_gate is not implemented for MLA")
     return MultiHeadLatentAttention(
         c, h, d, config.kv_lora_rank, config.q_lora_rank, config.qk_rope_head_dim,
-        latent_norm=config.mla_latent_norm, absorb=config.mla_absorb, value_dim=config.v_head_dim,
+        latent_norm=config.mla_latent_norm, absorb=config.mla_absorb, value_dim=config.value_head_dim,
         eps=config.rms_norm_eps if config.mla_latent_norm_eps is None else config.mla_latent_norm_eps, **common,
     )
 
