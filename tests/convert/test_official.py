@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import tpa  # noqa: F401  (registers T6 with the Auto classes)
+import tpa  # registers T6 with the Auto classes
 from tpa.cli import main
 from tpa.convert.common import ConversionError, relative_error
 from tpa.convert.official import convert_official
@@ -70,7 +70,7 @@ def test_groupnorm_and_partial_rope_checkpoints_convert(tmp_path, kind):
 
 def test_mla_latent_sizes_default_to_the_official_ones(tmp_path):
     """The training script never saves MLA's latent sizes: the official defaults 512/256/32/64 apply."""
-    config, tensors = write_official_checkpoint(tmp_path / "official", "llama-mla", n_layer=1)
+    write_official_checkpoint(tmp_path / "official", "llama-mla", n_layer=1)
     convert_official(tmp_path / "official", tmp_path / "t6")
     cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "t6").config
     assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.v_head_dim) == (512, 256, 32, 64)
@@ -128,7 +128,7 @@ def tamper_nested(tensors):
     (tamper_missing, "missing tensors: transformer.h.1.attn.c_qkv.W_B_v.weight"),
 ])
 def test_tampered_checkpoint_is_refused_and_nothing_is_written(tmp_path, tamper, message):
-    config, tensors = write_official_checkpoint(tmp_path / "official", "T6")
+    _, tensors = write_official_checkpoint(tmp_path / "official", "T6")
     tamper(tensors)
     torch.save(tensors, tmp_path / "official" / "pytorch_model.bin")
     with pytest.raises(ConversionError, match=message):
@@ -157,7 +157,7 @@ def test_pickle_with_code_is_never_executed(tmp_path):
 
 
 def test_unknown_models_and_configs_are_clear_errors(tmp_path):
-    config, tensors = write_official_checkpoint(tmp_path / "official", "T6")
+    _, tensors = write_official_checkpoint(tmp_path / "official", "T6")
     renamed = {k.replace("c_qkv.W_A_q", "c_qkv.W_X_q"): v for k, v in tensors.items()}
     torch.save(renamed, tmp_path / "official" / "pytorch_model.bin")
     with pytest.raises(ConversionError, match="not a checkpoint of a known official model"):
@@ -194,7 +194,7 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_bfloat16_checkpoint_is_verified_in_float32_and_written_in_bfloat16(tmp_path):
-    config, tensors = write_official_checkpoint(tmp_path / "official", "T6_kvonly")
+    _, tensors = write_official_checkpoint(tmp_path / "official", "T6_kvonly")
     tensors = {k: v.bfloat16() for k, v in tensors.items()}
     write_official_checkpoint(tmp_path / "official", "T6_kvonly", tensors=tensors)
     assert convert_official(tmp_path / "official", tmp_path / "t6").relative_error <= 1e-4

@@ -79,8 +79,7 @@ def strip_prefixes(weights: dict[str, torch.Tensor], prefixes=("_orig_mod.", "mo
     out = {}
     for key, value in weights.items():
         for prefix in prefixes:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
+            key = key.removeprefix(prefix)
         out[key] = value
     return out
 

@@ -94,7 +94,10 @@ def detect_kind(config: dict, keys) -> str:
         ConversionError: the keys match no official model, or the config is not an official one.
     """
     keys = set(keys)
-    has = lambda *names: all(_LAYER0 + n + ".weight" in keys for n in names)  # noqa: E731
+
+    def has(*names: str) -> bool:
+        return all(_LAYER0 + n + ".weight" in keys for n in names)
+
     if has("c_qkv.W_A_q", "c_qkv.W_B_q"):
         return "T6"
     if has("c_qkv.c_q", "c_qkv.W_A_k"):
@@ -138,7 +141,10 @@ def read_spec(config: dict, keys) -> OfficialModel:
             raise ConversionError(f"config.json has {field!r}: {what} is not supported by tpa convert official")
     kind = detect_kind(config, keys)
     defaults = _DEFAULTS["llama-gqa" if kind == "llama-mqa" else kind]
-    get = lambda name: _int(config, name, defaults.get(name))  # noqa: E731
+
+    def get(name: str) -> int:
+        return _int(config, name, defaults.get(name))
+
     n_layer, n_head, n_embd = get("n_layer"), get("n_head"), get("n_embd")
     common = dict(kind=kind, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                   vocab_size=_int(config, "vocab_size", 50304), block_size=_int(config, "block_size", 1024),
