@@ -201,3 +201,10 @@ def test_bfloat16_checkpoint_is_verified_in_float32_and_written_in_bfloat16(tmp_
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "t6", dtype="auto")
     assert model.dtype == torch.bfloat16
     assert torch.equal(model.model.embed_tokens.weight, tensors["transformer.wte.weight"])
+
+
+def test_compiled_model_prefixes_are_stripped(tmp_path):
+    """A state dict saved from a torch.compile'd model carries ``_orig_mod.`` on every key."""
+    _, tensors = write_official_checkpoint(tmp_path / "official", "llama-gqa")
+    torch.save({"_orig_mod." + k: v for k, v in tensors.items()}, tmp_path / "official" / "pytorch_model.bin")
+    assert convert_official(tmp_path / "official", tmp_path / "t6").kind == "llama-gqa"
