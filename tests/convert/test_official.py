@@ -208,3 +208,21 @@ def test_compiled_model_prefixes_are_stripped(tmp_path):
     _, tensors = write_official_checkpoint(tmp_path / "official", "llama-gqa")
     torch.save({"_orig_mod." + k: v for k, v in tensors.items()}, tmp_path / "official" / "pytorch_model.bin")
     assert convert_official(tmp_path / "official", tmp_path / "t6").kind == "llama-gqa"
+
+
+def test_sharded_checkpoint_is_read_through_its_index(tmp_path):
+    """``save_pretrained`` splits large models (the XL runs) into shards listed in an index."""
+    _, tensors = write_official_checkpoint(tmp_path / "official", "T6")
+    src = tmp_path / "official"
+    (src / "pytorch_model.bin").unlink()
+    names = sorted(tensors)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, keys in shards.items():
+        torch.save({k: tensors[k] for k in keys}, src / file)
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert convert_official(src, tmp_path / "t6").kind == "T6"
+    weight_map[names[0]] = "../outside.bin"
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ConversionError, match="shard outside the directory"):
+        convert_official(src, tmp_path / "t6b")

@@ -39,39 +39,55 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def load_weights(directory: str | os.PathLike, names=("model.safetensors", "pytorch_model.bin")) -> dict[str, torch.Tensor]:
-    """The state dict of a checkpoint directory: the first of ``names`` that exists.
+    """The state dict of a checkpoint directory: the first of ``names`` that exists, or its shards.
 
     ``*.safetensors`` files are read with safetensors; anything else with ``torch.load(...,
     weights_only=True)``, which refuses pickles holding anything but tensors and plain containers.
+    A checkpoint that ``save_pretrained`` split into shards is read through its ``NAME.index.json``.
 
     Raises:
         ConversionError: no weight file, a file that is not a plain ``{name: tensor}`` dict, or one
-            that the safe loaders refuse.
+            that the safe loaders refuse; an index naming files outside the directory.
     """
     directory = Path(directory)
     for name in names:
-        path = directory / name
-        if not path.is_file():
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+        if (directory / name).is_file():
+            return _load_weight_file(directory / name)
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index} has no weight_map of tensor name -> shard file")
+            weights: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                if Path(shard).name != shard or shard in (".", ".."):
+                    raise ConversionError(f"{index} names a shard outside the directory: {shard!r}")
+                weights.update(_load_weight_file(directory / shard))
+            return weights
+    raise ConversionError(f"no weights in {directory}: expected one of {', '.join(names)} (or its .index.json)")
 
-                weights = load_file(str(path), device="cpu")
-            else:
-                weights = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # the loaders raise many types; all mean "not a loadable weight file"
-            raise ConversionError(
-                f"{path} could not be read as a plain state dict of tensors "
-                f"(only safetensors or a weights_only torch.load are accepted): {type(err).__name__}: {err}"
-            ) from None
-        if not isinstance(weights, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
-        ):
-            raise ConversionError(f"{path} must hold a flat {{name: tensor}} state dict, got {type(weights).__name__} "
-                                  "with other contents")
-        return dict(weights)
-    raise ConversionError(f"no weights in {directory}: expected one of {', '.join(names)}")
+
+def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConversionError(f"{path} not found")
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            weights = load_file(str(path), device="cpu")
+        else:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the loaders raise many types; all mean "not a loadable weight file"
+        raise ConversionError(
+            f"{path} could not be read as a plain state dict of tensors "
+            f"(only safetensors or a weights_only torch.load are accepted): {type(err).__name__}: {err}"
+        ) from None
+    if not isinstance(weights, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise ConversionError(f"{path} must hold a flat {{name: tensor}} state dict, got {type(weights).__name__} "
+                              "with other contents")
+    return dict(weights)
 
 
 def strip_prefixes(weights: dict[str, torch.Tensor], prefixes=("_orig_mod.", "module.")) -> dict[str, torch.Tensor]:
