@@ -9,26 +9,26 @@ fixed heads, narrowed head dimension; ``false``: fixed heads); see :mod:`tpa.ben
 The studies of ``studies/*.yaml`` are such files. Every row is trained once per seed, with the same
 budget, data, data order, optimizer, schedule and evaluation; the table lists each row's settings.
 
-Each row (by default the attention types MHA, MQA, GQA, MLA, TPA-KVonly and TPA) is trained with the
-project's training loop (:func:`tpa.train.trainer.train`) at one preset, whose head counts match the
-attention parameters across types (the paper's Table 10 for its sizes, the same matching for
-``tiny`` and ``mini``), on the same token shards, for the same number of tokens, with the same
-optimizer and schedule, once per seed (``--seeds``, default one seed: ``--seed``, 0). The run of
-seed s initialises the model with seed s and visits the training windows in the order of data seed
-``--data-seed`` + s: every row sees the same initialisation seed and the same sequences in the same
-order within a seed, and seeds vary both sources of noise. A seed's runs are the same whichever other
-seeds are run beside them, so an ablation can be split over several calls and merged. Then it writes
+Each run goes through the project's training loop (:func:`tpa.train.trainer.train`) at one preset,
+whose head counts match the attention parameters across types (the paper's Table 10 for its sizes,
+the same matching for ``tiny`` and ``mini``), on the same token shards, for the same number of
+tokens, with the same optimizer and schedule (a row may set its own learning rate), once per seed
+(``--seeds``, default one seed: ``--seed``, 0). The run of seed s initialises the model with seed s
+and visits the training windows in the order of data seed ``--data-seed`` + s: every row sees the
+same initialisation seed and the same sequences in the same order within a seed, and seeds vary both
+sources of noise. A seed's runs are the same whichever other seeds or rows are run beside them, so
+an ablation can be split over several calls and merged. Then it writes
 
-- ``loss.png``: training and validation loss against tokens, one line per type (with several seeds:
+- ``loss.png``: training and validation loss against tokens, one line per row (with several seeds:
   the mean over seeds, with a band from the lowest to the highest seed);
 - ``ablation.md``: final validation loss and perplexity, KV-cache bytes per token (all layers, bf16),
-  parameters (whole model and attention per layer) and training tokens/s per type; with several
+  parameters (whole model and attention per layer) and training tokens/s per row; with several
   seeds, the mean ± sample standard deviation over seeds, the mean best validation loss, and a
   second table with every seed's final validation loss;
-- ``ablation.json`` (everything: the settings, one row per run with its curve and configurations, the
-  per-type summaries), ``ablation.csv`` (one row per type), ``seeds.csv`` (one row per type and
-  seed) and ``curves.csv`` (every logged step of every run); each run's folder is
-  ``runs/seed<S>/<row>``.
+- ``ablation.json`` (everything: the settings, the rows as given and resolved, one entry per run with
+  its curve and configurations, the per-row summaries), ``ablation.csv`` (one line per row),
+  ``seeds.csv`` (one line per row and seed) and ``curves.csv`` (every logged step of every run);
+  each run's folder is ``runs/seed<S>/<row>``.
 
 An output folder that already holds an ablation is kept unless asked: ``--resume`` keeps its finished
 runs (same settings required) and trains the missing ones, ``--overwrite`` starts afresh.
@@ -48,8 +48,17 @@ import time
 from pathlib import Path
 
 from tpa.bench.ablate_report import FIELDS, plot_losses, table_markdown, write_outputs
-from tpa.bench.ablate_results import (LABELS, ORDER, best_val_loss, merge, normalize, ordered_rows, recipe_differences,
-                                     refresh, row_differences)
+from tpa.bench.ablate_results import (
+    LABELS,
+    ORDER,
+    best_val_loss,
+    merge,
+    normalize,
+    ordered_rows,
+    recipe_differences,
+    refresh,
+    row_differences,
+)
 from tpa.eval.report import UsageError
 
 __all__ = ["FIELDS", "LABELS", "ORDER", "parse_seeds", "plot_losses", "register", "replot", "run", "table_markdown",
