@@ -272,3 +272,12 @@ def test_bad_row_on_the_command_line(corpus, tmp_path, capsys):
     assert main(grid_args(corpus[1], tmp_path / "x", ["r:attention_type=tpa,bogus=1"])) == 2
     assert "row r: unknown key bogus" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(corpus, tmp_path, capsys):
+    out = tmp_path / "plan"
+    assert main(grid_args(corpus[1], out, GRID[:2], "--seeds", "0", "1", "2", "--dry-run")) == 0
+    printed = capsys.readouterr().out
+    assert "2 rows x 3 seeds = 6 runs of 192 training tokens" in printed  # 3 steps x 4 x 16
+    assert "| a | MHA | 4 | 32 | 65,536 |" in printed and "| tpa_r1 | TPA | 6 | 32 | 63,488 |" in printed
+    assert not out.exists()

@@ -101,6 +101,9 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--export", action="store_true", help="export each trained model (RUN/final) for tpa eval")
     p.add_argument("--no-plot", action="store_true", help="skip the plot (e.g. where matplotlib is missing)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved rows (heads, parameters, FLOPs per token) and the number of runs; "
+                        "train nothing")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="keep the finished runs of the ablation in --output (same settings) and train the "
@@ -290,9 +293,16 @@ def run(args) -> dict:
     record = _recipe(args)
     rows = _rows(args)
     seeds = parse_seeds(args.seeds, args.seed)
+    meta = check_data_dir(args.data)
+    if args.dry_run:
+        from tpa.bench.ablate_grid import plan_markdown
+
+        vocab = 64 * math.ceil(int(meta["vocab_size"]) / 64)  # as the trainer sizes the model
+        print(plan_markdown(rows, args.preset, vocab_size=vocab, seq_len=args.seq_len,
+                            tokens=record["tokens_per_type"], seeds=len(seeds)), end="")
+        return record
     if not args.no_plot:
         _check_matplotlib()
-    meta = check_data_dir(args.data)
     if not meta["splits"]["val"]["tokens"]:
         raise UsageError(f"--data {args.data!r} has no validation tokens; prepare it with --val-fraction > 0")
     out = Path(args.output or DEFAULT_OUTPUT)

@@ -280,3 +280,33 @@ def describe(row: dict, lr: float) -> str:
     if row.get("lr") is not None and row["lr"] != lr:
         text += f"; lr {row['lr']:g} -> {row['min_lr']:g}"
     return text
+
+
+def plan_markdown(rows: list[dict], preset: str, *, vocab_size: int, seq_len: int, tokens: int, seeds: int) -> str:
+    """What a grid would train, without training: per row the heads, head_dim, attention parameters
+    per layer, model parameters and training FLOPs per token (:func:`tpa.train.metrics.flops_per_token`
+    at ``seq_len``), then the number of runs and the total training FLOPs over ``tokens`` per run."""
+    import torch
+
+    from tpa import T6Config, T6ForCausalLM
+    from tpa.bench.ablate_results import LABELS
+    from tpa.eval.report import fmt_int, markdown_table
+    from tpa.train.metrics import flops_per_token
+
+    table, total = [], 0.0
+    for row in rows:
+        config = T6Config.from_preset(preset, row["attention_type"], vocab_size=vocab_size,
+                                      max_position_embeddings=seq_len, **row["model_overrides"])
+        with torch.device("meta"):
+            model = T6ForCausalLM(config)
+        flops = flops_per_token(model, config, seq_len)
+        total += flops * tokens * seeds
+        table.append([row["name"], LABELS.get(row["attention_type"], row["attention_type"]), row["heads"],
+                      row["head_dim"], fmt_int(row["attention_params_per_layer"]),
+                      fmt_int(sum(p.numel() for p in model.parameters())), f"{flops / 1e9:.3f}", f"{row['lr']:g}"])
+    text = markdown_table(["row", "attention", "heads", "head_dim", "attn. params / layer", "params",
+                           "GFLOP / token", "lr"], table, align="llrrrrrr")
+    return (f"Plan: preset {preset}, vocabulary {fmt_int(vocab_size)}, sequence {seq_len}; {len(rows)} rows x "
+            f"{seeds} seeds = {len(rows) * seeds} runs of {fmt_int(tokens)} training tokens, "
+            f"{total / 1e15:.1f} PFLOP of training in all (6 x parameters + 12 x layers x heads x head_dim x "
+            f"sequence per token).\n\n" + text)
