@@ -115,6 +115,7 @@ def test_fixed_heads_and_narrowed_projections():
     ({"attention_type": "gqa", "heads_of": "tpa", "match_params": "head_dim"}, "must be a positive divisor"),
     ({"attention_type": "tpa", "k_rank": 0}, "k_rank must be an integer >= 1"),
     ({"attention_type": "tpa", "lr": 1e-3, "min_lr": 1e-2}, "need 0 <= min_lr <= lr"),
+    ({"attention_type": "tpa", "lr": "fast"}, "lr and min_lr must be numbers"),
 ])
 def test_bad_rows(spec, message):
     with pytest.raises(UsageError, match=message):

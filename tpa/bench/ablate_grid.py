@@ -255,8 +255,12 @@ def resolve_row(name: str, spec: dict, preset: str, *, lr: float, min_lr: float 
         model["head_dim"] = _closest(name, preset, attention_type, model, "head_dim",
                                      range(2, 4 * reference.head_dim + 1, 2), target)
     config = _build(name, preset, attention_type, model)
-    row_lr = float(spec.get("lr", lr))
-    row_min_lr = float(spec["min_lr"]) if "min_lr" in spec else (row_lr / 10 if min_lr is None else min_lr)
+    try:
+        row_lr = float(spec.get("lr", lr))
+        row_min_lr = float(spec["min_lr"]) if "min_lr" in spec else (row_lr / 10 if min_lr is None else min_lr)
+    except (TypeError, ValueError):
+        raise UsageError(f"row {name}: lr and min_lr must be numbers, got {spec.get('lr')!r}, "
+                         f"{spec.get('min_lr')!r}") from None
     if row_lr <= 0 or not 0 <= row_min_lr <= row_lr:
         raise UsageError(f"row {name}: need 0 <= min_lr <= lr and lr > 0, got lr {row_lr:g}, min_lr {row_min_lr:g}")
     return {"name": name, "spec": dict(spec), "attention_type": attention_type, "model_overrides": model,
