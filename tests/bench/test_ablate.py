@@ -27,7 +27,7 @@ def test_ablation_writes_plot_and_one_row_per_type(corpus, tmp_path, capsys):
             and not line.startswith("| :")]
     assert [line.split("|")[1].strip() for line in body] == LABELS
     record = json.loads((out / "ablation.json").read_text())
-    assert record["types"] == ["mha", "mqa", "gqa", "mla", "tpa_kvonly", "tpa"]
+    assert record["rows"] == ["mha", "mqa", "gqa", "mla", "tpa_kvonly", "tpa"]
     for r in record["results"].values():
         # the same token budget, the same logged steps, a validation loss at 0, 2 and 4
         assert r["tokens"] == 4 * 4 * 16
@@ -40,9 +40,9 @@ def test_ablation_writes_plot_and_one_row_per_type(corpus, tmp_path, capsys):
               "warmup_steps", "eval_every", "eval_sequences")
     configs = [r["train_config"] for r in record["runs"]]
     assert all({k: c[k] for k in shared} == {k: configs[0][k] for k in shared} for c in configs)
-    assert [c["attention_type"] for c in configs] == record["types"]
+    assert [c["attention_type"] for c in configs] == record["rows"]
     assert configs[0]["seed"] == 0 and configs[0]["data_seed"] == 0 and record["seeds"] == [0]
-    assert all((out / "runs" / "seed0" / t / "metrics.jsonl").is_file() for t in record["types"])
+    assert all((out / "runs" / "seed0" / t / "metrics.jsonl").is_file() for t in record["rows"])
     # one seed: the table of the one-seed ablation, without spread columns
     assert table.splitlines()[2] == ("| attention | params | attn. params / layer | heads | KV cache / token (bf16, "
                                      "all layers) | final val loss | val perplexity | train tokens/s |")
@@ -51,9 +51,9 @@ def test_ablation_writes_plot_and_one_row_per_type(corpus, tmp_path, capsys):
     assert record["results"]["tpa"]["kv_bytes_per_token"] < record["results"]["mha"]["kv_bytes_per_token"]
     assert record["parameter_spread"] < 0.1
     with open(out / "ablation.csv") as f:
-        assert [r["attention_type"] for r in csv.DictReader(f)] == record["types"]
+        assert [r["attention_type"] for r in csv.DictReader(f)] == record["rows"]
     with open(out / "seeds.csv") as f:
-        assert [(r["attention_type"], r["seed"]) for r in csv.DictReader(f)] == [(t, "0") for t in record["types"]]
+        assert [(r["attention_type"], r["seed"]) for r in csv.DictReader(f)] == [(t, "0") for t in record["rows"]]
     assert f"wrote {out / 'loss.png'}" in printed
 
     # --replot redraws from ablation.json alone

@@ -55,7 +55,7 @@ def two_seeds(corpus, tmp_path_factory):
 def test_two_seeds_table_json_csv_and_plot(two_seeds):
     out, _ = two_seeds
     record = read(out)
-    assert record["seeds"] == [0, 1] and record["types"] == TYPES and record["complete"]
+    assert record["seeds"] == [0, 1] and record["rows"] == TYPES and record["complete"]
     assert len(record["runs"]) == 4
     # seed s: initialisation seed s, data order --data-seed + s; within a seed every type alike
     for r in record["runs"]:
@@ -122,7 +122,7 @@ def test_split_by_seeds_then_merge_and_resume(two_seeds, tmp_path, capsys):
 
     assert main(["ablate", "--replot", str(a), str(b), "--output", str(merged)]) == 0
     record, reference = read(merged), read(both)
-    assert record["seeds"] == [0, 1] and record["types"] == TYPES and record["complete"]
+    assert record["seeds"] == [0, 1] and record["rows"] == TYPES and record["complete"]
     assert [s["folder"] for s in record["sources"]] == [str(a), str(b)]
     assert finals(record) == pytest.approx(finals(reference), rel=1e-5)
     assert len(table_rows((merged / "ablation.md").read_text())) == 2
@@ -192,4 +192,17 @@ def test_replot_of_a_one_seed_record_from_before_seeds(tmp_path):
     assert main(["ablate", "--replot", str(folder), "--output", str(tmp_path), "--no-plot"]) == 0
     assert (tmp_path / "ablation.md").read_text() == (folder / "ablation.md").read_text()
     record = read(tmp_path)
-    assert record["version"] == 2 and record["seeds"] == [0] and len(record["runs"]) == 6
+    assert record["version"] == 3 and record["seeds"] == [0] and len(record["runs"]) == 6
+
+
+def test_replot_of_a_version_2_record(tmp_path):
+    """Records of one row per attention type (version 2, before rows) redraw to the table they came with."""
+    folder = Path(__file__).resolve().parents[2] / "benchmarks" / "ablate-seeds-h100-2026-11-23"
+    if not (folder / "ablation.json").is_file():
+        pytest.skip("benchmarks/ablate-seeds-h100-2026-11-23 is not in this checkout")
+    assert json.loads((folder / "ablation.json").read_text())["version"] == 2
+    assert main(["ablate", "--replot", str(folder), "--output", str(tmp_path), "--no-plot"]) == 0
+    assert (tmp_path / "ablation.md").read_text() == (folder / "ablation.md").read_text()
+    record = read(tmp_path)
+    assert record["version"] == 3 and record["rows"] == ["mha", "mqa", "gqa", "mla", "tpa_kvonly", "tpa"]
+    assert len(record["runs"]) == 42 and all(r["row"] == r["attention_type"] for r in record["runs"])

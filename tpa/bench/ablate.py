@@ -1,31 +1,40 @@
-"""``tpa ablate``: every attention type trained side by side, the paper's Figure 4 in miniature.
+"""``tpa ablate``: attention types or any grid of model variants trained side by side, with seeds.
 
-Each attention type (by default MHA, MQA, GQA, MLA, TPA-KVonly and TPA) is trained with the
-project's training loop (:func:`tpa.train.trainer.train`) at one preset, whose head counts match the
-attention parameters across types (the paper's Table 10 for its sizes, the same matching for
-``tiny`` and ``mini``), on the same token shards, for the same number of tokens, with the same
-optimizer and schedule, once per seed (``--seeds``, default one seed: ``--seed``, 0). The run of
-seed s initialises the model with seed s and visits the training windows in the order of data seed
-``--data-seed`` + s: every type sees the same initialisation seed and the same sequences in the same
-order within a seed, and seeds vary both sources of noise. A seed's runs are the same whichever other
-seeds are run beside them, so an ablation can be split over several calls and merged. Then it writes
+Rows. By default (or with ``--types``) the rows are attention types at the preset: the paper's
+Figure 4 in miniature. ``--row NAME:key=value,...`` (repeatable) and ``--rows FILE.yaml`` (a list
+``rows:`` of mappings with a ``name``) add rows of any T6Config overrides, a learning rate, a head
+count taken from another type (``heads_of``) and ``match_params`` (default: the head count is
+chosen so that the row's attention parameters match MHA's, as the presets choose it; ``head_dim``:
+fixed heads, narrowed head dimension; ``false``: fixed heads); see :mod:`tpa.bench.ablate_grid`.
+The studies of ``studies/*.yaml`` are such files. Every row is trained once per seed, with the same
+budget, data, data order, optimizer, schedule and evaluation; the table lists each row's settings.
 
-- ``loss.png``: training and validation loss against tokens, one line per type (with several seeds:
+Each run goes through the project's training loop (:func:`tpa.train.trainer.train`) at one preset,
+whose head counts match the attention parameters across types (the paper's Table 10 for its sizes,
+the same matching for ``tiny`` and ``mini``), on the same token shards, for the same number of
+tokens, with the same optimizer and schedule (a row may set its own learning rate), once per seed
+(``--seeds``, default one seed: ``--seed``, 0). The run of seed s initialises the model with seed s
+and visits the training windows in the order of data seed ``--data-seed`` + s: every row sees the
+same initialisation seed and the same sequences in the same order within a seed, and seeds vary both
+sources of noise. A seed's runs are the same whichever other seeds or rows are run beside them, so
+an ablation can be split over several calls and merged. Then it writes
+
+- ``loss.png``: training and validation loss against tokens, one line per row (with several seeds:
   the mean over seeds, with a band from the lowest to the highest seed);
 - ``ablation.md``: final validation loss and perplexity, KV-cache bytes per token (all layers, bf16),
-  parameters (whole model and attention per layer) and training tokens/s per type; with several
+  parameters (whole model and attention per layer) and training tokens/s per row; with several
   seeds, the mean ± sample standard deviation over seeds, the mean best validation loss, and a
   second table with every seed's final validation loss;
-- ``ablation.json`` (everything: the settings, one row per run with its curve and configurations, the
-  per-type summaries), ``ablation.csv`` (one row per type), ``seeds.csv`` (one row per type and
-  seed) and ``curves.csv`` (every logged step of every run); each run's folder is
-  ``runs/seed<S>/<type>``.
+- ``ablation.json`` (everything: the settings, the rows as given and resolved, one entry per run with
+  its curve and configurations, the per-row summaries), ``ablation.csv`` (one line per row),
+  ``seeds.csv`` (one line per row and seed) and ``curves.csv`` (every logged step of every run);
+  each run's folder is ``runs/seed<S>/<row>``.
 
 An output folder that already holds an ablation is kept unless asked: ``--resume`` keeps its finished
 runs (same settings required) and trains the missing ones, ``--overwrite`` starts afresh.
 ``tpa ablate --replot DIR`` redraws the plot and the table from ``DIR/ablation.json``;
 ``tpa ablate --replot DIR1 DIR2 ... --output MERGED`` merges ablations of the same settings that
-hold different seeds or types (e.g. one per device call) into one.
+hold different seeds or rows (e.g. one per device call) into one.
 """
 
 from __future__ import annotations
@@ -39,7 +48,17 @@ import time
 from pathlib import Path
 
 from tpa.bench.ablate_report import FIELDS, plot_losses, table_markdown, write_outputs
-from tpa.bench.ablate_results import LABELS, ORDER, best_val_loss, merge, normalize, recipe_differences, refresh
+from tpa.bench.ablate_results import (
+    LABELS,
+    ORDER,
+    best_val_loss,
+    merge,
+    normalize,
+    ordered_rows,
+    recipe_differences,
+    refresh,
+    row_differences,
+)
 from tpa.eval.report import UsageError
 
 __all__ = ["FIELDS", "LABELS", "ORDER", "parse_seeds", "plot_losses", "register", "replot", "run", "table_markdown",
@@ -52,7 +71,13 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/shakespeare", help="token shards from `tpa data prepare`")
     p.add_argument("--preset", default="tiny", help="model preset (tiny for a CPU, mini ~30-50M parameters, small)")
-    p.add_argument("--types", nargs="+", default=["all"], help="attention types, or all")
+    p.add_argument("--types", nargs="+", default=None,
+                   help="attention types, or all (the default when no --row/--rows is given)")
+    p.add_argument("--row", action="append", default=None, metavar="NAME:KEY=VALUE,...",
+                   help="a row of the grid, e.g. tpa_r1:attention_type=tpa,k_rank=1,v_rank=1 (repeatable; keys: "
+                        "attention_type, T6Config fields, lr, min_lr, heads_of=TYPE, match_params=true|head_dim|false)")
+    p.add_argument("--rows", action="append", default=None, metavar="FILE",
+                   help="a YAML file of rows (`rows:` a list of mappings with a `name`), e.g. studies/ranks.yaml")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200)")
     budget.add_argument("--tokens", type=int, default=None, help="training tokens per run (rounded up to whole steps)")
@@ -67,24 +92,27 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="the seed of a one-seed ablation (default 0); the same as --seeds SEED")
     p.add_argument("--seeds", nargs="+", default=None, metavar="SEED",
-                   help="seeds (distinct, >= 0): every type is trained once per seed; seed s initialises the "
+                   help="seeds (distinct, >= 0): every row is trained once per seed; seed s initialises the "
                         "model with s and orders the data with --data-seed + s")
     p.add_argument("--data-seed", type=int, default=0,
-                   help="data-order seed of seed 0 (seed s uses data seed + s; the same for every type)")
+                   help="data-order seed of seed 0 (seed s uses data seed + s; the same for every row)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--export", action="store_true", help="export each trained model (RUN/final) for tpa eval")
     p.add_argument("--no-plot", action="store_true", help="skip the plot (e.g. where matplotlib is missing)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved rows (heads, parameters, FLOPs per token) and the number of runs; "
+                        "train nothing")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="keep the finished runs of the ablation in --output (same settings) and train the "
-                            "missing (type, seed) runs")
+                            "missing (row, seed) runs")
     again.add_argument("--overwrite", action="store_true",
                        help="replace the ablation in --output (its runs/ folder is deleted)")
     p.add_argument("--replot", metavar="DIR", nargs="+", default=None,
                    help="only redraw plot and tables from DIR/ablation.json; with several folders (of the same "
-                        "settings, different seeds or types) merge them into --output")
+                        "settings, different seeds or rows) merge them into --output")
     p.add_argument("--output", default=None,
                    help=f"output folder (default {DEFAULT_OUTPUT}; with --replot: DIR, or the merged folder)")
     p.set_defaults(func=_run)
@@ -156,8 +184,8 @@ def _read_record(folder: str | Path) -> dict:
     return normalize(record, str(path))
 
 
-def _run_row(t: str, seed: int, data_seed: int, run_: dict, seconds: float, meta: dict) -> dict:
-    """One finished run as a row of ``record["runs"]``."""
+def _run_entry(row: dict, seed: int, data_seed: int, run_: dict, seconds: float, meta: dict) -> dict:
+    """One finished run as an entry of ``record["runs"]``."""
     from tpa import T6Config
     from tpa.bench.memory import model_parameters
     from tpa.bench.runs import final_val_loss, perplexity, throughput
@@ -168,7 +196,8 @@ def _run_row(t: str, seed: int, data_seed: int, run_: dict, seconds: float, meta
     train_losses = [r["loss"] for r in records if r.get("loss") is not None]
     curve = [{k: r.get(k) for k in ("step", "tokens", "loss", "val_loss")} for r in records]
     return {
-        "attention_type": t, "seed": seed, "data_seed": data_seed, "parameters": model_parameters(mc),
+        "row": row["name"], "attention_type": row["attention_type"], "seed": seed, "data_seed": data_seed,
+        "parameters": model_parameters(mc), "head_dim": mc.head_dim, "lr": row["lr"],
         "attention_params_per_layer": mc.attention_parameters_per_layer(), "heads": mc.num_attention_heads,
         "kv_elements_per_token": mc.kv_cache_elements_per_token() * mc.num_hidden_layers,
         "kv_bytes_per_token": 2 * mc.kv_cache_elements_per_token() * mc.num_hidden_layers,
@@ -180,17 +209,12 @@ def _run_row(t: str, seed: int, data_seed: int, run_: dict, seconds: float, meta
     }
 
 
-def run(args) -> dict:
-    """Train every (type, seed) run not already finished, then write plot, table and data; return the record."""
-    from tpa.bench.runs import RunInterrupted, check_data_dir, training_run
-    from tpa.eval.report import atomic_write_json, parse_list, resolve_device, run_metadata
-    from tpa.models.t6.configuration_t6 import ATTENTION_TYPES, PRESETS
+def _recipe(args) -> dict:
+    """The settings every row shares (checked), from the command line."""
+    from tpa.models.t6.configuration_t6 import PRESETS
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
-    types = parse_list(args.types, ATTENTION_TYPES, "attention type")
-    types = [t for t in ORDER if t in types]
-    seeds = parse_seeds(args.seeds, args.seed)
     if args.data_seed < 0:
         raise UsageError(f"--data-seed must be >= 0, got {args.data_seed}")
     for name in ("batch_size", "seq_len", "eval_sequences"):
@@ -210,12 +234,75 @@ def run(args) -> dict:
         raise UsageError(f"--steps must be >= 1, got {steps}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
-    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    warmup = max(1, round(0.05 * steps)) if args.warmup_steps is None else args.warmup_steps
-    eval_every = args.eval_every or max(1, steps // 10)
+    return {
+        "format": "tpa-ablation", "version": 3, "preset": args.preset, "data": args.data,
+        "steps": steps, "batch_size": args.batch_size, "micro_batch": micro, "seq_len": args.seq_len,
+        "tokens_per_type": steps * step_tokens, "lr": args.lr,
+        "min_lr": args.lr / 10 if args.min_lr is None else args.min_lr,
+        "warmup_steps": max(1, round(0.05 * steps)) if args.warmup_steps is None else args.warmup_steps,
+        "eval_every": args.eval_every or max(1, steps // 10), "eval_sequences": args.eval_sequences,
+        "data_seed": args.data_seed, "precision": args.precision, "compile": args.compile,
+    }
+
+
+def _rows(args) -> list[dict]:
+    """The grid's rows, resolved at the preset: ``--types`` (all types without any row option), then
+    the files of ``--rows``, then ``--row``."""
+    from tpa.bench.ablate_grid import collect_rows, resolve_row
+    from tpa.eval.report import parse_list
+    from tpa.models.t6.configuration_t6 import ATTENTION_TYPES
+
+    types = args.types if args.types is not None else (None if args.row or args.rows else ["all"])
+    if types is not None:
+        types = [t for t in ORDER if t in parse_list(types, ATTENTION_TYPES, "attention type")]
+    rows = collect_rows(types, args.row, args.rows)
+    return [resolve_row(name, spec, args.preset, lr=args.lr, min_lr=args.min_lr) for name, spec in rows]
+
+
+def _continue_from(out: Path, record: dict, seeds: list[int]) -> None:
+    """``--resume``: take the finished runs, rows and seeds of ``out/ablation.json`` into ``record``."""
+    earlier = _read_record(out)
+    diff = recipe_differences(earlier, record) + row_differences(earlier, record)
+    if diff:
+        raise UsageError(f"--resume: {out} holds an ablation with other settings ({'; '.join(diff)}, there vs "
+                         "here); use its settings, or pass --overwrite or another --output")
+    record["runs"] = earlier["runs"]
+    record["row_specs"] = {**earlier["row_specs"], **record["row_specs"]}
+    record["requested_rows"] = ordered_rows(earlier["requested_rows"] + record["requested_rows"],
+                                            record["row_specs"])
+    record["requested_seeds"] = sorted(set(earlier["requested_seeds"]) | set(seeds))
+    record["seconds"] = earlier.get("seconds") or 0.0
+
+
+def _train_values(args, record: dict, row: dict, seed: int, device) -> dict:
+    """The TrainConfig values of one (row, seed) run."""
+    return dict(preset=args.preset, attention_type=row["attention_type"], model_overrides=row["model_overrides"],
+                data_dir=args.data, seq_len=args.seq_len, data_seed=args.data_seed + seed, seed=seed,
+                global_batch_size=args.batch_size, micro_batch_size=record["micro_batch"], max_steps=record["steps"],
+                lr=row["lr"], min_lr=row["min_lr"], warmup_steps=record["warmup_steps"],
+                eval_every=record["eval_every"], eval_sequences=args.eval_sequences, log_every=1,
+                checkpoint_every=record["steps"], keep_checkpoints=1, export=args.export, device=str(device),
+                precision=args.precision, parallel="none", compile=args.compile)
+
+
+def run(args) -> dict:
+    """Train every (row, seed) run not already finished, then write plot, table and data; return the record."""
+    from tpa.bench.runs import RunInterrupted, check_data_dir, training_run
+    from tpa.eval.report import atomic_write_json, resolve_device, run_metadata
+
+    record = _recipe(args)
+    rows = _rows(args)
+    seeds = parse_seeds(args.seeds, args.seed)
+    meta = check_data_dir(args.data)
+    if args.dry_run:
+        from tpa.bench.ablate_grid import plan_markdown
+
+        vocab = 64 * math.ceil(int(meta["vocab_size"]) / 64)  # as the trainer sizes the model
+        print(plan_markdown(rows, args.preset, vocab_size=vocab, seq_len=args.seq_len,
+                            tokens=record["tokens_per_type"], seeds=len(seeds)), end="")
+        return record
     if not args.no_plot:
         _check_matplotlib()
-    meta = check_data_dir(args.data)
     if not meta["splits"]["val"]["tokens"]:
         raise UsageError(f"--data {args.data!r} has no validation tokens; prepare it with --val-fraction > 0")
     out = Path(args.output or DEFAULT_OUTPUT)
@@ -224,64 +311,44 @@ def run(args) -> dict:
         raise UsageError(f"{out} already holds an ablation; pass --overwrite to replace it or --resume to keep "
                          "its finished runs and train the missing ones (or choose another --output)")
     device = resolve_device(args.device)
-
-    record = {
-        "format": "tpa-ablation", "version": 2, "preset": args.preset, "data": args.data,
-        "data_fingerprint": meta.get("fingerprint"), "requested_types": types, "requested_seeds": seeds,
-        "steps": steps, "batch_size": args.batch_size, "micro_batch": micro, "seq_len": args.seq_len,
-        "tokens_per_type": steps * step_tokens, "lr": args.lr, "min_lr": min_lr, "warmup_steps": warmup,
-        "eval_every": eval_every, "eval_sequences": args.eval_sequences, "data_seed": args.data_seed,
-        "precision": args.precision, "compile": args.compile, "seconds": 0.0, "run": run_metadata(device),
-        "runs": [],
-    }
+    record.update(data_fingerprint=meta.get("fingerprint"), requested_rows=[r["name"] for r in rows],
+                  row_specs={r["name"]: r for r in rows}, requested_seeds=seeds, seconds=0.0,
+                  run=run_metadata(device), runs=[])
     if args.overwrite and (out / "runs").exists():
         shutil.rmtree(out / "runs")
     if args.resume and (out / "ablation.json").exists():
-        earlier = _read_record(out)
-        diff = recipe_differences(earlier, record)
-        if diff:
-            raise UsageError(f"--resume: {out} holds an ablation with other settings ({'; '.join(diff)}, there vs "
-                             "here); use its settings, or pass --overwrite or another --output")
-        record["runs"] = earlier["runs"]
-        record["requested_types"] = [t for t in ORDER if t in earlier["requested_types"] or t in types]
-        record["requested_seeds"] = sorted(set(earlier["requested_seeds"]) | set(seeds))
-        record["seconds"] = earlier.get("seconds") or 0.0
+        _continue_from(out, record, seeds)
     refresh(record)
-    done = {(r["attention_type"], r["seed"]) for r in record["runs"]}
+    done = {(r["row"], r["seed"]) for r in record["runs"]}
     previous_seconds = record["seconds"]
     start = time.perf_counter()
     interrupted = None
-    for seed in seeds:  # seed-major: an interrupted ablation has whole seeds of every type
-        for t in types:
-            if (t, seed) in done:
-                print(f"{t} seed {seed}: finished earlier, kept", flush=True)
+    for seed in seeds:  # seed-major: an interrupted ablation has whole seeds of every row
+        for row in rows:
+            name = row["name"]
+            if (name, seed) in done:
+                print(f"{name} seed {seed}: finished earlier, kept", flush=True)
                 continue
-            values = dict(preset=args.preset, attention_type=t, data_dir=args.data, seq_len=args.seq_len,
-                          data_seed=args.data_seed + seed, seed=seed, global_batch_size=args.batch_size,
-                          micro_batch_size=micro, max_steps=steps, lr=args.lr, min_lr=min_lr, warmup_steps=warmup,
-                          eval_every=eval_every, eval_sequences=args.eval_sequences, log_every=1,
-                          checkpoint_every=steps, keep_checkpoints=1, export=args.export, device=str(device),
-                          precision=args.precision, parallel="none", compile=args.compile)
             t0 = time.perf_counter()
             try:
-                run_ = training_run(values, out / "runs" / f"seed{seed}" / t)
+                run_ = training_run(_train_values(args, record, row, seed, device), out / "runs" / f"seed{seed}" / name)
             except RunInterrupted as err:
                 interrupted = err
                 break
-            row = _run_row(t, seed, args.data_seed + seed, run_, time.perf_counter() - t0, record["run"])
-            record["runs"].append(row)
+            entry = _run_entry(row, seed, args.data_seed + seed, run_, time.perf_counter() - t0, record["run"])
+            record["runs"].append(entry)
             refresh(record)
             record["seconds"] = previous_seconds + time.perf_counter() - start
             atomic_write_json(out / "ablation.json", record)  # after every run: an interrupted ablation keeps them
-            print(f"{t} seed {seed}: val loss {row['final_val_loss']}, {row['tokens_per_s'] or 0:,.0f} tokens/s, "
-                  f"{row['train_seconds']:.1f} s", flush=True)
+            print(f"{name} seed {seed}: val loss {entry['final_val_loss']}, {entry['tokens_per_s'] or 0:,.0f} "
+                  f"tokens/s, {entry['train_seconds']:.1f} s", flush=True)
         if interrupted is not None:
             break
     record["seconds"] = previous_seconds + time.perf_counter() - start
     refresh(record)
     atomic_write_json(out / "ablation.json", record)
     print(f"wrote {out / 'ablation.json'}")
-    if record["types"]:
+    if record["rows"]:
         write_outputs(record, out, plot=not args.no_plot)
     if interrupted is not None:
         raise interrupted
@@ -291,7 +358,7 @@ def run(args) -> dict:
 def replot(folders: str | list[str], *, output: str | None = None, plot: bool = True,
            overwrite: bool = False) -> list[Path]:
     """Redraw ``loss.png`` and rewrite the tables from ``folder/ablation.json``; with several folders
-    (ablations of the same settings holding different seeds or types), merge them into ``output``.
+    (ablations of the same settings holding different seeds or rows), merge them into ``output``.
 
     Redrawing one folder in place leaves its ``ablation.json`` as it is; otherwise the (merged)
     ``ablation.json`` is written to ``output`` too, so that folder can be redrawn or resumed later.

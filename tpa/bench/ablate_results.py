@@ -1,19 +1,21 @@
-"""The data of ``tpa ablate``: one row per finished run, per-type summaries over seeds, merging.
+"""The data of ``tpa ablate``: one entry per finished run, per-row summaries over seeds, merging.
 
-An ablation record (``ablation.json``, format ``tpa-ablation`` version 2) holds the settings shared by
-every run (the *recipe*: preset, data, budget, optimizer, evaluation), the list ``runs`` with one row
-per finished (attention type, seed) run (its numbers, loss curve, model and training configuration,
-device and date), and ``results``: per attention type, the summary over its seeds that the table and
-the plot show. ``results`` is derived from ``runs`` and recomputed whenever a record is read, merged
-or extended.
+An ablation record (``ablation.json``, format ``tpa-ablation`` version 3) holds the settings shared by
+every run (the *recipe*: preset, data, budget, optimizer, evaluation), the grid's rows
+(``requested_rows`` in order, and ``row_specs``: per row name its settings as given and as resolved
+by :func:`tpa.bench.ablate_grid.resolve_row`), the list ``runs`` with one entry per finished
+(row, seed) run (its numbers, loss curve, model and training configuration, device and date), and
+``results``: per row, the summary over its seeds that the table and the plot show. ``results`` is
+derived from ``runs`` and recomputed whenever a record is read, merged or extended. The rows of
+``--types`` are named by their attention type.
 
 Seeds: the run of seed ``s`` initialises the model with seed ``s`` and visits the training windows
 in the order of data seed ``data_seed + s``, so seeds vary both sources of run-to-run noise, and a
 seed's run is the same whichever other seeds it is run or merged with. With the default single seed
 0 this is the one run the ablation made before seeds existed.
 
-Records written before version 2 (one seed, per-type entries in ``results`` and no ``runs``) are read
-through :func:`normalize`.
+Records written before version 3 (one row per attention type) and before version 2 (one seed,
+per-type entries in ``results`` and no ``runs``) are read through :func:`normalize`.
 """
 
 from __future__ import annotations
@@ -24,14 +26,49 @@ from tpa.bench.runs import perplexity
 from tpa.eval.report import UsageError
 
 FORMAT = "tpa-ablation"
-VERSION = 2
+VERSION = 3
 ORDER = ("mha", "mqa", "gqa", "mla", "tpa_kvonly", "tpa")
 LABELS = {"mha": "MHA", "mqa": "MQA", "gqa": "GQA", "mla": "MLA", "tpa_kvonly": "TPA-KVonly", "tpa": "TPA"}
 # settings that must agree for runs to be compared (resumed into one folder, or merged)
 RECIPE = ("preset", "data", "steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "eval_every",
           "eval_sequences", "data_seed", "precision", "compile")
-# per-run numbers that are a property of the attention type, not of the seed
+# per-run numbers that are a property of the row, not of the seed
 STRUCTURE = ("parameters", "attention_params_per_layer", "heads", "kv_elements_per_token", "kv_bytes_per_token")
+
+
+def plain_row(t: str, record: dict) -> dict:
+    """The row spec of attention type ``t`` at the preset (a row of ``--types``), for older records."""
+    return {"name": t, "spec": {"attention_type": t}, "attention_type": t, "model_overrides": {},
+            "lr": record.get("lr"), "min_lr": record.get("min_lr"), "match": "heads"}
+
+
+def is_plain(row: dict) -> bool:
+    """A row that is just its attention type at the preset (the rows of ``--types``)."""
+    return row["spec"] == {"attention_type": row["name"]}
+
+
+def row_label(record: dict, name: str) -> str:
+    """The table's name of a row: MHA, TPA, ... for the rows of ``--types``, else the row's name."""
+    row = record.get("row_specs", {}).get(name)
+    return LABELS.get(name, name) if row is None or is_plain(row) else name
+
+
+def is_grid(record: dict) -> bool:
+    """Whether the record has rows other than plain attention types (its table describes the rows)."""
+    return not all(is_plain(record["row_specs"][n]) for n in record["rows"] if n in record["row_specs"])
+
+
+def same_row(a: dict, b: dict) -> bool:
+    """Two row specs train the same model the same way (settings as given, learning rates)."""
+    return all(a.get(k) == b.get(k) for k in ("spec", "lr", "min_lr"))
+
+
+def ordered_rows(names, row_specs: dict) -> list[str]:
+    """Row names without repeats: plain attention-type rows only: in ORDER; otherwise as given."""
+    names = list(dict.fromkeys(names))
+    if all(is_plain(row_specs[n]) for n in names if n in row_specs):
+        return ordered_types(names)
+    return names
 
 
 def ordered_types(types) -> list[str]:
@@ -89,7 +126,12 @@ def normalize(record: dict, where: str = "ablation.json") -> dict:
         record["data_seed"] = record.get("data_seed", 0)
         record["requested_seeds"] = [seed]
     record.setdefault("requested_seeds", sorted({r["seed"] for r in record["runs"]}))
-    record.setdefault("requested_types", list(record.get("types", [])))
+    if "requested_rows" not in record:  # version 2: one row per attention type, named by it
+        record["requested_rows"] = ordered_types(record.get("requested_types", record.get("types", [])))
+        record["runs"] = [{**r, "row": r["attention_type"]} for r in record["runs"]]
+        record["row_specs"] = {t: plain_row(t, record) for t in record["requested_rows"]}
+        record.pop("requested_types", None)
+        record.pop("types", None)
     record.setdefault("data_fingerprint", None)
     record["format"], record["version"] = FORMAT, VERSION
     return refresh(record)
@@ -98,30 +140,32 @@ def normalize(record: dict, where: str = "ablation.json") -> dict:
 def refresh(record: dict) -> dict:
     """Recompute the derived fields from ``record["runs"]``, in place; returns ``record``.
 
-    ``types`` and ``seeds`` are those with a finished run, ``results`` the per-type summaries,
-    ``missing`` the requested (type, seed) pairs without a finished run, and ``complete`` says there
-    are none.
+    ``rows`` and ``seeds`` are those with a finished run (rows in the requested order), ``results``
+    the per-row summaries, ``missing`` the requested (row, seed) pairs without a finished run, and
+    ``complete`` says there are none.
     """
     runs = record["runs"]
     seen = set()
     for r in runs:
-        key = (r["attention_type"], r["seed"])
+        key = (r["row"], r["seed"])
         if key in seen:
-            raise UsageError(f"{r['attention_type']} seed {r['seed']} appears twice in the runs")
+            raise UsageError(f"{r['row']} seed {r['seed']} appears twice in the runs")
         seen.add(key)
-    record["types"] = ordered_types(r["attention_type"] for r in runs)
+    finished = {r["row"] for r in runs}
+    requested = record["requested_rows"]
+    record["rows"] = [n for n in requested if n in finished] + [n for n in dict.fromkeys(r["row"] for r in runs)
+                                                               if n not in requested]
     record["seeds"] = sorted({r["seed"] for r in runs})
-    record["results"] = {t: summarise([r for r in runs if r["attention_type"] == t]) for t in record["types"]}
+    record["results"] = {n: summarise([r for r in runs if r["row"] == n]) for n in record["rows"]}
     params = [s["parameters"] for s in record["results"].values()]
     record["parameter_spread"] = (max(params) - min(params)) / min(params) if params else None
-    record["missing"] = [[t, s] for s in record["requested_seeds"] for t in ordered_types(record["requested_types"])
-                         if (t, s) not in seen]
+    record["missing"] = [[n, s] for s in record["requested_seeds"] for n in requested if (n, s) not in seen]
     record["complete"] = not record["missing"]
     return record
 
 
 def summarise(runs: list[dict]) -> dict:
-    """One attention type's summary over its seeds' runs (all of the same type).
+    """One row's summary over its seeds' runs (all of the same row).
 
     ``final_val_loss``, ``best_val_loss``, ``final_train_loss``, ``tokens_per_s`` and ``train_seconds``
     are means over the seeds; ``*_std`` the sample standard deviation (None with one seed);
@@ -132,7 +176,7 @@ def summarise(runs: list[dict]) -> dict:
         UsageError: the runs disagree on parameter counts or cache size (not one configuration).
     """
     runs = sorted(runs, key=lambda r: r["seed"])
-    t = runs[0]["attention_type"]
+    t = runs[0]["row"]
     for key in STRUCTURE:
         values = {r.get(key) for r in runs}
         if len(values) > 1:
@@ -143,7 +187,7 @@ def summarise(runs: list[dict]) -> dict:
     final = mean(finals)
     losses = _numbers(finals)
     return {
-        "attention_type": t, **{k: runs[0].get(k) for k in STRUCTURE},
+        "row": t, "attention_type": runs[0]["attention_type"], **{k: runs[0].get(k) for k in STRUCTURE},
         "seeds": [r["seed"] for r in runs], "n_seeds": len(runs),
         "final_val_loss": final, "final_val_loss_std": std(finals),
         "final_val_loss_min": min(losses) if losses else None, "final_val_loss_max": max(losses) if losses else None,
@@ -189,39 +233,47 @@ def recipe_differences(a: dict, b: dict) -> list[str]:
     return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
+def row_differences(a: dict, b: dict) -> list[str]:
+    """The rows that records ``a`` and ``b`` both name but define differently."""
+    return [f"row {n}: {a['row_specs'][n]['spec']} vs {b['row_specs'][n]['spec']}" for n in a["row_specs"]
+            if n in b["row_specs"] and not same_row(a["row_specs"][n], b["row_specs"][n])]
+
+
 def merge(records: list[tuple[str, dict]]) -> dict:
     """One record from several ``(name, record)`` pairs of the same recipe (e.g. the same ablation
-    split over device calls by ``--types`` or ``--seeds``).
+    split over device calls by rows or ``--seeds``).
 
-    The first record's settings and run metadata are kept; ``runs`` and the requested types and seeds
+    The first record's settings and run metadata are kept; ``runs``, the rows and the requested seeds
     are the unions; ``seconds`` is the sum; ``sources`` names each input with its metadata.
 
     Raises:
-        UsageError: different recipes, or one (type, seed) run in two records.
+        UsageError: different recipes, one row name defined two ways, or one (row, seed) run in two records.
     """
     if not records:
         raise UsageError("nothing to merge")
     records = [(name, normalize(rec, name)) for name, rec in records]
     first_name, first = records[0]
     merged = {k: v for k, v in first.items() if k not in ("runs", "results", "sources")}
-    merged["runs"], merged["sources"] = [], []
+    merged["runs"], merged["sources"], merged["row_specs"] = [], [], {}
     owner: dict[tuple[str, int], str] = {}
     for name, rec in records:
-        diff = recipe_differences(first, rec)
+        diff = recipe_differences(first, rec) + row_differences(merged, rec)
         if diff:
             raise UsageError(f"{first_name} and {name} were made with different settings ({'; '.join(diff)}); "
                              "only runs of one recipe can be merged")
+        merged["row_specs"].update(rec["row_specs"])
         for r in rec["runs"]:
-            key = (r["attention_type"], r["seed"])
+            key = (r["row"], r["seed"])
             if key in owner:
                 raise UsageError(f"{key[0]} seed {key[1]} is in both {owner[key]} and {name}; "
-                                 "merge folders that hold different seeds or types")
+                                 "merge folders that hold different seeds or rows")
             owner[key] = name
             merged["runs"].append(r)
-        for src in rec.get("sources") or [{"folder": name, "run": rec.get("run"), "types": rec["types"],
+        for src in rec.get("sources") or [{"folder": name, "run": rec.get("run"), "rows": rec["rows"],
                                            "seeds": rec["seeds"], "complete": rec.get("complete")}]:
             merged["sources"].append(src)
-    merged["requested_types"] = ordered_types(t for _, rec in records for t in rec["requested_types"])
+    merged["requested_rows"] = ordered_rows([n for _, rec in records for n in rec["requested_rows"]],
+                                            merged["row_specs"])
     merged["requested_seeds"] = sorted({s for _, rec in records for s in rec["requested_seeds"]})
     merged["seconds"] = sum(rec.get("seconds") or 0 for _, rec in records)
     return refresh(merged)
