@@ -76,6 +76,11 @@ class CacheStep:
     source_index: tuple[torch.Tensor, torch.Tensor] | None = None
     kernel_seqlens: torch.Tensor | None = None
 
+    @property
+    def fixed_shapes(self) -> bool:
+        """A static one-token step: every shape it gives attention repeats from step to step."""
+        return self.write_index is None
+
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         """The entries of ``value [B, T, ...]`` to write: all of them, or the valid tokens only."""
         return value if self.source_index is None else value[self.source_index]
