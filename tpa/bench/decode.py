@@ -10,7 +10,10 @@ One run, on one CUDA GPU:
    x cache length 2^12 .. 2^19 x TPA ranks (16, 1, 1) and (6, 2, 2), skipping what does not fit,
    timing with CUDA events and the L2 cache flushed before every call: this kernel, the reference
    twin (small points), and SDPA decoding over materialised K/V caches for MHA, GQA with 4 KV heads
-   and MQA at the same H and d_h;
+   and MQA at the same H and d_h. For the kernel and the SDPA baselines each point has three
+   figures: ``us`` (plain launches, GPU time), ``host_us`` (host time of one eager call: 300 calls
+   back to back, no sync in the timed span) and ``graph_us`` (the call replayed from a CUDA graph,
+   GPU time);
 4. times batch 1 / length 4096 with plain launches and with CUDA-graph replay;
 5. times consecutive decode steps with the cache length growing by one per step.
 
@@ -152,6 +155,31 @@ def host_time(torch, fn, n=1000):
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e6
+
+
+def eager_host_us(torch, fn, n=300):
+    """Host microseconds of one eager call: ``n`` calls back to back timed with ``perf_counter``
+    without waiting for the GPU (the syncs before and after lie outside the timed span)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def graph_replay_us(torch, timer, fn, reps):
+    """GPU microseconds of one call replayed from a CUDA graph (``timer``: L2 flushed), or None
+    where the call cannot be captured."""
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        return None
+    return timer.time(graph.replay, reps=reps)
 
 
 def copy_bandwidth(torch, nbytes=1 << 30, reps=20):
@@ -390,8 +418,9 @@ def main(args) -> int:
     if not torch.cuda.is_available():
         print("tpa bench decode needs a CUDA GPU")
         return 2
-    from tpa.ops import tpa_decode, tpa_decode_reference
     from tpa.ops import decode as decode_mod
+    from tpa.ops import tpa_decode, tpa_decode_reference
+    from tpa.ops.decode import DecodeLaunchOptions
 
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
@@ -433,8 +462,10 @@ def main(args) -> int:
         length *= 2
     rows = []
     csv_path = os.path.join(args.out, "decode.csv")
-    fields = ["method", "ranks", "kv_heads", "batch", "d_model", "heads", "length", "us", "bytes", "gbps",
-              "frac_copy", "backend", "splits", "retimed_us"]
+    # us: plain launches (GPU time, CUDA events); host_us: host time of one eager call (no sync);
+    # graph_us: one call replayed from a CUDA graph (GPU time); both GPU times with the L2 flushed
+    fields = ["method", "ranks", "kv_heads", "batch", "d_model", "heads", "length", "us", "host_us", "graph_us",
+              "bytes", "gbps", "frac_copy", "backend", "splits", "retimed_us"]
     free_margin = 0.85
 
     def fits(nbytes):
@@ -447,13 +478,17 @@ def main(args) -> int:
         rows.append(kw)
         log(f"  {kw['method']:<12} R={kw.get('ranks', ''):<8} B={kw['batch']:<3} H={kw['heads']:<3} "
             f"L={kw['length']:<7} {kw['us']:10.1f} us {kw['gbps']:8.0f} GB/s {kw['frac_copy']:6.1%}"
+            + (f"  host {kw['host_us']:.1f} us" if kw.get("host_us") is not None else "")
+            + (f"  graph {kw['graph_us']:.1f} us" if kw.get("graph_us") is not None else "")
             + (f"  [{kw['backend']}]" if kw.get("backend") else "")
             + (f" splits={kw['splits']}" if kw.get("splits") else ""))
 
+    launch = DecodeLaunchOptions()
     if args.tune:
         log(f"[{time.perf_counter() - t_start:.0f} s] tune")
-        _guard(log, tune, torch, timer, tpa_decode, decode_mod, dtype, elt, bw, log)
-    log(f"launch heuristic in use: {decode_mod._HEURISTIC}")
+        winner = _guard(log, tune, torch, timer, tpa_decode, decode_mod, dtype, elt, bw, log)
+        launch = DecodeLaunchOptions(heuristic=winner) if winner is not None else launch
+    log(f"launch heuristic in use: {launch.heuristic}")
 
 
     log(f"[{time.perf_counter() - t_start:.0f} s] grid (GPU time: CUDA events, L2 flushed before each call; median):")
@@ -483,10 +518,12 @@ def main(args) -> int:
                             continue
                         inputs = tpa_inputs(torch, bsz, length, h, d, ranks, dtype)
                         out = torch.empty(bsz, 1, h, d, dtype=dtype, device="cuda")
-                        fn = lambda: tpa_decode(*inputs[:7], out=out)  # noqa: E731
+                        fn = lambda: tpa_decode(*inputs[:7], out=out, options=launch)  # noqa: E731
                         us = timer.time(fn, reps=args.reps)
+                        host_us = eager_host_us(torch, fn)
+                        graph_us = graph_replay_us(torch, timer, fn, args.reps)
                         cfg = decode_mod.default_config(bsz, 1, h, d, d, length, props.multi_processor_count, elt,
-                                                        None, ranks[1], ranks[2])
+                                                        None, ranks[1], ranks[2], heuristic=launch.heuristic)
                         # anomaly: slower than 2.5x the previous TPA point of this batch (any ranks) scaled by bytes
                         key = (d_model, bsz)
                         retimed = ""
@@ -500,8 +537,8 @@ def main(args) -> int:
                                     f"{kernel_times(torch, fn)}")
                         last_us[key] = (us, nbytes)
                         record(method="tpa", ranks=",".join(map(str, ranks)), kv_heads="", batch=bsz, d_model=d_model,
-                               heads=h, length=length, us=us, bytes=nbytes, backend="triton", splits=cfg.num_splits,
-                               retimed_us=retimed)
+                               heads=h, length=length, us=us, host_us=host_us, graph_us=graph_us, bytes=nbytes,
+                               backend="triton", splits=cfg.num_splits, retimed_us=retimed)
                         if length <= args.reference_max_len:
                             try:
                                 ref_fn = lambda: tpa_decode_reference(*inputs[:7])  # noqa: E731
@@ -521,8 +558,11 @@ def main(args) -> int:
                             continue
                         fn, nbytes, tensors = sdpa_decode_fn(torch, bsz, length, h, d, kv, dtype, variant)
                         us = timer.time(fn, reps=args.reps)
+                        host_us = eager_host_us(torch, fn)
+                        graph_us = graph_replay_us(torch, timer, fn, args.reps)
                         record(method=f"sdpa_{name}", ranks="", kv_heads=kv, batch=bsz, d_model=d_model, heads=h,
-                               length=length, us=us, bytes=nbytes, backend=variant)
+                               length=length, us=us, host_us=host_us, graph_us=graph_us, bytes=nbytes,
+                               backend=variant)
                         del fn, tensors
                         torch.cuda.empty_cache()
 
@@ -565,16 +605,17 @@ def sweep(torch, timer, decode_mod, dtype, elt, bw, out_dir, log):
     """Time explicit launch configurations at SWEEP_POINTS (coordinate descent): first the split
     count (block 64, 3 stages, default warps), then stages x block x warps at the best split count,
     then the best without programmatic dependent launch of the merge kernel. Writes sweep.csv; the
-    heuristic (``decode._HEURISTIC`` and ``default_config``) is then set from it by hand, and the
+    heuristic (``decode.DecodeHeuristic`` and ``default_config``) is then set from it by hand, and the
     grid re-run checks the result."""
-    from tpa.ops.decode import DecodeConfig, default_config, tpa_decode
+    from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions, default_config, tpa_decode
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows_out = []
 
-    def run(inputs, out, cfg):
+    def run(inputs, out, cfg, options=None):
         try:
-            return timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg), reps=15, budget_s=0.05)
+            return timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg, options=options), reps=15,
+                              budget_s=0.05)
         except Exception as err:  # noqa: BLE001  # a configuration that does not compile or launch
             log(f"    {cfg} failed: {type(err).__name__}: {str(err)[:100]}")
             return float("inf")
@@ -601,11 +642,7 @@ def sweep(torch, timer, decode_mod, dtype, elt, bw, out_dir, log):
                         results[cfg] = run(inputs, out, cfg)
         ranked = sorted(results.items(), key=lambda kv: kv[1])
         top = ranked[0][0]
-        decode_mod._USE_PDL = False
-        try:
-            no_pdl = run(inputs, out, top)
-        finally:
-            decode_mod._USE_PDL = True
+        no_pdl = run(inputs, out, top, DecodeLaunchOptions(use_pdl=False))
         rows_out.append(dict(batch=bsz, length=length, ranks=",".join(map(str, ranks)), splits=top.num_splits,
                              block_m=top.block_m, stages=top.num_stages, warps=f"{top.num_warps} no-PDL", us=no_pdl,
                              frac_copy=nbytes / (bw * 1e9) * 1e6 / no_pdl))
@@ -639,22 +676,24 @@ TUNE_CANDIDATES = [
 
 
 def tune(torch, timer, tpa_decode, decode_mod, dtype, elt, bw, log):
-    """Choose the launch heuristic's constants (decode._HEURISTIC) by measurement: each candidate
-    rule is timed through the default path at a few H=32 points; the best geometric mean over the
-    (16, 1, 1) points wins and is used for the rest of the run. Returns the winner."""
+    """Choose the launch heuristic's constants (a ``decode.DecodeHeuristic``) by measurement: each
+    candidate rule is timed through the default path at a few H=32 points; the best geometric mean
+    over the (16, 1, 1) points wins and is used for the rest of the run. Returns the winner."""
+    import dataclasses
     import statistics as st
 
     points = [(1, 4096, (16, 1, 1)), (1, 1 << 19, (16, 1, 1)), (4, 1 << 17, (16, 1, 1)),
               (16, 1 << 16, (16, 1, 1)), (16, 1 << 18, (16, 1, 1)), (16, 1 << 18, (6, 2, 2))]
-    original = dict(decode_mod._HEURISTIC)
+    original = decode_mod.DecodeHeuristic()
     table = {i: [] for i in range(len(TUNE_CANDIDATES))}
     for bsz, length, ranks in points:
         inputs = tpa_inputs(torch, bsz, length, 32, 64, ranks, dtype)
         out = torch.empty(bsz, 1, 32, 64, dtype=dtype, device="cuda")
         for i, cand in enumerate(TUNE_CANDIDATES):
-            decode_mod._HEURISTIC = {**original, **cand}  # constants a candidate leaves out keep their values
+            # constants a candidate leaves out keep their values
+            options = decode_mod.DecodeLaunchOptions(heuristic=dataclasses.replace(original, **cand))
             try:
-                us = timer.time(lambda: tpa_decode(*inputs[:7], out=out), reps=10, budget_s=0.05)
+                us = timer.time(lambda: tpa_decode(*inputs[:7], out=out, options=options), reps=10, budget_s=0.05)
             except Exception as err:  # noqa: BLE001  # a candidate that does not compile or launch
                 log(f"  candidate {cand} failed at B={bsz} L={length}: {type(err).__name__}: {str(err)[:120]}")
                 us = float("inf")
@@ -668,8 +707,7 @@ def tune(torch, timer, tpa_decode, decode_mod, dtype, elt, bw, log):
         scores[i] = st.geometric_mean(times[:5]) if all(math.isfinite(t) for t in times[:5]) else float("inf")
         log(f"  {cand}: " + " ".join(f"{t:8.1f}" for t in times) + f"   geomean(16,1,1) {scores[i]:.1f}")
     best = min(scores, key=scores.get)
-    winner = {**original, **TUNE_CANDIDATES[best]}
-    decode_mod._HEURISTIC = dict(winner)
+    winner = dataclasses.replace(original, **TUNE_CANDIDATES[best])
     log(f"tune: winner {winner} (code default was {original})")
     return winner
 
@@ -686,7 +724,7 @@ def batch1_latency(torch, timer, tpa_decode, dtype, log):
     res["plain_gpu_warm_us"] = timer.time(fn, reps=200, flush=False)
     res["plain_host_per_call_us"] = host_time(torch, fn)
     raw = lambda: tpa_decode_triton(*inputs[:7], None, 0.125, False, out=out)  # noqa: E731
-    res["plain_host_per_call_no_validation_us"] = host_time(torch, raw)
+    res["plain_host_per_call_backend_triton_us"] = host_time(torch, raw)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
@@ -743,7 +781,9 @@ def growing_run(torch, timer, tpa_decode, decode_mod, dtype, steps, log):
     out = torch.empty(1, 1, 32, 64, dtype=dtype, device="cuda")
     tpa_decode(*inputs[:7], out=out)  # compile once
     torch.cuda.synchronize()
-    split_kernel, merge_kernel = decode_mod._kernels()
+    from tpa.ops.decode_launch import _kernels
+
+    split_kernel, merge_kernel = _kernels()
     before = (_compiled_variants(split_kernel), _compiled_variants(merge_kernel))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
