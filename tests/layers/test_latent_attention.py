@@ -50,3 +50,22 @@ def test_static_step_attention_is_the_same_call():
     q, k, v = torch.randn(2, 1, 6, 16, generator=g), torch.randn(2, 9, 2, 16, generator=g), torch.randn(2, 9, 2, 16, generator=g)
     mask = torch.arange(9)[None, None, :] < torch.tensor([4, 9])[:, None, None]
     torch.testing.assert_close(attend(q, k, v, mask, fixed_shapes=True), attend(q, k, v, mask), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda t: str(t)[6:])
+def test_latent_attention_on_gpu(dtype):
+    """On CUDA the 16-bit score products come out of the GEMM in float32: the same error rule."""
+    g = torch.Generator().manual_seed(1)
+    bsz, seq, heads, d_c, d_r, length = 4, 1, 12, 256, 32, 4099
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).cuda()  # noqa: E731
+    q_latent, q_rope, c_kv, k_rope = rnd(bsz, seq, heads, d_c), rnd(bsz, seq, heads, d_r), rnd(bsz, length, d_c), \
+        rnd(bsz, length, d_r)
+    mask = (torch.arange(length)[None, None, :] < torch.tensor([length, 7, 1000, 1])[:, None, None]).cuda()
+    scale = (d_c + d_r) ** -0.5
+    got = latent_attention(q_latent, q_rope, c_kv, k_rope, mask, scale)
+    ref = _concat_reference(q_latent, q_rope, c_kv, k_rope, mask, scale)
+    same_dtype = attend(torch.cat([q_latent, q_rope], -1).float(), torch.cat([c_kv, k_rope], -1).float()[:, :, None],
+                        c_kv.float()[:, :, None], mask, scale=scale).to(dtype)
+    err = (got.double() - ref).abs().max().item()
+    assert err <= 2 * (same_dtype.double() - ref).abs().max().item() + 1e-3

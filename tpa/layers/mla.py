@@ -68,10 +68,9 @@ def latent_attention(
     if mask is None and seq > 1:
         idx = torch.arange(length, device=c_kv.device)
         mask = (idx[None, :] <= idx[-seq:, None])[None]
+    scores *= scale
     if mask is not None:
-        scores = torch.where(mask[:, :, None, :], scores * scale, float("-inf"))
-    else:
-        scores *= scale
+        scores = torch.where(mask[:, :, None, :], scores, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(c_kv.dtype)
     return torch.bmm(probs.view(bsz, seq * heads, length), c_kv).view(bsz, seq, heads, -1)
 

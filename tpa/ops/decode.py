@@ -556,21 +556,19 @@ def _decode_reference(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, 
 def _decode_traced(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, softmax_scale, return_lse, backend,
                    out, check_lengths, config, options):
     """:func:`tpa_decode` under ``torch.compile``: the same checks (lengths only when asked), then the
-    ``triton_op`` (inductor emits its launches) or the reference twin."""
+    ``triton_op`` (inductor emits its launches; the launch parameters are chosen inside it) or the
+    reference twin."""
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"tpa_decode: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     capacity, num_blocks = _validate(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, out)
     if check_lengths:
         check_cache_seqlens(cache_seqlens, capacity, a_q.shape[1], block_table, num_blocks)
-    bsz, n, _, h = a_q.shape
     d, e = b_q.shape[-1], b_v.shape[-1]
     scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
-    if not (_use_triton(backend, a_q.device, d, e) and bsz > 0):
+    if not (_use_triton(backend, a_q.device, d, e) and a_q.shape[0] > 0):
         return _decode_reference(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, scale, return_lse, out)
-    cfg = default_config(bsz, n, h, d, e, capacity, _num_sms(a_q.device), b_k.element_size(), config,
-                         a_k.shape[2], a_v.shape[2], heuristic=options.heuristic)
     o, lse = decode_launch.DECODE_OP(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, scale, return_lse,
-                                     decode_launch.config_to_list(cfg, options))
+                                     decode_launch.config_to_list(config or DecodeConfig(), options))
     if out is not None:
         out.copy_(o)
         o = out

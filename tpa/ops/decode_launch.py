@@ -232,20 +232,36 @@ def launch_plan(plan: DecodePlan, a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, b
 
 
 def config_to_list(cfg, options) -> list[int]:
-    """The op's ``config`` argument: launch parameters and the flags the kernels read."""
-    return [cfg.block_m, cfg.block_h, cfg.block_n, cfg.num_splits, cfg.num_warps, cfg.num_stages,
-            int(options.poison_buffers)]
+    """The op's ``config`` argument: the launch parameters a caller fixed (``cfg``, a
+    :class:`tpa.ops.decode.DecodeConfig`, -1 for a field left to the heuristic), the poison flag and
+    the heuristic's constants (``options``, a :class:`tpa.ops.decode.DecodeLaunchOptions`)."""
+    fixed = [-1 if v is None else v for v in (cfg.block_m, cfg.block_h, cfg.block_n, cfg.num_splits, cfg.num_warps,
+                                              cfg.num_stages)]
+    h = options.heuristic
+    return [*fixed, int(options.poison_buffers), int(h.warps == "rows"), h.block_m, h.num_stages, h.programs_per_sm,
+            h.min_split_blocks]
+
+
+def _plan_from_list(a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, return_lse, config) -> DecodePlan:
+    """The plan of an op call (launch parameters chosen here, from shapes: the op's body is traced
+    by inductor as plain Python, where dynamo would have to trace the heuristic)."""
+    from tpa.ops.decode import DecodeConfig, DecodeHeuristic, DecodeLaunchOptions, _num_sms, default_config
+
+    fixed = DecodeConfig(*(None if v < 0 else v for v in config[:6]))
+    heuristic = DecodeHeuristic("rows" if config[7] else "fixed", *config[8:12])
+    options = DecodeLaunchOptions(heuristic=heuristic, use_pdl=False, early_launch=False, poison_buffers=bool(config[6]))
+    bsz, n, _, h = a_q.shape
+    capacity = block_table.shape[1] * a_k.shape[1] if block_table is not None else a_k.shape[1]
+    cfg = default_config(bsz, n, h, b_q.shape[-1], b_v.shape[-1], capacity, _num_sms(a_q.device), b_k.element_size(),
+                         fixed, a_k.shape[2], a_v.shape[2], heuristic=heuristic)
+    return DecodePlan(a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, return_lse, cfg, options)
 
 
 def _op_body(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, softmax_scale, return_lse, config):
     """The op's computation with ``wrap_triton`` launches and fresh buffers (what inductor traces)."""
     from torch.library import wrap_triton
 
-    from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions
-
-    cfg = DecodeConfig(*config[:6])
-    options = DecodeLaunchOptions(use_pdl=False, early_launch=False, poison_buffers=bool(config[6]))
-    plan = DecodePlan(a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, return_lse, cfg, options)
+    plan = _plan_from_list(a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, return_lse, config)
     split_kernel, merge_kernel = _kernels()
     out = torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device)
     lse = torch.empty(plan.lse_shape if return_lse else (0,), dtype=torch.float32, device=plan.device)
