@@ -257,7 +257,7 @@ class TensorProductAttention(Attention):
 
         def key_rotation():  # RoPE tables of the key positions: the cached slots, or the new tokens
             if ctx.cache is not None:
-                return ctx.rotary(ctx.kv_cache.cached_positions(length))
+                return ctx.rotary(ctx.kv_cache.cached_positions(length), dtype=ctx.cos.dtype)
             return ctx.cos, ctx.sin
 
         if self.share_kv_b:  # the shared factor is held unrotated: rotate it for the keys only

@@ -219,7 +219,8 @@ class T6Model(T6PreTrainedModel):
                 positions = position_ids
         if position_ids is not None and not sync_free and int(position_ids.max()) >= max_pos:
             raise ValueError(f"position ids reach {int(position_ids.max())}, beyond max_position_embeddings={max_pos}")
-        cos, sin = self.rotary(positions)
+        # float32 tables (float64 for a float64 model, whose RoPE is then exact to float64)
+        cos, sin = self.rotary(positions, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         for block, layer_cache in zip(self.layers, layer_caches):
             ctx = AttentionContext(cos=cos, sin=sin, mask=mask, cache=layer_cache, step=step, kv_cache=kv,
                                    rotary=self.rotary, decode_impl=self.config.decode_impl)
