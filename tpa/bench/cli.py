@@ -9,11 +9,12 @@ BENCHMARKS = [
     "tpa.bench.memory",
     "tpa.bench.train",
     "tpa.bench.generate",
+    "tpa.bench.convert",
 ]
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks: decode kernel, KV-cache memory, training, generation")
+    parser = subparsers.add_parser("bench", help="benchmarks: decode kernel, KV-cache memory, training, generation, conversion")
     bench_sub = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK")
     for name in BENCHMARKS:
         try:
