@@ -4,6 +4,7 @@ fitted modes write loadable models with Table 1's cache, bad input is a clear er
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,21 @@ def test_exact_llama_equals_source_in_float64(tmp_path, heads, kv_heads, tie):
     assert json.loads((tmp_path / "tpa" / "conversion.json").read_text())["mode"] == "exact"
 
 
+def test_exact_mistral_without_sliding_window_equals_source(tmp_path):
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
+                        sliding_window=None, initializer_range=0.2)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path / "mistral")
+    convert(tmp_path / "mistral", tmp_path / "tpa", ConvertOptions(exact=True, calibration_tokens=256,
+                                                                  calibration_seq_len=32))
+    ids = _ids()
+    ref = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "mistral", dtype=torch.float64).eval(), ids)
+    assert (_logits(_converted(tmp_path / "tpa"), ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 @pytest.mark.parametrize("attention_type,q_rank", [("mha", None), ("gqa", None), ("gqa", 6), ("mqa", None)])
 def test_exact_t6_equals_source_in_float64_with_and_without_cache(tmp_path, attention_type, q_rank):
     extra = {"num_key_value_heads": 3} if attention_type == "gqa" else {}
@@ -211,6 +227,7 @@ def _assert_nothing_written(parent: Path, keep: set[str]) -> None:
     ("pickle_only", "pickled weights"),
     ("tpa_source", "attention type 'tpa' cannot be converted"),
     ("mqa_fitted", "MQA"),
+    ("sliding_window", "sliding-window attention (sliding_window=16 < max_position_embeddings=64)"),
 ])
 def test_bad_input_is_a_clear_error_that_writes_nothing(tmp_path, case, match):
     src = tmp_path / "src"
@@ -239,7 +256,13 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(tmp_path, case, match):
         _save_t6(src, "tpa")
     elif case == "mqa_fitted":
         _save_t6(src, "mqa")
-    with pytest.raises(ConversionError, match=match.replace("[", r"\[").replace("(", r"\(")):
+    elif case == "sliding_window":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         sliding_window=16)).save_pretrained(src)
+    with pytest.raises(ConversionError, match=re.escape(match)):
         convert(src, tmp_path / "out", options)
     _assert_nothing_written(tmp_path, {"src"})
 

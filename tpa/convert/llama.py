@@ -373,6 +373,9 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
     out = Path(out_dir)
     if out.exists():
         raise ConversionError(f"{out} already exists: choose another --out or remove it")
+    if options.calibration_tokens < 1 or options.calibration_seq_len < 1:
+        raise ConversionError(f"--calibration-tokens and --calibration-seq-len must be >= 1, got "
+                              f"{options.calibration_tokens} and {options.calibration_seq_len}")
     if not set(options.methods) <= set(METHODS) or not options.methods:
         raise ConversionError(f"fit methods must be a non-empty subset of {METHODS}, got {options.methods}")
     source = load_source(src_dir)
