@@ -222,9 +222,9 @@ def _assert_nothing_written(parent: Path, keep: set[str]) -> None:
     ("rank_above", "above the exact rank 2"),
     ("rank_equal", "equals the exact rank 2: use --exact"),
     ("exact_rank", "--exact: the exact k-rank of this source is 2"),
-    ("missing_weights", "missing file"),
-    ("missing_config", "missing file"),
-    ("pickle_only", "pickled weights"),
+    ("missing_weights", "no weights in"),
+    ("missing_config", "config.json not found"),
+    ("pickle_only", "could not be read as a plain state dict"),
     ("tpa_source", "attention type 'tpa' cannot be converted"),
     ("mqa_fitted", "MQA"),
     ("sliding_window", "sliding-window attention (sliding_window=16 < max_position_embeddings=64)"),
@@ -251,7 +251,8 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(tmp_path, case, match):
         (src / ("model.safetensors" if case == "missing_weights" else "config.json")).unlink()
     elif case == "pickle_only":
         _save_llama(src, 4, 2)
-        (src / "model.safetensors").rename(src / "pytorch_model.bin")
+        (src / "model.safetensors").unlink()
+        torch.save({"weights": torch.nn.Linear(2, 2)}, src / "pytorch_model.bin")  # a module: refused by weights_only
     elif case == "tpa_source":
         _save_t6(src, "tpa")
     elif case == "mqa_fitted":
@@ -271,9 +272,12 @@ def test_existing_out_is_refused(tmp_path):
     src = _save_t6(tmp_path / "src", "mha")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(ConversionError, match="already exists"):
+    with pytest.raises(ConversionError, match="exists and is not empty"):
         convert(src, tmp_path / "out", ConvertOptions(exact=True))
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    convert(src, tmp_path / "out", ConvertOptions(exact=True, overwrite=True, calibration_tokens=256,
+                                                  calibration_seq_len=32))
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "conversion.json").is_file()
 
 
 def test_cli(tmp_path, capsys):
@@ -283,5 +287,5 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "KV cache per token per layer: 48 -> 32" in out and "attention-output" in out
     code = main(["convert", "llama", str(src), "--out", str(tmp_path / "bad"), "--k-rank", "5"])
-    assert code == 2 and "above the exact rank" in capsys.readouterr().err
+    assert code == 1 and "above the exact rank" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -20,13 +20,14 @@ that source model (exact: equal logits) and after writing, against its reloaded 
 from __future__ import annotations
 
 import json
-import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from tpa.convert.common import ConversionError, check_keys, read_json, read_safetensors_dir, write_dir_atomically
+from tpa.convert.common import (ConversionError, check_state_dict, load_weights, publish_directory, read_json,
+                                strip_prefixes)
 from tpa.convert.factor_fit import METHODS, fit_factors
 
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
@@ -52,6 +53,7 @@ class ConvertOptions:
     calibration_seq_len: int = 128
     methods: tuple[str, ...] = METHODS
     seed: int = 0
+    overwrite: bool = False  # replace an existing non-empty output directory
 
 
 @dataclass
@@ -122,15 +124,18 @@ def hf_llama_t6_config(raw: dict, where: Path):
 
 def hf_llama_state_to_t6(state: dict[str, torch.Tensor], config, where: Path) -> dict[str, torch.Tensor]:
     """Rename (and fuse q/k/v and gate/up) an HF Llama state dict into T6 names; checks every name."""
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    per_layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                 "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]
-    for i in range(config.num_hidden_layers):
-        expected |= {f"model.layers.{i}.{name}.weight" for name in per_layer}
-    optional = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(config.num_hidden_layers)}
-    optional |= {"lm_head.weight"} if config.tie_word_embeddings else set()
-    check_keys(state, expected | (set() if config.tie_word_embeddings else {"lm_head.weight"}), optional,
-               what=f"{where} (Llama weights)")
+    c, v, i = config.hidden_size, config.vocab_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    expected = {"model.embed_tokens.weight": (v, c), "model.norm.weight": (c,), "lm_head.weight": (v, c)}
+    per_layer = {"self_attn.q_proj": (q, c), "self_attn.k_proj": (kv, c), "self_attn.v_proj": (kv, c),
+                 "self_attn.o_proj": (c, q), "mlp.gate_proj": (i, c), "mlp.up_proj": (i, c), "mlp.down_proj": (c, i),
+                 "input_layernorm": (c,), "post_attention_layernorm": (c,)}
+    for layer in range(config.num_hidden_layers):
+        expected |= {f"model.layers.{layer}.{name}.weight": shape for name, shape in per_layer.items()}
+    # rotary tables some older checkpoints stored: recomputed from rope_theta, so dropped
+    state = {k: t for k, t in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    optional = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
+    check_state_dict(state, expected, optional, what=f"Llama checkpoint {where}")
     out = {"model.embed_tokens.weight": state["model.embed_tokens.weight"], "model.norm.weight": state["model.norm.weight"]}
     out["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"])
     for i in range(config.num_hidden_layers):
@@ -150,13 +155,9 @@ def _t6_model(config, state: dict[str, torch.Tensor], where: Path):
     from tpa import T6ForCausalLM
 
     model = T6ForCausalLM(config)
-    expected = set(model.state_dict())
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    check_keys(state, expected - optional, optional, what=str(where))
-    for name, tensor in state.items():
-        if tensor.shape != model.state_dict()[name].shape:
-            raise ConversionError(f"{where}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                                  f"{tuple(model.state_dict()[name].shape)}")
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    optional = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
+    check_state_dict(state, expected, optional, what=f"T6 checkpoint {where}")
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -171,8 +172,11 @@ def load_source(src_dir: str | Path) -> Source:
     if not src.is_dir():
         raise ConversionError(f"source directory not found: {src}")
     raw = read_json(src / "config.json")
-    state = read_safetensors_dir(src)
-    dtype = state[next(iter(state))].dtype if state else torch.float32
+    state = strip_prefixes(load_weights(src))
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ConversionError(f"{src}: expected floating-point tensors of one dtype, got {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop()
     if raw.get("model_type") == T6Config.model_type:
         config = T6Config.from_dict({k: v for k, v in raw.items() if k not in ("auto_map", "architectures")})
         if config.attention_type not in T6_SOURCE_TYPES:
@@ -371,8 +375,8 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
 
     options = options or ConvertOptions()
     out = Path(out_dir)
-    if out.exists():
-        raise ConversionError(f"{out} already exists: choose another --out or remove it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:
+        raise ConversionError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     if options.calibration_tokens < 1 or options.calibration_seq_len < 1:
         raise ConversionError(f"--calibration-tokens and --calibration-seq-len must be >= 1, got "
                               f"{options.calibration_tokens} and {options.calibration_seq_len}")
@@ -391,7 +395,7 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
                                                               1e-4)
     report = _summary(source, target, options, reports, held, checks)
 
-    def write(tmp: Path) -> None:
+    with publish_directory(out, overwrite=options.overwrite) as tmp:
         target.to(source.dtype).save_pretrained(tmp)
         target.float()
         reloaded = T6ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
@@ -400,8 +404,6 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
                                                                           "the written and the converted model", tol)
         report["tokenizer_files"] = copy_tokenizer(source.path, tmp, TOKENIZER_FILES)
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    write_dir_atomically(out, write)
     return report
 
 
@@ -422,3 +424,49 @@ def format_report(report: dict) -> str:
                 for p in ("q", "k", "v") if p in layer["parts"]]
         lines.append(f"{layer['layer']:>5}  " + "  ".join(cols) + f"  {layer['attention_output_rel_error']:.3g}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- command
+
+
+def register(subparsers) -> None:
+    """Add ``llama`` to the ``tpa convert`` subcommands."""
+    p = subparsers.add_parser(
+        "llama", help="a Llama/Mistral-style HF checkpoint or a T6 mha/gqa/mqa directory -> TPA",
+        description="Convert a local LlamaForCausalLM/MistralForCausalLM checkpoint (MHA or GQA, RoPE, no biases) or a "
+                    "T6 mha/gqa/mqa directory into a T6 TPA model. Embeddings, norms, MLPs and the output projection "
+                    "are carried over; attention becomes TPA-KVonly (or TPA with --q-rank). --exact writes the "
+                    "lossless model (rank = key/value heads, fixed head factors); otherwise ranks below that get "
+                    "contextual factors fitted on calibration tokens, and the errors are reported per layer.")
+    p.add_argument("src", metavar="SRC_DIR", help="source model directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty; written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--exact", action="store_true", help="the exact conversion: logits equal the source's")
+    p.add_argument("--k-rank", type=int, default=None, help="key rank R_k (default 2, below the key/value heads)")
+    p.add_argument("--v-rank", type=int, default=None, help="value rank R_v (default 2, below the key/value heads)")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--q-rank", type=int, default=None, help="factorise the query too, at rank R_q (full TPA)")
+    q.add_argument("--kv-only", action="store_true", help="keep the source's query projection (TPA-KVonly; default)")
+    p.add_argument("--calibration", default=None, metavar="DATA_DIR",
+                   help="a `tpa data prepare` folder tokenized with the model's tokenizer (default: random tokens)")
+    p.add_argument("--calibration-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    p.add_argument("--calibration-seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    p.add_argument("--fit-methods", default="svd,als", help="factor initialisations to try, best kept (default svd,als)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random calibration tokens")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    options = ConvertOptions(exact=args.exact, k_rank=args.k_rank, v_rank=args.v_rank, q_rank=args.q_rank,
+                             calibration=args.calibration, calibration_tokens=args.calibration_tokens,
+                             calibration_seq_len=args.calibration_seq_len,
+                             methods=tuple(m.strip() for m in args.fit_methods.split(",") if m.strip()), seed=args.seed,
+                             overwrite=args.overwrite)
+    try:
+        report = convert(args.src, args.out, options)
+    except ConversionError as err:
+        print(f"tpa convert llama: {err}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    print(f"wrote {args.out} (report in {args.out}/conversion.json)")
+    return 0
