@@ -144,8 +144,9 @@ def test_exact_t6_equals_source_in_float64_with_and_without_cache(tmp_path, atte
     assert torch.equal(a, b)
 
 
-def test_exact_with_output_gate_source(tmp_path):
-    src = _save_t6(tmp_path / "src", "gqa", num_key_value_heads=2, attention_output_gate=True)
+def test_exact_with_output_gate_head_norm_and_partial_rope_source(tmp_path):
+    src = _save_t6(tmp_path / "src", "gqa", num_key_value_heads=2, attention_output_gate=True,
+                   attention_head_norm=True, rope_partial_factor=0.5)
     convert(src, tmp_path / "tpa", ConvertOptions(exact=True, calibration_tokens=256, calibration_seq_len=32))
     ids = _ids()
     ref = _logits(T6ForCausalLM.from_pretrained(src, dtype=torch.float64).eval(), ids)

@@ -37,7 +37,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 # the T6Config fields a converted model takes from its source unchanged
 CARRIED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                   "intermediate_size", "rope_theta", "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps",
-                  "initializer_range", "attention_output_gate", "bos_token_id", "eos_token_id", "pad_token_id")
+                  "initializer_range", "attention_output_gate", "rope_partial_factor", "attention_head_norm",
+                  "attention_head_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 @dataclass
@@ -335,6 +336,9 @@ def build_target(source: Source, options: ConvertOptions, sequences: torch.Tenso
             params = {}
         segments["o"] = src_attn.o_proj.weight.detach()
         set_tpa_layer(dst_attn, segments, params)
+        if src_attn.head_norm is not None:  # the per-head output norm acts on the same head outputs
+            with torch.no_grad():
+                dst_attn.head_norm.weight.copy_(src_attn.head_norm.weight)
         report.attention_output_rel_error = attention_output_error(src_attn, dst_attn, inputs_held[i],
                                                                    source.model.model.rotary)
         reports.append(report)
