@@ -197,6 +197,10 @@ def test_fitted_conversion_on_calibration_data_of_our_own_model(tmp_path):
     high = convert(src, tmp_path / "r4", ConvertOptions(k_rank=4, v_rank=4, calibration=str(data),
                                                         calibration_tokens=2048, calibration_seq_len=32))
     assert low["calibration"] == str(data)
+    small_vocab = _save_llama(tmp_path / "llama", 4, 2)  # 96 tokens: the data's 320-token ids do not fit
+    with pytest.raises(ConversionError, match="tokenize the calibration text with the model's tokenizer"):
+        convert(small_vocab, tmp_path / "bad", ConvertOptions(k_rank=1, v_rank=1, calibration=str(data)))
+    assert not (tmp_path / "bad").exists()
     for part in ("k", "v"):  # a higher rank fits better
         assert all(h["parts"][part]["rel_error"] < l["parts"][part]["rel_error"]
                    for h, l in zip(high["layers"], low["layers"]))

@@ -6,6 +6,8 @@ exact resumption: set up the process group, build the model from its preset, app
 schedule, restore the latest checkpoint when resuming, then loop: fetch this rank's slice of the
 global batch, accumulate gradients over micro-batches, reduce the loss, stop on a non-finite one,
 clip, step, log, evaluate, checkpoint. At the end it exports a HuggingFace model directory.
+``--init-from`` starts from a model directory instead of a fresh model, and ``--distill-from`` adds
+a teacher's KL term to the loss (:mod:`tpa.train.distill`).
 """
 
 from __future__ import annotations
