@@ -177,11 +177,17 @@ class MultiHeadLatentAttention(Attention):
         if ctx.cache is not None and self.absorb and seq <= self.absorb_max_tokens:
             w_uk, w_uv = self._up_weights()
             q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-            out_latent = latent_attention(q_latent, q_rope, c_kv, k_rope, mask, self.scale)  # [B, T, H, d_c]
+            if ctx.attention_weights is None:
+                out_latent = latent_attention(q_latent, q_rope, c_kv, k_rope, mask, self.scale)  # [B, T, H, d_c]
+            else:  # the same attention with its weights written out: one latent "head" shared by all heads
+                query = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, d_c + d_R]
+                key = torch.cat([c_kv, k_rope], dim=-1)[:, :, None]
+                out_latent = attend(query, key, c_kv[:, :, None], mask, scale=self.scale,
+                                    weights_out=ctx.attention_weights)
             out = torch.einsum("bthc,hdc->bthd", out_latent, w_uv)
         else:
             k_nope, v = self.kv_b_proj(c_kv).reshape(bsz, length, h, d + e).split([d, e], dim=-1)
             k = torch.cat([k_nope, k_rope[:, :, None].expand(bsz, length, h, self.rope_dim)], dim=-1)
             q = torch.cat([q_nope, q_rope], dim=-1)
-            out = attend(q, k, v, mask, scale=self.scale)
+            out = attend(q, k, v, mask, scale=self.scale, weights_out=ctx.attention_weights)
         return self.o_proj(self.norm_heads(out).reshape(bsz, seq, h * e))

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple, logging
 
 from tpa.layers import AttentionContext, MultiHeadAttention, MultiHeadLatentAttention, TensorProductAttention
 from tpa.layers.base import scaled_normal_
@@ -21,6 +23,8 @@ from tpa.models.t6.cache_t6 import T6Cache
 from tpa.models.t6.configuration_t6 import T6Config
 from tpa.models.t6.hf_compat import CACHE_NAME, cache_kwargs, pick_cache
 from tpa.modules import RMSNorm, RotaryEmbedding, SwiGLU
+
+logger = logging.get_logger(__name__)
 
 
 def build_attention(config: T6Config, out_init_std: float) -> nn.Module:
@@ -56,17 +60,23 @@ def build_attention(config: T6Config, out_init_std: float) -> nn.Module:
     )
 
 
-AUTO_MAP = {"AutoConfig": "configuration_t6.T6Config", "AutoModelForCausalLM": "modeling_t6.T6ForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_t6.T6Config",
+    "AutoModel": "modeling_t6.T6Model",
+    "AutoModelForCausalLM": "modeling_t6.T6ForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_t6.T6ForSequenceClassification",
+}
 AUTO_MAP_FILES = {
     "configuration_t6.py": '"""T6 configuration: provided by the installed `tpa` package (pip install tensor-product-attention)."""\n'
     "from tpa.models.t6.configuration_t6 import T6Config\n",
     "modeling_t6.py": '"""T6 model: provided by the installed `tpa` package (pip install tensor-product-attention)."""\n'
-    "from tpa.models.t6.modeling_t6 import T6ForCausalLM, T6Model\n",
+    "from tpa.models.t6.modeling_t6 import T6ForCausalLM, T6ForSequenceClassification, T6Model\n",
 }
 
 
-class T6DecoderLayer(nn.Module):
-    """One pre-norm block. ``forward(x [B, T, C], ctx) -> [B, T, C]``."""
+class T6DecoderLayer(GradientCheckpointingLayer):
+    """One pre-norm block. ``forward(x [B, T, C], ctx) -> [B, T, C]``; checkpointed (recomputed in the
+    backward pass) after ``model.gradient_checkpointing_enable()``."""
 
     def __init__(self, config: T6Config, out_init_std: float):
         super().__init__()
@@ -88,6 +98,18 @@ class T6PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["T6DecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Write ``config.json``, safetensors weights and two small code files (``auto_map``), so that
+        tools which never import ``tpa`` (``lm_eval --model hf``, plain transformers) can load the
+        directory with ``trust_remote_code=True``; after ``import tpa`` no remote code is needed."""
+        self.config.auto_map = dict(AUTO_MAP)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for name, text in AUTO_MAP_FILES.items():
+                with open(os.path.join(save_directory, name), "w") as f:
+                    f.write(text)
+        return result
 
     def _out_init_std(self) -> float:
         # nanoGPT: residual output projections get std 0.02 / sqrt(2 L)
@@ -157,6 +179,7 @@ class T6Model(T6PreTrainedModel):
             raise ValueError(f"position_ids must have shape [{bsz}, {seq}], got {tuple(position_ids.shape)}")
         return bsz, seq
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -166,13 +189,29 @@ class T6Model(T6PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache: T6Cache | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """``cache`` and ``past_key_values`` are two names of one argument (transformers >= 5.24 passes
-        ``cache``); the output carries the cache under the installed transformers' name."""
+        ``cache``); the output carries the cache under the installed transformers' name.
+
+        As in transformers' models, ``use_cache``, ``output_hidden_states``, ``output_attentions``
+        and ``return_dict`` default to the config's values. ``hidden_states`` holds ``L + 1``
+        tensors ``[B, T, C]`` (the embeddings, the input of every later block, the final normed
+        output); ``attentions`` holds ``L`` softmax weights ``[B, H, T, past + T]``. In training
+        with gradient checkpointing, no cache is kept.
+        """
         past_key_values = pick_cache(cache, past_key_values)
         bsz, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None \
+            else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() \
+                and (use_cache or past_key_values is not None):
+            logger.warning_once("a cache is incompatible with gradient checkpointing: running with use_cache=False")
+            use_cache, past_key_values = False, None
         # a one-token step of a static cache runs without host syncs (it may be captured in a CUDA graph)
         static_step = isinstance(past_key_values, T6Cache) and past_key_values.static and seq == 1
         # the range checks sync with the device: skip them in compiled graphs, in CUDA training steps and in
@@ -220,16 +259,22 @@ class T6Model(T6PreTrainedModel):
         if position_ids is not None and not sync_free and int(position_ids.max()) >= max_pos:
             raise ValueError(f"position ids reach {int(position_ids.max())}, beyond max_position_embeddings={max_pos}")
         cos, sin = self.rotary(positions)
+        all_hidden, weights = [], [] if output_attentions else None
         for block, layer_cache in zip(self.layers, layer_caches):
             ctx = AttentionContext(cos=cos, sin=sin, mask=mask, cache=layer_cache, step=step, kv_cache=kv,
-                                   rotary=self.rotary, decode_impl=self.config.decode_impl)
-            if self.gradient_checkpointing and self.training:
-                hidden = self._gradient_checkpointing_func(block.__call__, hidden, ctx)
-            else:
-                hidden = block(hidden, ctx)
+                                   rotary=self.rotary, decode_impl=self.config.decode_impl, attention_weights=weights)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            hidden = block(hidden, ctx)
         if kv is not None:
             kv.commit(step)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **cache_kwargs(past_key_values))
+        hidden = self.norm(hidden)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=tuple(all_hidden) + (hidden,) if output_hidden_states else None,
+            attentions=tuple(weights) if output_attentions else None,
+            **cache_kwargs(past_key_values),
+        )
 
 
 class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
@@ -268,6 +313,7 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new: nn.Linear) -> None:
         self.lm_head = new
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -277,16 +323,19 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         cache: T6Cache | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         past_key_values = pick_cache(cache, past_key_values)
-        use_cache = False if use_cache is None and past_key_values is None else use_cache
         graph = getattr(past_key_values, "decode_graph", None)
         if (graph is not None and input_ids is not None and inputs_embeds is None and input_ids.dim() == 2
                 and input_ids.shape[1] == 1 and labels is None and not torch.is_grad_enabled()
                 and isinstance(logits_to_keep, int) and logits_to_keep in (0, 1)
+                and not (output_hidden_states or self.config.output_hidden_states)
+                and not (output_attentions or self.config.output_attentions)
                 and not (graph.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
             # a one-token step over a static cache on CUDA: replay the captured step (tpa.models.t6.decode_graph)
             logits = graph.step(self, input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -298,10 +347,15 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
             cache=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
-        hidden, past_key_values = out.last_hidden_state, getattr(out, CACHE_NAME)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:  # a tensor of the positions to keep
+            hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
@@ -310,19 +364,8 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwargs(past_key_values))
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """Write ``config.json``, safetensors weights and two small code files (``auto_map``), so that
-        tools which never import ``tpa`` (``lm_eval --model hf``, plain transformers) can load the
-        directory with ``trust_remote_code=True``; after ``import tpa`` no remote code is needed."""
-        self.config.auto_map = dict(AUTO_MAP)
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            for name, text in AUTO_MAP_FILES.items():
-                with open(os.path.join(save_directory, name), "w") as f:
-                    f.write(text)
-        return result
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      attentions=out.attentions, **cache_kwargs(getattr(out, CACHE_NAME)))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
@@ -344,3 +387,10 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
         beams = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         model_kwargs[CACHE_NAME] = T6Cache.for_model(self, batch_size * beams, capacity=max_cache_length,
                                                             static=static)
+
+
+class T6ForSequenceClassification(GenericForSequenceClassification, T6PreTrainedModel):
+    """T6 with a linear ``score`` head on the last non-padding token (``config.pad_token_id``), as
+    ``LlamaForSequenceClassification``: ``forward(input_ids [B, T], labels=None [B])`` returns
+    ``logits [B, num_labels]`` and the loss (regression, single- or multi-label per
+    ``config.problem_type``)."""
