@@ -27,8 +27,9 @@ WANTED = ("test_modeling_common.py", "test_configuration_common.py", "generation
           "causal_lm_tester.py")
 
 
-def extract_tests(archive: str, target: str) -> None:
-    """Extract ``<top>/tests/**`` of the sdist ``archive`` into ``target`` (atomically replaced)."""
+def extract_tests(archive: str, target: str, release: str) -> None:
+    """Extract ``<top>/tests/**`` of the sdist ``archive`` of transformers ``release`` into ``target``
+    (replaced as a whole), with a file ``TRANSFORMERS_VERSION`` saying which release they belong to."""
     parent = os.path.dirname(os.path.abspath(target)) or "."
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tests-", dir=parent)
@@ -42,6 +43,8 @@ def extract_tests(archive: str, target: str) -> None:
                     raise ValueError(f"refusing a path outside the archive: {member.name}")
                 member.name = "/".join(parts[2:])
                 tar.extract(member, staging, filter="data")
+        with open(os.path.join(staging, "TRANSFORMERS_VERSION"), "w") as f:
+            f.write(release + "\n")
         if os.path.exists(target):
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -62,7 +65,7 @@ def main(argv: list[str]) -> int:
         archives = [name for name in os.listdir(tmp) if name.endswith((".tar.gz", ".tgz"))]
         if len(archives) != 1:
             raise SystemExit(f"expected one transformers sdist in {tmp}, found {os.listdir(tmp)}")
-        extract_tests(os.path.join(tmp, archives[0]), target)
+        extract_tests(os.path.join(tmp, archives[0]), target, installed)
     present = {name: os.path.isfile(os.path.join(target, name)) for name in WANTED}
     print(f"transformers {installed} tests in {target}: " +
           ", ".join(f"{name} {'present' if ok else 'absent'}" for name, ok in present.items()))

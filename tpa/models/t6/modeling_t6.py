@@ -11,7 +11,6 @@ import os
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -72,6 +71,23 @@ AUTO_MAP_FILES = {
     "modeling_t6.py": '"""T6 model: provided by the installed `tpa` package (pip install tensor-product-attention)."""\n'
     "from tpa.models.t6.modeling_t6 import T6ForCausalLM, T6ForSequenceClassification, T6Model\n",
 }
+
+
+def weights_by_column(weights: list[torch.Tensor], kv, step) -> list[torch.Tensor]:
+    """Attention weights over cache slots ``[B, H, T, kv_len]`` -> over input columns
+    ``[B, H, T, past + T]``, as transformers' models return them (zero at padding columns).
+
+    The ragged cache packs each sequence's valid tokens into slots ``0, 1, ...``: column ``c`` of
+    sequence ``b`` sits at slot ``(number of valid columns up to c) - 1``. Call before ``kv.commit``.
+    """
+    history = kv.column_valid()
+    valid = step.valid if history is None else torch.cat([history, step.valid.to(history.device)], dim=1)
+    slot = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, past + T]
+    out = []
+    for w in weights:
+        index = slot[:, None, None, :].expand(w.shape[0], w.shape[1], w.shape[2], slot.shape[1]).to(w.device)
+        out.append(w.gather(-1, index).masked_fill(~valid[:, None, None, :].to(w.device), 0))
+    return out
 
 
 class T6DecoderLayer(GradientCheckpointingLayer):
@@ -197,14 +213,18 @@ class T6Model(T6PreTrainedModel):
         ``cache``); the output carries the cache under the installed transformers' name.
 
         As in transformers' models, ``use_cache``, ``output_hidden_states``, ``output_attentions``
-        and ``return_dict`` default to the config's values. ``hidden_states`` holds ``L + 1``
+        and ``return_dict`` default to the config's values, except that a training step (training
+        mode, gradients on) keeps no cache unless ``use_cache=True`` is passed: unlike transformers'
+        ``DynamicCache``, which holds the key/value tensors autograd keeps anyway, a T6 cache is a
+        copy. ``hidden_states`` holds ``L + 1``
         tensors ``[B, T, C]`` (the embeddings, the input of every later block, the final normed
         output); ``attentions`` holds ``L`` softmax weights ``[B, H, T, past + T]``. In training
         with gradient checkpointing, no cache is kept.
         """
         past_key_values = pick_cache(cache, past_key_values)
         bsz, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # a T6 cache copies what it holds: no default cache for a training step
+            use_cache = self.config.use_cache and not (self.training and torch.is_grad_enabled())
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None \
             else output_hidden_states
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -234,6 +254,9 @@ class T6Model(T6PreTrainedModel):
             )
         if use_cache and past_key_values is None:
             past_key_values = T6Cache.for_model(self, bsz)
+        if output_attentions and past_key_values is not None and past_key_values.static:
+            raise ValueError("output_attentions=True needs a dynamic cache or none: a static cache does not record "
+                             "which input columns its slots came from (and its steps may replay a CUDA graph)")
         max_pos = self.config.max_position_embeddings
         if past_key_values is not None:
             kv = past_key_values.kv
@@ -267,6 +290,8 @@ class T6Model(T6PreTrainedModel):
                 all_hidden.append(hidden)
             hidden = block(hidden, ctx)
         if kv is not None:
+            if output_attentions:
+                weights = weights_by_column(weights, kv, step)
             kv.commit(step)
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(
@@ -358,12 +383,12 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
             hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:2]:
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            if labels is not None and labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+            # transformers' causal LM loss: labels shifted inside (or pre-shifted `shift_labels`), -100
+            # ignored, mean over tokens (or a sum over `num_items_in_batch`)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                       attentions=out.attentions, **cache_kwargs(getattr(out, CACHE_NAME)))
 
