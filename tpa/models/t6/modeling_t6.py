@@ -21,6 +21,7 @@ from tpa.layers.base import scaled_normal_
 from tpa.models.t6.cache_t6 import T6Cache
 from tpa.models.t6.configuration_t6 import T6Config
 from tpa.models.t6.hf_compat import CACHE_NAME, cache_kwargs, pick_cache
+from tpa.models.t6.quantization import check_quantized_layers
 from tpa.modules import RMSNorm, RotaryEmbedding, SwiGLU
 
 logger = logging.get_logger(__name__)
@@ -159,6 +160,7 @@ class T6Model(T6PreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_dim, config.rope_theta)
         self.gradient_checkpointing = False
+        self._quantization_checked = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -223,6 +225,9 @@ class T6Model(T6PreTrainedModel):
         """
         past_key_values = pick_cache(cache, past_key_values)
         bsz, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids)
+        if not self._quantization_checked and getattr(self.config, "quantization_config", None) is not None:
+            check_quantized_layers(self)
+            self._quantization_checked = True
         if use_cache is None:  # a T6 cache copies what it holds: no default cache for a training step
             use_cache = self.config.use_cache and not (self.training and torch.is_grad_enabled())
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None \
