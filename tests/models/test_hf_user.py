@@ -12,7 +12,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from tpa.models.t6 import T6Cache, T6Config, T6ForCausalLM, T6ForSequenceClassification, T6Model
 from tpa.models.t6 import save_model_and_tokenizer
 from tpa.models.t6.hf_compat import output_cache
-from tests.models.test_hf import VOCAB, train_tokenizer
+from models.test_hf import VOCAB, train_tokenizer
 
 
 def tiny(attention_type="tpa", num_hidden_layers=2, **kw):
