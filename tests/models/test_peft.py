@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tpa.models.t6 import T6Config, T6ForCausalLM
+from tpa.models.t6.hf_compat import cache_kwargs, output_cache
 
 peft = pytest.importorskip("peft", reason="peft is in the `test` extra")
 
@@ -14,7 +15,7 @@ VOCAB = 101
 TARGETS = {
     "tpa": ["proj", "o_proj"],
     "mha": ["qkv_proj", "o_proj"],
-    "mla": ["q_a_proj", "q_b_proj", "kv_a_proj", "o_proj"],
+    "mla": ["q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj"],
 }
 
 
@@ -53,6 +54,10 @@ def test_lora_trains_saves_reloads_and_merges(attention_type, tmp_path):
     reloaded = peft.PeftModel.from_pretrained(base_model(attention_type), tmp_path / "adapter").eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=probe).logits, tuned, atol=1e-5)
+        # unmerged adapters reach cached decoding too (MLA's absorbed path reads the adapted kv_b_proj)
+        prefill = reloaded(input_ids=probe[:, :6], use_cache=True)
+        step = reloaded(input_ids=probe[:, 6:], **cache_kwargs(output_cache(prefill))).logits
+        assert torch.allclose(step, tuned[:, 6:], atol=1e-4)
         merged = reloaded.merge_and_unload()
         assert isinstance(merged, T6ForCausalLM)
         assert not any(hasattr(m, "lora_A") for m in merged.modules())
