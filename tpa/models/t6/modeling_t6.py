@@ -74,6 +74,19 @@ AUTO_MAP_FILES = {
 }
 
 
+def uncached_plan(valid: torch.Tensor, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RoPE positions ``[B, T]`` and attention mask ``[B, T, T]`` (None: plain causal) of a call
+    without a cache; ``valid [B, T]`` marks real tokens. With padding, positions count real tokens
+    and padding keys are masked out (a padding query sees itself, so its softmax row is not empty)."""
+    bsz, seq = valid.shape
+    if not padded or bool(valid.all()):
+        return torch.arange(seq, device=valid.device).expand(bsz, seq), None
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    idx = torch.arange(seq, device=valid.device)
+    mask = (idx[None, None, :] <= idx[None, :, None]) & valid[:, None, :]
+    return positions, mask | torch.eye(seq, dtype=torch.bool, device=valid.device)[None]
+
+
 def weights_by_column(weights: list[torch.Tensor], kv, step) -> list[torch.Tensor]:
     """Attention weights over cache slots ``[B, H, T, kv_len]`` -> over input columns
     ``[B, H, T, past + T]``, as transformers' models return them (zero at padding columns).
@@ -169,6 +182,21 @@ class T6Model(T6PreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    def _options(self, use_cache, cache, output_hidden_states, output_attentions):
+        """This call's ``(use_cache, cache, output_hidden_states, output_attentions)``, defaulting to
+        the config's values (see :meth:`forward`)."""
+        training_step = self.training and torch.is_grad_enabled()
+        if use_cache is None:  # a T6 cache copies what it holds: no default cache for a training step
+            use_cache = self.config.use_cache and not training_step
+        if self.gradient_checkpointing and training_step and (use_cache or cache is not None):
+            logger.warning_once("a cache is incompatible with gradient checkpointing: running with use_cache=False")
+            use_cache, cache = False, None
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        return use_cache, cache, output_hidden_states, output_attentions
+
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -218,25 +246,16 @@ class T6Model(T6PreTrainedModel):
         and ``return_dict`` default to the config's values, except that a training step (training
         mode, gradients on) keeps no cache unless ``use_cache=True`` is passed: unlike transformers'
         ``DynamicCache``, which holds the key/value tensors autograd keeps anyway, a T6 cache is a
-        copy. ``hidden_states`` holds ``L + 1``
-        tensors ``[B, T, C]`` (the embeddings, the input of every later block, the final normed
-        output); ``attentions`` holds ``L`` softmax weights ``[B, H, T, past + T]``. In training
-        with gradient checkpointing, no cache is kept.
+        copy; under gradient checkpointing none at all. ``hidden_states`` holds ``L + 1`` tensors
+        ``[B, T, C]`` (the embeddings, the input of every later block, the final normed output);
+        ``attentions`` holds ``L`` softmax weights ``[B, H, T, past + T]``.
         """
-        past_key_values = pick_cache(cache, past_key_values)
         bsz, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids)
         if not self._quantization_checked and getattr(self.config, "quantization_config", None) is not None:
             check_quantized_layers(self)
             self._quantization_checked = True
-        if use_cache is None:  # a T6 cache copies what it holds: no default cache for a training step
-            use_cache = self.config.use_cache and not (self.training and torch.is_grad_enabled())
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None \
-            else output_hidden_states
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() \
-                and (use_cache or past_key_values is not None):
-            logger.warning_once("a cache is incompatible with gradient checkpointing: running with use_cache=False")
-            use_cache, past_key_values = False, None
+        use_cache, past_key_values, output_hidden_states, output_attentions = self._options(
+            use_cache, pick_cache(cache, past_key_values), output_hidden_states, output_attentions)
         # a one-token step of a static cache runs without host syncs (it may be captured in a CUDA graph)
         static_step = isinstance(past_key_values, T6Cache) and past_key_values.static and seq == 1
         # the range checks sync with the device: skip them in compiled graphs, in CUDA training steps and in
@@ -274,14 +293,7 @@ class T6Model(T6PreTrainedModel):
             step, kv, layer_caches = None, None, [None] * len(self.layers)
             if seq > max_pos:
                 raise ValueError(f"sequence of {seq} tokens exceeds max_position_embeddings={max_pos}")
-            if attention_mask is None or bool(valid.all()):
-                positions = torch.arange(seq, device=device).expand(bsz, seq)
-                mask = None
-            else:  # padded batch: positions count real tokens; padding keys are masked out
-                positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-                idx = torch.arange(seq, device=device)
-                mask = (idx[None, None, :] <= idx[None, :, None]) & valid[:, None, :]
-                mask = mask | torch.eye(seq, dtype=torch.bool, device=device)[None]
+            positions, mask = uncached_plan(valid, padded=attention_mask is not None)
             if position_ids is not None:
                 positions = position_ids
         if position_ids is not None and not sync_free and int(position_ids.max()) >= max_pos:
@@ -311,8 +323,11 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
     """T6 with an LM head.
 
     ``forward(input_ids [B, T], attention_mask=None [B, past+T], position_ids=None [B, T],
-    cache=None, use_cache=False, labels=None [B, T])`` returns logits ``[B, T, V]``,
-    the mean next-token loss when labels are given (shifted inside; -100 ignored) and the cache.
+    cache=None, use_cache=None, labels=None [B, T])`` returns logits ``[B, T, V]``, the next-token
+    loss when labels are given (transformers' ``loss_function``: shifted inside, -100 ignored,
+    ``shift_labels``/``num_items_in_batch`` honoured), the cache (``use_cache`` defaults as in
+    :meth:`T6Model.forward`) and, on request, hidden states and attention weights.
+    ``logits_to_keep``: the last N positions (an int) or the positions in a tensor.
     ``past_key_values`` is accepted as another name of ``cache`` (transformers before 5.24 uses it);
     the output carries the cache under the installed transformers' name (``out.cache`` from 5.24).
 
@@ -323,6 +338,9 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # `_can_compile_fullgraph` stays False: the dynamic cache plans each call with a host sync, and the
+    # static path is captured as a CUDA graph by tpa.models.t6.decode_graph rather than compiled by
+    # generate() (T6Cache.is_compileable is False for the same reason)
 
     def __init__(self, config: T6Config):
         super().__init__(config)
