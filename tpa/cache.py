@@ -199,6 +199,8 @@ class KVCache:
         self.seqlens: torch.Tensor | None = None  # [B] int32, created on first use on the right device
         self.positions: torch.Tensor | None = None  # [B, capacity] long, RoPE position of every slot
         self.num_columns = 0  # input columns consumed per row (padding included)
+        # which input columns held real tokens, per call ([B, T] bool each; dynamic caches, for crop)
+        self._column_valid: list[torch.Tensor] = []
         self._slot_index: torch.Tensor | None = None  # [capacity] arange, for static masks
         if static:
             if dtype is None or device is None:
@@ -345,7 +347,38 @@ class KVCache:
             self.seqlens.copy_(step.seqlens)  # in place: the tensor's storage is part of captured graphs
         else:
             self.seqlens = step.seqlens
+            self._column_valid.append(step.valid)
         self.num_columns += step.valid.shape[1]
+
+    def column_valid(self) -> torch.Tensor | None:
+        """``[B, num_columns]`` bool: which input columns held real tokens (dynamic cache), or None
+        before the first call."""
+        if len(self._column_valid) > 1:
+            self._column_valid = [torch.cat(self._column_valid, dim=1)]
+        return self._column_valid[0] if self._column_valid else None
+
+    def crop(self, num_columns: int) -> None:
+        """Forget every token of the input columns from ``num_columns`` on (speculative decoding rolls
+        back rejected draft tokens): each sequence keeps the valid tokens of its first ``num_columns``
+        columns, so left-padded and ragged batches crop exactly. The slots beyond the new lengths
+        keep stale values, which the next call overwrites.
+
+        Raises:
+            ValueError: a static cache (its lengths may live in a captured CUDA graph's bookkeeping),
+                or ``num_columns`` outside ``[0, self.num_columns]``.
+        """
+        if num_columns == self.num_columns:
+            return
+        if self.static:
+            raise ValueError("a static T6 cache cannot be cropped (assisted and prompt-lookup decoding need the "
+                             "dynamic cache: leave cache_implementation unset)")
+        if not 0 <= num_columns <= self.num_columns:
+            raise ValueError(f"cannot crop a cache of {self.num_columns} input columns to {num_columns}")
+        history = self.column_valid()
+        removed = history[:, num_columns:].sum(dim=1, dtype=torch.int32)
+        self.seqlens = self.seqlens - removed.to(self.seqlens.device)
+        self._column_valid = [history[:, :num_columns]] if num_columns else []
+        self.num_columns = num_columns
 
     def select(self, index: torch.Tensor) -> None:
         """Keep (or reorder, or repeat) sequences: ``index [B']`` into the batch (beam search).
@@ -358,6 +391,9 @@ class KVCache:
             )
         for layer in self.layers:
             layer.select(index)
+        history = None if self.static else self.column_valid()
+        if history is not None:
+            self._column_valid = [history.index_select(0, index.to(history.device))]
         for name in ("seqlens", "positions"):
             value = getattr(self, name)
             if value is None:
@@ -376,4 +412,5 @@ class KVCache:
         else:
             self.seqlens = None
             self.positions = None
+        self._column_valid = []
         self.num_columns = 0

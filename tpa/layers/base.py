@@ -32,6 +32,8 @@ class AttentionContext:
         kv_cache: the model-wide cache (cached positions, lengths).
         rotary: the RoPE module (to rotate cached keys where a variant stores them unrotated).
         decode_impl: ``"auto"`` (FlashTPA kernel on CUDA where it applies), ``"kernel"`` or ``"reference"``.
+        attention_weights: a list to append this layer's softmax weights ``[B, H, T, L]`` to
+            (``output_attentions=True``); the layer then attends through :func:`attend_explicit`.
     """
 
     cos: torch.Tensor
@@ -42,6 +44,7 @@ class AttentionContext:
     kv_cache: KVCache | None = None
     rotary: nn.Module | None = None
     decode_impl: str = "auto"
+    attention_weights: list[torch.Tensor] | None = None
 
 
 def check_positive(**values: int) -> None:
@@ -55,6 +58,32 @@ def check_hidden(x: torch.Tensor, hidden_size: int, layer: str) -> None:
         raise ValueError(f"{layer} expects hidden states of shape [batch, seq, {hidden_size}], got {tuple(x.shape)}")
 
 
+def attend_explicit(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend` with the softmax weights written out (``output_attentions=True``).
+
+    Same arguments as :func:`attend`. Returns ``(out [B, T, H, E], weights [B, H, T, L])``; the
+    weights are those of every query head (grouped keys are shared by their query heads).
+    """
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    group = qh.shape[1] // kh.shape[1]
+    kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+    t_q, t_k = qh.shape[2], kh.shape[2]
+    if mask is None:
+        idx = torch.arange(t_k, device=q.device)
+        mask = (idx[None, :] <= idx[:t_q, None] + (t_k - t_q))[None]
+    scale = qh.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(qh.float(), kh.float().transpose(-1, -2)) * scale
+    weights = scores.masked_fill(~mask[:, None], float("-inf")).softmax(dim=-1)
+    out = torch.matmul(weights, vh.float()).to(v.dtype)
+    return out.transpose(1, 2), weights.to(q.dtype)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,6 +91,7 @@ def attend(
     mask: torch.Tensor | None,
     scale: float | None = None,
     fixed_shapes: bool = False,
+    weights_out: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention in the ``[B, T, H, D]`` layout.
 
@@ -74,10 +104,16 @@ def attend(
         fixed_shapes: the call's shapes repeat from call to call (a static cache's one-token step):
             SDPA picks its backend as for any call (cuDNN included, as transformers' Llama gets
             it). Otherwise cached calls exclude cuDNN attention, which builds a plan per new shape.
+        weights_out: a list to append the softmax weights ``[B, H, T, L]`` to; the attention then
+            runs through :func:`attend_explicit` (no fused kernel writes the weights out).
 
     Returns:
         ``[B, T, H, E]``.
     """
+    if weights_out is not None:
+        out, weights = attend_explicit(q, k, v, mask, scale)
+        weights_out.append(weights)
+        return out
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = kh.shape[1] != qh.shape[1]
     t_q, t_k = qh.shape[2], kh.shape[2]

@@ -79,7 +79,7 @@ class MultiHeadAttention(Attention):
         if ctx.cache is not None:
             kv = ctx.cache.update(ctx.step, k=k, v=v)
             k, v, mask, fixed = kv["k"], kv["v"], ctx.step.mask, ctx.step.fixed_shapes
-        out = self.norm_heads(attend(q, k, v, mask, fixed_shapes=fixed))
+        out = self.norm_heads(attend(q, k, v, mask, fixed_shapes=fixed, weights_out=ctx.attention_weights))
         if self.gate_proj is not None:
             out = out * torch.sigmoid(self.gate_proj(x).reshape(bsz, seq, h, d))
         return self.o_proj(out.reshape(bsz, seq, h * d))

@@ -157,9 +157,20 @@ class MultiHeadLatentAttention(Attention):
         q_nope, q_rope = q.split([self.head_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_rope, cos, sin)
 
-    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``W_UK [H, D, d_c]``, ``W_UV [H, E, d_c]``."""
-        w = self.kv_b_proj.weight.reshape(self.num_heads, self.head_dim + self.value_dim, self.kv_lora_rank)
+    def _up_weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK [H, D, d_c]``, ``W_UV [H, E, d_c]`` (``like``: a tensor of the activations' dtype and device).
+
+        A plain ``nn.Linear`` gives its weight. A replaced ``kv_b_proj`` (a LoRA adapter, an 8-bit
+        or int8 layer of a quantized model) is read as the map it computes, ``kv_b_proj(I)^T``, so
+        the absorbed path sees exactly what the unabsorbed one applies.
+        """
+        proj = self.kv_b_proj
+        if type(proj) is nn.Linear and type(proj.weight) is nn.Parameter:
+            w = proj.weight
+        else:
+            eye = torch.eye(self.kv_lora_rank, device=like.device, dtype=like.dtype)
+            w = proj(eye).transpose(0, 1)
+        w = w.reshape(self.num_heads, self.head_dim + self.value_dim, self.kv_lora_rank)
         return w[:, : self.head_dim], w[:, self.head_dim :]
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -175,13 +186,19 @@ class MultiHeadLatentAttention(Attention):
             c_kv, k_rope, mask = kv["c_kv"], kv["k_rope"], ctx.step.mask
         length = c_kv.shape[1]
         if ctx.cache is not None and self.absorb and seq <= self.absorb_max_tokens:
-            w_uk, w_uv = self._up_weights()
+            w_uk, w_uv = self._up_weights(c_kv)
             q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-            out_latent = latent_attention(q_latent, q_rope, c_kv, k_rope, mask, self.scale)  # [B, T, H, d_c]
+            if ctx.attention_weights is None:
+                out_latent = latent_attention(q_latent, q_rope, c_kv, k_rope, mask, self.scale)  # [B, T, H, d_c]
+            else:  # the same attention with its weights written out: one latent "head" shared by all heads
+                query = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, d_c + d_R]
+                key = torch.cat([c_kv, k_rope], dim=-1)[:, :, None]
+                out_latent = attend(query, key, c_kv[:, :, None], mask, scale=self.scale,
+                                    weights_out=ctx.attention_weights)
             out = torch.einsum("bthc,hdc->bthd", out_latent, w_uv)
         else:
             k_nope, v = self.kv_b_proj(c_kv).reshape(bsz, length, h, d + e).split([d, e], dim=-1)
             k = torch.cat([k_nope, k_rope[:, :, None].expand(bsz, length, h, self.rope_dim)], dim=-1)
             q = torch.cat([q_nope, q_rope], dim=-1)
-            out = attend(q, k, v, mask, scale=self.scale)
+            out = attend(q, k, v, mask, scale=self.scale, weights_out=ctx.attention_weights)
         return self.o_proj(self.norm_heads(out).reshape(bsz, seq, h * e))

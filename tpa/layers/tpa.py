@@ -289,7 +289,8 @@ class TensorProductAttention(Attention):
     def _use_decode_kernel(self, ctx: AttentionContext, new_tokens: int) -> bool:
         if new_tokens > self.decode_kernel_max_tokens:
             return False
-        if ctx.cache is None or ctx.step is None or ctx.decode_impl == "reference" or self.attn_impl != "sdpa":
+        if ctx.cache is None or ctx.step is None or ctx.decode_impl == "reference" or self.attn_impl != "sdpa" \
+                or ctx.attention_weights is not None:
             return False
         if ctx.decode_impl == "auto" and ctx.cos.device.type != "cuda":
             return False
@@ -319,7 +320,7 @@ class TensorProductAttention(Attention):
                              backend=backend)
         else:
             a_k, b_k, a_v, b_v = self._key_value_factors(kv, bsz, length, ctx)
-            if self.attn_impl == "factors":
+            if self.attn_impl == "factors" and ctx.attention_weights is None:
                 a_q, b_q = self._query_factors(f)
                 out = tpa_attention_factors(a_q, b_q, a_k, b_k, a_v, b_v, mask=mask, causal=True)
             else:
@@ -327,7 +328,7 @@ class TensorProductAttention(Attention):
                 # twin elsewhere
                 pairs = [(f["a_q"], f["b_q"])] if self.factorize_q else []
                 *q, k, v = tpa_materialize_many(pairs + [(a_k, b_k), (a_v, b_v)])
-                out = attend(q[0] if q else f["q"], k, v, mask)
+                out = attend(q[0] if q else f["q"], k, v, mask, weights_out=ctx.attention_weights)
         out = self.norm_heads(out)
         if self.output_gate:
             out = out * torch.sigmoid(f["gate"])

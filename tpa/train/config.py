@@ -24,6 +24,7 @@ import dataclasses
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr <= lr (got {self.warmup_steps}, {self.min_lr}, {self.lr})")
+        if self.warmup_steps >= self.max_steps:
+            warnings.warn(f"warmup_steps={self.warmup_steps} >= max_steps={self.max_steps}: the learning rate only "
+                          "warms up and never decays (set --warmup-steps below --max-steps)", stacklevel=2)
         if self.export_only and not self.resume:
             raise ValueError("export_only exports the latest checkpoint: it needs resume=True (--resume)")
         if self.distill_weight < 0 or not self.distill_temperature > 0:

@@ -134,6 +134,20 @@ def wandb_run_id(run_dir: Path, resume: bool) -> str:
     return run_id
 
 
+def log_line(record: dict, max_steps: int) -> str:
+    """One line of a log record, for output that is not a terminal (a file, a pipe, a CI log):
+    ``step 20/400 | loss 4.1234 | val 4.2000 | lr 3.00e-04 | grad 0.512 | 12,345 tok/s | mfu 1.2% | 0.50 GB | 35s``
+    (fields that are None are left out)."""
+    r = record
+    parts = [f"step {r['step']}/{max_steps}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
+                     ("grad_norm", "grad {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}"),
+                     ("memory_gb", "{:.2f} GB"), ("elapsed_s", "{:.0f}s")):
+        if r.get(key) is not None:
+            parts.append(fmt.format(r[key]))
+    return " | ".join(parts)
+
+
 class MetricsLogger:
     """Appends records to metrics.jsonl and metrics.csv, and to TensorBoard / W&B when enabled.
 

@@ -30,8 +30,8 @@ from tpa.data.prepare import read_meta
 from tpa.train import checkpoint as ckpt
 from tpa.train.config import TrainConfig, save_yaml
 from tpa.train.distill import DISTILL_FIELDS, load_init_model, make_distiller
-from tpa.train.metrics import (MetricsLogger, check_logging_packages, flops_per_token, memory_gb, peak_tflops,
-                               run_info)
+from tpa.train.metrics import (MetricsLogger, check_logging_packages, flops_per_token, log_line, memory_gb,
+                               peak_tflops, run_info)
 from tpa.train.parallel import Dist, parallelize, resolve_parallel, setup_distributed, teardown_distributed
 
 # T6Config fields that must agree between a checkpoint and the run that resumes it.
@@ -305,6 +305,8 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{cfg.preset}-{cfg.attention_type}", unit="step",
                disable=(not world.is_main) or (None if cfg.progress is None else not cfg.progress), dynamic_ncols=True)
+    # without a terminal (a file, a pipe) the bar draws nothing useful: one plain line per log step instead
+    log_lines = world.is_main and (bar.disable or not sys.stdout.isatty())
     last_ckpt = resume_from
     stopped = "finished"
     profiler = None
@@ -395,6 +397,8 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                               "mfu": (tps * flops_tok / (peak * 1e12 * world.world_size)) if tps and peak else None,
                               "memory_gb": memory_gb(device), "elapsed_s": time.perf_counter() - start_time}
                     logger.log(record)
+                    if log_lines:
+                        print(log_line(record, cfg.max_steps), flush=True)
                     window_time, window_tokens = 0.0, 0
                     if evaluated and val_loss is not None:
                         bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")

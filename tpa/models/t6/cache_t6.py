@@ -27,7 +27,6 @@ class T6CacheLayer(CacheLayerMixin):
     """Adapter exposing one :class:`tpa.cache.LayerCache` to transformers' cache protocol."""
 
     is_compileable = False
-    is_croppable = False
     supports_early_init = False
 
     def __init__(self, layer: LayerCache):
@@ -56,6 +55,13 @@ class T6CacheLayer(CacheLayerMixin):
     @property
     def batch_size(self) -> int:
         return self.layer.owner.batch_size
+
+    @property
+    def is_croppable(self) -> bool:  # assisted decoding rolls back rejected drafts (dynamic caches)
+        return not self.layer.owner.static
+
+    def crop(self, tokens_to_remove: int) -> None:  # done once for all layers by T6Cache
+        return None
 
     def reset(self) -> None:
         if not self.layer.owner.static:  # static buffers stay: captured graphs read their storage
@@ -141,4 +147,16 @@ class T6Cache(Cache):
         self.kv.select(index)
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("cropping a ragged T6 cache is not supported (assisted decoding needs it)")
+        """Forget the last input columns (assisted and prompt-lookup decoding roll back rejected draft
+        tokens); ragged and left-padded batches crop exactly (:meth:`tpa.cache.KVCache.crop`).
+
+        Args:
+            tokens_to_remove: ``-n`` (or 0) removes the last ``n`` input columns, as transformers'
+                caches take it; a positive value is the number of columns to keep (the older
+                convention of ``crop(max_length)``).
+
+        Raises:
+            ValueError: a static cache, or more columns than the cache holds.
+        """
+        keep = tokens_to_remove if tokens_to_remove > 0 else self.kv.num_columns + tokens_to_remove
+        self.kv.crop(keep)

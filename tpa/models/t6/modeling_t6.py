@@ -11,16 +11,20 @@ import os
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple, logging
 
 from tpa.layers import AttentionContext, MultiHeadAttention, MultiHeadLatentAttention, TensorProductAttention
 from tpa.layers.base import scaled_normal_
 from tpa.models.t6.cache_t6 import T6Cache
 from tpa.models.t6.configuration_t6 import T6Config
 from tpa.models.t6.hf_compat import CACHE_NAME, cache_kwargs, pick_cache
+from tpa.models.t6.quantization import check_quantized_layers
 from tpa.modules import RMSNorm, RotaryEmbedding, SwiGLU
+
+logger = logging.get_logger(__name__)
 
 
 def build_attention(config: T6Config, out_init_std: float) -> nn.Module:
@@ -56,17 +60,53 @@ def build_attention(config: T6Config, out_init_std: float) -> nn.Module:
     )
 
 
-AUTO_MAP = {"AutoConfig": "configuration_t6.T6Config", "AutoModelForCausalLM": "modeling_t6.T6ForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_t6.T6Config",
+    "AutoModel": "modeling_t6.T6Model",
+    "AutoModelForCausalLM": "modeling_t6.T6ForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_t6.T6ForSequenceClassification",
+}
 AUTO_MAP_FILES = {
     "configuration_t6.py": '"""T6 configuration: provided by the installed `tpa` package (pip install tensor-product-attention)."""\n'
     "from tpa.models.t6.configuration_t6 import T6Config\n",
     "modeling_t6.py": '"""T6 model: provided by the installed `tpa` package (pip install tensor-product-attention)."""\n'
-    "from tpa.models.t6.modeling_t6 import T6ForCausalLM, T6Model\n",
+    "from tpa.models.t6.modeling_t6 import T6ForCausalLM, T6ForSequenceClassification, T6Model\n",
 }
 
 
-class T6DecoderLayer(nn.Module):
-    """One pre-norm block. ``forward(x [B, T, C], ctx) -> [B, T, C]``."""
+def uncached_plan(valid: torch.Tensor, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RoPE positions ``[B, T]`` and attention mask ``[B, T, T]`` (None: plain causal) of a call
+    without a cache; ``valid [B, T]`` marks real tokens. With padding, positions count real tokens
+    and padding keys are masked out (a padding query sees itself, so its softmax row is not empty)."""
+    bsz, seq = valid.shape
+    if not padded or bool(valid.all()):
+        return torch.arange(seq, device=valid.device).expand(bsz, seq), None
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    idx = torch.arange(seq, device=valid.device)
+    mask = (idx[None, None, :] <= idx[None, :, None]) & valid[:, None, :]
+    return positions, mask | torch.eye(seq, dtype=torch.bool, device=valid.device)[None]
+
+
+def weights_by_column(weights: list[torch.Tensor], kv, step) -> list[torch.Tensor]:
+    """Attention weights over cache slots ``[B, H, T, kv_len]`` -> over input columns
+    ``[B, H, T, past + T]``, as transformers' models return them (zero at padding columns).
+
+    The ragged cache packs each sequence's valid tokens into slots ``0, 1, ...``: column ``c`` of
+    sequence ``b`` sits at slot ``(number of valid columns up to c) - 1``. Call before ``kv.commit``.
+    """
+    history = kv.column_valid()
+    valid = step.valid if history is None else torch.cat([history, step.valid.to(history.device)], dim=1)
+    slot = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, past + T]
+    out = []
+    for w in weights:
+        index = slot[:, None, None, :].expand(w.shape[0], w.shape[1], w.shape[2], slot.shape[1]).to(w.device)
+        out.append(w.gather(-1, index).masked_fill(~valid[:, None, None, :].to(w.device), 0))
+    return out
+
+
+class T6DecoderLayer(GradientCheckpointingLayer):
+    """One pre-norm block. ``forward(x [B, T, C], ctx) -> [B, T, C]``; checkpointed (recomputed in the
+    backward pass) after ``model.gradient_checkpointing_enable()``."""
 
     def __init__(self, config: T6Config, out_init_std: float):
         super().__init__()
@@ -88,6 +128,18 @@ class T6PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["T6DecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Write ``config.json``, safetensors weights and two small code files (``auto_map``), so that
+        tools which never import ``tpa`` (``lm_eval --model hf``, plain transformers) can load the
+        directory with ``trust_remote_code=True``; after ``import tpa`` no remote code is needed."""
+        self.config.auto_map = dict(AUTO_MAP)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for name, text in AUTO_MAP_FILES.items():
+                with open(os.path.join(save_directory, name), "w") as f:
+                    f.write(text)
+        return result
 
     def _out_init_std(self) -> float:
         # nanoGPT: residual output projections get std 0.02 / sqrt(2 L)
@@ -121,6 +173,7 @@ class T6Model(T6PreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_dim, config.rope_theta)
         self.gradient_checkpointing = False
+        self._quantization_checked = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -128,6 +181,21 @@ class T6Model(T6PreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def _options(self, use_cache, cache, output_hidden_states, output_attentions):
+        """This call's ``(use_cache, cache, output_hidden_states, output_attentions)``, defaulting to
+        the config's values (see :meth:`forward`)."""
+        training_step = self.training and torch.is_grad_enabled()
+        if use_cache is None:  # a T6 cache copies what it holds: no default cache for a training step
+            use_cache = self.config.use_cache and not training_step
+        if self.gradient_checkpointing and training_step and (use_cache or cache is not None):
+            logger.warning_once("a cache is incompatible with gradient checkpointing: running with use_cache=False")
+            use_cache, cache = False, None
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        return use_cache, cache, output_hidden_states, output_attentions
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids):
         if (input_ids is None) == (inputs_embeds is None):
@@ -157,6 +225,7 @@ class T6Model(T6PreTrainedModel):
             raise ValueError(f"position_ids must have shape [{bsz}, {seq}], got {tuple(position_ids.shape)}")
         return bsz, seq
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -166,13 +235,27 @@ class T6Model(T6PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache: T6Cache | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """``cache`` and ``past_key_values`` are two names of one argument (transformers >= 5.24 passes
-        ``cache``); the output carries the cache under the installed transformers' name."""
-        past_key_values = pick_cache(cache, past_key_values)
+        ``cache``); the output carries the cache under the installed transformers' name.
+
+        As in transformers' models, ``use_cache``, ``output_hidden_states``, ``output_attentions``
+        and ``return_dict`` default to the config's values, except that a training step (training
+        mode, gradients on) keeps no cache unless ``use_cache=True`` is passed: unlike transformers'
+        ``DynamicCache``, which holds the key/value tensors autograd keeps anyway, a T6 cache is a
+        copy; under gradient checkpointing none at all. ``hidden_states`` holds ``L + 1`` tensors
+        ``[B, T, C]`` (the embeddings, the input of every later block, the final normed output);
+        ``attentions`` holds ``L`` softmax weights ``[B, H, T, past + T]``.
+        """
         bsz, seq = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if not self._quantization_checked and getattr(self.config, "quantization_config", None) is not None:
+            check_quantized_layers(self)
+            self._quantization_checked = True
+        use_cache, past_key_values, output_hidden_states, output_attentions = self._options(
+            use_cache, pick_cache(cache, past_key_values), output_hidden_states, output_attentions)
         # a one-token step of a static cache runs without host syncs (it may be captured in a CUDA graph)
         static_step = isinstance(past_key_values, T6Cache) and past_key_values.static and seq == 1
         # the range checks sync with the device: skip them in compiled graphs, in CUDA training steps and in
@@ -195,6 +278,9 @@ class T6Model(T6PreTrainedModel):
             )
         if use_cache and past_key_values is None:
             past_key_values = T6Cache.for_model(self, bsz)
+        if output_attentions and past_key_values is not None and past_key_values.static:
+            raise ValueError("output_attentions=True needs a dynamic cache or none: a static cache does not record "
+                             "which input columns its slots came from (and its steps may replay a CUDA graph)")
         max_pos = self.config.max_position_embeddings
         if past_key_values is not None:
             kv = past_key_values.kv
@@ -207,38 +293,42 @@ class T6Model(T6PreTrainedModel):
             step, kv, layer_caches = None, None, [None] * len(self.layers)
             if seq > max_pos:
                 raise ValueError(f"sequence of {seq} tokens exceeds max_position_embeddings={max_pos}")
-            if attention_mask is None or bool(valid.all()):
-                positions = torch.arange(seq, device=device).expand(bsz, seq)
-                mask = None
-            else:  # padded batch: positions count real tokens; padding keys are masked out
-                positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-                idx = torch.arange(seq, device=device)
-                mask = (idx[None, None, :] <= idx[None, :, None]) & valid[:, None, :]
-                mask = mask | torch.eye(seq, dtype=torch.bool, device=device)[None]
+            positions, mask = uncached_plan(valid, padded=attention_mask is not None)
             if position_ids is not None:
                 positions = position_ids
         if position_ids is not None and not sync_free and int(position_ids.max()) >= max_pos:
             raise ValueError(f"position ids reach {int(position_ids.max())}, beyond max_position_embeddings={max_pos}")
         # float32 tables (float64 for a float64 model, whose RoPE is then exact to float64)
         cos, sin = self.rotary(positions, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        all_hidden, weights = [], [] if output_attentions else None
         for block, layer_cache in zip(self.layers, layer_caches):
             ctx = AttentionContext(cos=cos, sin=sin, mask=mask, cache=layer_cache, step=step, kv_cache=kv,
-                                   rotary=self.rotary, decode_impl=self.config.decode_impl)
-            if self.gradient_checkpointing and self.training:
-                hidden = self._gradient_checkpointing_func(block.__call__, hidden, ctx)
-            else:
-                hidden = block(hidden, ctx)
+                                   rotary=self.rotary, decode_impl=self.config.decode_impl, attention_weights=weights)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            hidden = block(hidden, ctx)
         if kv is not None:
+            if output_attentions:
+                weights = weights_by_column(weights, kv, step)
             kv.commit(step)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **cache_kwargs(past_key_values))
+        hidden = self.norm(hidden)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=tuple(all_hidden) + (hidden,) if output_hidden_states else None,
+            attentions=tuple(weights) if output_attentions else None,
+            **cache_kwargs(past_key_values),
+        )
 
 
 class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
     """T6 with an LM head.
 
     ``forward(input_ids [B, T], attention_mask=None [B, past+T], position_ids=None [B, T],
-    cache=None, use_cache=False, labels=None [B, T])`` returns logits ``[B, T, V]``,
-    the mean next-token loss when labels are given (shifted inside; -100 ignored) and the cache.
+    cache=None, use_cache=None, labels=None [B, T])`` returns logits ``[B, T, V]``, the next-token
+    loss when labels are given (transformers' ``loss_function``: shifted inside, -100 ignored,
+    ``shift_labels``/``num_items_in_batch`` honoured), the cache (``use_cache`` defaults as in
+    :meth:`T6Model.forward`) and, on request, hidden states and attention weights.
+    ``logits_to_keep``: the last N positions (an int) or the positions in a tensor.
     ``past_key_values`` is accepted as another name of ``cache`` (transformers before 5.24 uses it);
     the output carries the cache under the installed transformers' name (``out.cache`` from 5.24).
 
@@ -249,6 +339,9 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # `_can_compile_fullgraph` stays False: the dynamic cache plans each call with a host sync, and the
+    # static path is captured as a CUDA graph by tpa.models.t6.decode_graph rather than compiled by
+    # generate() (T6Cache.is_compileable is False for the same reason)
 
     def __init__(self, config: T6Config):
         super().__init__(config)
@@ -269,6 +362,7 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new: nn.Linear) -> None:
         self.lm_head = new
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -278,16 +372,19 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         cache: T6Cache | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         past_key_values = pick_cache(cache, past_key_values)
-        use_cache = False if use_cache is None and past_key_values is None else use_cache
         graph = getattr(past_key_values, "decode_graph", None)
         if (graph is not None and input_ids is not None and inputs_embeds is None and input_ids.dim() == 2
                 and input_ids.shape[1] == 1 and labels is None and not torch.is_grad_enabled()
                 and isinstance(logits_to_keep, int) and logits_to_keep in (0, 1)
+                and not (output_hidden_states or self.config.output_hidden_states)
+                and not (output_attentions or self.config.output_attentions)
                 and not (graph.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
             # a one-token step over a static cache on CUDA: replay the captured step (tpa.models.t6.decode_graph)
             logits = graph.step(self, input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -299,31 +396,25 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
             cache=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
-        hidden, past_key_values = out.last_hidden_state, getattr(out, CACHE_NAME)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:  # a tensor of the positions to keep
+            hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:2]:
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            if labels is not None and labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwargs(past_key_values))
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """Write ``config.json``, safetensors weights and two small code files (``auto_map``), so that
-        tools which never import ``tpa`` (``lm_eval --model hf``, plain transformers) can load the
-        directory with ``trust_remote_code=True``; after ``import tpa`` no remote code is needed."""
-        self.config.auto_map = dict(AUTO_MAP)
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            for name, text in AUTO_MAP_FILES.items():
-                with open(os.path.join(save_directory, name), "w") as f:
-                    f.write(text)
-        return result
+            # transformers' causal LM loss: labels shifted inside (or pre-shifted `shift_labels`), -100
+            # ignored, mean over tokens (or a sum over `num_items_in_batch`)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      attentions=out.attentions, **cache_kwargs(getattr(out, CACHE_NAME)))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
@@ -345,3 +436,10 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
         beams = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         model_kwargs[CACHE_NAME] = T6Cache.for_model(self, batch_size * beams, capacity=max_cache_length,
                                                             static=static)
+
+
+class T6ForSequenceClassification(GenericForSequenceClassification, T6PreTrainedModel):
+    """T6 with a linear ``score`` head on the last non-padding token (``config.pad_token_id``), as
+    ``LlamaForSequenceClassification``: ``forward(input_ids [B, T], labels=None [B])`` returns
+    ``logits [B, num_labels]`` and the loss (regression, single- or multi-label per
+    ``config.problem_type``)."""

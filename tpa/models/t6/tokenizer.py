@@ -22,8 +22,17 @@ def check_tokenizer_fits(config, tokenizer) -> None:
 
 def save_model_and_tokenizer(model, tokenizer, path: str | os.PathLike) -> None:
     """``save_pretrained`` both into ``path`` after checking they match, and record the special tokens
-    in the model config so ``generate`` knows EOS/BOS/PAD."""
+    in the model config so ``generate`` knows EOS/BOS/PAD.
+
+    The tokenizer is saved as a decoder-only model's tokenizer should be: it pads on the left (a
+    batch of prompts of different lengths then ends every prompt at the last column, where
+    ``generate`` continues) and its ``model_max_length`` is the model's
+    ``max_position_embeddings`` (so ``truncation=True`` cuts to what the model can read).
+    """
     check_tokenizer_fits(model.config, tokenizer)
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"  # save_pretrained writes the attributes init_kwargs names
+    tokenizer.model_max_length = model.config.max_position_embeddings
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name, None)
         if value is not None:
