@@ -103,6 +103,8 @@ class T6PreTrainedModel(PreTrainedModel):
         elif isinstance(module, SwiGLU):
             scaled_normal_(module.gate_up_proj.weight, std)
             scaled_normal_(module.down_proj.weight, self._out_init_std())
+        elif isinstance(module, RotaryEmbedding):  # non-persistent tables: rebuilt after a (meta-device) load
+            module.reset_tables()
         elif isinstance(module, RMSNorm):
             if not getattr(module.weight, "_is_hf_initialized", False):
                 nn.init.ones_(module.weight)
@@ -119,7 +121,8 @@ class T6Model(T6PreTrainedModel):
         out_std = config.initializer_range / (2 * config.num_hidden_layers) ** 0.5
         self.layers = nn.ModuleList([T6DecoderLayer(config, out_std) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_dim, config.rope_theta,
+                                      config.max_position_embeddings)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -217,9 +220,12 @@ class T6Model(T6PreTrainedModel):
                 mask = mask | torch.eye(seq, dtype=torch.bool, device=device)[None]
             if position_ids is not None:
                 positions = position_ids
-        if position_ids is not None and not sync_free and int(position_ids.max()) >= max_pos:
-            raise ValueError(f"position ids reach {int(position_ids.max())}, beyond max_position_embeddings={max_pos}")
-        # float32 tables (float64 for a float64 model, whose RoPE is then exact to float64)
+        if position_ids is not None and not sync_free:  # the RoPE tables hold positions [0, max_pos)
+            lowest, highest = (int(v) for v in torch.aminmax(position_ids))
+            if lowest < 0 or highest >= max_pos:
+                raise ValueError(f"position ids must lie in [0, {max_pos}) (max_position_embeddings), got values "
+                                 f"from {lowest} to {highest}")
+        # rows of the float32 tables; a float64 model (a reference) forms its angles in float64 instead
         cos, sin = self.rotary(positions, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         for block, layer_cache in zip(self.layers, layer_caches):
             ctx = AttentionContext(cos=cos, sin=sin, mask=mask, cache=layer_cache, step=step, kv_cache=kv,
