@@ -93,3 +93,22 @@ def test_whole_model_inductor_code_evaluates_no_cosine_or_sine(tmp_path):
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["graphs"] == 2 and found["kernels"] >= 4  # forward and backward kernels were generated
     assert found["transcendentals"] == []
+
+
+def test_whole_model_compile_with_an_attention_mask_has_no_graph_break():
+    """A loop that passes the tokenizer's ``attention_mask`` (all ones, then left padding): still one
+    graph compiled once, losses equal to eager's (the padded one with its padding labels ignored)."""
+    torch._dynamo.reset()
+    model = small_model("tpa")
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    padded = torch.ones_like(ids)
+    padded[1, :5] = 0
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for mask in (torch.ones_like(ids), padded):
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = compiled(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            assert torch.allclose(loss, model(input_ids=ids, attention_mask=mask, labels=labels).loss, atol=1e-5)
+    assert backend.frame_count == 1

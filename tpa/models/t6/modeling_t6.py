@@ -210,7 +210,9 @@ class T6Model(T6PreTrainedModel):
             step, kv, layer_caches = None, None, [None] * len(self.layers)
             if seq > max_pos:
                 raise ValueError(f"sequence of {seq} tokens exceeds max_position_embeddings={max_pos}")
-            if attention_mask is None or bool(valid.all()):
+            # an all-ones mask takes the causal kernel; under torch.compile that check would be a graph break
+            # (a host read), so there a given attention_mask is always applied as an explicit mask
+            if attention_mask is None or (not sync_free and bool(valid.all())):
                 positions = torch.arange(seq, device=device).expand(bsz, seq)
                 mask = None
             else:  # padded batch: positions count real tokens; padding keys are masked out
