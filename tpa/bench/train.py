@@ -268,7 +268,7 @@ def model_compile_loop(model, *, micro: int, seq_len: int, steps: int, warmup: i
     import torch
 
     from tpa.bench.runs import RunInterrupted
-    from tpa.train.metrics import flops_per_token, memory_gb, peak_tflops as known_peak
+    from tpa.train import metrics
 
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -303,11 +303,11 @@ def model_compile_loop(model, *, micro: int, seq_len: int, steps: int, warmup: i
     if not math.isfinite(final_loss):
         raise RuntimeError(f"the loss is not finite after {warmup + steps} steps ({final_loss})")
     tokens = micro * seq_len
-    peak = peak_tflops or known_peak(device)
-    flops = flops_per_token(model, model.config, seq_len)
+    peak = peak_tflops or metrics.peak_tflops(device)
+    flops = metrics.flops_per_token(model, model.config, seq_len)
     median_speed = tokens / statistics.median(times)
     return {"tokens_per_s": tokens * len(times) / sum(times), "median_tokens_per_s": median_speed,
-            "mfu": flops * median_speed / (peak * 1e12) if peak else None, "peak_memory_gb": memory_gb(device),
+            "mfu": flops * median_speed / (peak * 1e12) if peak else None, "peak_memory_gb": metrics.memory_gb(device),
             "timed_steps_tokens": tokens * len(times), "parameters": sum(p.numel() for p in model.parameters()),
             "final_loss": final_loss}
 
