@@ -16,13 +16,14 @@ def test_bench_train_every_type(corpus, tmp_path, capsys):
     out = tmp_path / "train"
     rc = main(["bench", "train", "--preset", "tiny", "--data", str(corpus[1]), "--steps", "2", "--warmup", "1",
                "--micro-batch", "2", "--seq-len", "16", "--vocab-size", "384", "--compile", "off", "--device", "cpu",
-               "--peak-tflops", "0.5", "--output", str(out)])
+               "--peak-tflops", "0.5", "--loops", "trainer", "--output", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     record = json.loads((out / "train.json").read_text())
     assert [r["attention_type"] for r in record["rows"]] == list(ATTENTION_TYPES)
     for r in record["rows"]:
         assert r["status"] == "ok" and r["compile"] is False
+        assert r["loop"] == "trainer" and r["model"] == "T6ForCausalLM"
         assert r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 and r["parameters"] > 0
         assert 0 < r["mfu"] < 1  # from the given peak; a CPU has no known one
     # the timed tokens are exactly the --steps after the --warmup steps
@@ -30,7 +31,43 @@ def test_bench_train_every_type(corpus, tmp_path, capsys):
     with open(out / "train.csv") as f:
         assert len(list(csv.DictReader(f))) == len(ATTENTION_TYPES)
     assert f"wrote {out / 'train.md'}" in printed
-    assert "| tpa | off |" in (out / "train.md").read_text()
+    assert "| T6ForCausalLM | tpa | trainer, eager |" in (out / "train.md").read_text()
+
+
+def test_bench_train_both_loops_and_the_llama_reference(corpus, tmp_path):
+    """One run: the trainer's rows, then the whole-model-compile loop's, transformers' LlamaForCausalLM of
+    the MHA model's size first (aot_eager: the loop through dynamo and AOT autograd, no code generation)."""
+    out = tmp_path / "train"
+    rc = main(["bench", "train", "--preset", "tiny", "--data", str(corpus[1]), "--types", "mha", "--steps", "2",
+               "--warmup", "1", "--micro-batch", "2", "--seq-len", "16", "--vocab-size", "384", "--compile", "off",
+               "--compile-backend", "aot_eager", "--device", "cpu", "--peak-tflops", "0.5", "--output", str(out)])
+    assert rc == 0
+    record = json.loads((out / "train.json").read_text())
+    assert [(r["model"], r["loop"]) for r in record["rows"]] == [
+        ("T6ForCausalLM", "trainer"), ("LlamaForCausalLM", "model-compile"), ("T6ForCausalLM", "model-compile")]
+    for r in record["rows"]:
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_memory_gb"] > 0
+        assert r["attention_type"] == "mha" and r["heads"] == 4
+    assert len({r["parameters"] for r in record["rows"]}) == 1  # the reference is the same size
+    compiled = record["rows"][1:]
+    assert all(r["compile"] is True and r["timed_steps_tokens"] == 2 * 2 * 16 for r in compiled)
+    assert all(r["final_loss"] > 0 for r in compiled)
+    table = (out / "train.md").read_text()
+    assert "| LlamaForCausalLM | mha | torch.compile(model) |" in table
+    assert "| T6ForCausalLM | mha | torch.compile(model) |" in table
+    with open(out / "train.csv") as f:
+        assert [row["loop"] for row in csv.DictReader(f)] == ["trainer", "model-compile", "model-compile"]
+
+
+def test_bench_train_model_compile_loop_needs_no_data(tmp_path):
+    out = tmp_path / "train"
+    rc = main(["bench", "train", "--preset", "tiny", "--data", str(tmp_path / "none"), "--loops", "model-compile",
+               "--reference", "none", "--types", "mqa", "--steps", "1", "--warmup", "0", "--micro-batch", "1",
+               "--seq-len", "8", "--vocab-size", "128", "--compile-backend", "aot_eager", "--device", "cpu",
+               "--output", str(out)])
+    assert rc == 0
+    (row,) = json.loads((out / "train.json").read_text())["rows"]
+    assert row["status"] == "ok" and row["model"] == "T6ForCausalLM" and row["mfu"] is None  # no CPU peak
 
 
 def test_bench_train_bad_arguments(corpus, tmp_path, capsys):

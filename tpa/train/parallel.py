@@ -105,5 +105,7 @@ def parallelize(model: torch.nn.Module, *, parallel: str, world: Dist, bf16: boo
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+        # the model's only buffers are the RoPE tables, computed alike on every rank: no broadcast per step
+        return DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+                   broadcast_buffers=False)
     return model

@@ -74,12 +74,16 @@ AUTO_MAP_FILES = {
 }
 
 
-def uncached_plan(valid: torch.Tensor, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def uncached_plan(valid: torch.Tensor, padded: bool,
+                  sync_free: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RoPE positions ``[B, T]`` and attention mask ``[B, T, T]`` (None: plain causal) of a call
     without a cache; ``valid [B, T]`` marks real tokens. With padding, positions count real tokens
-    and padding keys are masked out (a padding query sees itself, so its softmax row is not empty)."""
+    and padding keys are masked out (a padding query sees itself, so its softmax row is not empty).
+
+    An all-ones mask takes the causal kernel; under ``torch.compile`` (``sync_free``) that check would be a
+    graph break (a host read), so there a given mask is always applied as an explicit mask."""
     bsz, seq = valid.shape
-    if not padded or bool(valid.all()):
+    if not padded or (not sync_free and bool(valid.all())):
         return torch.arange(seq, device=valid.device).expand(bsz, seq), None
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
     idx = torch.arange(seq, device=valid.device)
@@ -155,6 +159,8 @@ class T6PreTrainedModel(PreTrainedModel):
         elif isinstance(module, SwiGLU):
             scaled_normal_(module.gate_up_proj.weight, std)
             scaled_normal_(module.down_proj.weight, self._out_init_std())
+        elif isinstance(module, RotaryEmbedding):  # non-persistent tables: rebuilt after a (meta-device) load
+            module.reset_tables()
         elif isinstance(module, RMSNorm):
             if not getattr(module.weight, "_is_hf_initialized", False):
                 nn.init.ones_(module.weight)
@@ -171,7 +177,8 @@ class T6Model(T6PreTrainedModel):
         out_std = config.initializer_range / (2 * config.num_hidden_layers) ** 0.5
         self.layers = nn.ModuleList([T6DecoderLayer(config, out_std) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_dim, config.rope_theta,
+                                      config.max_position_embeddings)
         self.gradient_checkpointing = False
         self._quantization_checked = False
         self.post_init()
@@ -293,12 +300,15 @@ class T6Model(T6PreTrainedModel):
             step, kv, layer_caches = None, None, [None] * len(self.layers)
             if seq > max_pos:
                 raise ValueError(f"sequence of {seq} tokens exceeds max_position_embeddings={max_pos}")
-            positions, mask = uncached_plan(valid, padded=attention_mask is not None)
+            positions, mask = uncached_plan(valid, padded=attention_mask is not None, sync_free=sync_free)
             if position_ids is not None:
                 positions = position_ids
-        if position_ids is not None and not sync_free and int(position_ids.max()) >= max_pos:
-            raise ValueError(f"position ids reach {int(position_ids.max())}, beyond max_position_embeddings={max_pos}")
-        # float32 tables (float64 for a float64 model, whose RoPE is then exact to float64)
+        if position_ids is not None and not sync_free:  # the RoPE tables hold positions [0, max_pos)
+            lowest, highest = (int(v) for v in torch.aminmax(position_ids))
+            if lowest < 0 or highest >= max_pos:
+                raise ValueError(f"position ids must lie in [0, {max_pos}) (max_position_embeddings), got values "
+                                 f"from {lowest} to {highest}")
+        # rows of the float32 tables; a float64 model (a reference) forms its angles in float64 instead
         cos, sin = self.rotary(positions, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         all_hidden, weights = [], [] if output_attentions else None
         for block, layer_cache in zip(self.layers, layer_caches):
