@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-COMMANDS = ("data", "train", "demo", "generate", "eval", "bench", "ablate")
+COMMANDS = ("data", "train", "demo", "generate", "eval", "bench", "ablate", "convert")
 HEAVY = ("torch", "transformers", "numpy", "triton", "tokenizers", "yaml", "matplotlib", "datasets", "lm_eval")
 
 

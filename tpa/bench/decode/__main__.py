@@ -1,11 +1,7 @@
 """``python -m tpa.bench.decode ARGS`` = ``tpa bench decode ARGS``."""
 
-import argparse
 import sys
 
-from tpa.bench.decode import register
+from tpa.cli import main
 
-_parser = argparse.ArgumentParser(prog="python -m tpa.bench.decode")
-register(_parser.add_subparsers(dest="cmd"))
-_args = _parser.parse_args(["decode", *sys.argv[1:]])
-sys.exit(_args.func(_args))
+sys.exit(main(["bench", "decode", *sys.argv[1:]]))

@@ -5,7 +5,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tpa.models.t6.cache_t6 import T6Cache
 from tpa.models.t6.configuration_t6 import ATTENTION_TYPES, PRESETS, T6Config
 from tpa.models.t6.modeling_t6 import T6ForCausalLM, T6Model, T6PreTrainedModel
-from tpa.models.t6.tokenizer import check_tokenizer_fits, load_model_and_tokenizer, save_model_and_tokenizer
+from tpa.models.t6.loading import (check_model_dir, check_tokenizer_fits, load_model_and_tokenizer,
+                                   save_model_and_tokenizer)
 
 AutoConfig.register(T6Config.model_type, T6Config, exist_ok=True)
 AutoModelForCausalLM.register(T6Config, T6ForCausalLM, exist_ok=True)
@@ -18,6 +19,7 @@ __all__ = [
     "T6ForCausalLM",
     "T6Model",
     "T6PreTrainedModel",
+    "check_model_dir",
     "check_tokenizer_fits",
     "load_model_and_tokenizer",
     "save_model_and_tokenizer",
