@@ -107,3 +107,27 @@ def copy_bandwidth(torch, nbytes=1 << 30, reps=20):
         times.append(s.elapsed_time(e) / 1e3)
     del src, dst
     return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def median_ms(fn, reps=20, warmup=3, cuda=True):
+    """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup``: CUDA events around each
+    call on a GPU (no L2 flush; :class:`Timer` flushes), wall-clock time per call otherwise."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if not cuda:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)

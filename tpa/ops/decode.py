@@ -23,7 +23,8 @@ captured in a CUDA graph and replayed at any length up to the capacity. The capa
 the strides derived from it) is a shape: changing the cache buffer size may compile a new variant.
 
 The kernels are wrapped with ``triton.jit`` on the first call of the Triton path (``_kernels``); note
-that ``import tpa`` may import triton anyway (through ``torch._dynamo``, which the custom ops pull in).
+that ``import tpa.ops`` may import triton anyway (through ``torch._dynamo``, which the custom ops pull in;
+``import tpa`` alone imports neither torch nor triton).
 Inputs on the CPU with ``backend="triton"`` run the same kernels through Triton's interpreter, which
 needs ``TRITON_INTERPRET=1`` in the environment before triton is first imported (Triton decides at
 import time whether its own library functions are interpreted): that is how the tests exercise the

@@ -32,13 +32,12 @@ The stack, bottom to top:
   launch) and ``tpa_materialize`` (one pair): the public functions: validate, apply autocast as
   ``einsum`` would, and dispatch to the op or to the reference twin :func:`tpa.ops.naive.materialize`.
 
-Why ``custom_op`` and not ``triton_op``: a ``triton_op`` is decomposed by torch.compile into its
-kernel launch, which inductor compiles for a GPU, so on CPU (Triton's interpreter) it runs eagerly
-only, and ``wrap_triton`` in torch 2.11 rejects interpreted kernels; defining it also imports triton
-and inductor at once, where this repository imports triton on first use. A ``custom_op`` is defined
-at import without triton and behaves the same compiled or eager, on GPU or under the interpreter
-(so the tests cover the registration as it runs in training); inductor calls it as one extern
-kernel. Neither lets inductor fuse the kernels with their neighbours.
+Two registrations of the same kernels: for CUDA tensors a ``triton_op`` (registered at import, since
+torch.compile cannot register while tracing), whose kernel launches inductor emits into the compiled
+code, so no Python launcher runs per call; for CPU tensors (Triton's interpreter, where ``wrap_triton``
+rejects interpreted kernels) a ``custom_op``, which behaves the same compiled or eager and which
+inductor calls as one extern kernel. ``_REGISTRATION`` (``auto``, ``custom_op`` or ``triton_op``)
+picks one; the tests run both. Neither lets inductor fuse the kernels with their neighbours.
 
 (The module is not called ``materialize``: ``tpa.ops.materialize`` is the reference twin's name.)
 
@@ -73,7 +72,7 @@ _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _AUTO_MAX = {"rank": 16, "feature": 256, "heads": 1024}
 
 # Launch heuristic (default_configs), from SASS instruction counts per useful output element on
-# sm_90 (not yet from timings; scripts/bench_materialize.py --sweep measures alternatives).
+# sm_90 (not yet from timings; benchmarks/dev/bench_materialize.py --sweep measures alternatives).
 # ``tile``: elements of one [BLOCK_T, BLOCK_H, BLOCK_D] tile; ``single_max``: all heads in one block
 # when next_pow2(H) * BLOCK_D fits; ``fma_*``: the same for float32/float64 (no tensor cores).
 _HEURISTIC = {

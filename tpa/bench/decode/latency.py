@@ -48,7 +48,7 @@ def batch1_latency(torch, timer, tpa_decode, dtype, log):
     res["graph_10_calls_per_call_warm_us"] = timer.time(graph10.replay, reps=50, flush=False) / 10
     # One graph of back-to-back calls, each over its own cache (as the layers of a decode step are):
     # together the caches are four times the L2, so every call reads its cache from memory; the
-    # graph launch is paid once for all of them (METHOD.md: rotate inputs, time graph replays).
+    # graph launch is paid once for all of them (inputs rotated so that none is in the L2; small launches timed as graph replays).
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     per_set = tpa_bytes(1, 4096, 32, 64, (16, 1, 1), torch.tensor([], dtype=dtype).element_size())
     n_sets = max(8, math.ceil(4 * l2 / per_set))
