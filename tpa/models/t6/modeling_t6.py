@@ -120,6 +120,7 @@ class T6Model(T6PreTrainedModel):
         self.layers = nn.ModuleList([T6DecoderLayer(config, out_std) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_dim, config.rope_theta)
+        self._rotates_cached_keys = any(block.self_attn.rotates_cached_keys for block in self.layers)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -220,6 +221,8 @@ class T6Model(T6PreTrainedModel):
         if position_ids is not None and not sync_free and int(position_ids.max()) >= max_pos:
             raise ValueError(f"position ids reach {int(position_ids.max())}, beyond max_position_embeddings={max_pos}")
         cos, sin = self.rotary(positions)
+        if step is not None and self._rotates_cached_keys:  # the key slots' RoPE tables, once for all layers
+            step.key_cos, step.key_sin = self.rotary(step.key_positions)
         for block, layer_cache in zip(self.layers, layer_caches):
             ctx = AttentionContext(cos=cos, sin=sin, mask=mask, cache=layer_cache, step=step, kv_cache=kv,
                                    rotary=self.rotary, decode_impl=self.config.decode_impl)
