@@ -73,9 +73,6 @@ def _run(args) -> int:
             replot(args.replot, output=args.output, plot=not args.no_plot, overwrite=args.overwrite)
         else:
             run(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except RunInterrupted as err:
         print(f"error: interrupted: {err}; the finished runs are in the outputs (add them to with --resume)",
               file=sys.stderr)

@@ -45,14 +45,8 @@ FIELDS = ["attention_type", "parameters", "heads", "batch", "context", "new_toke
           "predicted_kv_cache_bytes", "peak_memory_bytes", "prefill_chunk", "decode_mode", "graph_capture_s"]
 
 
-
-
 def _run(args) -> int:
-    try:
-        record = run(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    record = run(args)
     failed = [r for r in record["rows"] if r["status"].startswith("error")]
     if failed:
         print(f"error: {len(failed)} point(s) failed; see generate.json", file=sys.stderr)
@@ -143,6 +137,30 @@ def _build(cfg, device, dtype):
     return model.to(dtype).eval()
 
 
+def _skip_reason(args, base: dict, weight_bytes: int, capacity, shorter_ran_out: bool, start: float):
+    """Why a point is not run (it cannot fit, a shorter context ran out of memory, a limit), or None."""
+    if capacity is not None and weight_bytes + base["predicted_kv_cache_bytes"] > capacity:
+        return "does not fit"
+    if shorter_ran_out:
+        return "OOM (a shorter context already ran out)"
+    if args.max_prompt_tokens is not None and base["batch"] * base["context"] > args.max_prompt_tokens:
+        return f"skipped (batch x context > --max-prompt-tokens {args.max_prompt_tokens})"
+    if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
+        return "skipped (time budget)"
+    return None
+
+
+def _timed_point(model, cache, args, batch: int, context: int, device) -> dict:
+    """A short warm-up generation (kernels, allocator, graph capture), then the timed one."""
+    generate_point(model, batch=batch, context=min(context, 64), new_tokens=2, chunk=args.prefill_chunk,
+                   device=device, cache=cache)
+    timing = generate_point(model, batch=batch, context=context, new_tokens=args.new_tokens,
+                            chunk=args.prefill_chunk, device=device, cache=cache)
+    if cache.decode_graph is not None:
+        timing["graph_capture_s"] = cache.decode_graph.capture_seconds
+    return timing
+
+
 def run(args) -> dict:
     """Run the benchmark, write the files (after every point, so an interrupted run keeps what it
     measured), return the JSON record."""
@@ -198,15 +216,7 @@ def run(args) -> dict:
                 base = {"attention_type": t, "parameters": params[t], "heads": cfg.num_attention_heads, "batch": b,
                         "context": c, "new_tokens": args.new_tokens, "prefill_chunk": args.prefill_chunk,
                         "predicted_kv_cache_bytes": per_token * b * (c + args.new_tokens), "decode_mode": decode_mode}
-                status = None
-                if capacity is not None and params[t] * dtype.itemsize + base["predicted_kv_cache_bytes"] > capacity:
-                    status = "does not fit"
-                elif (t, b) in oom:
-                    status = "OOM (a shorter context already ran out)"
-                elif args.max_prompt_tokens is not None and b * c > args.max_prompt_tokens:
-                    status = f"skipped (batch x context > --max-prompt-tokens {args.max_prompt_tokens})"
-                elif args.time_budget is not None and time.perf_counter() - start > args.time_budget:
-                    status = "skipped (time budget)"
+                status = _skip_reason(args, base, params[t] * dtype.itemsize, capacity, (t, b) in oom, start)
                 if status is not None:
                     results[(t, b, c)] = {**base, "status": status}
                     continue
@@ -216,12 +226,7 @@ def run(args) -> dict:
                     # one cache for the warm-up and the timed run: a static one keeps its captured graph
                     cache = T6Cache.for_model(model, b, capacity=c + args.new_tokens, static=graphs,
                                               cuda_graphs=graphs)
-                    generate_point(model, batch=b, context=min(c, 64), new_tokens=2, chunk=args.prefill_chunk,
-                                   device=device, cache=cache)  # warm-up: kernels, allocator, graph capture
-                    timing = generate_point(model, batch=b, context=c, new_tokens=args.new_tokens,
-                                            chunk=args.prefill_chunk, device=device, cache=cache)
-                    if cache.decode_graph is not None:
-                        timing["graph_capture_s"] = cache.decode_graph.capture_seconds
+                    timing = _timed_point(model, cache, args, b, c, device)
                     results[(t, b, c)] = {**base, "status": "ok", **timing}
                     print(f"{t} batch {b} context {c}: prefill {timing['prefill_tokens_per_s'] or 0:,.0f} tok/s, "
                           f"decode {timing['decode_tokens_per_s']:,.1f} tok/s, end-to-end "

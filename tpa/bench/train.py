@@ -29,16 +29,11 @@ FIELDS = ["attention_type", "compile", "parameters", "heads", "status", "tokens_
           "peak_memory_gb", "micro_batch", "seq_len", "timed_steps", "warmup_steps"]
 
 
-
-
 def _run(args) -> int:
     from tpa.bench.runs import RunInterrupted
 
     try:
         record = run(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except RunInterrupted as err:
         print(f"error: interrupted: {err}; the finished runs are in the outputs", file=sys.stderr)
         return 1

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from tpa.utils.args import add_output_argument
+from tpa.utils.args import add_output_argument, reporting_usage_errors
 
 
 def _positive_int(text: str) -> int:
@@ -78,33 +77,23 @@ def register(subparsers) -> None:
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
-def _fail(err: Exception, code: int) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return code
-
-
+@reporting_usage_errors
 def _ppl(args) -> int:
     from tpa.eval.ppl import run_ppl
-    from tpa.utils.args import UsageError
 
-    try:
-        run_ppl(args.model, args.data, split=args.split, seq_len=args.seq_len, batch_size=args.batch_size,
-                max_tokens=args.max_tokens, device=args.device, dtype=args.dtype, output=args.output)
-    except UsageError as err:
-        return _fail(err, 2)
+    run_ppl(args.model, args.data, split=args.split, seq_len=args.seq_len, batch_size=args.batch_size,
+            max_tokens=args.max_tokens, device=args.device, dtype=args.dtype, output=args.output)
     return 0
 
 
+@reporting_usage_errors
 def _harness(args) -> int:
     from tpa.eval.harness import go_offline, run_harness
-    from tpa.utils.args import UsageError, parse_list
+    from tpa.utils.args import parse_list
 
     if args.offline:
         go_offline()
-    try:
-        run_harness(args.model, parse_list(args.tasks, None, "task"), num_fewshot=args.num_fewshot,
-                    batch_size=args.batch_size, limit=args.limit, device=args.device, dtype=args.dtype,
-                    output=args.output, include_path=args.include_path, bootstrap_iters=args.bootstrap_iters)
-    except UsageError as err:
-        return _fail(err, 2)
+    run_harness(args.model, parse_list(args.tasks, None, "task"), num_fewshot=args.num_fewshot,
+                batch_size=args.batch_size, limit=args.limit, device=args.device, dtype=args.dtype,
+                output=args.output, include_path=args.include_path, bootstrap_iters=args.bootstrap_iters)
     return 0

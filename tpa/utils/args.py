@@ -15,15 +15,30 @@ class UsageError(ValueError):
     """A bad command-line argument; the CLI prints the message and exits with status 2."""
 
 
+def reporting_usage_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command handler that prints a :class:`UsageError` as ``error: ...`` and returns 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    run.__qualname__ = getattr(fn, "__qualname__", "handler")
+    return run
+
+
 def handler(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     """A command handler that imports ``module`` only when the command runs (``tpa --help`` stays
-    cheap); an import error then surfaces as itself, never as a missing command."""
+    cheap; an import error then surfaces as itself, never as a missing command) and reports a
+    :class:`UsageError` as ``error: ...`` with exit status 2."""
 
     def run(args: argparse.Namespace) -> int:
         return getattr(importlib.import_module(module), name)(args)
 
     run.__qualname__ = f"handler({module}.{name})"
-    return run
+    return reporting_usage_errors(run)
 
 
 def module_doc(module: str) -> str:

@@ -287,10 +287,7 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
         past_key_values = pick_cache(cache, past_key_values)
         use_cache = False if use_cache is None and past_key_values is None else use_cache
         graph = getattr(past_key_values, "decode_graph", None)
-        if (graph is not None and input_ids is not None and inputs_embeds is None and input_ids.dim() == 2
-                and input_ids.shape[1] == 1 and labels is None and not torch.is_grad_enabled()
-                and isinstance(logits_to_keep, int) and logits_to_keep in (0, 1)
-                and not (graph.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        if graph is not None and graph.handles(input_ids, inputs_embeds, labels, logits_to_keep):
             # a one-token step over a static cache on CUDA: replay the captured step (tpa.models.t6.decode_graph)
             logits = graph.step(self, input_ids, attention_mask=attention_mask, position_ids=position_ids)
             return CausalLMOutputWithPast(logits=logits, **cache_kwargs(past_key_values))
