@@ -105,7 +105,7 @@ def _load_tokenizer(path, config):
     from transformers import AutoTokenizer
 
     from tpa.convert.common import ConversionError
-    from tpa.models.t6.tokenizer import check_tokenizer_fits
+    from tpa.models.t6.loading import check_tokenizer_fits
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -121,7 +121,7 @@ def _load_tokenizer(path, config):
 def _save(model, tok, directory: Path, result: OfficialConversion, spec) -> None:
     import json
 
-    from tpa.models.t6.tokenizer import save_model_and_tokenizer
+    from tpa.models.t6.loading import save_model_and_tokenizer
 
     if tok is not None:
         save_model_and_tokenizer(model, tok, directory)
