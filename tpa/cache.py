@@ -82,6 +82,11 @@ class CacheStep:
     key_cos: torch.Tensor | None = None
     key_sin: torch.Tensor | None = None
 
+    @property
+    def fixed_shapes(self) -> bool:
+        """A static one-token step: every shape it gives attention repeats from step to step."""
+        return self.write_index is None
+
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         """The entries of ``value [B, T, ...]`` to write: all of them, or the valid tokens only."""
         return value if self.source_index is None else value[self.source_index]

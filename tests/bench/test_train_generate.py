@@ -45,25 +45,38 @@ def test_bench_train_bad_arguments(corpus, tmp_path, capsys):
 
 
 def test_bench_generate_tiny(tmp_path, capsys):
+    """The T6 types and transformers' Llama in one run; decode time from two generation lengths."""
     out = tmp_path / "gen"
-    rc = main(["bench", "generate", "--preset", "tiny", "--types", "tpa", "mha", "gqa", "mla", "--contexts", "12,40",
-               "--batch-sizes", "1", "2", "--new-tokens", "3", "--prefill-chunk", "16", "--device", "cpu",
-               "--output", str(out)])
+    rc = main(["bench", "generate", "--preset", "tiny", "--types", "tpa", "mha", "gqa", "mla", "llama",
+               "--contexts", "12,40", "--batch-sizes", "1", "2", "--new-tokens", "7", "--short-tokens", "1",
+               "--prefill-chunk", "16", "--device", "cpu", "--output", str(out)])
     assert rc == 0
     record = json.loads((out / "generate.json").read_text())
     rows = record["rows"]
     assert record["decode_mode"] == "eager" and {r["decode_mode"] for r in rows} == {"eager"}  # no graphs on CPU
     assert "decode eager" in (out / "generate.md").read_text()
-    assert len(rows) == 4 * 2 * 2
-    params = {r["attention_type"]: r["parameters"] for r in rows}
+    assert len(rows) == 5 * 2 * 2
+    params = {r["attention_type"]: r["parameters"] for r in rows if r["attention_type"] != "llama"}
     assert max(params.values()) / min(params.values()) < 1.05  # matched parameter counts
     for r in rows:
         assert r["status"] == "ok", r
-        assert r["decode_tokens_per_s"] > 0 and r["end_to_end_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
-        assert r["end_to_end_tokens_per_s"] <= r["decode_tokens_per_s"]
-        # the cache holds exactly Table 1's bytes for context + new tokens
-        assert r["kv_cache_bytes"] == r["predicted_kv_cache_bytes"]
-    assert (out / "generate.csv").is_file() and "| tpa |" in (out / "generate.md").read_text()
+        assert r["new_tokens"] == 7 and r["short_new_tokens"] == 1
+        assert r["generate_long_s"] > 0 and r["generate_short_s"] > 0
+        assert r["decode_s"] == r["generate_long_s"] - r["generate_short_s"]
+        assert r["end_to_end_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+        if r["decode_tokens_per_s"] is not None:  # None only where the difference is within timer noise
+            assert r["decode_tokens_per_s"] == r["batch"] * 6 / r["decode_s"]
+        # the cache holds exactly Table 1's bytes for context + new tokens (a T6Cache is allocated for all
+        # of them; transformers' DynamicCache holds what went through the model: all but the last new token)
+        held_tokens = r["context"] + r["new_tokens"] - (r["attention_type"] == "llama")
+        per_token = r["predicted_kv_cache_bytes"] // (r["context"] + r["new_tokens"])
+        assert r["kv_cache_bytes"] == per_token * held_tokens, r
+    llama = [r for r in rows if r["attention_type"] == "llama"]
+    gqa = [r for r in rows if r["attention_type"] == "gqa"]
+    # transformers' Llama at gqa's KV heads: the same cached bytes per token, query heads hidden_size // head_dim
+    assert [r["predicted_kv_cache_bytes"] for r in llama] == [r["predicted_kv_cache_bytes"] for r in gqa]
+    assert {r["heads"] for r in llama} == {128 // 32} and {r["kv_heads"] for r in llama} == {gqa[0]["kv_heads"]}
+    assert (out / "generate.csv").is_file() and "| llama |" in (out / "generate.md").read_text()
 
 
 def test_bench_generate_time_budget_and_errors(tmp_path, capsys):

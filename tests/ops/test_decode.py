@@ -18,9 +18,11 @@ import torch
 
 from tests.ops.kernels import DEVICE, KERNELS_RUNNABLE, rerun_with_interpreter
 from tpa.ops import tpa_decode, tpa_decode_reference
-from tpa.ops import decode as decode_mod
-from tpa.ops.decode import DecodeConfig, check_cache_seqlens, default_config
+from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions, check_cache_seqlens, default_config
 from tpa.ops.naive import gather_paged
+
+# NaN in every buffer the op allocates (output, lse, split partials), so an unwritten element shows
+POISON = DecodeLaunchOptions(poison_buffers=True)
 
 needs_kernel = pytest.mark.skipif(
     not KERNELS_RUNNABLE,
@@ -166,29 +168,27 @@ def _case_id(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda t: str(t)[6:])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_kernel_matches_truth(case, paged, dtype, monkeypatch):
+def test_kernel_matches_truth(case, paged, dtype):
     lengths, n, h, d, e, ranks, cfg = case
     seed = zlib.crc32(repr((lengths, n, h, d, e, ranks, paged, str(dtype))).encode())
     inputs = make_inputs(lengths, n, h, d, e, ranks, dtype, paged=paged, capacity=103, seed=seed)
-    monkeypatch.setattr(decode_mod, "_POISON_BUFFERS", True)  # NaN in every internal buffer
     out = torch.full((len(lengths), n, h, e), float("nan"), dtype=dtype, device=DEVICE)
-    res, lse = tpa_decode(*inputs, return_lse=True, backend="triton", out=out, config=cfg)
+    res, lse = tpa_decode(*inputs, return_lse=True, backend="triton", out=out, config=cfg, options=POISON)
     assert res is out and lse.shape == (len(lengths), n, h) and lse.dtype == torch.float32
     assert_close_to_truth(out, lse, inputs)
 
 
 @needs_kernel
-def test_kernel_strided_views_scale_and_no_lse(monkeypatch):
+def test_kernel_strided_views_scale_and_no_lse():
     """Caches that are slices of wider buffers, a permuted (non-contiguous) query, a custom scale,
     and return_lse=False with a kernel-allocated (poisoned) output."""
     inputs = list(make_inputs([30, 77], 2, 34, 64, 64, (2, 2, 1), torch.bfloat16, capacity=90, strided=True, seed=3))
     assert not inputs[2].is_contiguous()
     inputs[0] = inputs[0].transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
     assert not inputs[0].is_contiguous()
-    monkeypatch.setattr(decode_mod, "_POISON_BUFFERS", True)
-    out = tpa_decode(*inputs, softmax_scale=0.3, backend="triton", config=DecodeConfig(block_m=32))
+    out = tpa_decode(*inputs, softmax_scale=0.3, backend="triton", config=DecodeConfig(block_m=32), options=POISON)
     assert out.shape == (2, 2, 34, 64) and out.dtype == torch.bfloat16
-    _, lse = tpa_decode(*inputs, softmax_scale=0.3, return_lse=True, backend="triton")
+    _, lse = tpa_decode(*inputs, softmax_scale=0.3, return_lse=True, backend="triton", options=POISON)
     assert_close_to_truth(out, lse, inputs, softmax_scale=0.3)
 
 

@@ -12,6 +12,7 @@ poisoned with NaN before the kernels write them.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import zlib
 
 import pytest
@@ -32,7 +33,8 @@ FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.b
 
 @pytest.fixture
 def poison(monkeypatch):
-    monkeypatch.setattr(materialize_mod, "_POISON_BUFFERS", True)
+    monkeypatch.setattr(materialize_mod, "DEFAULT_LAUNCH_OPTIONS",
+                        replace(materialize_mod.DEFAULT_LAUNCH_OPTIONS, poison_buffers=True))
 
 
 def make_factors(bsz, seq, rank, heads, dim, dtype, seed):
@@ -136,7 +138,8 @@ GROUPS = [
 def registration(request, monkeypatch):
     """Both registrations of the op: ``custom_op`` and ``triton_op`` (eager here; compiled by inductor
     on a GPU, which scripts/gpu_model_check.py covers)."""
-    monkeypatch.setattr(materialize_mod, "_REGISTRATION", request.param)
+    monkeypatch.setattr(materialize_mod, "DEFAULT_LAUNCH_OPTIONS",
+                        replace(materialize_mod.DEFAULT_LAUNCH_OPTIONS, registration=request.param))
     return request.param
 
 
@@ -322,10 +325,10 @@ def test_auto_and_reference_backends_on_cpu_are_the_twin():
 def test_default_configs():
     """Powers of two; tensor-core products for 16-bit inputs only; one head block while the
     per-token tile fits, else head blocks that pad H least; tiles of bounded size."""
-    k = materialize_mod._HEURISTIC
+    k = materialize_mod.MaterializeHeuristic()
     fwd, bwd = default_configs(34, 64, torch.bfloat16)
     assert fwd.dot and bwd.dot and fwd.block_h == bwd.block_h == 64  # one block: 64 x 64 <= single_max
-    assert fwd.block_t == k["tile"] // (64 * 64)
+    assert fwd.block_t == k.tile // (64 * 64)
     fwd, _ = default_configs(78, 256, torch.float16)
     assert fwd.block_h == 128 and fwd.block_t == 1  # 128 x 256 <= single_max
     fwd, _ = default_configs(300, 256, torch.float16)
@@ -337,7 +340,7 @@ def test_default_configs():
             for dim in (32, 64, 80, 128, 256):
                 for cfg in default_configs(heads, dim, dtype):
                     block_d = materialize_mod._block_d(dim, cfg.dot)
-                    tile = k["tile"] if cfg.dot else k["fma_tile"]
+                    tile = k.tile if cfg.dot else k.fma_tile
                     assert cfg.block_t * cfg.block_h * block_d <= max(tile, cfg.block_h * block_d)
                     assert cfg.block_h <= max(16 if cfg.dot else 1, 1 << (heads - 1).bit_length())
                     assert cfg.dot == (dtype == torch.bfloat16)

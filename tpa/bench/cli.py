@@ -14,9 +14,10 @@ DEFAULT_RANKS = ["16,1,1", "6,2,2"]
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks: decode kernel, KV-cache memory, training, generation")
+    parser = subparsers.add_parser("bench", help="benchmarks: decode kernel, KV-cache memory, training, generation, "
+                                                            "conversion")
     bench_sub = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK")
-    for register_one in (_register_decode, _register_memory, _register_train, _register_generate):
+    for register_one in (_register_decode, _register_memory, _register_train, _register_generate, _register_convert):
         register_one(bench_sub)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
     _register_ablate(subparsers)
@@ -103,10 +104,14 @@ def _register_generate(subparsers) -> None:
                               description=module_doc("tpa.bench.generate"),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="model preset (tiny, mini, small, ...)")
-    p.add_argument("--types", nargs="+", default=["tpa", "mha", "gqa", "mla"], help="attention types, or all")
+    p.add_argument("--types", nargs="+", default=["tpa", "mha", "gqa", "mla", "llama"],
+                   help="attention types, llama (transformers' LlamaForCausalLM at gqa's width, depth and KV heads), "
+                        "or all")
     p.add_argument("--contexts", nargs="+", default=["4K", "32K", "128K"], help="prompt lengths (4K = 4096)")
     p.add_argument("--batch-sizes", nargs="+", default=["1", "8"], help="sequences per generate call")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence (the long run)")
+    p.add_argument("--short-tokens", type=int, default=None,
+                   help="tokens of the short run; decode time = long minus short run (default new-tokens // 8, >= 1)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill forward call")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else float32), float32, bfloat16")
     p.add_argument("--decode-impl", default="auto", choices=["auto", "kernel", "reference"],
@@ -171,3 +176,32 @@ def _register_ablate(subparsers) -> None:
                         "settings, different seeds or rows) merge them into --output")
     add_output_argument(p, help="output folder (default runs/ablate; with --replot: DIR, or the merged folder)")
     p.set_defaults(func=handler("tpa.bench.ablate", "_run"))
+
+
+def _register_convert(subparsers) -> None:
+    from tpa.bench.convert import DEFAULT_OUTPUT
+
+    p = subparsers.add_parser("convert", help="convert a trained MHA model to TPA at several ranks, distil, "
+                                              "compare with training from scratch", description=module_doc("tpa.bench.convert"),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/shakespeare", help="token shards from `tpa data prepare`")
+    p.add_argument("--preset", default="tiny", help="model preset of the teacher (tiny, mini, small, ...)")
+    p.add_argument("--ranks", default="1,2", help="R_k = R_v of the converted models, comma-separated")
+    p.add_argument("--teacher-steps", type=int, default=400, help="optimizer steps of the teacher (and of (d))")
+    p.add_argument("--distill-fraction", type=float, default=0.1,
+                   help="distillation steps (and those of (c)) as a fraction of the teacher's")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass (default --batch-size)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the runs from scratch")
+    p.add_argument("--distill-lr", type=float, default=3e-4, help="peak learning rate of the distillation")
+    p.add_argument("--distill-weight", type=float, default=1.0, help="W of the KL term")
+    p.add_argument("--distill-temperature", type=float, default=1.0, help="T of the KL term")
+    p.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens of the conversion")
+    p.add_argument("--eval-sequences", type=int, default=64, help="validation sequences per evaluation")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--no-plot", action="store_true", help="skip the plot")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --output")
+    add_output_argument(p, default=DEFAULT_OUTPUT, help=f"output folder (default {DEFAULT_OUTPUT})")
+    p.set_defaults(func=handler("tpa.bench.convert", "_run"))

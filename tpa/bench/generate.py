@@ -1,14 +1,24 @@
-"""``tpa bench generate``: end-to-end generation speed and peak memory of TPA against MHA, GQA and MLA.
+"""``tpa bench generate``: end-to-end generation speed and peak memory of TPA against MHA, GQA and MLA,
+and against transformers' own ``LlamaForCausalLM``.
 
 The models are a preset's (``--preset``, default ``small``) for each attention type, with the head
 counts of the paper's Table 10, so their parameter counts match; weights are random (speed does not
-depend on them). For every batch size and context length it:
+depend on them). Type ``llama`` is transformers' ``LlamaForCausalLM`` at the width, depth and KV
+heads of the preset's ``gqa`` (:mod:`tpa.bench.hf_llama`), run by the same protocol with
+transformers' own caches (``StaticCache`` where the T6 types use a static cache, so that on a GPU
+``generate`` auto-compiles its decode step as it does for ``cache_implementation="static"``). For
+every batch size and context length it runs twice, with ``--short-tokens`` and with
+``--new-tokens`` new tokens:
 
-1. draws a random prompt of ``context`` tokens per sequence;
-2. prefills a :class:`tpa.T6Cache` with the first ``context - 1`` tokens, ``--prefill-chunk`` tokens
-   per forward call (a whole 128K prompt in one call would need a 128K x 128K attention mask);
-3. calls ``model.generate`` on the whole prompt with that cache, greedy, for exactly
-   ``--new-tokens`` tokens (the last prompt token is processed inside ``generate``).
+1. draws a random prompt of ``context`` tokens per sequence (the same for both runs);
+2. prefills a fresh (or reset) cache with the first ``context - 1`` tokens, ``--prefill-chunk``
+   tokens per forward call (a whole 128K prompt in one call would need a 128K x 128K attention mask);
+3. calls ``model.generate`` on the whole prompt with that cache, greedy, for exactly that many new
+   tokens (the last prompt token is processed inside ``generate``).
+
+The decode time is the difference of the two ``generate`` times, over the difference of the token
+counts: what ``generate`` costs once per call (cache bookkeeping, graph capture, the prompt's last
+token) cancels, and is reported separately as ``generate_fixed_s``.
 
 On CUDA the decode steps replay a captured CUDA graph by default (``--cuda-graphs``; a static
 :class:`tpa.T6Cache` of capacity ``context + --new-tokens``, see :mod:`tpa.models.t6.decode_graph`);
@@ -16,8 +26,9 @@ On CUDA the decode steps replay a captured CUDA graph by default (``--cuda-graph
 point's own cache, so the graph is captured there and the timed run only replays it; the capture
 time is reported per point (``graph_capture_s``). The mode used is recorded (``decode_mode``).
 
-It reports prefill tokens/s (prompt tokens over step 2's time), decode tokens/s (generated tokens
-over step 3's time), end-to-end tokens/s (generated tokens over the whole time, prefill included),
+It reports prefill tokens/s (prompt tokens over step 2's time), decode tokens/s (the extra tokens
+of the long run over its extra time), end-to-end tokens/s (the long run's tokens over its whole
+time, prefill included),
 the bytes the cache tensors hold, and on a GPU the peak of the CUDA allocator. Points whose weights
 plus predicted cache exceed the device's memory are marked ``does not fit`` without running; a CUDA
 out-of-memory error is recorded as ``OOM``; after ``--time-budget`` seconds the remaining points are
@@ -31,6 +42,7 @@ Writes ``generate.json``, ``generate.csv`` and ``generate.md``.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import sys
@@ -40,9 +52,10 @@ from pathlib import Path
 
 from tpa.utils.args import UsageError
 
-FIELDS = ["attention_type", "parameters", "heads", "batch", "context", "new_tokens", "status", "prefill_s", "decode_s",
-          "prefill_tokens_per_s", "decode_tokens_per_s", "end_to_end_tokens_per_s", "kv_cache_bytes",
-          "predicted_kv_cache_bytes", "peak_memory_bytes", "prefill_chunk", "decode_mode", "graph_capture_s"]
+FIELDS = ["attention_type", "parameters", "heads", "kv_heads", "batch", "context", "new_tokens", "short_new_tokens",
+          "status", "prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s", "end_to_end_tokens_per_s",
+          "generate_short_s", "generate_long_s", "generate_fixed_s", "kv_cache_bytes", "predicted_kv_cache_bytes",
+          "peak_memory_bytes", "prefill_chunk", "decode_mode", "graph_capture_s"]
 
 
 def _run(args) -> int:
@@ -80,50 +93,69 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def generate_point(model, *, batch: int, context: int, new_tokens: int, chunk: int, device,
-                   capacity: int | None = None, cache=None) -> dict:
-    """Time one (batch, context) point as described in the module docstring.
+def _held_bytes(cache) -> int:
+    """Bytes the cache's tensors hold (a T6Cache or a transformers cache)."""
+    from tpa.bench.hf_llama import cache_bytes
 
-    ``capacity`` sizes a new dynamic cache (default ``context + new_tokens``); a warm-up passes the
-    capacity of the point it prepares, since the decode kernel's launch configuration depends on it.
-    ``cache``: use (after ``reset()``) this :class:`tpa.T6Cache` instead, e.g. a static one whose
-    CUDA graph a warm-up call has captured."""
+    kv = getattr(cache, "kv", None)
+    if kv is not None:
+        return sum(b.numel() * b.element_size() for layer in kv.layers for b in layer.buffers.values())
+    return cache_bytes(cache)
+
+
+def _generate_once(model, ids, mask, new_tokens: int, chunk: int, device, cache) -> dict:
+    """Prefill ``cache`` with all prompt tokens but the last, then ``generate`` ``new_tokens``."""
     import torch
 
-    from tpa import T6Cache
     from tpa.models.t6.hf_compat import cache_kwargs
 
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, context), device=device)
-    mask = torch.ones_like(ids)
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    if cache is None:
-        cache = T6Cache.for_model(model, batch, capacity=capacity or context + new_tokens)
-    else:
-        cache.reset()
     with torch.no_grad():
         for piece in ids[:, :-1].split(chunk, dim=1):
-            model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     _sync(device)
     t1 = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     _sync(device)
     t2 = time.perf_counter()
-    generated = out.shape[1] - context
+    generated = out.shape[1] - ids.shape[1]
     if generated != new_tokens:
         raise RuntimeError(f"generate returned {generated} new tokens, expected {new_tokens}")
-    held = sum(b.numel() * b.element_size() for layer in cache.kv.layers for b in layer.buffers.values())
+    return {"prefill_s": t1 - t0, "generate_s": t2 - t1, "held": _held_bytes(cache)}
+
+
+def generate_point(model, *, batch: int, context: int, new_tokens: int, short_tokens: int, chunk: int, device,
+                   new_cache) -> dict:
+    """Time one (batch, context) point as described in the module docstring.
+
+    ``new_cache()`` gives the cache of each run: a fresh one, or a static one after ``reset()``
+    (whose CUDA graph, or transformers' compiled step, a warm-up call has prepared)."""
+    import torch
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, context), device=device)
+    mask = torch.ones_like(ids)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    short = _generate_once(model, ids, mask, short_tokens, chunk, device, new_cache())
+    long = _generate_once(model, ids, mask, new_tokens, chunk, device, new_cache())
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    decode_s = long["generate_s"] - short["generate_s"]
+    steps = new_tokens - short_tokens
+    per_step = decode_s / steps
     prefill_tokens = batch * (context - 1)
-    return {"prefill_s": t1 - t0, "decode_s": t2 - t1,
-            "prefill_tokens_per_s": prefill_tokens / (t1 - t0) if prefill_tokens and t1 > t0 else None,
-            "decode_tokens_per_s": batch * new_tokens / (t2 - t1),
-            "end_to_end_tokens_per_s": batch * new_tokens / (t2 - t0), "kv_cache_bytes": held,
-            "peak_memory_bytes": peak}
+    total = long["prefill_s"] + long["generate_s"]
+    return {"prefill_s": long["prefill_s"], "decode_s": decode_s,
+            "prefill_tokens_per_s": prefill_tokens / long["prefill_s"] if prefill_tokens and long["prefill_s"] > 0
+            else None,
+            # a difference at or below the timer's noise has no rate
+            "decode_tokens_per_s": batch * steps / decode_s if decode_s > 0 else None,
+            "end_to_end_tokens_per_s": batch * new_tokens / total,
+            "generate_short_s": short["generate_s"], "generate_long_s": long["generate_s"],
+            "generate_fixed_s": short["generate_s"] - short_tokens * per_step,
+            "kv_cache_bytes": long["held"], "peak_memory_bytes": peak}
 
 
 def _build(cfg, device, dtype):
@@ -137,28 +169,29 @@ def _build(cfg, device, dtype):
     return model.to(dtype).eval()
 
 
-def _skip_reason(args, base: dict, weight_bytes: int, capacity, shorter_ran_out: bool, start: float):
-    """Why a point is not run (it cannot fit, a shorter context ran out of memory, a limit), or None."""
-    if capacity is not None and weight_bytes + base["predicted_kv_cache_bytes"] > capacity:
-        return "does not fit"
-    if shorter_ran_out:
-        return "OOM (a shorter context already ran out)"
-    if args.max_prompt_tokens is not None and base["batch"] * base["context"] > args.max_prompt_tokens:
-        return f"skipped (batch x context > --max-prompt-tokens {args.max_prompt_tokens})"
-    if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
-        return "skipped (time budget)"
-    return None
+def _model_and_caches(kind: str, cfg, device, dtype, batch: int, capacity: int, graphs: bool):
+    """The model of a point and its cache source: ``new_cache()`` gives a fresh cache per run, or the
+    one static cache, reset (its CUDA graph, or transformers' compiled step, survives the reset).
+    ``kind`` is a T6 attention type or ``llama`` (``cfg`` then a ``LlamaConfig``)."""
+    from tpa import T6Cache
+    from tpa.bench.hf_llama import LLAMA_TYPE, build_llama, llama_cache
 
+    if kind == LLAMA_TYPE:
+        model = build_llama(cfg, device, dtype)
+        make = lambda: llama_cache(model, capacity, static=graphs)  # noqa: E731
+    else:
+        model = _build(cfg, device, dtype)
+        make = lambda: T6Cache.for_model(model, batch, capacity=capacity, static=graphs,  # noqa: E731
+                                         cuda_graphs=graphs)
+    if not graphs:
+        return model, make, None
+    cache = make()
 
-def _timed_point(model, cache, args, batch: int, context: int, device) -> dict:
-    """A short warm-up generation (kernels, allocator, graph capture), then the timed one."""
-    generate_point(model, batch=batch, context=min(context, 64), new_tokens=2, chunk=args.prefill_chunk,
-                   device=device, cache=cache)
-    timing = generate_point(model, batch=batch, context=context, new_tokens=args.new_tokens,
-                            chunk=args.prefill_chunk, device=device, cache=cache)
-    if cache.decode_graph is not None:
-        timing["graph_capture_s"] = cache.decode_graph.capture_seconds
-    return timing
+    def reset():
+        cache.reset()
+        return cache
+
+    return model, reset, cache
 
 
 def run(args) -> dict:
@@ -166,7 +199,8 @@ def run(args) -> dict:
     measured), return the JSON record."""
     import torch
 
-    from tpa import T6Cache, T6Config
+    from tpa import T6Config
+    from tpa.bench.hf_llama import LLAMA_TYPE, kv_bytes_per_token, llama_config_like, llama_parameters
     from tpa.bench.memory import model_parameters
     from tpa.utils.args import parse_ints, parse_list
     from tpa.utils.devices import resolve_device, resolve_dtype
@@ -177,11 +211,14 @@ def run(args) -> dict:
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
-    types = parse_list(args.types, ATTENTION_TYPES, "attention type")
+    types = parse_list(args.types, (*ATTENTION_TYPES, LLAMA_TYPE), "attention type")
     contexts = sorted(parse_ints(args.contexts, "context length", minimum=2))
     batches = sorted(parse_ints(args.batch_sizes, "batch size"))
-    if args.new_tokens < 1:
-        raise UsageError(f"--new-tokens must be >= 1, got {args.new_tokens}")
+    if args.new_tokens < 2:
+        raise UsageError(f"--new-tokens must be >= 2 (the decode time is the difference of two runs), got {args.new_tokens}")
+    short_tokens = max(1, args.new_tokens // 8) if args.short_tokens is None else args.short_tokens
+    if not 1 <= short_tokens < args.new_tokens:
+        raise UsageError(f"--short-tokens must be >= 1 and below --new-tokens ({args.new_tokens}), got {short_tokens}")
     if args.prefill_chunk < 1:
         raise UsageError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
@@ -196,11 +233,15 @@ def run(args) -> dict:
     max_len = max(contexts) + args.new_tokens
     start = time.perf_counter()
     configs = {t: T6Config.from_preset(args.preset, t, max_position_embeddings=max_len, decode_impl=args.decode_impl)
-               for t in types}
+               for t in types if t != LLAMA_TYPE}
     params = {t: model_parameters(cfg) for t, cfg in configs.items()}
+    if LLAMA_TYPE in types:  # matched to the preset's GQA
+        configs[LLAMA_TYPE] = llama_config_like(T6Config.from_preset(args.preset, "gqa", max_position_embeddings=max_len))
+        params[LLAMA_TYPE] = llama_parameters(configs[LLAMA_TYPE])
     info = run_metadata(device)
     record = {"preset": args.preset, "dtype": str(dtype).replace("torch.", ""), "types": types, "contexts": contexts,
-              "batch_sizes": batches, "new_tokens": args.new_tokens, "prefill_chunk": args.prefill_chunk,
+              "batch_sizes": batches, "new_tokens": args.new_tokens, "short_new_tokens": short_tokens,
+              "prefill_chunk": args.prefill_chunk,
               "max_prompt_tokens": args.max_prompt_tokens, "decode_impl": args.decode_impl,
               "decode_mode": decode_mode, "complete": False,
               "rows": [], "seconds": None, "run": info}
@@ -212,24 +253,43 @@ def run(args) -> dict:
         for b in batches:
             for t in types:
                 cfg = configs[t]
-                per_token = cfg.kv_cache_elements_per_token() * cfg.num_hidden_layers * dtype.itemsize
-                base = {"attention_type": t, "parameters": params[t], "heads": cfg.num_attention_heads, "batch": b,
-                        "context": c, "new_tokens": args.new_tokens, "prefill_chunk": args.prefill_chunk,
-                        "predicted_kv_cache_bytes": per_token * b * (c + args.new_tokens), "decode_mode": decode_mode}
-                status = _skip_reason(args, base, params[t] * dtype.itemsize, capacity, (t, b) in oom, start)
+                if t == LLAMA_TYPE:
+                    per_token = kv_bytes_per_token(cfg, dtype.itemsize)
+                    mode = "static cache, transformers auto-compile" if graphs else "eager"
+                else:
+                    per_token = cfg.kv_cache_elements_per_token() * cfg.num_hidden_layers * dtype.itemsize
+                    mode = decode_mode
+                base = {"attention_type": t, "parameters": params[t], "heads": cfg.num_attention_heads,
+                        "kv_heads": getattr(cfg, "num_key_value_heads", None), "batch": b, "context": c,
+                        "new_tokens": args.new_tokens, "short_new_tokens": short_tokens,
+                        "prefill_chunk": args.prefill_chunk,
+                        "predicted_kv_cache_bytes": per_token * b * (c + args.new_tokens), "decode_mode": mode}
+                status = None
+                if capacity is not None and params[t] * dtype.itemsize + base["predicted_kv_cache_bytes"] > capacity:
+                    status = "does not fit"
+                elif (t, b) in oom:
+                    status = "OOM (a shorter context already ran out)"
+                elif args.max_prompt_tokens is not None and b * c > args.max_prompt_tokens:
+                    status = f"skipped (batch x context > --max-prompt-tokens {args.max_prompt_tokens})"
+                elif args.time_budget is not None and time.perf_counter() - start > args.time_budget:
+                    status = "skipped (time budget)"
                 if status is not None:
                     results[(t, b, c)] = {**base, "status": status}
                     continue
-                model = cache = None
+                model = cache = new_cache = None
                 try:
-                    model = _build(cfg, device, dtype)
-                    # one cache for the warm-up and the timed run: a static one keeps its captured graph
-                    cache = T6Cache.for_model(model, b, capacity=c + args.new_tokens, static=graphs,
-                                              cuda_graphs=graphs)
-                    timing = _timed_point(model, cache, args, b, c, device)
+                    # a static cache serves the warm-up and the timed runs: it keeps its captured graph
+                    model, new_cache, cache = _model_and_caches(t, cfg, device, dtype, b, c + args.new_tokens, graphs)
+                    generate_point(model, batch=b, context=min(c, 64), new_tokens=2, short_tokens=1,
+                                   chunk=args.prefill_chunk, device=device, new_cache=new_cache)  # warm-up
+                    timing = generate_point(model, batch=b, context=c, new_tokens=args.new_tokens,
+                                            short_tokens=short_tokens, chunk=args.prefill_chunk, device=device,
+                                            new_cache=new_cache)
+                    if getattr(cache, "decode_graph", None) is not None:
+                        timing["graph_capture_s"] = cache.decode_graph.capture_seconds
                     results[(t, b, c)] = {**base, "status": "ok", **timing}
                     print(f"{t} batch {b} context {c}: prefill {timing['prefill_tokens_per_s'] or 0:,.0f} tok/s, "
-                          f"decode {timing['decode_tokens_per_s']:,.1f} tok/s, end-to-end "
+                          f"decode {timing['decode_tokens_per_s'] or 0:,.1f} tok/s, end-to-end "
                           f"{timing['end_to_end_tokens_per_s']:,.1f} tok/s, cache "
                           f"{fmt_bytes(timing['kv_cache_bytes'])}",
                           flush=True)
@@ -241,7 +301,7 @@ def run(args) -> dict:
                     results[(t, b, c)] = {**base, "status": f"error: {type(err).__name__}: {err}",
                                           "traceback": traceback.format_exc()}
                     print(f"{t} batch {b} context {c}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-                del model, cache
+                del model, cache, new_cache
                 _free(device)
                 record["rows"] = [results[k] for k in sorted(results, key=_order(types))]
                 _write(record, out, final=False)
@@ -270,16 +330,18 @@ def _write(record: dict, out: Path, *, final: bool):
     rows = record["rows"]
     info = record["run"]
     table = markdown_table(
-        ["type", "params", "batch", "context", "prefill tok/s", "decode tok/s", "end-to-end tok/s", "KV cache",
-         "peak memory", "status"],
-        [[r["attention_type"], fmt_int(r["parameters"]), r["batch"], fmt_int(r["context"]),
-          cell(r, "prefill_tokens_per_s", 0), cell(r, "decode_tokens_per_s"), cell(r, "end_to_end_tokens_per_s"),
+        ["type", "params", "heads (KV)", "batch", "context", "prefill tok/s", "decode tok/s", "end-to-end tok/s",
+         "generate fixed s", "KV cache", "peak memory", "status"],
+        [[r["attention_type"], fmt_int(r["parameters"]),
+          f"{r['heads']} ({r['kv_heads']})" if r.get("kv_heads") else str(r["heads"]), r["batch"],
+          fmt_int(r["context"]), cell(r, "prefill_tokens_per_s", 0), cell(r, "decode_tokens_per_s"),
+          cell(r, "end_to_end_tokens_per_s"), cell(r, "generate_fixed_s", 3),
           fmt_bytes(r["kv_cache_bytes"]) if r.get("kv_cache_bytes")
           else fmt_bytes(r["predicted_kv_cache_bytes"]) + " (pred.)",
           fmt_bytes(r.get("peak_memory_bytes")), r["status"].split("\n")[0][:80]] for r in rows],
-        align="lrrrrrrrrl")
-    text = (f"Generation benchmark: preset {record['preset']}, {record['dtype']}, {record['new_tokens']} new tokens, "
-            f"greedy, prefill chunk {record['prefill_chunk']}, decode_impl {record['decode_impl']}, "
+        align="lrrrrrrrrrrl")
+    text = (f"Generation benchmark: preset {record['preset']}, {record['dtype']}, {record['new_tokens']} new tokens "
+            f"(decode: minus a run of {record.get('short_new_tokens', '?')}), greedy, prefill chunk {record['prefill_chunk']}, decode_impl {record['decode_impl']}, "
             f"decode {record.get('decode_mode', 'eager')}; "
             f"{info['device_name']}, {info['date']}" + ("" if final else " (incomplete)") + ".\n\n" + table)
     paths = [atomic_write_json(out / "generate.json", record), atomic_write_csv(out / "generate.csv", rows, FIELDS),

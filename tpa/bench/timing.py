@@ -90,6 +90,31 @@ def host_time(torch, fn, n=1000):
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def eager_host_us(torch, fn, n=300):
+    """Host microseconds of one eager call: ``n`` calls back to back timed with ``perf_counter``
+    without waiting for the GPU (the syncs before and after lie outside the timed span)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def graph_replay_us(torch, timer, fn, reps):
+    """GPU microseconds of one call replayed from a CUDA graph (``timer``: L2 flushed), or None
+    where the call cannot be captured."""
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        return None
+    return timer.time(graph.replay, reps=reps)
+
+
 def copy_bandwidth(torch, nbytes=1 << 30, reps=20):
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)

@@ -62,6 +62,7 @@ def attend(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float | None = None,
+    fixed_shapes: bool = False,
 ) -> torch.Tensor:
     """Scaled dot-product attention in the ``[B, T, H, D]`` layout.
 
@@ -71,6 +72,9 @@ def attend(
         mask: ``[B, T, L]`` bool, or None for causal attention aligned to the end (query i sees
             keys ``j <= i + L - T``; flash attention when ``T == L`` or ``T == 1``).
         scale: softmax scale, default ``D ** -0.5``.
+        fixed_shapes: the call's shapes repeat from call to call (a static cache's one-token step):
+            SDPA picks its backend as for any call (cuDNN included, as transformers' Llama gets
+            it). Otherwise cached calls exclude cuDNN attention, which builds a plan per new shape.
 
     Returns:
         ``[B, T, H, E]``.
@@ -89,8 +93,11 @@ def attend(
         # read in place, never expanded, and the mask [B, 1, 1, L] broadcasts over heads and queries.
         bsz, heads, groups = qh.shape[0], qh.shape[1], kh.shape[1]
         qg = qh.reshape(bsz, groups, heads // groups, qh.shape[-1])  # query head h = g * (H/G) + j
-        with sdpa_kernel(_CACHE_BACKENDS):
+        if fixed_shapes:
             out = F.scaled_dot_product_attention(qg, kh, vh, attn_mask=mask[:, None], scale=scale)
+        else:
+            with sdpa_kernel(_CACHE_BACKENDS):
+                out = F.scaled_dot_product_attention(qg, kh, vh, attn_mask=mask[:, None], scale=scale)
         out = out.reshape(bsz, heads, 1, vh.shape[-1])
     else:
         if mask is None:

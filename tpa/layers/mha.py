@@ -75,11 +75,11 @@ class MultiHeadAttention(Attention):
         q = apply_partial_rotary(q.reshape(bsz, seq, h, d), ctx.cos, ctx.sin)
         k = apply_partial_rotary(k.reshape(bsz, seq, g, d), ctx.cos, ctx.sin)
         v = v.reshape(bsz, seq, g, d)
-        mask = ctx.mask
+        mask, fixed = ctx.mask, False
         if ctx.cache is not None:
             kv = ctx.cache.update(ctx.step, k=k, v=v)
-            k, v, mask = kv["k"], kv["v"], ctx.step.mask
-        out = self.norm_heads(attend(q, k, v, mask))
+            k, v, mask, fixed = kv["k"], kv["v"], ctx.step.mask, ctx.step.fixed_shapes
+        out = self.norm_heads(attend(q, k, v, mask, fixed_shapes=fixed))
         if self.gate_proj is not None:
             out = out * torch.sigmoid(self.gate_proj(x).reshape(bsz, seq, h, d))
         return self.o_proj(out.reshape(bsz, seq, h * d))

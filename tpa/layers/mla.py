@@ -8,7 +8,8 @@ values through ``c_KV = x W_DKV`` (size ``d_c``, RMS-normalised); a decoupled Ro
 
 With ``absorb=True`` (the default), calls that use a cache with at most 16 new tokens attend in the latent space: ``W_UK`` is
 absorbed into the query and ``W_UV`` applied after attention, so cached latents are never
-up-projected (DeepSeek-V2's inference path).
+up-projected (DeepSeek-V2's inference path); :func:`latent_attention` reads the cached ``c_kv``
+and ``k_rope`` in place.
 """
 
 from __future__ import annotations
@@ -19,6 +20,59 @@ from torch import nn
 from tpa.layers.base import Attention, AttentionContext, attend, check_hidden, check_positive, scaled_normal_
 from tpa.modules.norm import RMSNorm
 from tpa.modules.rotary import apply_rotary
+
+
+# torch.bmm(..., out_dtype=torch.float32) on 16-bit CUDA inputs (torch >= 2.8): float32 scores
+# straight from the GEMM's accumulator
+_BMM_OUT_DTYPE = "out_dtype" in (torch.bmm.__doc__ or "")
+
+
+def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``q [B, M, X] @ keys [B, L, X]^T`` as float32 ``[B, M, L]``."""
+    if _BMM_OUT_DTYPE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return torch.bmm(q, keys.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(q, keys.transpose(1, 2)).float()
+
+
+def latent_attention(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_rope: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention in MLA's latent space (the absorbed decode), reading the cache in place.
+
+    ``softmax(scale * (q_latent c_kv^T + q_rope k_rope^T)) c_kv``: the latent key of all heads is
+    ``[c_kv, k_rope]`` and its value ``c_kv``. The two score parts are two matrix products over the
+    cached tensors, so the key is never concatenated (a copy of the whole cache per layer and step)
+    and no attention kernel's head-size limit applies (``d_c + d_R`` = 288 in the ``small`` preset,
+    beyond SDPA's fused kernels, which fell back to the math backend). Scores and softmax in float32.
+
+    Args:
+        q_latent: ``[B, T, H, d_c]`` (``W_UK`` absorbed); q_rope: ``[B, T, H, d_R]`` (rotated).
+        c_kv: ``[B, L, d_c]``; k_rope: ``[B, L, d_R]`` (rotated); any strides.
+        mask: ``[B, T, L]`` bool (True = may attend), or None for causal attention aligned to the
+            end (query i sees keys ``j <= i + L - T``).
+        scale: softmax scale.
+
+    Returns:
+        ``[B, T, H, d_c]`` in the dtype of ``q_latent``.
+    """
+    bsz, seq, heads, _ = q_latent.shape
+    length = c_kv.shape[1]
+    scores = _scores(q_latent.reshape(bsz, seq * heads, -1), c_kv)
+    scores += _scores(q_rope.reshape(bsz, seq * heads, -1), k_rope)
+    scores = scores.view(bsz, seq, heads, length)
+    if mask is None and seq > 1:
+        idx = torch.arange(length, device=c_kv.device)
+        mask = (idx[None, :] <= idx[-seq:, None])[None]
+    scores *= scale
+    if mask is not None:
+        scores = torch.where(mask[:, :, None, :], scores, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(c_kv.dtype)
+    return torch.bmm(probs.view(bsz, seq * heads, length), c_kv).view(bsz, seq, heads, -1)
 
 
 class MultiHeadLatentAttention(Attention):
@@ -123,9 +177,7 @@ class MultiHeadLatentAttention(Attention):
         if ctx.cache is not None and self.absorb and seq <= self.absorb_max_tokens:
             w_uk, w_uv = self._up_weights()
             q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-            query = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, d_c + d_R]
-            key = torch.cat([c_kv, k_rope], dim=-1)[:, :, None]  # one latent "head" shared by all heads
-            out_latent = attend(query, key, c_kv[:, :, None], mask, scale=self.scale)  # [B, T, H, d_c]
+            out_latent = latent_attention(q_latent, q_rope, c_kv, k_rope, mask, self.scale)  # [B, T, H, d_c]
             out = torch.einsum("bthc,hdc->bthd", out_latent, w_uv)
         else:
             k_nope, v = self.kv_b_proj(c_kv).reshape(bsz, length, h, d + e).split([d, e], dim=-1)

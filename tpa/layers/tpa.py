@@ -262,7 +262,7 @@ class TensorProductAttention(Attention):
                 return ctx.cos, ctx.sin
             if ctx.step.key_cos is not None:
                 return ctx.step.key_cos, ctx.step.key_sin
-            return ctx.rotary(ctx.kv_cache.cached_positions(length))
+            return ctx.rotary(ctx.kv_cache.cached_positions(length), dtype=ctx.cos.dtype)
 
         if self.share_kv_b:  # the shared factor is held unrotated: rotate it for the keys only
             b_v = kv["b_kv"] if "b_kv" in kv else get("b_k")

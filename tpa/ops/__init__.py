@@ -1,7 +1,9 @@
 """Attention math on tensors: no nn.Module, no config.
 
-``naive`` holds the einsum reference twins; ``decode`` the FlashTPA decoding op; ``fused_materialize``
-the fused op forming Q, K, V from their factors (training and prefill).
+``naive`` holds the einsum reference twins; ``decode`` the FlashTPA decoding op (``decode_launch``
+its host side: launch plans, kernel handles, the ``triton_op``); ``fused_materialize`` the fused op
+forming Q, K, V from their factors (training and prefill). The Triton kernels live in ``kernels``,
+imported only where Triton is installed; ``triton_support`` holds what their host sides share.
 """
 
 from tpa.ops.decode import tpa_decode

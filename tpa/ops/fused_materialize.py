@@ -11,33 +11,38 @@ writes ``R * (H + D)``:
 
 The stack, bottom to top:
 
-- ``_fwd_part``: one program's ``BLOCK_T`` tokens (flattened over batch and time) of one factor
-  pair, looping over blocks of ``BLOCK_H`` heads and storing one ``[BLOCK_T, BLOCK_H, D]`` tile each.
-  16-bit inputs: per token a ``[BLOCK_H, R] x [R, D]`` product on tensor cores (``tl.dot``, rank
-  zero-padded to 16: exact products, float32 sums), which keeps the instruction count per output
-  element low enough for the kernel to stay memory-bound. float32/float64: broadcast
-  multiply-adds.
-- ``_bwd_part``: the same tokens' backward; the output gradient of a head block is loaded once and
-  both factor gradients are reduced from it (``G B^T`` and ``A^T G`` per token, on tensor cores for
-  16-bit inputs; ``grad_b`` accumulates across head blocks).
-- ``_materialize_fwd_kernel`` / ``_materialize_bwd_kernel``: one launch for up to three factor
-  pairs (a layer's Q, K and V: the ranks, lengths and feature sizes may differ, the head count is
-  shared); each program runs its token block of every pair in turn.
+- :mod:`tpa.ops.kernels.materialize` (``triton.jit``, imported only where Triton is installed, on the
+  first call of the Triton path): ``_fwd_part``, one program's ``BLOCK_T`` tokens (flattened over
+  batch and time) of one factor pair, looping over blocks of ``BLOCK_H`` heads and storing one
+  ``[BLOCK_T, BLOCK_H, D]`` tile each. 16-bit inputs: per token a ``[BLOCK_H, R] x [R, D]`` product
+  on tensor cores (``tl.dot``, rank zero-padded to 16: exact products, float32 sums), which keeps
+  the instruction count per output element low enough for the kernel to stay memory-bound.
+  float32/float64: broadcast multiply-adds. ``_bwd_part``: the same tokens' backward; the output
+  gradient of a head block is loaded once and both factor gradients are reduced from it (``G B^T``
+  and ``A^T G`` per token, on tensor cores for 16-bit inputs; ``grad_b`` accumulates across head
+  blocks). ``materialize_fwd_kernel`` / ``materialize_bwd_kernel``: one launch for up to three
+  factor pairs (a layer's Q, K and V: the ranks, lengths and feature sizes may differ, the head
+  count is shared); each program runs its token block of every pair in turn.
 - ``materialize_fwd_triton`` / ``materialize_bwd_triton``: host launchers.
-- ``torch.ops.tpa.materialize`` (lists of factor pairs, with ``torch.ops.tpa.materialize_backward``
-  as its autograd formula): a ``torch.library.custom_op`` with a fake (meta) implementation, so
-  ``torch.compile`` treats it as one opaque op, with autograd and without a graph break.
-- ``tpa_materialize_many`` (a layer's Q, K and V in one op call and one launch each way: the
-  ``small`` preset's training step was bound by host time, and each op call costs a dispatch and a
-  launch) and ``tpa_materialize`` (one pair): the public functions: validate, apply autocast as
-  ``einsum`` would, and dispatch to the op or to the reference twin :func:`tpa.ops.naive.materialize`.
+- Two registrations of the op (lists of factor pairs, each with its backward op as its autograd
+  formula), chosen per call by :attr:`MaterializeLaunchOptions.registration`:
 
-Two registrations of the same kernels: for CUDA tensors a ``triton_op`` (registered at import, since
-torch.compile cannot register while tracing), whose kernel launches inductor emits into the compiled
-code, so no Python launcher runs per call; for CPU tensors (Triton's interpreter, where ``wrap_triton``
-rejects interpreted kernels) a ``custom_op``, which behaves the same compiled or eager and which
-inductor calls as one extern kernel. ``_REGISTRATION`` (``auto``, ``custom_op`` or ``triton_op``)
-picks one; the tests run both. Neither lets inductor fuse the kernels with their neighbours.
+  - ``torch.ops.tpa.materialize_triton`` (``torch.library.triton_op``, registered at import when
+    Triton is installed), taken for CUDA tensors: torch.compile sees the kernel launches inside it
+    (``wrap_triton``) and inductor emits them into its generated code with its own launcher,
+    without Python in between at run time (the ``small`` preset's training step is bound by host
+    time). Its compiled form needs a GPU: inductor compiles the launches for one, and Triton's
+    interpreter cannot run on fake tensors. Eagerly it runs anywhere, interpreted on CPU tensors.
+  - ``torch.ops.tpa.materialize`` (``torch.library.custom_op`` with a fake implementation), taken
+    for CPU tensors (Triton's interpreter): torch.compile treats it as one opaque op, so it
+    behaves the same compiled or eager, on GPU or under the interpreter, and needs no Triton at
+    import.
+
+  Neither lets inductor fuse the kernels with their neighbours.
+- ``tpa_materialize_many`` (a layer's Q, K and V in one op call and one launch each way: each op
+  call costs a dispatch and a launch) and ``tpa_materialize`` (one pair): the public functions:
+  validate, apply autocast as ``einsum`` would, and dispatch to an op or to the reference twin
+  :func:`tpa.ops.naive.materialize`.
 
 (The module is not called ``materialize``: ``tpa.ops.materialize`` is the reference twin's name.)
 
@@ -45,275 +50,92 @@ Accumulation is in float32 (float64 for float64 inputs); the output and the grad
 input dtype. Inputs may be any strided views (slices of a fused projection) whose last dimension
 has unit stride; others are made contiguous first. Triton is imported lazily, on the first call of
 the Triton path; on CPU tensors that path runs under Triton's interpreter (``TRITON_INTERPRET=1``
-set before triton's first import), eagerly or inside ``torch.compile`` (the op is opaque there).
+set before triton's first import), eagerly or inside ``torch.compile`` (the ``custom_op`` is opaque
+there).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from tpa.ops.decode import _next_pow2, triton_interpreter_active
 from tpa.ops.naive import materialize as materialize_reference
+from tpa.ops.triton_support import HAVE_TRITON, next_pow2, require_runnable
 
 __all__ = [
-    "MaterializeConfig", "default_configs", "materialize_bwd_triton", "materialize_fwd_triton", "tpa_materialize",
+    "DEFAULT_LAUNCH_OPTIONS", "MaterializeConfig", "MaterializeHeuristic", "MaterializeLaunchOptions", "default_configs", "materialize_bwd_triton", "materialize_fwd_triton", "tpa_materialize",
     "tpa_materialize_many",
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 # The auto backend takes the kernel up to these sizes (the tested range); backend="triton" has no limit.
 _AUTO_MAX = {"rank": 16, "feature": 256, "heads": 1024}
 
-# Launch heuristic (default_configs), from SASS instruction counts per useful output element on
-# sm_90 (not yet from timings; benchmarks/dev/bench_materialize.py --sweep measures alternatives).
-# ``tile``: elements of one [BLOCK_T, BLOCK_H, BLOCK_D] tile; ``single_max``: all heads in one block
-# when next_pow2(H) * BLOCK_D fits; ``fma_*``: the same for float32/float64 (no tensor cores).
-_HEURISTIC = {
-    "tile": 16384, "single_max": 32768, "warps": 4,
-    "fma_tile": 2048, "fma_single_max": 4096, "fma_min_block_h": 8,
-    "max_block_t": 16,
-}
 
-# Test hook: when True, the launchers fill the buffers they allocate with NaN before the kernels run.
-_POISON_BUFFERS = False
+
+@dataclass(frozen=True)
+class MaterializeHeuristic:
+    """Constants of the launch heuristic (:func:`default_configs`), from SASS instruction counts per
+    useful output element on sm_90 (not yet from timings; ``benchmarks/dev/bench_materialize.py --sweep``
+    measures alternatives).
+
+    Attributes:
+        tile: elements of one ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile (tensor-core products).
+        single_max: all heads in one block when ``next_pow2(H) * BLOCK_D`` is at most this.
+        warps: warps per program (twice this for tensor-core tiles beyond ``tile``).
+        fma_tile, fma_single_max: the same for float32/float64 (broadcast multiply-adds).
+        fma_min_block_h: smallest head block of the multiply-add path.
+        max_block_t: most tokens per program.
+    """
+
+    tile: int = 16384
+    single_max: int = 32768
+    warps: int = 4
+    fma_tile: int = 2048
+    fma_single_max: int = 4096
+    fma_min_block_h: int = 8
+    max_block_t: int = 16
+
+
+@dataclass(frozen=True)
+class MaterializeLaunchOptions:
+    """How the materialisation op is configured and registered (one object per caller).
+
+    Attributes:
+        heuristic: constants of :func:`default_configs`.
+        registration: ``"auto"`` (the ``triton_op`` for CUDA tensors, the ``custom_op`` otherwise),
+            ``"custom_op"`` or ``"triton_op"`` (tests and A/B measurements).
+        poison_buffers: test hook; the launchers fill the buffers they allocate with NaN first.
+    """
+
+    heuristic: MaterializeHeuristic = field(default_factory=MaterializeHeuristic)
+    registration: str = "auto"
+    poison_buffers: bool = False
+
+    def __post_init__(self):
+        if self.registration not in ("auto", "custom_op", "triton_op"):
+            raise ValueError(
+                f"MaterializeLaunchOptions.registration must be 'auto', 'custom_op' or 'triton_op', "
+                f"got {self.registration!r}"
+            )
+
+
+DEFAULT_LAUNCH_OPTIONS = MaterializeLaunchOptions()
+
 # Factor pairs one kernel launch takes (Q, K and V of a layer).
 _MAX_PARTS = 3
 
 
-# --------------------------------------------------------------------------------------------
-# Kernels. Plain functions, wrapped by ``triton.jit`` in ``_kernels()`` after ``tl`` is bound.
-# --------------------------------------------------------------------------------------------
-
-tl = None  # triton.language, bound by _kernels()
-
-
-def _round_bf16(x, FIX: tl.constexpr):
-    """Round float32 ``x`` to the nearest bfloat16 value (ties to even), kept in float32, when FIX.
-
-    Only for Triton's interpreter, whose float32 -> bfloat16 cast truncates; compiled code rounds
-    to nearest even in the cast itself (FIX is False there)."""
-    if FIX:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x
-
-
-# Per-part bodies (inlined ``triton.jit`` helpers): one (A, B) -> OUT product, or one backward, for
-# the tokens ``pid * BLOCK_T + [0, BLOCK_T)`` of that part.
-
-
-def _fwd_part(
-    pid, A, B, OUT, n_tok, seq, scale_hi, scale_lo,
-    s_a_b, s_a_t, s_a_r, s_b_b, s_b_t, s_b_r,
-    R: tl.constexpr, H: tl.constexpr, D: tl.constexpr, R_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, FIX_BF16: tl.constexpr,
-):
-    """OUT [n_tok, H, D] contiguous = scale * sum_r A[tok, r, :, None] * B[tok, r, None, :].
-
-    Token ``tok`` is (batch ``tok // seq``, time ``tok % seq``); A and B have unit stride in their
-    last dimension. ``scale = scale_hi + scale_lo`` (two float32 parts, exact enough for float64).
-    DOT: per token a ``[BLOCK_H, R_PAD] x [R_PAD, BLOCK_D]`` tensor-core product (16-bit inputs,
-    exact products, float32 sums; ranks beyond R are zero). Otherwise broadcast products in ACC.
-    IEEE (the interpreter): the products in float32 on operands upcast from 16 bits."""
-    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: B * T < 2**31 is checked by the launcher
-    t_ok = tok < n_tok
-    bi = tok // seq
-    ti = tok - bi * seq
-    a_tok = A + bi.to(tl.int64) * s_a_b + ti.to(tl.int64) * s_a_t  # [BLOCK_T] pointers
-    b_tok = B + bi.to(tl.int64) * s_b_b + ti.to(tl.int64) * s_b_t
-    o_tok = OUT + tok.to(tl.int64) * (H * D)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_r = tl.arange(0, R_PAD)
-    r_ok = offs_r < R
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
-    if DOT:
-        b3 = tl.load(b_tok[:, None, None] + offs_r[None, :, None] * s_b_r + offs_d[None, None, :],
-                     mask=t_ok[:, None, None] & r_ok[None, :, None] & d_ok[None, None, :], other=0.0)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_ok = offs_h < H
-        if DOT:
-            a3 = tl.load(a_tok[:, None, None] + offs_r[None, None, :] * s_a_r + offs_h[None, :, None],
-                         mask=t_ok[:, None, None] & h_ok[None, :, None] & r_ok[None, None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a3.to(tl.float32), b3.to(tl.float32), input_precision="ieee")
-            else:
-                acc = tl.dot(a3, b3)  # [BLOCK_T, BLOCK_H, BLOCK_D]
-        else:
-            acc = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=ACC)
-            for r in tl.static_range(R):
-                a_r = tl.load(a_tok[:, None] + r * s_a_r + offs_h[None, :],
-                              mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(ACC)  # [BLOCK_T, BLOCK_H]
-                b_r = tl.load(b_tok[:, None] + r * s_b_r + offs_d[None, :],
-                              mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)  # [BLOCK_T, BLOCK_D]
-                acc += a_r[:, :, None] * b_r[:, None, :]
-        out = _round_bf16(acc * scale, FIX_BF16)
-        o_ptr = o_tok[:, None, None] + offs_h[None, :, None] * D + offs_d[None, None, :]
-        tl.store(o_ptr, out.to(OUT.dtype.element_ty),
-                 mask=t_ok[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :])
-
-
-def _bwd_part(
-    pid, G, A, B, GA, GB, n_tok, seq, scale_hi, scale_lo,
-    s_g_b, s_g_t, s_g_h, s_a_b, s_a_t, s_a_r, s_b_b, s_b_t, s_b_r,
-    R: tl.constexpr, H: tl.constexpr, D: tl.constexpr, R_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, FIX_BF16: tl.constexpr,
-):
-    """GA [n_tok, R, H] = scale * sum_d G[tok, :, d] B[tok, r, d];
-    GB [n_tok, R, D] = scale * sum_h G[tok, h, :] A[tok, r, h] (GA, GB contiguous).
-
-    The output gradient of a head block is loaded once and both gradients are reduced from it.
-    DOT (16-bit inputs): per token ``G [BLOCK_H, BLOCK_D] x B^T [BLOCK_D, R_PAD]`` and
-    ``A^T [R_PAD, BLOCK_H] x G [BLOCK_H, BLOCK_D]`` on tensor cores, GB accumulating across head
-    blocks in the product's float32 accumulator. Otherwise broadcast products and sums in ACC: with
-    one head block (``BLOCK_H >= H``) GB rows are stored as reduced, else they accumulate in a
-    ``[BLOCK_T, R_PAD, BLOCK_D]`` tile (row r selected by a mask)."""
-    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = tok < n_tok
-    bi = tok // seq
-    ti = tok - bi * seq
-    bi64 = bi.to(tl.int64)
-    ti64 = ti.to(tl.int64)
-    g_tok = G + bi64 * s_g_b + ti64 * s_g_t
-    a_tok = A + bi64 * s_a_b + ti64 * s_a_t
-    b_tok = B + bi64 * s_b_b + ti64 * s_b_t
-    ga_tok = GA + tok.to(tl.int64) * (R * H)
-    gb_tok = GB + tok.to(tl.int64) * (R * D)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_r = tl.arange(0, R_PAD)
-    r_ok = offs_r < R
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
-    out_ty = GA.dtype.element_ty
-    gb_acc = tl.zeros([BLOCK_T, R_PAD, BLOCK_D], dtype=ACC)
-    if DOT:
-        b_t = tl.load(b_tok[:, None, None] + offs_r[None, None, :] * s_b_r + offs_d[None, :, None],
-                      mask=t_ok[:, None, None] & d_ok[None, :, None] & r_ok[None, None, :], other=0.0)  # [BT, BD, RP]
-        if IEEE:
-            b_t = b_t.to(tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_ok = offs_h < H
-        th_ok = t_ok[:, None] & h_ok[None, :]
-        g = tl.load(g_tok[:, None, None] + offs_h.to(tl.int64)[None, :, None] * s_g_h + offs_d[None, None, :],
-                    mask=th_ok[:, :, None] & d_ok[None, None, :], other=0.0)  # [BT, BH, BD]
-        if DOT:
-            a_t = tl.load(a_tok[:, None, None] + offs_r[None, :, None] * s_a_r + offs_h[None, None, :],
-                          mask=t_ok[:, None, None] & r_ok[None, :, None] & h_ok[None, None, :], other=0.0)
-            if IEEE:
-                g = g.to(tl.float32)
-                ga = tl.dot(g, b_t, input_precision="ieee")  # [BT, BH, RP]
-                gb_acc = tl.dot(a_t.to(tl.float32), g, gb_acc, input_precision="ieee")  # [BT, RP, BD]
-            else:
-                ga = tl.dot(g, b_t)
-                gb_acc = tl.dot(a_t, g, gb_acc)
-            ga = _round_bf16(ga * scale, FIX_BF16)
-            tl.store(ga_tok[:, None, None] + offs_r[None, None, :] * H + offs_h[None, :, None], ga.to(out_ty),
-                     mask=th_ok[:, :, None] & r_ok[None, None, :])
-        else:
-            g = g.to(ACC)
-            for r in tl.static_range(R):
-                a_r = tl.load(a_tok[:, None] + r * s_a_r + offs_h[None, :], mask=th_ok, other=0.0).to(ACC)
-                b_r = tl.load(b_tok[:, None] + r * s_b_r + offs_d[None, :],
-                              mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
-                ga = _round_bf16(tl.sum(g * b_r[:, None, :], axis=2) * scale, FIX_BF16)  # [BT, BH]
-                tl.store(ga_tok[:, None] + r * H + offs_h[None, :], ga.to(out_ty), mask=th_ok)
-                part = tl.sum(g * a_r[:, :, None], axis=1)  # [BT, BD]
-                if BLOCK_H >= H:  # one head block: this row of GB is complete
-                    gb = _round_bf16(part * scale, FIX_BF16)
-                    tl.store(gb_tok[:, None] + r * D + offs_d[None, :], gb.to(out_ty),
-                             mask=t_ok[:, None] & d_ok[None, :])
-                else:
-                    gb_acc += tl.where(offs_r[None, :, None] == r, part[:, None, :], 0.0)
-    if DOT or BLOCK_H < H:
-        gb = _round_bf16(gb_acc * scale, FIX_BF16)
-        tl.store(gb_tok[:, None, None] + offs_r[None, :, None] * D + offs_d[None, None, :], gb.to(out_ty),
-                 mask=t_ok[:, None, None] & r_ok[None, :, None] & d_ok[None, None, :])
-
-
-# The kernels: up to three parts (Q, K, V) in one launch. Program ``pid`` does its token block of
-# every part in turn (the parts are unrolled at compile time, so each keeps its own constexpr rank
-# and feature size); a part with fewer tokens than the grid covers masks its extra blocks off.
-
-
-def _materialize_fwd_kernel(
-    A0, B0, O0, N0, T0, HI0, LO0, SA0_B, SA0_T, SA0_R, SB0_B, SB0_T, SB0_R,
-    A1, B1, O1, N1, T1, HI1, LO1, SA1_B, SA1_T, SA1_R, SB1_B, SB1_T, SB1_R,
-    A2, B2, O2, N2, T2, HI2, LO2, SA2_B, SA2_T, SA2_R, SB2_B, SB2_T, SB2_R,
-    PARTS: tl.constexpr, H: tl.constexpr,
-    R0: tl.constexpr, D0: tl.constexpr, RP0: tl.constexpr, BD0: tl.constexpr,
-    R1: tl.constexpr, D1: tl.constexpr, RP1: tl.constexpr, BD1: tl.constexpr,
-    R2: tl.constexpr, D2: tl.constexpr, RP2: tl.constexpr, BD2: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT: tl.constexpr, IEEE: tl.constexpr, FP64: tl.constexpr, FIX_BF16: tl.constexpr,
-):
-    """Part p: ``O_p [N_p, H, D_p] = (HI_p + LO_p) * sum_r A_p[tok, r, :, None] * B_p[tok, r, None, :]``
-    for tokens ``tok < N_p`` of sequences of length ``T_p`` (see ``_fwd_part``)."""
-    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
-    pid = tl.program_id(0)
-    _fwd_part(pid, A0, B0, O0, N0, T0, HI0, LO0, SA0_B, SA0_T, SA0_R, SB0_B, SB0_T, SB0_R,
-                  R0, H, D0, RP0, BLOCK_T, BLOCK_H, BD0, DOT, IEEE, ACC, FIX_BF16)
-    if PARTS > 1:
-        _fwd_part(pid, A1, B1, O1, N1, T1, HI1, LO1, SA1_B, SA1_T, SA1_R, SB1_B, SB1_T, SB1_R,
-                      R1, H, D1, RP1, BLOCK_T, BLOCK_H, BD1, DOT, IEEE, ACC, FIX_BF16)
-    if PARTS > 2:
-        _fwd_part(pid, A2, B2, O2, N2, T2, HI2, LO2, SA2_B, SA2_T, SA2_R, SB2_B, SB2_T, SB2_R,
-                      R2, H, D2, RP2, BLOCK_T, BLOCK_H, BD2, DOT, IEEE, ACC, FIX_BF16)
-
-
-def _materialize_bwd_kernel(
-    G0, A0, B0, GA0, GB0, N0, T0, HI0, LO0, SG0_B, SG0_T, SG0_H, SA0_B, SA0_T, SA0_R, SB0_B, SB0_T, SB0_R,
-    G1, A1, B1, GA1, GB1, N1, T1, HI1, LO1, SG1_B, SG1_T, SG1_H, SA1_B, SA1_T, SA1_R, SB1_B, SB1_T, SB1_R,
-    G2, A2, B2, GA2, GB2, N2, T2, HI2, LO2, SG2_B, SG2_T, SG2_H, SA2_B, SA2_T, SA2_R, SB2_B, SB2_T, SB2_R,
-    PARTS: tl.constexpr, H: tl.constexpr,
-    R0: tl.constexpr, D0: tl.constexpr, RP0: tl.constexpr, BD0: tl.constexpr,
-    R1: tl.constexpr, D1: tl.constexpr, RP1: tl.constexpr, BD1: tl.constexpr,
-    R2: tl.constexpr, D2: tl.constexpr, RP2: tl.constexpr, BD2: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT: tl.constexpr, IEEE: tl.constexpr, FP64: tl.constexpr, FIX_BF16: tl.constexpr,
-):
-    """Part p: ``GA_p`` and ``GB_p`` from the output gradient ``G_p`` (see ``_bwd_part``)."""
-    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
-    pid = tl.program_id(0)
-    _bwd_part(pid, G0, A0, B0, GA0, GB0, N0, T0, HI0, LO0, SG0_B, SG0_T, SG0_H,
-                  SA0_B, SA0_T, SA0_R, SB0_B, SB0_T, SB0_R, R0, H, D0, RP0, BLOCK_T, BLOCK_H, BD0,
-                  DOT, IEEE, ACC, FIX_BF16)
-    if PARTS > 1:
-        _bwd_part(pid, G1, A1, B1, GA1, GB1, N1, T1, HI1, LO1, SG1_B, SG1_T, SG1_H,
-                      SA1_B, SA1_T, SA1_R, SB1_B, SB1_T, SB1_R, R1, H, D1, RP1, BLOCK_T, BLOCK_H, BD1,
-                      DOT, IEEE, ACC, FIX_BF16)
-    if PARTS > 2:
-        _bwd_part(pid, G2, A2, B2, GA2, GB2, N2, T2, HI2, LO2, SG2_B, SG2_T, SG2_H,
-                      SA2_B, SA2_T, SA2_R, SB2_B, SB2_T, SB2_R, R2, H, D2, RP2, BLOCK_T, BLOCK_H, BD2,
-                      DOT, IEEE, ACC, FIX_BF16)
-
-
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """The two kernels, wrapped by ``triton.jit`` on first use (interpreted under TRITON_INTERPRET=1)."""
-    import triton
-    import triton.language as language
+    """The forward and backward kernels (:mod:`tpa.ops.kernels.materialize`, imported on first use)."""
+    from tpa.ops.kernels.materialize import materialize_bwd_kernel, materialize_fwd_kernel
 
-    globals()["tl"] = language
-    # the helpers are rebound to their jitted selves under their own names, as the kernels call them
-    # (inductor, launching the kernels of the triton_op, emits each helper's source under its name)
-    for helper in (_round_bf16, _fwd_part, _bwd_part):
-        globals()[helper.__name__] = triton.jit(helper)
-    # token counts vary with batch and sequence length: never specialise on them
-    fwd = triton.jit(_materialize_fwd_kernel, do_not_specialize=[f"{x}{p}" for x in "NT" for p in range(3)])
-    bwd = triton.jit(_materialize_bwd_kernel, do_not_specialize=[f"{x}{p}" for x in "NT" for p in range(3)])
-    return fwd, bwd
+    return materialize_fwd_kernel, materialize_bwd_kernel
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +173,7 @@ class MaterializeConfig:
 
 
 def _block_d(feature_dim: int, dot: bool) -> int:
-    return max(16 if dot else 1, _next_pow2(feature_dim))
+    return max(16 if dot else 1, next_pow2(feature_dim))
 
 
 def _least_padding_block(heads: int, lo: int, hi: int) -> int:
@@ -366,29 +188,30 @@ def _least_padding_block(heads: int, lo: int, hi: int) -> int:
     return best
 
 
-def _pick(num_heads: int, feature_dim: int, dot: bool, single_block: bool) -> MaterializeConfig:
+def _pick(
+    num_heads: int, feature_dim: int, dot: bool, single_block: bool, k: MaterializeHeuristic
+) -> MaterializeConfig:
     """One head block of ``next_pow2(H)`` when ``single_block`` and ``next_pow2(H) * BLOCK_D`` is
     at most ``single_max``, else blocks of the power of two that pads H least; ``block_t`` tokens
     fill about ``tile`` elements (half that with several head blocks, whose loop holds more state);
     tensor-core tiles beyond ``tile`` (one token of many heads) get twice the warps."""
-    k = _HEURISTIC
-    tile, single_max = (k["tile"], k["single_max"]) if dot else (k["fma_tile"], k["fma_single_max"])
+    tile, single_max = (k.tile, k.single_max) if dot else (k.fma_tile, k.fma_single_max)
     block_d = _block_d(feature_dim, dot)
-    min_block_h = 16 if dot else min(k["fma_min_block_h"], _next_pow2(num_heads))
-    h_pow2 = max(min_block_h, _next_pow2(num_heads))
+    min_block_h = 16 if dot else min(k.fma_min_block_h, next_pow2(num_heads))
+    h_pow2 = max(min_block_h, next_pow2(num_heads))
     if single_block and h_pow2 * block_d <= single_max:
         block_h = h_pow2
     else:
         block_h = _least_padding_block(num_heads, min_block_h, max(min_block_h, min(h_pow2, tile // block_d)))
         if block_h < num_heads:
             tile //= 2
-    block_t = max(1, min(k["max_block_t"], tile // (block_h * block_d)))
-    warps = 2 * k["warps"] if dot and block_t * block_h * block_d > tile else k["warps"]
+    block_t = max(1, min(k.max_block_t, tile // (block_h * block_d)))
+    warps = 2 * k.warps if dot and block_t * block_h * block_d > tile else k.warps
     return MaterializeConfig(block_t, block_h, warps, dot)
 
 
 def default_configs(
-    num_heads: int, feature_dim: int, dtype: torch.dtype = torch.bfloat16
+    num_heads: int, feature_dim: int, dtype: torch.dtype = torch.bfloat16, heuristic: MaterializeHeuristic | None = None
 ) -> tuple[MaterializeConfig, MaterializeConfig]:
     """Launch parameters ``(forward, backward)`` from the head count H, the feature size D and dtype.
 
@@ -397,11 +220,13 @@ def default_configs(
     heads and 4 tokens per program; masked heads cost instructions, not bandwidth), else blocks of
     the power of two that pads H least. float32/float64 use broadcast multiply-adds with smaller
     tiles (``fma_*``); their forward always takes the least-padding blocks (H=34: 5 blocks of 8).
+    ``heuristic``: the constants (default :class:`MaterializeHeuristic`).
     """
+    k = heuristic or MaterializeHeuristic()
     if dtype in (torch.float16, torch.bfloat16):
-        cfg = _pick(num_heads, feature_dim, True, True)
+        cfg = _pick(num_heads, feature_dim, True, True, k)
         return cfg, cfg
-    return _pick(num_heads, feature_dim, False, False), _pick(num_heads, feature_dim, False, True)
+    return _pick(num_heads, feature_dim, False, False, k), _pick(num_heads, feature_dim, False, True, k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,11 +250,8 @@ def _launch_args(
 ) -> dict:
     """Constexpr launch arguments of either kernel for ``parts`` = ((rank, feature size), ...)."""
     interpret = ref.device.type != "cuda"
-    if interpret and not triton_interpreter_active():
-        raise RuntimeError(
-            "tpa_materialize: the Triton kernel on CPU tensors needs Triton's interpreter; set "
-            "TRITON_INTERPRET=1 in the environment before triton is first imported"
-        )
+    if interpret:
+        require_runnable("tpa_materialize", ref.device.type)
     if config.dot and ref.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"tpa_materialize: MaterializeConfig(dot=True) needs float16/bfloat16 inputs, got {ref.dtype}")
     return _constexprs(config, heads, parts, ref.dtype, interpret)
@@ -453,7 +275,7 @@ def _constexprs(
         rank, dim = parts[p] if p < len(parts) else parts[0]
         meta.update({
             f"R{p}": rank, f"D{p}": dim,
-            f"RP{p}": max(16, _next_pow2(rank)) if config.dot else _next_pow2(rank),
+            f"RP{p}": max(16, next_pow2(rank)) if config.dot else next_pow2(rank),
             f"BD{p}": _block_d(dim, config.dot),
         })
     return meta
@@ -464,8 +286,8 @@ def _check_tokens(n_tok: int) -> None:
         raise ValueError(f"tpa_materialize: B * T = {n_tok} tokens; the kernels index tokens in int32 (< 2**31)")
 
 
-def _poisoned(t: torch.Tensor) -> torch.Tensor:
-    return t.fill_(float("nan")) if _POISON_BUFFERS else t
+def _poisoned(t: torch.Tensor, poison: bool) -> torch.Tensor:
+    return t.fill_(float("nan")) if poison else t
 
 
 def _pad_parts(args: list[list]) -> list:
@@ -505,16 +327,18 @@ def materialize_fwd_triton(
     scale: Sequence[float],
     config: MaterializeConfig,
     via_inductor: bool = False,
+    poison: bool = False,
 ) -> list[torch.Tensor]:
     """Launch the forward kernel once for 1 to 3 parts (e.g. Q, K and V): part p is
     ``a[p] [B_p, T_p, R_p, H]``, ``b[p] [B_p, T_p, R_p, D_p]`` -> ``[B_p, T_p, H, D_p]`` contiguous.
-    ``via_inductor``: launch through ``wrap_triton`` (inside a ``triton_op``)."""
+    ``via_inductor``: launch through ``wrap_triton`` (inside a ``triton_op``); ``poison``: fill the
+    outputs with NaN before the launch (tests)."""
     heads = a[0].shape[3]
     outs, args, shapes = [], [], []
     for a_p, b_p, s_p in zip(a, b, scale):
         bsz, seq, rank, _ = a_p.shape
         dim = b_p.shape[-1]
-        out = _poisoned(torch.empty((bsz, seq, heads, dim), dtype=a_p.dtype, device=a_p.device))
+        out = _poisoned(torch.empty((bsz, seq, heads, dim), dtype=a_p.dtype, device=a_p.device), poison)
         outs.append(out)
         a_p, b_p = _unit_last(a_p), _unit_last(b_p)
         args.append([a_p, b_p, out, *_token_args(a_p, s_p), *a_p.stride()[:3], *b_p.stride()[:3]])
@@ -530,6 +354,7 @@ def materialize_bwd_triton(
     scale: Sequence[float],
     config: MaterializeConfig,
     via_inductor: bool = False,
+    poison: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Launch the backward kernel once for 1 to 3 parts: ``grad[p] [B_p, T_p, H, D_p]`` ->
     ``(grad_a [B_p, T_p, R_p, H], grad_b [B_p, T_p, R_p, D_p])``, contiguous in the dtype of ``a[p]``."""
@@ -538,8 +363,8 @@ def materialize_bwd_triton(
     for g_p, a_p, b_p, s_p in zip(grad, a, b, scale):
         bsz, seq, rank, _ = a_p.shape
         dim = b_p.shape[-1]
-        grad_a = _poisoned(torch.empty((bsz, seq, rank, heads), dtype=a_p.dtype, device=a_p.device))
-        grad_b = _poisoned(torch.empty((bsz, seq, rank, dim), dtype=a_p.dtype, device=a_p.device))
+        grad_a = _poisoned(torch.empty((bsz, seq, rank, heads), dtype=a_p.dtype, device=a_p.device), poison)
+        grad_b = _poisoned(torch.empty((bsz, seq, rank, dim), dtype=a_p.dtype, device=a_p.device), poison)
         grads.append((grad_a, grad_b))
         g_p, a_p, b_p = _unit_last(g_p.to(a_p.dtype)), _unit_last(a_p), _unit_last(b_p)
         args.append([g_p, a_p, b_p, grad_a, grad_b, *_token_args(a_p, s_p),
@@ -550,23 +375,15 @@ def materialize_bwd_triton(
 
 
 # --------------------------------------------------------------------------------------------
-# The ops (lists of 1 to 3 factor pairs) and their backward. ``config`` carries the launch
-# parameters as eight ints: forward (block_t, block_h, num_warps, dot), then backward.
-#
-# Two registrations of one computation:
-# - ``tpa::materialize`` (``custom_op``): opaque to torch.compile, which calls it through the
-#   dispatcher and this module's Python launcher; runs anywhere, compiled or not, including CPU
-#   tensors under Triton's interpreter.
-# - ``tpa::materialize_triton`` (``triton_op``, registered when triton is installed): torch.compile sees the
-#   kernel launches inside it and inductor emits them into its generated code with its own
-#   launcher, without Python in between at run time. The training step of the ``small`` preset
-#   spends host time, not GPU time; this is the one CUDA tensors take. Its compiled form needs a
-#   GPU (the interpreter cannot run on fake tensors); eagerly it also runs interpreted.
+# The ops (lists of 1 to 3 factor pairs) and their backward, registered twice (module docstring:
+# ``tpa::materialize``, a custom_op, and ``tpa::materialize_triton``, a triton_op). ``config``
+# carries the launch parameters as eight ints, forward (block_t, block_h, num_warps, dot) then
+# backward, and optionally a ninth, the poison flag of the test hook.
 # --------------------------------------------------------------------------------------------
 
 
 def _split_config(config: list[int]) -> tuple[MaterializeConfig, MaterializeConfig]:
-    return _split_config_cached(tuple(config))
+    return _split_config_cached(tuple(config[:8]))
 
 
 @functools.lru_cache(maxsize=256)
@@ -575,13 +392,17 @@ def _split_config_cached(config: tuple[int, ...]) -> tuple[MaterializeConfig, Ma
     return MaterializeConfig(*f[:3], bool(f[3])), MaterializeConfig(*b[:3], bool(b[3]))
 
 
+def _poison(config: list[int]) -> bool:
+    return len(config) > 8 and bool(config[8])
+
+
 def _fwd_impl(a, b, scale, config, via_inductor=False):
-    return materialize_fwd_triton(a, b, scale, _split_config(config)[0], via_inductor)
+    return materialize_fwd_triton(a, b, scale, _split_config(config)[0], via_inductor, _poison(config))
 
 
 def _bwd_impl(grad, a, b, scale, config, via_inductor=False):
     """``[grad_a_0, grad_b_0, grad_a_1, grad_b_1, ...]``."""
-    pairs = materialize_bwd_triton(grad, a, b, scale, _split_config(config)[1], via_inductor)
+    pairs = materialize_bwd_triton(grad, a, b, scale, _split_config(config)[1], via_inductor, _poison(config))
     return [g for pair in pairs for g in pair]
 
 
@@ -651,16 +472,12 @@ def _register_triton_ops():
     return forward, backward
 
 
-_TRITON_OPS = _register_triton_ops() if _HAVE_TRITON else None
+_TRITON_OPS = _register_triton_ops() if HAVE_TRITON else None
 
 
-# Which registration the Triton path uses: "auto" (triton_op for CUDA tensors, custom_op otherwise),
-# "custom_op" or "triton_op" (tests and A/B measurements).
-_REGISTRATION = "auto"
-
-
-def _op_for(device_type: str):
-    use_triton_op = _REGISTRATION == "triton_op" or (_REGISTRATION == "auto" and device_type == "cuda")
+def _op_for(device_type: str, registration: str):
+    """The registration a call takes (:attr:`MaterializeLaunchOptions.registration`)."""
+    use_triton_op = registration == "triton_op" or (registration == "auto" and device_type == "cuda")
     return _TRITON_OPS[0] if use_triton_op else _materialize_op
 
 
@@ -699,6 +516,7 @@ def tpa_materialize_many(
     backend: str = "auto",
     fwd_config: MaterializeConfig | None = None,
     bwd_config: MaterializeConfig | None = None,
+    options: MaterializeLaunchOptions | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """:func:`tpa_materialize` of several factor pairs (Q, K and V of a layer) in one op call: one
     kernel launch for up to three pairs each way, where separate calls cost a launch and an op
@@ -708,9 +526,9 @@ def tpa_materialize_many(
         pairs: ``[(a_0, b_0), (a_1, b_1), ...]``, each as in :func:`tpa_materialize`. The pairs share
             the head count H, the dtype and the device; batch, length, rank and feature size may differ.
         scales: one per pair, ``None`` for ``1/R``; default all ``None``.
-        backend, fwd_config, bwd_config: as in :func:`tpa_materialize` (one launch configuration,
-            chosen for the largest feature size); the auto backend takes the Triton op only when
-            every pair is in its range.
+        backend, fwd_config, bwd_config, options: as in :func:`tpa_materialize` (one launch
+            configuration, chosen for the largest feature size); the auto backend takes the Triton
+            op only when every pair is in its range.
 
     Returns:
         one ``[B_p, T_p, H, D_p]`` tensor per pair.
@@ -751,11 +569,11 @@ def tpa_materialize_many(
     dims = [b.shape[3] for _, b in pairs]
     if backend == "auto":
         use_triton = (
-            device_type == "cuda" and _HAVE_TRITON and max(ranks) <= _AUTO_MAX["rank"]
+            device_type == "cuda" and HAVE_TRITON and max(ranks) <= _AUTO_MAX["rank"]
             and max(dims) <= _AUTO_MAX["feature"] and heads <= _AUTO_MAX["heads"]
         )
     elif backend == "triton":
-        if not _HAVE_TRITON:
+        if not HAVE_TRITON:
             raise RuntimeError("tpa_materialize: backend='triton' needs the triton package")
         if device_type not in ("cuda", "cpu"):
             raise ValueError(f"tpa_materialize: backend='triton' runs on CUDA (or CPU via the interpreter), not {a0.device}")
@@ -765,9 +583,10 @@ def tpa_materialize_many(
     if not use_triton:
         return tuple(materialize_reference(a, b, scale=s) for (a, b), s in zip(pairs, scales))
     scales = [float(1.0 / r if s is None else s) for r, s in zip(ranks, scales)]
-    fwd_default, bwd_default = default_configs(heads, max(dims), pairs[0][0].dtype)
-    config = (fwd_config or fwd_default).as_list() + (bwd_config or bwd_default).as_list()
-    op = _op_for(device_type)
+    options = DEFAULT_LAUNCH_OPTIONS if options is None else options
+    fwd_default, bwd_default = default_configs(heads, max(dims), pairs[0][0].dtype, options.heuristic)
+    config = (fwd_config or fwd_default).as_list() + (bwd_config or bwd_default).as_list() + [int(options.poison_buffers)]
+    op = _op_for(device_type, options.registration)
     outs = []
     for i in range(0, len(pairs), _MAX_PARTS):
         group = pairs[i : i + _MAX_PARTS]
@@ -782,6 +601,7 @@ def tpa_materialize(
     backend: str = "auto",
     fwd_config: MaterializeConfig | None = None,
     bwd_config: MaterializeConfig | None = None,
+    options: MaterializeLaunchOptions | None = None,
 ) -> torch.Tensor:
     """Form Q (or K, V) from TPA factors: ``scale * sum_r a[..., r, :, None] * b[..., r, None, :]``.
 
@@ -796,6 +616,8 @@ def tpa_materialize(
             for tests). ``"reference"``: the twin.
         fwd_config, bwd_config: optional launch parameters (tests, benchmarks); default
             :func:`default_configs`.
+        options: optional :class:`MaterializeLaunchOptions` (heuristic constants, registration,
+            test hooks); default :data:`DEFAULT_LAUNCH_OPTIONS`.
 
     Returns:
         ``[B, T, H, D]``, contiguous for the Triton op. Under autocast the factors are first cast to
@@ -809,4 +631,4 @@ def tpa_materialize(
         ValueError: not 4-dimensional, ``a``/``b`` disagreeing in B, T or R, different devices,
             an unknown backend.
     """
-    return tpa_materialize_many([(a, b)], [scale], backend, fwd_config, bwd_config)[0]
+    return tpa_materialize_many([(a, b)], [scale], backend, fwd_config, bwd_config, options)[0]

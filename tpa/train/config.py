@@ -47,6 +47,13 @@ class TrainConfig:
     attention_type: str = _f("tpa", f"attention mechanism: {', '.join(ATTENTION_TYPES)}")
     vocab_size: int | None = _f(None, "model vocabulary; default: the data's tokenizer size rounded up to a multiple of 64")
     model_overrides: dict = _f({}, "other T6Config fields as a JSON object, e.g. '{\"num_hidden_layers\": 2}'")
+    init_from: str | None = _f(None, "start from this T6 model directory (its architecture and weights, e.g. made by "
+                                     "`tpa convert llama`) instead of a fresh preset model")
+    # ---- distillation
+    distill_from: str | None = _f(None, "distil from this teacher model directory (any causal LM that transformers "
+                                        "loads, with the student's vocabulary): loss = CE + W * T^2 * KL(teacher||student)")
+    distill_weight: float = _f(1.0, "W, the weight of the distillation KL term")
+    distill_temperature: float = _f(1.0, "T, the softmax temperature of both distributions in the KL term")
     # ---- data
     data_dir: str = _f("data/shakespeare", "folder made by `tpa data prepare`")
     seq_len: int = _f(256, "tokens per training sequence (also the model's max_position_embeddings)")
@@ -115,6 +122,11 @@ class TrainConfig:
             raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr <= lr (got {self.warmup_steps}, {self.min_lr}, {self.lr})")
         if self.export_only and not self.resume:
             raise ValueError("export_only exports the latest checkpoint: it needs resume=True (--resume)")
+        if self.distill_weight < 0 or not self.distill_temperature > 0:
+            raise ValueError(f"need distill_weight >= 0 and distill_temperature > 0 (got {self.distill_weight}, "
+                             f"{self.distill_temperature})")
+        if self.init_from is not None and (self.model_overrides or self.vocab_size is not None):
+            raise ValueError("init_from gives the architecture: model_overrides and vocab_size cannot change it")
         if self.halt_at_step is not None and not 0 < self.halt_at_step <= self.max_steps:
             raise ValueError(f"halt_at_step must be in 1..max_steps={self.max_steps}, got {self.halt_at_step}")
 

@@ -6,6 +6,8 @@ exact resumption: set up the process group, build the model from its preset, app
 schedule, restore the latest checkpoint when resuming, then loop: fetch this rank's slice of the
 global batch, accumulate gradients over micro-batches, reduce the loss, stop on a non-finite one,
 clip, step, log, evaluate, checkpoint. At the end it exports a HuggingFace model directory.
+``--init-from`` starts from a model directory instead of a fresh model, and ``--distill-from`` adds
+a teacher's KL term to the loss (:mod:`tpa.train.distill`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tpa.data.loader import TokenShards, TrainBatches, val_batch, val_sequences
 from tpa.data.prepare import read_meta
 from tpa.train import checkpoint as ckpt
 from tpa.train.config import TrainConfig, save_yaml
+from tpa.train.distill import DISTILL_FIELDS, load_init_model, make_distiller
 from tpa.train.metrics import (MetricsLogger, check_logging_packages, flops_per_token, memory_gb, peak_tflops,
                                run_info)
 from tpa.train.parallel import Dist, parallelize, resolve_parallel, setup_distributed, teardown_distributed
@@ -197,8 +200,12 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
 
     # ---- model
     torch.manual_seed(cfg.seed)
-    mconfig = build_model_config(cfg, meta)
-    model = T6ForCausalLM(mconfig).to(device)
+    if cfg.init_from is not None:
+        mconfig, model = load_init_model(cfg.init_from, int(meta["vocab_size"]), cfg.seq_len)
+        model = model.to(device)
+    else:
+        mconfig = build_model_config(cfg, meta)
+        model = T6ForCausalLM(mconfig).to(device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
                                        and torch.cuda.is_bf16_supported())
     mode = resolve_parallel(cfg.parallel, world)
@@ -207,6 +214,7 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 and mode != "fsdp" \
         else contextlib.nullcontext
     loss_fn = torch.compile(lm_loss) if cfg.compile else lm_loss
+    distiller = make_distiller(cfg, mconfig.vocab_size, device, mode, world, bf16, autocast)
 
     # ---- optimizer and schedule
     groups = param_groups(model, cfg.weight_decay)
@@ -227,6 +235,13 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                 if saved.get(k) != getattr(mconfig, k, None)}
         if diff:
             raise ValueError(f"{resume_from} was trained with another architecture (checkpoint, this run): {diff}")
+        saved_cfg = ckpt.read_trainer_state(resume_from)["config"]
+        defaults = TrainConfig()  # checkpoints from before these fields hold their defaults
+        diff = {k: (saved_cfg.get(k, getattr(defaults, k)), getattr(cfg, k)) for k in DISTILL_FIELDS
+                if saved_cfg.get(k, getattr(defaults, k)) != getattr(cfg, k)}
+        if diff:
+            raise ValueError(f"{resume_from} was trained with other init/distillation settings (checkpoint, this run): "
+                             f"{diff}")
         state = ckpt.load_checkpoint(resume_from, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["data"])
@@ -325,6 +340,8 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                         with autocast():
                             logits = train_model(input_ids=micro[:, :-1], use_cache=False).logits
                         loss = loss_fn(logits, micro[:, 1:])
+                        if distiller is not None:
+                            loss = loss + distiller(logits, micro[:, :-1])
                         (loss / accum).backward()
                     loss_sum += loss.detach()
                 lr = scheduler.get_last_lr()[0]

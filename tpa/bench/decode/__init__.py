@@ -9,7 +9,10 @@ One run, on one CUDA GPU (the kernel's correctness on the GPU is tested by
    x cache length 2^12 .. 2^19 x TPA ranks (16, 1, 1) and (6, 2, 2), skipping what does not fit,
    timing with CUDA events and the L2 cache flushed before every call: this kernel, the reference
    twin (small points), and SDPA decoding over materialised K/V caches for MHA, GQA with 4 KV heads
-   and MQA at the same H and d_h;
+   and MQA at the same H and d_h. For the kernel and the SDPA baselines each point has three
+   figures: ``us`` (plain launches, GPU time), ``host_us`` (host time of one eager call: 300 calls
+   back to back, no sync in the timed span) and ``graph_us`` (the call replayed from a CUDA graph,
+   GPU time);
 3. times batch 1 / length 4096 with plain launches and with CUDA-graph replay;
 4. times consecutive decode steps with the cache length growing by one per step.
 

@@ -7,20 +7,23 @@ from __future__ import annotations
 import csv
 
 from tpa.bench.decode.inputs import best_sdpa_variant, sdpa_decode_fn, tpa_bytes, tpa_inputs
-from tpa.bench.timing import kernel_times
+from tpa.bench.timing import eager_host_us, graph_replay_us, kernel_times
 
-FIELDS = ["method", "ranks", "kv_heads", "batch", "d_model", "heads", "length", "us", "bytes", "gbps",
-          "frac_copy", "backend", "splits", "retimed_us"]
+# us: plain launches (GPU time, CUDA events); host_us: host time of one eager call (no sync);
+# graph_us: one call replayed from a CUDA graph (GPU time); both GPU times with the L2 flushed
+FIELDS = ["method", "ranks", "kv_heads", "batch", "d_model", "heads", "length", "us", "host_us", "graph_us",
+          "bytes", "gbps", "frac_copy", "backend", "splits", "retimed_us"]
 FREE_MARGIN = 0.85  # a point runs when its tensors take less than this fraction of the free memory
 KV_HEADS = {"mha": None, "gqa4": 4, "mqa": 1}  # None: as many KV heads as query heads
 
 
 class Grid:
-    def __init__(self, torch, args, timer, dtype, bw, log):
+    def __init__(self, torch, args, timer, dtype, bw, log, launch):
         from tpa.ops import decode as decode_mod
         from tpa.ops import tpa_decode, tpa_decode_reference
 
         self.torch, self.args, self.timer, self.dtype, self.bw, self.log = torch, args, timer, dtype, bw, log
+        self.launch = launch  # DecodeLaunchOptions of the kernel (the tuned heuristic with --tune)
         self.elt = torch.tensor([], dtype=dtype).element_size()
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
         self.decode_mod, self.tpa_decode, self.tpa_decode_reference = decode_mod, tpa_decode, tpa_decode_reference
@@ -44,6 +47,8 @@ class Grid:
         self.rows.append(kw)
         self.log(f"  {kw['method']:<12} R={kw.get('ranks', ''):<8} B={kw['batch']:<3} H={kw['heads']:<3} "
                  f"L={kw['length']:<7} {kw['us']:10.1f} us {kw['gbps']:8.0f} GB/s {kw['frac_copy']:6.1%}"
+                 + (f"  host {kw['host_us']:.1f} us" if kw.get("host_us") is not None else "")
+                 + (f"  graph {kw['graph_us']:.1f} us" if kw.get("graph_us") is not None else "")
                  + (f"  [{kw['backend']}]" if kw.get("backend") else "")
                  + (f" splits={kw['splits']}" if kw.get("splits") else ""))
 
@@ -81,9 +86,12 @@ class Grid:
             return
         inputs = tpa_inputs(torch, bsz, length, h, d, ranks, self.dtype)
         out = torch.empty(bsz, 1, h, d, dtype=self.dtype, device="cuda")
-        fn = lambda: self.tpa_decode(*inputs[:7], out=out)  # noqa: E731
+        fn = lambda: self.tpa_decode(*inputs[:7], out=out, options=self.launch)  # noqa: E731
         us = timer.time(fn, reps=args.reps)
-        cfg = self.decode_mod.default_config(bsz, 1, h, d, d, length, self.sms, self.elt, None, ranks[1], ranks[2])
+        host_us = eager_host_us(torch, fn)
+        graph_us = graph_replay_us(torch, timer, fn, args.reps)
+        cfg = self.decode_mod.default_config(bsz, 1, h, d, d, length, self.sms, self.elt, None, ranks[1], ranks[2],
+                                             heuristic=self.launch.heuristic)
         # anomaly: slower than 2.5x the previous TPA point of this batch (any ranks) scaled by bytes
         key = (d_model, bsz)
         retimed = ""
@@ -98,7 +106,8 @@ class Grid:
         self.last_us[key] = (us, nbytes)
         point = dict(ranks=",".join(map(str, ranks)), kv_heads="", batch=bsz, d_model=d_model, heads=h,
                      length=length, bytes=nbytes)
-        self.record(method="tpa", us=us, backend="triton", splits=cfg.num_splits, retimed_us=retimed, **point)
+        self.record(method="tpa", us=us, host_us=host_us, graph_us=graph_us, backend="triton", splits=cfg.num_splits,
+                    retimed_us=retimed, **point)
         if length <= args.reference_max_len:
             try:
                 ref_fn = lambda: self.tpa_decode_reference(*inputs[:7])  # noqa: E731
@@ -118,8 +127,10 @@ class Grid:
             return
         fn, nbytes, tensors = sdpa_decode_fn(torch, bsz, length, h, d, kv, self.dtype, variant)
         us = self.timer.time(fn, reps=self.args.reps)
+        host_us = eager_host_us(torch, fn)
+        graph_us = graph_replay_us(torch, self.timer, fn, self.args.reps)
         self.record(method=f"sdpa_{name}", ranks="", kv_heads=kv, batch=bsz, d_model=d_model, heads=h,
-                    length=length, us=us, bytes=nbytes, backend=variant)
+                    length=length, us=us, host_us=host_us, graph_us=graph_us, bytes=nbytes, backend=variant)
         del fn, tensors
         torch.cuda.empty_cache()
 

@@ -34,7 +34,7 @@ def batch1_latency(torch, timer, tpa_decode, dtype, log):
     res["plain_gpu_warm_us"] = timer.time(fn, reps=200, flush=False)
     res["plain_host_per_call_us"] = host_time(torch, fn)
     raw = lambda: tpa_decode_triton(*inputs[:7], None, 0.125, False, out=out)  # noqa: E731
-    res["plain_host_per_call_no_validation_us"] = host_time(torch, raw)
+    res["plain_host_per_call_backend_triton_us"] = host_time(torch, raw)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
@@ -48,7 +48,7 @@ def batch1_latency(torch, timer, tpa_decode, dtype, log):
     res["graph_10_calls_per_call_warm_us"] = timer.time(graph10.replay, reps=50, flush=False) / 10
     # One graph of back-to-back calls, each over its own cache (as the layers of a decode step are):
     # together the caches are four times the L2, so every call reads its cache from memory; the
-    # graph launch is paid once for all of them (inputs rotated so that none is in the L2; small launches timed as graph replays).
+    # graph launch is paid once for all of them (METHOD.md: rotate inputs, time graph replays).
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     per_set = tpa_bytes(1, 4096, 32, 64, (16, 1, 1), torch.tensor([], dtype=dtype).element_size())
     n_sets = max(8, math.ceil(4 * l2 / per_set))
@@ -91,7 +91,9 @@ def growing_run(torch, timer, tpa_decode, decode_mod, dtype, steps, log):
     out = torch.empty(1, 1, 32, 64, dtype=dtype, device="cuda")
     tpa_decode(*inputs[:7], out=out)  # compile once
     torch.cuda.synchronize()
-    split_kernel, merge_kernel = decode_mod._kernels()
+    from tpa.ops.decode_launch import _kernels
+
+    split_kernel, merge_kernel = _kernels()
     before = (_compiled_variants(split_kernel), _compiled_variants(merge_kernel))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

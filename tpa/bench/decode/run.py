@@ -34,8 +34,9 @@ def main(args) -> int:
     if not torch.cuda.is_available():
         print("tpa bench decode needs a CUDA GPU")
         return 2
-    from tpa.ops import tpa_decode
     from tpa.ops import decode as decode_mod
+    from tpa.ops import tpa_decode
+    from tpa.ops.decode import DecodeLaunchOptions
 
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
@@ -63,13 +64,15 @@ def main(args) -> int:
         with open(os.path.join(args.out, "summary.txt"), "w") as f:
             f.write("\n".join(log_lines) + "\n")
         return 0
+    launch = DecodeLaunchOptions()
     if args.tune:
         log(f"[{time.perf_counter() - t_start:.0f} s] tune")
-        _guard(log, tune, torch, timer, tpa_decode, decode_mod, dtype, elt, bw, log)
-    log(f"launch heuristic in use: {decode_mod._HEURISTIC}")
+        winner = _guard(log, tune, torch, timer, tpa_decode, decode_mod, dtype, elt, bw, log)
+        launch = DecodeLaunchOptions(heuristic=winner) if winner is not None else launch
+    log(f"launch heuristic in use: {launch.heuristic}")
 
     log(f"[{time.perf_counter() - t_start:.0f} s] grid (GPU time: CUDA events, L2 flushed before each call; median):")
-    grid = Grid(torch, args, timer, dtype, bw, log)
+    grid = Grid(torch, args, timer, dtype, bw, log, launch)
     _guard(log, grid.run)
     log(f"[{time.perf_counter() - t_start:.0f} s] grid done")
     grid.write_csv(os.path.join(args.out, "decode.csv"))

@@ -21,16 +21,17 @@ def sweep(torch, timer, decode_mod, dtype, elt, bw, out_dir, log):
     """Time explicit launch configurations at SWEEP_POINTS (coordinate descent): first the split
     count (block 64, 3 stages, default warps), then stages x block x warps at the best split count,
     then the best without programmatic dependent launch of the merge kernel. Writes sweep.csv; the
-    heuristic (``decode._HEURISTIC`` and ``default_config``) is then set from it by hand, and the
+    heuristic (``decode.DecodeHeuristic`` and ``default_config``) is then set from it by hand, and the
     grid re-run checks the result."""
-    from tpa.ops.decode import DecodeConfig, default_config, tpa_decode
+    from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions, default_config, tpa_decode
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows_out = []
 
-    def run(inputs, out, cfg):
+    def run(inputs, out, cfg, options=None):
         try:
-            return timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg), reps=15, budget_s=0.05)
+            return timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg, options=options), reps=15,
+                              budget_s=0.05)
         except Exception as err:  # noqa: BLE001  # a configuration that does not compile or launch
             log(f"    {cfg} failed: {type(err).__name__}: {str(err)[:100]}")
             return float("inf")
@@ -57,11 +58,7 @@ def sweep(torch, timer, decode_mod, dtype, elt, bw, out_dir, log):
                         results[cfg] = run(inputs, out, cfg)
         ranked = sorted(results.items(), key=lambda kv: kv[1])
         top = ranked[0][0]
-        decode_mod._USE_PDL = False
-        try:
-            no_pdl = run(inputs, out, top)
-        finally:
-            decode_mod._USE_PDL = True
+        no_pdl = run(inputs, out, top, DecodeLaunchOptions(use_pdl=False))
         rows_out.append(dict(batch=bsz, length=length, ranks=",".join(map(str, ranks)), splits=top.num_splits,
                              block_m=top.block_m, stages=top.num_stages, warps=f"{top.num_warps} no-PDL", us=no_pdl,
                              frac_copy=nbytes / (bw * 1e9) * 1e6 / no_pdl))
@@ -95,22 +92,24 @@ TUNE_CANDIDATES = [
 
 
 def tune(torch, timer, tpa_decode, decode_mod, dtype, elt, bw, log):
-    """Choose the launch heuristic's constants (decode._HEURISTIC) by measurement: each candidate
-    rule is timed through the default path at a few H=32 points; the best geometric mean over the
-    (16, 1, 1) points wins and is used for the rest of the run. Returns the winner."""
+    """Choose the launch heuristic's constants (a ``decode.DecodeHeuristic``) by measurement: each
+    candidate rule is timed through the default path at a few H=32 points; the best geometric mean
+    over the (16, 1, 1) points wins and is used for the rest of the run. Returns the winner."""
+    import dataclasses
     import statistics as st
 
     points = [(1, 4096, (16, 1, 1)), (1, 1 << 19, (16, 1, 1)), (4, 1 << 17, (16, 1, 1)),
               (16, 1 << 16, (16, 1, 1)), (16, 1 << 18, (16, 1, 1)), (16, 1 << 18, (6, 2, 2))]
-    original = dict(decode_mod._HEURISTIC)
+    original = decode_mod.DecodeHeuristic()
     table = {i: [] for i in range(len(TUNE_CANDIDATES))}
     for bsz, length, ranks in points:
         inputs = tpa_inputs(torch, bsz, length, 32, 64, ranks, dtype)
         out = torch.empty(bsz, 1, 32, 64, dtype=dtype, device="cuda")
         for i, cand in enumerate(TUNE_CANDIDATES):
-            decode_mod._HEURISTIC = {**original, **cand}  # constants a candidate leaves out keep their values
+            # constants a candidate leaves out keep their values
+            options = decode_mod.DecodeLaunchOptions(heuristic=dataclasses.replace(original, **cand))
             try:
-                us = timer.time(lambda: tpa_decode(*inputs[:7], out=out), reps=10, budget_s=0.05)
+                us = timer.time(lambda: tpa_decode(*inputs[:7], out=out, options=options), reps=10, budget_s=0.05)
             except Exception as err:  # noqa: BLE001  # a candidate that does not compile or launch
                 log(f"  candidate {cand} failed at B={bsz} L={length}: {type(err).__name__}: {str(err)[:120]}")
                 us = float("inf")
@@ -124,7 +123,6 @@ def tune(torch, timer, tpa_decode, decode_mod, dtype, elt, bw, log):
         scores[i] = st.geometric_mean(times[:5]) if all(math.isfinite(t) for t in times[:5]) else float("inf")
         log(f"  {cand}: " + " ".join(f"{t:8.1f}" for t in times) + f"   geomean(16,1,1) {scores[i]:.1f}")
     best = min(scores, key=scores.get)
-    winner = {**original, **TUNE_CANDIDATES[best]}
-    decode_mod._HEURISTIC = dict(winner)
+    winner = dataclasses.replace(original, **TUNE_CANDIDATES[best])
     log(f"tune: winner {winner} (code default was {original})")
     return winner

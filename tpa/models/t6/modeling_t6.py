@@ -220,9 +220,11 @@ class T6Model(T6PreTrainedModel):
                 positions = position_ids
         if position_ids is not None and not sync_free and int(position_ids.max()) >= max_pos:
             raise ValueError(f"position ids reach {int(position_ids.max())}, beyond max_position_embeddings={max_pos}")
-        cos, sin = self.rotary(positions)
+        # float32 tables (float64 for a float64 model, whose RoPE is then exact to float64)
+        rope_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        cos, sin = self.rotary(positions, dtype=rope_dtype)
         if step is not None and self._rotates_cached_keys:  # the key slots' RoPE tables, once for all layers
-            step.key_cos, step.key_sin = self.rotary(step.key_positions)
+            step.key_cos, step.key_sin = self.rotary(step.key_positions, dtype=rope_dtype)
         for block, layer_cache in zip(self.layers, layer_caches):
             ctx = AttentionContext(cos=cos, sin=sin, mask=mask, cache=layer_cache, step=step, kv_cache=kv,
                                    rotary=self.rotary, decode_impl=self.config.decode_impl)

@@ -1,0 +1,206 @@
+"""The host side of tpa_decode (tpa.ops.decode_launch): plans per launch configuration, compiled
+kernel handles, cached split workspaces, the triton_op, and validation on new keys.
+
+Kernels run under Triton's interpreter on the CPU (compiled on a GPU). Results are checked with the
+tolerance rule of tests/ops/test_decode.py (float64 truth, twice PyTorch's error at the dtype).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from tests.ops.kernels import DEVICE, KERNELS_RUNNABLE, rerun_with_interpreter
+from tests.ops.test_decode import POISON, assert_close_to_truth, make_inputs
+from tpa.ops import decode_launch, tpa_decode
+from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions
+
+needs_kernel = pytest.mark.skipif(
+    not KERNELS_RUNNABLE,
+    reason="triton was imported before TRITON_INTERPRET=1 could be set; test_plans_in_fresh_process runs these",
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    decode_launch.clear_plans()
+    yield
+    decode_launch.clear_plans()
+
+
+def _plans():
+    return [entry.plan for entry in decode_launch.PLANS.values()]
+
+
+def _call(inputs, **kw):
+    return tpa_decode(*inputs[:7], block_table=inputs[7], return_lse=True, backend="triton", **kw)
+
+
+@needs_kernel
+def test_same_shapes_reuse_one_plan_other_shapes_get_their_own():
+    """New tensors of the same shapes (and new lengths) reuse the plan; a different rank, head count,
+    dtype, layout, stride or batch makes a new one; every result is right."""
+    base = dict(lengths=[3, 40], n=1, h=34, d=64, e=64, ranks=(2, 1, 1), dtype=torch.float32, capacity=41)
+    first = make_inputs(**base, seed=1)
+    assert_close_to_truth(*_call(first), first)
+    plan = _plans()[0]
+    again = make_inputs(**{**base, "lengths": [17, 1]}, seed=2)  # other values and lengths, same shapes
+    assert_close_to_truth(*_call(again), again)
+    assert _plans() == [plan]
+    variants = [
+        dict(ranks=(3, 2, 1)), dict(ranks=(1, 1, 3)), dict(h=78), dict(dtype=torch.bfloat16),
+        dict(lengths=[3, 40, 9]), dict(paged=True, page_size=16, capacity=48),
+    ]
+    for i, change in enumerate(variants):
+        inputs = make_inputs(**{**base, **change}, seed=10 + i)
+        assert_close_to_truth(*_call(inputs), inputs)
+        assert len(_plans()) == i + 2, f"{change} should have made a new plan"
+    strided = make_inputs(**base, seed=20, strided=True)  # same shapes, other strides
+    assert_close_to_truth(*_call(strided), strided)
+    assert len(_plans()) == len(variants) + 2
+    assert all(p.split_handle is None for p in _plans()) or DEVICE == "cuda"  # the interpreter has no handles
+
+
+@needs_kernel
+def test_workspaces_follow_shapes_and_outputs_are_fresh():
+    """Split partials are cached per plan (and stream) and reused by that plan's calls; alternating
+    shapes never read another shape's workspace; each call returns its own output."""
+    cfg = DecodeConfig(block_m=16, num_splits=3)
+    small = dict(lengths=[5, 33], n=1, h=34, d=64, e=64, ranks=(1, 2, 3), dtype=torch.float32, capacity=45)
+    large = dict(lengths=[44, 2, 61], n=2, h=5, d=80, e=64, ranks=(3, 1, 2), dtype=torch.float32, capacity=63)
+    a1, b1, a2 = make_inputs(**small, seed=3), make_inputs(**large, seed=4), make_inputs(**small, seed=5)
+    out_a1, lse_a1 = _call(a1, config=cfg)
+    kept = out_a1.clone()
+    out_b1, lse_b1 = _call(b1, config=cfg)
+    out_a2, lse_a2 = _call(a2, config=cfg)
+    for out, lse, inputs in ((out_a1, lse_a1, a1), (out_b1, lse_b1, b1), (out_a2, lse_a2, a2)):
+        assert_close_to_truth(out, lse, inputs)
+    assert torch.equal(out_a1, kept), "a later call overwrote an earlier call's output"
+    assert out_a2.data_ptr() != out_a1.data_ptr()
+    plan_a, plan_b = _plans()
+    assert plan_a.num_splits == plan_b.num_splits == 3
+    (ws_a,), (ws_b,) = plan_a._workspaces.values(), plan_b._workspaces.values()
+    assert ws_a[0].shape == (2, 1, 34, 3, 64) and ws_b[0].shape == (3, 2, 5, 3, 64)
+    ptr = ws_a[0].data_ptr()
+    _call(a1, config=cfg)
+    assert next(iter(plan_a._workspaces.values()))[0].data_ptr() == ptr  # reused, not reallocated
+
+
+@needs_kernel
+def test_poisoned_workspaces_are_never_cached():
+    inputs = make_inputs([7, 30], 1, 34, 64, 64, (1, 1, 1), torch.float32, capacity=31, seed=6)
+    cfg = DecodeConfig(block_m=16, num_splits=2)
+    for _ in range(2):
+        assert_close_to_truth(*_call(inputs, config=cfg, options=POISON), inputs)
+    assert _plans()[0]._workspaces == {}
+
+
+@needs_kernel
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_handle_launch_passes_the_arguments_of_the_jit_launch(paged):
+    """After a plan's first launch, later ones call the compiled handle with every argument of the
+    kernel's signature in order (constexprs included, as Triton >= 3.3 launchers take them). A stub
+    handle records what it gets; it must equal what triton.jit was given."""
+    inputs = make_inputs([9, 23], 1, 34, 64, 64, (3, 2, 1), torch.bfloat16, paged=paged, page_size=16,
+                         capacity=32, seed=7)
+    cfg = DecodeConfig(block_m=16, num_splits=2)
+    _call(inputs, config=cfg)
+    (plan,) = _plans()
+    split_kernel, merge_kernel = decode_launch._kernels()
+    seen = {}
+
+    class Handle:
+        function, packed_metadata = "fn", "meta"
+
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, *args):
+            seen[self.name] = args
+
+    plan.split_handle, plan.merge_handle = Handle("split"), Handle("merge")
+    _call(inputs, config=cfg)
+    for name, kernel, grid in (("split", split_kernel, plan.split_grid), ("merge", merge_kernel, plan.merge_grid)):
+        args = seen[name]
+        assert args[:3] == (*grid, 1, 1)[:3] and args[4:9] == ("fn", "meta", None, None, None)
+        params = list(inspect.signature(kernel.fn).parameters)
+        assert len(args) - 9 == len(params), f"{name}: {len(args) - 9} arguments for {len(params)} parameters"
+        constexprs = plan.split_constexprs if name == "split" else plan.merge_constexprs
+        assert params[-len(constexprs):] == list(constexprs)
+        assert tuple(args[9 + len(params) - len(constexprs):]) == tuple(constexprs.values())
+    split_args = seen["split"][9:]
+    assert split_args[0] is inputs[0] and split_args[2] is inputs[2]
+    assert split_args[7] is (inputs[7] if paged else inputs[6])
+
+
+@needs_kernel
+def test_triton_op_matches_the_eager_call():
+    """``torch.ops.tpa.decode`` (what torch.compile traces) gives the eager call's numbers."""
+    inputs = make_inputs([4, 29], 2, 34, 64, 64, (2, 2, 2), torch.float32, capacity=30, seed=8)
+    out, lse = _call(inputs, config=DecodeConfig(block_m=16, num_splits=2))
+    cfg = decode_launch.config_to_list(_plans()[0].cfg, DecodeLaunchOptions())
+    op_out, op_lse = torch.ops.tpa.decode(*inputs[:7], None, 64 ** -0.5, True, cfg)
+    torch.testing.assert_close(op_out, out, rtol=0, atol=0)
+    torch.testing.assert_close(op_lse, lse, rtol=0, atol=0)
+    op_out, op_lse = torch.ops.tpa.decode(*inputs[:7], None, 64 ** -0.5, False, cfg)
+    torch.testing.assert_close(op_out, out, rtol=0, atol=0)
+    assert op_lse.numel() == 0
+
+
+def test_new_key_is_validated_after_a_good_call():
+    """A known key skips validation, so every property validation checks is part of the key: a call
+    that differs from a good one only in a dtype, a device or a shape is still refused."""
+    good = [t.cpu() if isinstance(t, torch.Tensor) else t for t in make_inputs(
+        [5, 9], 1, 4, 32, 32, (2, 1, 2), torch.float32, capacity=12, seed=11)[:7]]
+    tpa_decode(*good, backend="reference")
+    bad_dtype = list(good)
+    bad_dtype[3] = good[3].half()
+    with pytest.raises(TypeError, match="dtype"):
+        tpa_decode(*bad_dtype, backend="reference")
+    bad_device = list(good)
+    bad_device[4] = good[4].to("meta")
+    with pytest.raises(ValueError, match="share a device"):
+        tpa_decode(*bad_device, backend="reference")
+    bad_lengths = list(good)
+    bad_lengths[6] = good[6].long()
+    with pytest.raises(TypeError, match="int32"):
+        tpa_decode(*bad_lengths, backend="reference")
+    with pytest.raises(ValueError, match="exceeds the cache capacity"):  # values: checked per call on CPU
+        tpa_decode(*good[:6], torch.tensor([5, 13], dtype=torch.int32), backend="reference")
+
+
+def test_plan_table_is_bounded(monkeypatch):
+    monkeypatch.setattr(decode_launch, "MAX_PLANS", 2)
+    for length in (5, 6, 7):
+        inputs = [t.cpu() if isinstance(t, torch.Tensor) else t for t in make_inputs(
+            [length], 1, 4, 32, 32, (1, 1, 1), torch.float32, seed=length)[:7]]
+        tpa_decode(*inputs, backend="reference")
+    assert len(decode_launch.PLANS) == 2
+
+
+def test_plans_in_fresh_process():
+    rerun_with_interpreter(__file__, "plan or workspace or handle or triton_op")
+
+
+@pytest.mark.gpu
+def test_gpu_handles_graph_capture_and_compile():
+    """On a GPU: the second call launches through the compiled handles with the same numbers; a CUDA
+    graph capture allocates its own workspace (never the eager one); torch.compile of a function
+    calling tpa_decode (inductor launches the triton_op's kernels) gives the eager numbers."""
+    inputs = make_inputs([300, 4000], 1, 32, 64, 64, (6, 2, 2), torch.bfloat16, capacity=4096, seed=12)
+    first = tpa_decode(*inputs[:7])
+    (plan,) = _plans()
+    assert plan.num_splits > 1 and plan.split_handle is not None and plan.merge_handle is not None
+    torch.testing.assert_close(tpa_decode(*inputs[:7]), first, rtol=0, atol=0)
+    eager_ws = {k: v[0].data_ptr() for k, v in plan._workspaces.items()}
+    static_out = torch.empty_like(first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tpa_decode(*inputs[:7], out=static_out)
+    assert {k: v[0].data_ptr() for k, v in plan._workspaces.items()} == eager_ws
+    graph.replay()
+    torch.testing.assert_close(static_out, first, rtol=0, atol=0)
+    compiled = torch.compile(lambda *x: tpa_decode(*x), fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs[:7]), first, rtol=0, atol=0)

@@ -1,0 +1,225 @@
+"""FlashTPA decoding kernels (the paper's Algorithm 2): the split kernel and the split merge.
+
+Imported only where Triton is installed, on the first call of the Triton path (so that
+``TRITON_INTERPRET=1``, set before that, makes ``triton.jit`` build interpreted kernels). The host
+side (launch parameters, buffers, plans) is :mod:`tpa.ops.decode_launch`; the algorithm is described
+in :mod:`tpa.ops.decode`. Annotations are strings (``from __future__ import annotations``), which
+is what Triton reads for ``tl.constexpr``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from tpa.ops.kernels.common import round_bf16
+
+__all__ = ["tpa_decode_merge_kernel", "tpa_decode_split_kernel"]
+
+
+# ``capacity`` and ``N`` vary at run time without changing the code: never specialise on them.
+@triton.jit(do_not_specialize=["N", "capacity", "num_splits"])
+def tpa_decode_split_kernel(
+    AQ, BQ, AK, BK, AV, BV, SEQLENS, BLOCK_TABLE,
+    OUT, LSE, O_PART, LSE_PART,
+    N, capacity, num_splits, scale_log2, out_scale,
+    s_aq_b, s_aq_n, s_aq_r, s_aq_h,
+    s_bq_b, s_bq_n, s_bq_r, s_bq_d,
+    s_ak_b, s_ak_m, s_ak_r, s_ak_h,
+    s_bk_b, s_bk_m, s_bk_r, s_bk_d,
+    s_av_b, s_av_m, s_av_r, s_av_h,
+    s_bv_b, s_bv_m, s_bv_r, s_bv_e,
+    s_bt_b,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+    R_Q: tl.constexpr, R_K: tl.constexpr, R_V: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, OFFS_64: tl.constexpr,
+    EARLY_LAUNCH: tl.constexpr,
+):
+    """One (split, head/query tile, sequence). Rows of every tile are (query, head) pairs:
+    row = n_local * BLOCK_H + h_local. For a contiguous cache the ``*_b`` strides step over
+    sequences and ``*_m`` over tokens; for a paged cache ``*_b`` steps over physical blocks and
+    ``*_m`` over tokens within a block."""
+    if EARLY_LAUNCH:  # let the merge kernel (launched with PDL) start now; it waits for our results
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_s = tl.program_id(0)
+    pid_hq = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
+    ROWS: tl.constexpr = BLOCK_N * BLOCK_H
+    hb = pid_hq % NUM_H_BLOCKS
+    qb = pid_hq // NUM_H_BLOCKS
+
+    rows = tl.arange(0, ROWS)
+    r_h = hb * BLOCK_H + rows % BLOCK_H
+    r_n = qb * BLOCK_N + rows // BLOCK_H
+    h_ok = r_h < H
+    row_ok = h_ok & (r_n < N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    d_ok = offs_d < D
+    e_ok = offs_e < E
+    offs_m = tl.arange(0, BLOCK_M)
+
+    # Length of this sequence, clamped to the capacity so that a bad length never reads out of bounds.
+    seqlen = tl.minimum(tl.load(SEQLENS + b), capacity)
+    # Causal mask aligned to the end: query n sees tokens j < seqlen - N + 1 + n.
+    limit = seqlen - N + 1 + r_n
+    # This split's slice of [0, seqlen), in whole blocks, from the run-time length.
+    n_blocks = (seqlen + BLOCK_M - 1) // BLOCK_M
+    blocks_per_split = (n_blocks + num_splits - 1) // num_splits
+    lo = pid_s * blocks_per_split * BLOCK_M
+    hi = tl.minimum(lo + blocks_per_split * BLOCK_M, seqlen)
+
+    # Queries of this tile from their factors as one small matrix product, exact products and
+    # float32 sums: q[row, d] = sum_r a_q[n, r, h] b_q[n, r, d] with (n, h) the row's query and head.
+    # Column c of the left operand is (query c // R_PAD, rank c % R_PAD); it is zero unless that
+    # query is the row's own, so the product is block diagonal over the tile's queries.
+    KQ: tl.constexpr = BLOCK_N * R_PAD
+    cols = tl.arange(0, KQ)
+    c_n = cols // R_PAD
+    c_r = cols % R_PAD
+    c_ok = c_r < R_Q
+    a_q = tl.load(
+        AQ + b64 * s_aq_b + r_n[:, None] * s_aq_n + c_r[None, :] * s_aq_r + r_h[:, None] * s_aq_h,
+        mask=row_ok[:, None] & c_ok[None, :] & (c_n[None, :] == (rows // BLOCK_H)[:, None]),
+        other=0.0,
+    )  # [ROWS, KQ]
+    q_n = qb * BLOCK_N + c_n
+    b_q = tl.load(
+        BQ + b64 * s_bq_b + q_n[:, None] * s_bq_n + c_r[:, None] * s_bq_r + offs_d[None, :] * s_bq_d,
+        mask=(c_ok & (q_n < N))[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [KQ, BLOCK_D]
+    if IEEE_DOT:
+        q = tl.dot(a_q.to(tl.float32), b_q.to(tl.float32), input_precision="ieee")
+    else:
+        q = tl.dot(a_q, b_q)
+    kv_dtype = BK.dtype.element_ty
+    q = round_bf16(q, FIX_BF16).to(kv_dtype)
+
+    acc = tl.zeros([ROWS, BLOCK_E], dtype=tl.float32)
+    m_i = tl.full([ROWS, 1], -3.0e38, dtype=tl.float32)
+    l_i = tl.zeros([ROWS, 1], dtype=tl.float32)
+
+    if not PAGED:
+        ak_base = AK + b64 * s_ak_b
+        bk_base = BK + b64 * s_bk_b
+        av_base = AV + b64 * s_av_b
+        bv_base = BV + b64 * s_bv_b
+
+    for start in range(lo, hi, BLOCK_M):
+        tok = start + offs_m
+        tok_ok = tok < hi
+        if PAGED:
+            blk = tl.load(BLOCK_TABLE + b64 * s_bt_b + tok // PAGE_SIZE, mask=tok_ok, other=0).to(tl.int64)
+            in_blk = tok % PAGE_SIZE
+            ak_tok = AK + blk * s_ak_b + in_blk * s_ak_m
+            bk_tok = BK + blk * s_bk_b + in_blk * s_bk_m
+            av_tok = AV + blk * s_av_b + in_blk * s_av_m
+            bv_tok = BV + blk * s_bv_b + in_blk * s_bv_m
+        else:
+            if OFFS_64:  # token offsets beyond 2^31 elements in a huge cache
+                tok_o = tok.to(tl.int64)
+            else:
+                tok_o = tok
+            ak_tok = ak_base + tok_o * s_ak_m
+            bk_tok = bk_base + tok_o * s_bk_m
+            av_tok = av_base + tok_o * s_av_m
+            bv_tok = bv_base + tok_o * s_bv_m
+
+        # (1)+(2) logits: per key rank, head-shared feature dots, then the per-head factor a_k.
+        s = tl.zeros([ROWS, BLOCK_M], dtype=tl.float32)
+        for rk in tl.static_range(R_K):
+            k_t = tl.load(bk_tok[None, :] + rk * s_bk_r + offs_d[:, None] * s_bk_d,
+                          mask=d_ok[:, None] & tok_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_M]
+            if IEEE_DOT:
+                qk = tl.dot(q.to(tl.float32), k_t.to(tl.float32), input_precision="ieee")
+            else:
+                qk = tl.dot(q, k_t)
+            a_k = tl.load(ak_tok[None, :] + rk * s_ak_r + r_h[:, None] * s_ak_h,
+                          mask=h_ok[:, None] & tok_ok[None, :], other=0.0)  # [ROWS, BLOCK_M]
+            s += qk * a_k.to(tl.float32)
+        visible = (tok[None, :] < limit[:, None]) & tok_ok[None, :]
+        s = tl.where(visible, s * scale_log2, float("-inf"))
+
+        # (3) online softmax, base 2. m_i starts at a finite floor, so a row that sees nothing yet
+        # gets p = 0 and alpha = 1 instead of NaN.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1, keep_dims=True))
+        p = tl.math.exp2(s - m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1, keep_dims=True)
+        acc = acc * alpha
+
+        # (4) values: per value rank, (p * a_v) B_v.
+        for rv in tl.static_range(R_V):
+            a_v = tl.load(av_tok[None, :] + rv * s_av_r + r_h[:, None] * s_av_h,
+                          mask=h_ok[:, None] & tok_ok[None, :], other=0.0)  # [ROWS, BLOCK_M]
+            v = tl.load(bv_tok[:, None] + rv * s_bv_r + offs_e[None, :] * s_bv_e,
+                        mask=tok_ok[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
+            w = round_bf16(p * a_v.to(tl.float32), FIX_BF16).to(v.dtype)
+            if IEEE_DOT:
+                acc += tl.dot(w.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(w, v)
+        m_i = m_new
+
+    m_i = tl.reshape(m_i, [ROWS])
+    l_i = tl.reshape(l_i, [ROWS])
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    lse2 = tl.where(has, m_i + tl.math.log2(l_safe), float("-inf"))  # log2 domain
+    row_bnh = (b64 * N + r_n) * H + r_h  # index of (b, n, h) in [B, N, H]
+    if not SPLIT:
+        o = acc * (out_scale / l_safe)[:, None]
+        o_ptr = OUT + row_bnh[:, None] * E + offs_e[None, :]
+        tl.store(o_ptr, round_bf16(o, FIX_BF16).to(OUT.dtype.element_ty), mask=row_ok[:, None] & e_ok[None, :])
+        if WRITE_LSE:
+            tl.store(LSE + row_bnh, lse2 * 0.6931471805599453, mask=row_ok)
+    else:
+        o = acc / l_safe[:, None]
+        part = row_bnh * num_splits + pid_s
+        tl.store(O_PART + part[:, None] * E + offs_e[None, :], o, mask=row_ok[:, None] & e_ok[None, :])
+        tl.store(LSE_PART + part, lse2, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def tpa_decode_merge_kernel(
+    O_PART, LSE_PART, OUT, LSE,
+    num_splits, out_scale,
+    E: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+    WRITE_LSE: tl.constexpr, FIX_BF16: tl.constexpr, PDL: tl.constexpr,
+):
+    """Merge the splits of one (b, n, h) row with a float32 log-sum-exp.
+
+    All loads are independent of each other (the split loop is unrolled in chunks of CHUNK_S), so
+    the row costs about one memory round trip, not one per split. With PDL the kernel is launched
+    while the split kernel still runs (programmatic dependent launch) and waits here for its
+    results, which hides the launch latency."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(tl.math.exp2(lse - m_use), axis=0)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for c in tl.static_range(0, BLOCK_S, CHUNK_S):
+        offs_c = c + tl.arange(0, CHUNK_S)
+        c_ok = offs_c < num_splits
+        lse_c = tl.load(LSE_PART + row * num_splits + offs_c, mask=c_ok, other=float("-inf"))
+        o_c = tl.load(O_PART + (row * num_splits + offs_c)[:, None] * E + offs_e[None, :],
+                      mask=c_ok[:, None] & e_ok[None, :], other=0.0)
+        acc += tl.sum(tl.math.exp2(lse_c - m_use)[:, None] * o_c, axis=0)
+    has = l > 0.0
+    l_safe = tl.where(has, l, 1.0)
+    out = acc * (out_scale / l_safe)
+    tl.store(OUT + row * E + offs_e, round_bf16(out, FIX_BF16).to(OUT.dtype.element_ty), mask=e_ok)
+    if WRITE_LSE:
+        tl.store(LSE + row, tl.where(has, m_use + tl.math.log2(l_safe), float("-inf")) * 0.6931471805599453)
