@@ -22,7 +22,7 @@ def test_model_puts_key_tables_on_the_step_once(variant, rotates, monkeypatch):
     calls = []
     rotary_forward = RotaryEmbedding.forward
     monkeypatch.setattr(RotaryEmbedding, "forward",
-                        lambda self, pos: calls.append(tuple(pos.shape)) or rotary_forward(self, pos))
+                        lambda self, pos, **kw: calls.append(tuple(pos.shape)) or rotary_forward(self, pos, **kw))
     with torch.no_grad():
         out = model(torch.randint(1, 97, (2, 5)), use_cache=True)
         calls.clear()

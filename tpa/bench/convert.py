@@ -18,7 +18,6 @@ warm-up. It writes ``convert.md`` (table), ``convert.json`` (settings, every res
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path

@@ -42,7 +42,6 @@ Writes ``generate.json``, ``generate.csv`` and ``generate.md``.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
