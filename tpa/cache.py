@@ -63,6 +63,9 @@ class CacheStep:
         kernel_seqlens: ``[B]`` int32 lengths for the FlashTPA decode kernel (query i of sequence b
             sees slots ``j < kernel_seqlens[b] - T + 1 + i``), or None where the kernel does not
             apply (padding among the new tokens of a dynamic step).
+        key_positions: ``[B, kv_len]`` RoPE positions of the slots attention reads (set by ``begin``).
+        key_cos, key_sin: ``[B, kv_len, d_rope/2]`` RoPE tables of ``key_positions``, set by the model
+            when a layer rotates cached keys as it reads them (one table for all such layers); else None.
     """
 
     slots: torch.Tensor
@@ -75,6 +78,9 @@ class CacheStep:
     write_index: tuple[torch.Tensor, torch.Tensor] | None = None
     source_index: tuple[torch.Tensor, torch.Tensor] | None = None
     kernel_seqlens: torch.Tensor | None = None
+    key_positions: torch.Tensor | None = None
+    key_cos: torch.Tensor | None = None
+    key_sin: torch.Tensor | None = None
 
     @property
     def fixed_shapes(self) -> bool:
@@ -336,6 +342,7 @@ class KVCache:
                 new[:, : self.positions.shape[1]] = self.positions
             self.positions = new
         step.write(self.positions, step.positions)
+        step.key_positions = self.positions[:, : step.kv_len]
 
     def cached_positions(self, kv_len: int) -> torch.Tensor:
         """``[B, kv_len]`` RoPE positions of the cached slots."""

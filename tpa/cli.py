@@ -1,8 +1,10 @@
-"""The ``tpa`` command: data / train / generate / eval / bench / ablate / convert.
+"""The ``tpa`` command: data / train / demo / generate / eval / bench / ablate / convert.
 
-Each subcommand lives in the package that owns it and exposes ``register(subparsers)``; this file
-only wires them together. Heavy imports (torch, transformers) happen inside the handlers, so
-``tpa --help`` stays fast.
+One pattern for every command: the ``cli.py`` of the package that implements it declares its parser
+(``register(subparsers)``) and points it at a handler that imports the implementation only when the
+command runs, so ``tpa --help`` imports neither torch nor transformers. ``tpa generate`` is
+implemented by the top-level :mod:`tpa.generate`, so its parser is declared here. A command module
+that fails to import is an error, never a missing command.
 """
 
 from __future__ import annotations
@@ -11,17 +13,30 @@ import argparse
 import importlib
 import sys
 
-# (subcommand module, one-line help). Each module defines ``register(subparsers)``.
-SUBCOMMANDS = [
-    "tpa.data.cli",
-    "tpa.train.cli",
-    "tpa.train.demo",
-    "tpa.generate",
-    "tpa.eval.cli",
-    "tpa.bench.cli",
-    "tpa.bench.ablate",
-    "tpa.convert.cli",
-]
+from tpa.utils.args import handler
+
+# the packages' command modules, each with ``register(subparsers)``
+COMMAND_MODULES = ["tpa.data.cli", "tpa.train.cli", "tpa.eval.cli", "tpa.bench.cli", "tpa.convert.cli"]
+
+
+def _register_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a model directory (streams, uses the KV cache)",
+                              description="Generate text from a HuggingFace model directory written by `tpa train` "
+                                          "(or any causal LM with a tokenizer), streaming tokens as they come.")
+    p.add_argument("--model", required=True, help="model directory (save_pretrained + tokenizer)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from the bos token)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0: off)")
+    p.add_argument("--greedy", action="store_true", help="pick the most likely token each step (no sampling)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights dtype (auto: bfloat16 on GPUs that have it, else float32)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps as CUDA-graph replays over a static cache (T6 models; default: on with CUDA)")
+    p.set_defaults(func=handler("tpa.generate", "_run"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,14 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tensor Product Attention: prepare data, train, generate, evaluate and benchmark T6 models.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:  # a subcommand whose package is not present yet
-            if err.name and err.name.startswith("tpa"):
-                continue
-            raise
-        module.register(subparsers)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    _register_generate(subparsers)
     return parser
 
 

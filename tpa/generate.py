@@ -2,28 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text from a model directory (streams, uses the KV cache)",
-                              description="Generate text from a HuggingFace model directory written by `tpa train` "
-                                          "(or any causal LM with a tokenizer), streaming tokens as they come.")
-    p.add_argument("--model", required=True, help="model directory (save_pretrained + tokenizer)")
-    p.add_argument("--prompt", default="", help="text to continue (default: start from the bos token)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0: off)")
-    p.add_argument("--greedy", action="store_true", help="pick the most likely token each step (no sampling)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights dtype (auto: bfloat16 on GPUs that have it, else float32)")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode steps as CUDA-graph replays over a static cache (T6 models; default: on with CUDA)")
-    p.set_defaults(func=_run)
 
 
 def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -34,26 +13,23 @@ def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200
     ``cuda_graphs``: for T6 models, decode with a static cache whose one-token steps replay a
     captured CUDA graph (``generate(cache_implementation="static")``); ``None``: on with CUDA."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
-    import tpa  # noqa: F401  (registers the T6 Auto classes)
+    from tpa.models.t6.loading import load_model_and_tokenizer
+    from tpa.utils.devices import resolve_device, resolve_dtype
 
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not greedy and temperature <= 0:
         raise ValueError(f"--temperature must be > 0 when sampling (use --greedy for argmax), got {temperature}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    if cuda_graphs and not device.startswith("cuda"):
+    dev = resolve_device(device)
+    if cuda_graphs and dev.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    model, tokenizer = load_model_and_tokenizer(model_dir, dev, resolve_dtype(dtype, dev))
     is_t6 = getattr(model.config, "model_type", None) == "t6"
     if cuda_graphs and not is_t6:
         raise ValueError(f"--cuda-graphs is implemented for T6 models, not {model.config.model_type!r}")
-    graphs = is_t6 and device.startswith("cuda") if cuda_graphs is None else cuda_graphs
+    graphs = is_t6 and dev.type == "cuda" if cuda_graphs is None else cuda_graphs
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is not None and (ids.numel() == 0 or ids[0, 0].item() != bos):
@@ -64,7 +40,7 @@ def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
                          f"max_position_embeddings {limit}")
-    ids = ids.to(device)
+    ids = ids.to(dev)
     torch.manual_seed(seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,

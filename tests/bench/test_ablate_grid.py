@@ -11,7 +11,7 @@ import pytest
 from tpa import T6Config
 from tpa.bench.ablate_grid import attention_layer_parameters, collect_rows, parse_row, read_rows_file, resolve_row
 from tpa.cli import main
-from tpa.eval.report import UsageError
+from tpa.utils.args import UsageError
 from tpa.models.t6.configuration_t6 import attention_parameters, matched_heads
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tpa.cli import main
-from tpa.eval.report import UsageError, parse_bytes
-from tpa.models.t6.configuration_t6 import ATTENTION_TYPES, PRESETS
+from tpa.utils.args import UsageError, parse_bytes
+from tpa.models.presets import ATTENTION_TYPES, PRESETS
 
 # Table 10 of the paper: heads per attention type
 TABLE10 = {"small": {"mha": 12, "mqa": 23, "gqa": 22, "mla": 12, "tpa_kvonly": 22, "tpa": 34},

@@ -8,7 +8,7 @@ import json
 import torch
 
 from tpa.cli import main
-from tpa.models.t6.configuration_t6 import ATTENTION_TYPES
+from tpa.models.presets import ATTENTION_TYPES
 from tpa.models.t6.hf_compat import cache_kwargs
 
 

@@ -89,7 +89,7 @@ def test_cli_with_tokenizer_and_safetensors_source(tmp_path):
     train_tokenizer(vocab_size=300).save_pretrained(tmp_path / "tok")
     assert main(["convert", "official", str(tmp_path / "official"), "--out", str(tmp_path / "t6"),
                  "--tokenizer", str(tmp_path / "tok")]) == 0
-    model, tok = tpa.models.t6.tokenizer.load_model_and_tokenizer(tmp_path / "t6")
+    model, tok = tpa.models.t6.load_model_and_tokenizer(tmp_path / "t6")
     assert model.config.eos_token_id == tok.eos_token_id
     ids = tok("To be, or not to be", return_tensors="pt")["input_ids"]
     with torch.no_grad():

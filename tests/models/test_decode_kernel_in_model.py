@@ -27,12 +27,12 @@ def test_generation_kernel_path_equals_reference_path(attention_type):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_kernel_path_is_taken():
+def test_kernel_path_is_taken(monkeypatch):
     """Guard against the test above passing because the kernel was silently skipped."""
-    import tpa.ops.decode as decode
+    import tpa.layers.tpa as tpa_layer
 
     calls = []
-    original = decode.tpa_decode
+    original = tpa_layer.tpa_decode
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("backend"))
@@ -40,10 +40,7 @@ def test_kernel_path_is_taken():
 
     cfg = T6Config.from_preset("tiny", "tpa", vocab_size=VOCAB, num_hidden_layers=1, decode_impl="kernel")
     model = T6ForCausalLM(cfg).eval()
-    decode.tpa_decode = spy
-    try:
-        out = model(torch.randint(1, VOCAB, (1, 4)), use_cache=True)
-        model(torch.randint(1, VOCAB, (1, 1)), cache=output_cache(out), use_cache=True)
-    finally:
-        decode.tpa_decode = original
+    monkeypatch.setattr(tpa_layer, "tpa_decode", spy)
+    out = model(torch.randint(1, VOCAB, (1, 4)), use_cache=True)
+    model(torch.randint(1, VOCAB, (1, 1)), cache=output_cache(out), use_cache=True)
     assert calls and all(c == "triton" for c in calls)

@@ -100,26 +100,23 @@ def test_graph_replay_generate_equals_dynamic(attention_type):
 
 
 @pytest.mark.parametrize("attention_type", ["tpa", "tpa_kvonly"])
-def test_static_decode_kernel_path_equals_dynamic(attention_type):
+def test_static_decode_kernel_path_equals_dynamic(attention_type, monkeypatch):
     """TPA's FlashTPA kernel (Triton, interpreted on the CPU) reads the static cache with device lengths."""
     pytest.importorskip("triton")
-    import tpa.ops.decode as decode
+    import tpa.layers.tpa as tpa_layer
 
     model = tiny(attention_type, decode_impl="kernel")
     ids = torch.randint(1, VOCAB, (2, 5))
     kw = dict(GREEDY, max_new_tokens=4)
     ref = model.generate(ids, **kw)
-    lengths, original = [], decode.tpa_decode
+    lengths, original = [], tpa_layer.tpa_decode
 
     def spy(*args, **kwargs):
         lengths.append(args[6].tolist())
         return original(*args, **kwargs)
 
-    decode.tpa_decode = spy
-    try:
-        out = model.generate(ids, cache_implementation="static", **kw)
-    finally:
-        decode.tpa_decode = original
+    monkeypatch.setattr(tpa_layer, "tpa_decode", spy)
+    out = model.generate(ids, cache_implementation="static", **kw)
     assert_same_generation(ref, out)
     layers = model.config.num_hidden_layers
     # the 5-token prompt (dynamic plan), then 3 one-token steps (static plan), in every layer

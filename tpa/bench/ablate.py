@@ -39,7 +39,6 @@ hold different seeds or rows (e.g. one per device call) into one.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import shutil
@@ -59,63 +58,11 @@ from tpa.bench.ablate_results import (
     refresh,
     row_differences,
 )
-from tpa.eval.report import UsageError
+from tpa.utils.args import UsageError
 
-__all__ = ["FIELDS", "LABELS", "ORDER", "parse_seeds", "plot_losses", "register", "replot", "run", "table_markdown",
+__all__ = ["FIELDS", "LABELS", "ORDER", "parse_seeds", "plot_losses", "replot", "run", "table_markdown",
            "write_outputs"]
 DEFAULT_OUTPUT = "runs/ablate"
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("ablate", help="train every attention type side by side; loss plot and table",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/shakespeare", help="token shards from `tpa data prepare`")
-    p.add_argument("--preset", default="tiny", help="model preset (tiny for a CPU, mini ~30-50M parameters, small)")
-    p.add_argument("--types", nargs="+", default=None,
-                   help="attention types, or all (the default when no --row/--rows is given)")
-    p.add_argument("--row", action="append", default=None, metavar="NAME:KEY=VALUE,...",
-                   help="a row of the grid, e.g. tpa_r1:attention_type=tpa,k_rank=1,v_rank=1 (repeatable; keys: "
-                        "attention_type, T6Config fields, lr, min_lr, heads_of=TYPE, match_params=true|head_dim|false)")
-    p.add_argument("--rows", action="append", default=None, metavar="FILE",
-                   help="a YAML file of rows (`rows:` a list of mappings with a `name`), e.g. studies/ranks.yaml")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200)")
-    budget.add_argument("--tokens", type=int, default=None, help="training tokens per run (rounded up to whole steps)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass (default: --batch-size)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr / 10)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5%% of the steps)")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between validation losses (default: 10 per run)")
-    p.add_argument("--eval-sequences", type=int, default=64, help="validation sequences per evaluation")
-    p.add_argument("--seed", type=int, default=None,
-                   help="the seed of a one-seed ablation (default 0); the same as --seeds SEED")
-    p.add_argument("--seeds", nargs="+", default=None, metavar="SEED",
-                   help="seeds (distinct, >= 0): every row is trained once per seed; seed s initialises the "
-                        "model with s and orders the data with --data-seed + s")
-    p.add_argument("--data-seed", type=int, default=0,
-                   help="data-order seed of seed 0 (seed s uses data seed + s; the same for every row)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    p.add_argument("--export", action="store_true", help="export each trained model (RUN/final) for tpa eval")
-    p.add_argument("--no-plot", action="store_true", help="skip the plot (e.g. where matplotlib is missing)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved rows (heads, parameters, FLOPs per token) and the number of runs; "
-                        "train nothing")
-    again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="keep the finished runs of the ablation in --output (same settings) and train the "
-                            "missing (row, seed) runs")
-    again.add_argument("--overwrite", action="store_true",
-                       help="replace the ablation in --output (its runs/ folder is deleted)")
-    p.add_argument("--replot", metavar="DIR", nargs="+", default=None,
-                   help="only redraw plot and tables from DIR/ablation.json; with several folders (of the same "
-                        "settings, different seeds or rows) merge them into --output")
-    p.add_argument("--output", default=None,
-                   help=f"output folder (default {DEFAULT_OUTPUT}; with --replot: DIR, or the merged folder)")
-    p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
@@ -126,9 +73,6 @@ def _run(args) -> int:
             replot(args.replot, output=args.output, plot=not args.no_plot, overwrite=args.overwrite)
         else:
             run(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except RunInterrupted as err:
         print(f"error: interrupted: {err}; the finished runs are in the outputs (add them to with --resume)",
               file=sys.stderr)
@@ -211,7 +155,7 @@ def _run_entry(row: dict, seed: int, data_seed: int, run_: dict, seconds: float,
 
 def _recipe(args) -> dict:
     """The settings every row shares (checked), from the command line."""
-    from tpa.models.t6.configuration_t6 import PRESETS
+    from tpa.models.presets import PRESETS
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
@@ -249,8 +193,8 @@ def _rows(args) -> list[dict]:
     """The grid's rows, resolved at the preset: ``--types`` (all types without any row option), then
     the files of ``--rows``, then ``--row``."""
     from tpa.bench.ablate_grid import collect_rows, resolve_row
-    from tpa.eval.report import parse_list
-    from tpa.models.t6.configuration_t6 import ATTENTION_TYPES
+    from tpa.utils.args import parse_list
+    from tpa.models.presets import ATTENTION_TYPES
 
     types = args.types if args.types is not None else (None if args.row or args.rows else ["all"])
     if types is not None:
@@ -288,7 +232,9 @@ def _train_values(args, record: dict, row: dict, seed: int, device) -> dict:
 def run(args) -> dict:
     """Train every (row, seed) run not already finished, then write plot, table and data; return the record."""
     from tpa.bench.runs import RunInterrupted, check_data_dir, training_run
-    from tpa.eval.report import atomic_write_json, resolve_device, run_metadata
+    from tpa.utils.devices import resolve_device
+    from tpa.utils.files import atomic_write_json
+    from tpa.utils.runinfo import run_metadata
 
     record = _recipe(args)
     rows = _rows(args)
@@ -383,7 +329,7 @@ def replot(folders: str | list[str], *, output: str | None = None, plot: bool = 
         raise UsageError(f"{dest} already holds an ablation; pass --overwrite to replace it or choose another --output")
     try:
         if len(records) > 1 or not is_source:
-            from tpa.eval.report import atomic_write_json
+            from tpa.utils.files import atomic_write_json
 
             paths.append(atomic_write_json(dest / "ablation.json", record))
             print(f"wrote {paths[-1]}")

@@ -40,7 +40,7 @@ import inspect
 import re
 from pathlib import Path
 
-from tpa.eval.report import UsageError
+from tpa.utils.args import UsageError
 
 ROW_TRAIN_KEYS = ("lr", "min_lr")
 ROW_GRID_KEYS = ("attention_type", "match_params", "heads_of")
@@ -213,7 +213,7 @@ def resolve_row(name: str, spec: dict, preset: str, *, lr: float, min_lr: float 
         UsageError: an unknown key, a missing or unknown attention type, or a configuration T6 rejects.
     """
     from tpa import T6Config
-    from tpa.models.t6.configuration_t6 import ATTENTION_TYPES, attention_parameters
+    from tpa.models.presets import ATTENTION_TYPES, attention_parameters
 
     allowed = set(model_keys()) | set(ROW_TRAIN_KEYS) | set(ROW_GRID_KEYS)
     unknown = sorted(set(spec) - allowed)
@@ -294,7 +294,7 @@ def plan_markdown(rows: list[dict], preset: str, *, vocab_size: int, seq_len: in
 
     from tpa import T6Config, T6ForCausalLM
     from tpa.bench.ablate_results import LABELS
-    from tpa.eval.report import fmt_int, markdown_table
+    from tpa.utils.tables import fmt_int, markdown_table
     from tpa.train.metrics import flops_per_token
 
     table, total = [], 0.0

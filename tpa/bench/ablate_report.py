@@ -37,7 +37,7 @@ def _distinct(values) -> str:
 
 
 def _loss_with_std(mean: float | None, std: float | None) -> str:
-    from tpa.eval.report import fmt_float
+    from tpa.utils.tables import fmt_float
 
     return fmt_float(mean, 4) if std is None else f"{fmt_float(mean, 4)} ± {fmt_float(std, 4)}"
 
@@ -60,7 +60,7 @@ def rows_markdown(record: dict) -> str:
 def table_markdown(record: dict) -> str:
     """The ablation table (and, with several seeds, the per-seed table) with a line of context; for a
     grid of rows, the list of what each row trains."""
-    from tpa.eval.report import fmt_bytes, fmt_float, fmt_int, markdown_table
+    from tpa.utils.tables import fmt_bytes, fmt_float, fmt_int, markdown_table
 
     multi = len(record["seeds"]) > 1
     grid = is_grid(record)
@@ -123,7 +123,7 @@ def plot_losses(record: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tpa.eval.report import atomic_write_bytes
+    from tpa.utils.files import atomic_write_bytes
 
     multi = len(record["seeds"]) > 1
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
@@ -158,7 +158,7 @@ def plot_losses(record: dict, path: Path) -> Path:
 def write_outputs(record: dict, out: Path, *, plot: bool = True) -> list[Path]:
     """Write ``ablation.md``, ``ablation.csv``, ``seeds.csv``, ``curves.csv`` and (unless disabled)
     ``loss.png`` into ``out``; print the table and the paths."""
-    from tpa.eval.report import atomic_write_csv, atomic_write_text, print_written
+    from tpa.utils.files import atomic_write_csv, atomic_write_text, print_written
 
     text = table_markdown(record)
     specs = record["row_specs"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import statistics
 
 from tpa.bench.runs import perplexity
-from tpa.eval.report import UsageError
+from tpa.utils.args import UsageError
 
 FORMAT = "tpa-ablation"
 VERSION = 3

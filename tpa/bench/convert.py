@@ -18,45 +18,17 @@ warm-up. It writes ``convert.md`` (table), ``convert.json`` (settings, every res
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
-from tpa.eval.report import UsageError
+from tpa.utils.args import UsageError
 
 DEFAULT_OUTPUT = "runs/bench-convert"
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="convert a trained MHA model to TPA at several ranks, distil, "
-                                              "compare with training from scratch", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/shakespeare", help="token shards from `tpa data prepare`")
-    p.add_argument("--preset", default="tiny", help="model preset of the teacher (tiny, mini, small, ...)")
-    p.add_argument("--ranks", default="1,2", help="R_k = R_v of the converted models, comma-separated")
-    p.add_argument("--teacher-steps", type=int, default=400, help="optimizer steps of the teacher (and of (d))")
-    p.add_argument("--distill-fraction", type=float, default=0.1,
-                   help="distillation steps (and those of (c)) as a fraction of the teacher's")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass (default --batch-size)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the runs from scratch")
-    p.add_argument("--distill-lr", type=float, default=3e-4, help="peak learning rate of the distillation")
-    p.add_argument("--distill-weight", type=float, default=1.0, help="W of the KL term")
-    p.add_argument("--distill-temperature", type=float, default=1.0, help="T of the KL term")
-    p.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens of the conversion")
-    p.add_argument("--eval-sequences", type=int, default=64, help="validation sequences per evaluation")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--no-plot", action="store_true", help="skip the plot")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --output")
-    p.add_argument("--output", default=DEFAULT_OUTPUT, help=f"output folder (default {DEFAULT_OUTPUT})")
-    p.set_defaults(func=_run)
-
-
 def _run(args) -> int:
-    from tpa.eval.report import parse_ints
+    from tpa.utils.args import parse_ints
 
     try:
         record = run(args.data, Path(args.output), preset=args.preset, ranks=parse_ints(args.ranks, "rank"),
@@ -90,7 +62,9 @@ def run(data: str, out: Path, *, preset: str, ranks: list[int], teacher_steps: i
     from tpa.bench.runs import check_data_dir, final_val_loss, training_run
     from tpa.convert.common import ConversionError
     from tpa.convert.llama import ConvertOptions, convert
-    from tpa.eval.report import atomic_write_json, atomic_write_text, print_written, resolve_device, run_metadata
+    from tpa.utils.devices import resolve_device
+    from tpa.utils.files import atomic_write_json, atomic_write_text, print_written
+    from tpa.utils.runinfo import run_metadata
 
     check_data_dir(data)
     if teacher_steps < 1 or not 0 < distill_fraction <= 1:
@@ -153,7 +127,7 @@ def scratch_cache(run: dict) -> int:
 
 
 def table_markdown(record: dict) -> str:
-    from tpa.eval.report import fmt_float, fmt_int, markdown_table
+    from tpa.utils.tables import fmt_float, fmt_int, markdown_table
 
     s = record["settings"]
     teacher = record["results"][0]
@@ -180,7 +154,7 @@ def plot_tradeoff(record: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tpa.eval.report import atomic_write_bytes
+    from tpa.utils.files import atomic_write_bytes
 
     styles = {"teacher (MHA)": ("*", 14), "converted": ("x", 9), "converted + distilled": ("o", 8),
               "TPA-KVonly from scratch, distillation's tokens": ("v", 8),

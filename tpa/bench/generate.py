@@ -42,7 +42,6 @@ Writes ``generate.json``, ``generate.csv`` and ``generate.md``.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -50,7 +49,7 @@ import time
 import traceback
 from pathlib import Path
 
-from tpa.eval.report import UsageError
+from tpa.utils.args import UsageError
 
 FIELDS = ["attention_type", "parameters", "heads", "kv_heads", "batch", "context", "new_tokens", "short_new_tokens",
           "status", "prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s", "end_to_end_tokens_per_s",
@@ -58,38 +57,8 @@ FIELDS = ["attention_type", "parameters", "heads", "kv_heads", "batch", "context
           "peak_memory_bytes", "prefill_chunk", "decode_mode", "graph_capture_s"]
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="end-to-end generation tokens/s and peak memory per attention type",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", help="model preset (tiny, mini, small, ...)")
-    p.add_argument("--types", nargs="+", default=["tpa", "mha", "gqa", "mla", "llama"],
-                   help="attention types, llama (transformers' LlamaForCausalLM at gqa's width, depth and KV heads), "
-                        "or all")
-    p.add_argument("--contexts", nargs="+", default=["4K", "32K", "128K"], help="prompt lengths (4K = 4096)")
-    p.add_argument("--batch-sizes", nargs="+", default=["1", "8"], help="sequences per generate call")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence (the long run)")
-    p.add_argument("--short-tokens", type=int, default=None,
-                   help="tokens of the short run; decode time = long minus short run (default new-tokens // 8, >= 1)")
-    p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill forward call")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else float32), float32, bfloat16")
-    p.add_argument("--decode-impl", default="auto", choices=["auto", "kernel", "reference"],
-                   help="TPA decoding: FlashTPA kernel on CUDA (auto), always the kernel, or the reference path")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode steps as CUDA-graph replays over a static cache (default: on with CUDA, off on CPU)")
-    p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="skip points whose batch x context exceeds this (bounds the prefill time)")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds; later points are skipped")
-    p.add_argument("--output", default="runs/bench/generate", help="output folder")
-    p.set_defaults(func=_run)
-
-
 def _run(args) -> int:
-    try:
-        record = run(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    record = run(args)
     failed = [r for r in record["rows"] if r["status"].startswith("error")]
     if failed:
         print(f"error: {len(failed)} point(s) failed; see generate.json", file=sys.stderr)
@@ -232,9 +201,12 @@ def run(args) -> dict:
     from tpa import T6Config
     from tpa.bench.hf_llama import LLAMA_TYPE, kv_bytes_per_token, llama_config_like, llama_parameters
     from tpa.bench.memory import model_parameters
-    from tpa.eval.report import (fmt_bytes, parse_ints, parse_list, print_written, resolve_device, resolve_dtype,
-                                 run_metadata)
-    from tpa.models.t6.configuration_t6 import ATTENTION_TYPES, PRESETS
+    from tpa.utils.args import parse_ints, parse_list
+    from tpa.utils.devices import resolve_device, resolve_dtype
+    from tpa.utils.files import print_written
+    from tpa.utils.runinfo import run_metadata
+    from tpa.utils.tables import fmt_bytes
+    from tpa.models.presets import ATTENTION_TYPES, PRESETS
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
@@ -347,8 +319,8 @@ def _order(types):
 
 def _write(record: dict, out: Path, *, final: bool):
     """Write generate.json/.csv/.md; returns the paths and the markdown text."""
-    from tpa.eval.report import (atomic_write_csv, atomic_write_json, atomic_write_text, fmt_bytes, fmt_int,
-                                 markdown_table)
+    from tpa.utils.files import atomic_write_csv, atomic_write_json, atomic_write_text
+    from tpa.utils.tables import fmt_bytes, fmt_int, markdown_table
 
     def cell(r, key, digits=1):
         v = r.get(key)

@@ -21,12 +21,11 @@ Writes ``memory.json``, ``memory.csv``, ``memory.md`` (and ``measured.csv`` when
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 from pathlib import Path
 
-from tpa.eval.report import UsageError
+from tpa.utils.args import UsageError
 
 # Table 1 of the paper: KV cache per token per layer, and parameters of one attention layer.
 KV_FORMULA = {"mha": "2 h d_h", "mqa": "2 d_h", "gqa": "2 G d_h", "mla": "d_c + d_R",
@@ -131,32 +130,8 @@ def measure_cache(preset: str, attention_type: str, *, tokens: int, batch: int, 
             "allocator_bytes": allocator, "matches": held == predicted and len(set(elements)) == 1}
 
 
-def register(subparsers) -> None:
-    from tpa.models.t6.configuration_t6 import ATTENTION_TYPES, PRESETS
-
-    p = subparsers.add_parser(
-        "memory", help="Table 1 (KV cache and attention parameters) for every preset and type; longest context",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["all"], help=f"presets ({', '.join(PRESETS)}) or all")
-    p.add_argument("--types", nargs="+", default=["all"], help=f"attention types ({', '.join(ATTENTION_TYPES)}) or all")
-    p.add_argument("--memory", default="80GB", help="memory budget: 80GB (10^9 bytes/GB), 80GiB, 512MiB, ...")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of weights and cache")
-    p.add_argument("--measure", default="auto", choices=["auto", "on", "off"],
-                   help="fill a real cache and compare (auto: on a GPU)")
-    p.add_argument("--measure-preset", default=None, help="preset to measure (default: the first of --presets)")
-    p.add_argument("--measure-tokens", type=int, default=4096, help="tokens per sequence in the measured cache")
-    p.add_argument("--device", default="auto", help="device for --measure (cpu, cuda, auto)")
-    p.add_argument("--output", default="runs/bench/memory", help="output folder")
-    p.set_defaults(func=_run)
-
-
 def _run(args) -> int:
-    try:
-        record = run(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    record = run(args)
     if not all(m["matches"] for m in record["measured"]):
         print("error: a measured cache differs from Table 1's prediction (see measured.csv)", file=sys.stderr)
         return 1
@@ -167,9 +142,12 @@ def run(args) -> dict:
     """Build the table, optionally measure, write the files; return the JSON record."""
     import torch
 
-    from tpa.eval.report import (atomic_write_csv, atomic_write_json, atomic_write_text, fmt_bytes, fmt_int,
-                                 markdown_table, parse_bytes, parse_list, print_written, resolve_device, run_metadata)
-    from tpa.models.t6.configuration_t6 import ATTENTION_TYPES, PRESETS
+    from tpa.utils.args import parse_bytes, parse_list
+    from tpa.utils.devices import resolve_device
+    from tpa.utils.files import atomic_write_csv, atomic_write_json, atomic_write_text, print_written
+    from tpa.utils.runinfo import run_metadata
+    from tpa.utils.tables import fmt_bytes, fmt_int, markdown_table
+    from tpa.models.presets import ATTENTION_TYPES, PRESETS
 
     presets = parse_list(args.presets, PRESETS, "preset")
     types = parse_list(args.types, ATTENTION_TYPES, "attention type")

@@ -13,7 +13,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from tpa.eval.report import UsageError
+from tpa.utils.args import UsageError
 
 
 class RunInterrupted(RuntimeError):

@@ -28,46 +28,18 @@ costs what it costs in the paper's models. Writes ``train.json``, ``train.csv`` 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from tpa.eval.report import UsageError
+from tpa.utils.args import UsageError
 
 FIELDS = ["model", "attention_type", "loop", "compile", "parameters", "heads", "status", "tokens_per_s",
           "median_tokens_per_s", "mfu", "peak_memory_gb", "micro_batch", "seq_len", "timed_steps", "warmup_steps"]
 LOOPS = ("trainer", "model-compile")
 T6, LLAMA = "T6ForCausalLM", "LlamaForCausalLM"
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="training tokens/s, MFU and peak memory per attention type",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", help="model preset (tiny, mini, small, medium, large, xl)")
-    p.add_argument("--types", nargs="+", default=["all"], help="attention types, or all")
-    p.add_argument("--loops", nargs="+", default=list(LOOPS), choices=LOOPS,
-                   help="the project's trainer, and/or the user's loop around torch.compile(model)")
-    p.add_argument("--data", default="data/shakespeare", help="token shards from `tpa data prepare` (trainer loop)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default: the preset's)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
-    p.add_argument("--vocab-size", type=int, default=50304, help="model vocabulary (>= the data's tokenizer)")
-    p.add_argument("--compile", default="both", choices=["both", "on", "off"],
-                   help="trainer loop: torch.compile the blocks")
-    p.add_argument("--reference", default="llama", choices=["llama", "none"],
-                   help="model-compile loop: transformers' LlamaForCausalLM of the same size first")
-    p.add_argument("--compile-backend", default="inductor",
-                   help="model-compile loop: torch.compile backend (aot_eager checks the loop without codegen)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: known GPUs)")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds; later runs are skipped")
-    p.add_argument("--output", default="runs/bench/train", help="output folder")
-    p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
@@ -89,8 +61,8 @@ def _run(args) -> int:
 
 def _check_args(args) -> list[str]:
     """Validate the arguments; returns the attention types."""
-    from tpa.eval.report import parse_list
-    from tpa.models.t6.configuration_t6 import ATTENTION_TYPES, PRESETS
+    from tpa.models.presets import ATTENTION_TYPES, PRESETS
+    from tpa.utils.args import parse_list
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
@@ -130,7 +102,10 @@ def run(args) -> dict:
     import torch
 
     from tpa.bench.runs import RunInterrupted
-    from tpa.eval.report import fmt_float, print_written, resolve_device, run_metadata
+    from tpa.utils.devices import resolve_device
+    from tpa.utils.files import print_written
+    from tpa.utils.runinfo import run_metadata
+    from tpa.utils.tables import fmt_float
     from tpa.train.config import preset_values
 
     types = _check_args(args)
@@ -319,8 +294,8 @@ def _loop_label(row: dict) -> str:
 
 
 def _write(record: dict, out: Path, device):
-    from tpa.eval.report import (atomic_write_csv, atomic_write_json, atomic_write_text, fmt_float, fmt_int,
-                                 markdown_table)
+    from tpa.utils.files import atomic_write_csv, atomic_write_json, atomic_write_text
+    from tpa.utils.tables import fmt_float, fmt_int, markdown_table
 
     info = record["run"]
     mem_note = "CUDA allocator peak" if device.type == "cuda" else "process peak RSS so far"

@@ -433,33 +433,6 @@ def format_report(report: dict) -> str:
 # ----------------------------------------------------------------------------------------------- command
 
 
-def register(subparsers) -> None:
-    """Add ``llama`` to the ``tpa convert`` subcommands."""
-    p = subparsers.add_parser(
-        "llama", help="a Llama/Mistral-style HF checkpoint or a T6 mha/gqa/mqa directory -> TPA",
-        description="Convert a local LlamaForCausalLM/MistralForCausalLM checkpoint (MHA or GQA, RoPE, no biases) or a "
-                    "T6 mha/gqa/mqa directory into a T6 TPA model. Embeddings, norms, MLPs and the output projection "
-                    "are carried over; attention becomes TPA-KVonly (or TPA with --q-rank). --exact writes the "
-                    "lossless model (rank = key/value heads, fixed head factors); otherwise ranks below that get "
-                    "contextual factors fitted on calibration tokens, and the errors are reported per layer.")
-    p.add_argument("src", metavar="SRC_DIR", help="source model directory (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty; written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--exact", action="store_true", help="the exact conversion: logits equal the source's")
-    p.add_argument("--k-rank", type=int, default=None, help="key rank R_k (default 2, below the key/value heads)")
-    p.add_argument("--v-rank", type=int, default=None, help="value rank R_v (default 2, below the key/value heads)")
-    q = p.add_mutually_exclusive_group()
-    q.add_argument("--q-rank", type=int, default=None, help="factorise the query too, at rank R_q (full TPA)")
-    q.add_argument("--kv-only", action="store_true", help="keep the source's query projection (TPA-KVonly; default)")
-    p.add_argument("--calibration", default=None, metavar="DATA_DIR",
-                   help="a `tpa data prepare` folder tokenized with the model's tokenizer (default: random tokens)")
-    p.add_argument("--calibration-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
-    p.add_argument("--calibration-seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
-    p.add_argument("--fit-methods", default="svd,als", help="factor initialisations to try, best kept (default svd,als)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random calibration tokens")
-    p.set_defaults(func=_run)
-
-
 def _run(args) -> int:
     options = ConvertOptions(exact=args.exact, k_rank=args.k_rank, v_rank=args.v_rank, q_rank=args.q_rank,
                              calibration=args.calibration, calibration_tokens=args.calibration_tokens,

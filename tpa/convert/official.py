@@ -105,7 +105,7 @@ def _load_tokenizer(path, config):
     from transformers import AutoTokenizer
 
     from tpa.convert.common import ConversionError
-    from tpa.models.t6.tokenizer import check_tokenizer_fits
+    from tpa.models.t6.loading import check_tokenizer_fits
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -121,7 +121,7 @@ def _load_tokenizer(path, config):
 def _save(model, tok, directory: Path, result: OfficialConversion, spec) -> None:
     import json
 
-    from tpa.models.t6.tokenizer import save_model_and_tokenizer
+    from tpa.models.t6.loading import save_model_and_tokenizer
 
     if tok is not None:
         save_model_and_tokenizer(model, tok, directory)
@@ -129,23 +129,6 @@ def _save(model, tok, directory: Path, result: OfficialConversion, spec) -> None
         model.save_pretrained(directory)
     record = {k: v for k, v in asdict(result).items() if k != "out"} | {"official": asdict(spec)}
     (directory / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
-
-
-def register(subparsers) -> None:
-    """Add ``official`` to the ``tpa convert`` subcommands."""
-    p = subparsers.add_parser(
-        "official", help="a checkpoint of the paper's code (github tensorgi/T6) -> a T6 directory",
-        description="Convert a directory saved by the paper's training code (config.json with GPTConfig fields and "
-                    "pytorch_model.bin or model.safetensors; models T6, T6_kvonly, llama-mha, llama-gqa (GQA or MQA), "
-                    "llama-mla) into a T6 directory that T6ForCausalLM, transformers' Auto classes and lm-eval load. "
-                    "The logits are checked against the official forward on a fixed batch before anything is written.")
-    p.add_argument("src", help="the official checkpoint directory")
-    p.add_argument("--out", required=True, help="the T6 directory to write (must not exist or be empty)")
-    p.add_argument("--tokenizer", default=None, help="a local tokenizer directory to save with the model")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="largest accepted relative logit difference in the check (default %(default)g)")
-    p.set_defaults(func=_run)
 
 
 def _run(args) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tpa.utils.args import add_output_argument
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("data", help="prepare corpora: tokenizer and token shards")
@@ -20,7 +22,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", nargs="+", help="shakespeare | hf:NAME | PATH [PATH ...]")
-    p.add_argument("--out", required=True, help="output folder")
+    add_output_argument(p, required=True, help="output folder", dest="out")
     p.add_argument("--tokenizer", default=None,
                    help="HuggingFace tokenizer name or path; without it a byte-level BPE is trained on the corpus")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of the trained BPE")

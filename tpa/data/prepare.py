@@ -37,6 +37,7 @@ import numpy as np
 
 from tpa.data.sources import DataError, SourceSpec, SourceStats, fetch_shakespeare, iter_documents, list_local_files
 from tpa.data.tokenizer import encode_batch, load_tokenizer, separator_id, train_bpe
+from tpa.utils.files import atomic_write_json
 
 FORMAT = "tpa-token-shards"
 FORMAT_VERSION = 1
@@ -98,16 +99,6 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class _ShardWriter:
     def __init__(self, folder: Path, split: str, dtype, shard_tokens: int):
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
@@ -144,10 +135,7 @@ class _ShardWriter:
         return self.shards
 
 
-def prepare(cfg: PrepareConfig) -> dict:
-    """Prepare token shards as described in the module docstring; return the metadata."""
-    from tqdm.auto import tqdm
-
+def _check(cfg: PrepareConfig) -> None:
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.tokenizer_train_documents is not None and cfg.tokenizer_train_documents < 1:
@@ -156,23 +144,127 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise DataError(f"shard_tokens must be positive, got {cfg.shard_tokens}")
     if cfg.dtype not in ("auto", *DTYPES):
         raise DataError(f"unknown dtype {cfg.dtype!r}; use auto, uint16 or uint32")
-    if cfg.source.source == ["shakespeare"]:
-        fetch_shakespeare(cfg.source.cache_dir, folio=cfg.source.folio)  # before the fingerprint: fail early
 
-    out = Path(cfg.out)
-    fingerprint = _fingerprint(cfg)
+
+def _already_prepared(cfg: PrepareConfig, out: Path, fingerprint: str) -> dict | None:
+    """The metadata of ``out`` when it holds these very arguments' data; an error when it holds
+    something else and ``overwrite`` is off; else None."""
     if (out / "meta.json").is_file():
         try:
             old = read_meta(out)
         except (DataError, json.JSONDecodeError):
             old = {}
         if old.get("fingerprint") == fingerprint:
-            print(f"{out} is already prepared with these arguments ({old['splits']['train']['tokens']:,} train tokens); nothing to do")
+            print(f"{out} is already prepared with these arguments ({old['splits']['train']['tokens']:,} "
+                  "train tokens); nothing to do")
             return old
         if not cfg.overwrite:
             raise DataError(f"{out} holds data prepared with other arguments; pass --overwrite to replace it")
     elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise DataError(f"{out} exists and is not a prepared data folder; choose another --out or pass --overwrite")
+        raise DataError(f"{out} exists and is not a prepared data folder; choose another --output or pass --overwrite")
+    return None
+
+
+def _tokenizer(cfg: PrepareConfig, show):
+    """Step 1: the named tokenizer, or a byte-level BPE trained on the corpus; with its description."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer), cfg.tokenizer
+    train_stats = SourceStats()
+    texts = (d.text for d in itertools.islice(iter_documents(cfg.source, train_stats), cfg.tokenizer_train_documents))
+    print(f"training a byte-level BPE tokenizer with {cfg.vocab_size} tokens ...")
+    tok = train_bpe(texts, cfg.vocab_size, show_progress=bool(show))
+    if train_stats.documents == 0:
+        raise DataError(f"no documents in {cfg.source.source}: the input is empty")
+    return tok, f"byte-level BPE trained here, vocab_size={cfg.vocab_size}"
+
+
+def _encode(cfg: PrepareConfig, tok, dtype, sep: int, all_path: Path, show):
+    """Step 2: every document, separator first, into one temporary stream at ``all_path``.
+    Returns (document lengths, total tokens, source statistics)."""
+    from tqdm.auto import tqdm
+
+    stats = SourceStats()
+    lengths: list[int] = []
+    bar = tqdm(desc="tokenizing", unit="doc", disable=None if show is None else not show)
+    total = 0
+    with open(all_path, "wb") as f:
+        batch: list[str] = []
+
+        def flush():
+            nonlocal total
+            for ids in encode_batch(tok, batch):
+                arr = np.empty(len(ids) + 1, dtype=dtype)
+                arr[0] = sep
+                arr[1:] = ids
+                arr.tofile(f)
+                lengths.append(len(arr))
+                total += len(arr)
+            bar.update(len(batch))
+            bar.set_postfix(tokens=f"{total:,}")
+            batch.clear()
+
+        for doc in iter_documents(cfg.source, stats):
+            batch.append(doc.text)
+            if len(batch) >= cfg.batch_documents:
+                flush()
+        if batch:
+            flush()
+    bar.close()
+    if not lengths:
+        raise DataError(f"no documents in {cfg.source.source}: the input is empty"
+                        + (f" ({stats.empty_documents} empty documents skipped)" if stats.empty_documents else ""))
+    return lengths, total, stats
+
+
+def _split(cfg: PrepareConfig, tmp: Path, dtype, lengths: list[int], total: int, all_path: Path) -> dict:
+    """Step 3: split by document into train and validation shards; returns the splits' metadata."""
+    n_docs = len(lengths)
+    n_val = int(round(cfg.val_fraction * n_docs))
+    if cfg.val_fraction > 0:
+        n_val = max(1, n_val)
+        if n_val >= n_docs:
+            raise DataError(f"{n_docs} document(s) cannot be split into train and validation with "
+                            f"val_fraction={cfg.val_fraction}; give more documents or --val-fraction 0")
+    perm = np.random.default_rng(cfg.seed).permutation(n_docs)
+    is_val = np.zeros(n_docs, dtype=bool)
+    is_val[perm[:n_val]] = True
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    stream = np.memmap(all_path, dtype=dtype, mode="r") if total else np.zeros(0, dtype=dtype)
+    splits = {}
+    for split, want in (("train", False), ("val", True)):
+        writer = _ShardWriter(tmp, split, dtype, cfg.shard_tokens)
+        docs = np.flatnonzero(is_val == want)
+        for i in docs:
+            writer.write(np.asarray(stream[offsets[i] : offsets[i + 1]]))
+        shards = writer.close()
+        splits[split] = {"documents": int(len(docs)), "tokens": int(sum(s["tokens"] for s in shards)), "shards": shards}
+    del stream
+    np.save(tmp / "val_documents.npy", np.flatnonzero(is_val))
+    all_path.unlink()
+    return splits
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Step 4: rename the finished folder into place (the previous one, if any, is removed after)."""
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.rename(out, trash / out.name)
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Prepare token shards as described in the module docstring; return the metadata."""
+    _check(cfg)
+    if cfg.source.source == ["shakespeare"]:
+        fetch_shakespeare(cfg.source.cache_dir, folio=cfg.source.folio)  # before the fingerprint: fail early
+    out = Path(cfg.out)
+    fingerprint = _fingerprint(cfg)
+    old = _already_prepared(cfg, out, fingerprint)
+    if old is not None:
+        return old
 
     show = cfg.progress
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,84 +273,15 @@ def prepare(cfg: PrepareConfig) -> dict:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets the usual mode
     try:
-        # 1. Tokenizer
-        if cfg.tokenizer:
-            tok = load_tokenizer(cfg.tokenizer)
-            tokenizer_source = cfg.tokenizer
-        else:
-            train_stats = SourceStats()
-            texts = (d.text for d in itertools.islice(iter_documents(cfg.source, train_stats),
-                                                      cfg.tokenizer_train_documents))
-            print(f"training a byte-level BPE tokenizer with {cfg.vocab_size} tokens ...")
-            tok = train_bpe(texts, cfg.vocab_size, show_progress=bool(show))
-            if train_stats.documents == 0:
-                raise DataError(f"no documents in {cfg.source.source}: the input is empty")
-            tokenizer_source = f"byte-level BPE trained here, vocab_size={cfg.vocab_size}"
+        tok, tokenizer_source = _tokenizer(cfg, show)
         tok.save_pretrained(tmp / "tokenizer")
         vocab_size = len(tok)
         dtype_name = choose_dtype(vocab_size, cfg.dtype)
         dtype = DTYPES[dtype_name]
         sep = separator_id(tok)
-
-        # 2. Encode every document into one temporary stream, remembering document lengths.
-        stats = SourceStats()
-        lengths: list[int] = []
         all_path = tmp / "all.tmp"
-        bar = tqdm(desc="tokenizing", unit="doc", disable=None if show is None else not show)
-        total = 0
-        with open(all_path, "wb") as f:
-            batch: list[str] = []
-
-            def flush():
-                nonlocal total
-                for ids in encode_batch(tok, batch):
-                    arr = np.empty(len(ids) + 1, dtype=dtype)
-                    arr[0] = sep
-                    arr[1:] = ids
-                    arr.tofile(f)
-                    lengths.append(len(arr))
-                    total += len(arr)
-                bar.update(len(batch))
-                bar.set_postfix(tokens=f"{total:,}")
-                batch.clear()
-
-            for doc in iter_documents(cfg.source, stats):
-                batch.append(doc.text)
-                if len(batch) >= cfg.batch_documents:
-                    flush()
-            if batch:
-                flush()
-        bar.close()
-        n_docs = len(lengths)
-        if n_docs == 0:
-            raise DataError(f"no documents in {cfg.source.source}: the input is empty"
-                            + (f" ({stats.empty_documents} empty documents skipped)" if stats.empty_documents else ""))
-
-        # 3. Split by document.
-        n_val = int(round(cfg.val_fraction * n_docs))
-        if cfg.val_fraction > 0:
-            n_val = max(1, n_val)
-            if n_val >= n_docs:
-                raise DataError(f"{n_docs} document(s) cannot be split into train and validation with "
-                                f"val_fraction={cfg.val_fraction}; give more documents or --val-fraction 0")
-        perm = np.random.default_rng(cfg.seed).permutation(n_docs)
-        is_val = np.zeros(n_docs, dtype=bool)
-        is_val[perm[:n_val]] = True
-        offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
-        stream = np.memmap(all_path, dtype=dtype, mode="r") if total else np.zeros(0, dtype=dtype)
-
-        splits = {}
-        for split, want in (("train", False), ("val", True)):
-            writer = _ShardWriter(tmp, split, dtype, cfg.shard_tokens)
-            docs = np.flatnonzero(is_val == want)
-            for i in docs:
-                writer.write(np.asarray(stream[offsets[i] : offsets[i + 1]]))
-            shards = writer.close()
-            splits[split] = {"documents": int(len(docs)), "tokens": int(sum(s["tokens"] for s in shards)), "shards": shards}
-        del stream
-        np.save(tmp / "val_documents.npy", np.flatnonzero(is_val))
-        all_path.unlink()
-
+        lengths, total, stats = _encode(cfg, tok, dtype, sep, all_path, show)
+        splits = _split(cfg, tmp, dtype, lengths, total, all_path)
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -271,7 +294,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             "separator_token_id": int(sep),
             "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id,
-            "documents": n_docs,
+            "documents": len(lengths),
             "empty_documents": stats.empty_documents,
             "replaced_bytes": stats.replaced_bytes,
             "replaced_in": stats.replaced_in,
@@ -282,22 +305,16 @@ def prepare(cfg: PrepareConfig) -> dict:
             "shard_tokens": cfg.shard_tokens,
             "source": cfg.source.describe(),
         }
-        _write_json(tmp / "meta.json", meta)
-        # 4. Publish atomically.
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.rename(out, trash / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        atomic_write_json(tmp / "meta.json", meta)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if stats.replaced_bytes:
-        print(f"warning: {stats.replaced_bytes} undecodable byte(s) replaced by U+FFFD, first in: {', '.join(stats.replaced_in)}")
+        print(f"warning: {stats.replaced_bytes} undecodable byte(s) replaced by U+FFFD, first in: "
+              f"{', '.join(stats.replaced_in)}")
     if stats.empty_documents:
         print(f"note: {stats.empty_documents} empty document(s) skipped")
-    print(f"prepared {out}: {n_docs:,} documents, {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens, "
-          f"vocabulary {vocab_size:,} ({dtype_name})")
+    print(f"prepared {out}: {len(lengths):,} documents, {splits['train']['tokens']:,} train / "
+          f"{splits['val']['tokens']:,} val tokens, vocabulary {vocab_size:,} ({dtype_name})")
     return meta

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from tpa.utils.args import add_output_argument, reporting_usage_errors
 
 
 def _positive_int(text: str) -> int:
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it), float32, bfloat16, float16")
-    p.add_argument("--output", default=None, help="output folder (default runs/eval/ppl-MODELNAME)")
+    add_output_argument(p, help="output folder (default runs/eval/ppl-MODELNAME)")
     p.set_defaults(func=_ppl)
 
     h = sub.add_parser(
@@ -71,38 +72,28 @@ def register(subparsers) -> None:
     h.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it), float32, bfloat16, float16")
     h.add_argument("--bootstrap-iters", type=int, default=1000, help="bootstrap resamples for standard errors")
     h.add_argument("--offline", action="store_true", help="never reach the network (local tasks and data only)")
-    h.add_argument("--output", default=None, help="output folder (default runs/eval/harness-MODELNAME)")
+    add_output_argument(h, help="output folder (default runs/eval/harness-MODELNAME)")
     h.set_defaults(func=_harness)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
-def _fail(err: Exception, code: int) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return code
-
-
+@reporting_usage_errors
 def _ppl(args) -> int:
     from tpa.eval.ppl import run_ppl
-    from tpa.eval.report import UsageError
 
-    try:
-        run_ppl(args.model, args.data, split=args.split, seq_len=args.seq_len, batch_size=args.batch_size,
-                max_tokens=args.max_tokens, device=args.device, dtype=args.dtype, output=args.output)
-    except UsageError as err:
-        return _fail(err, 2)
+    run_ppl(args.model, args.data, split=args.split, seq_len=args.seq_len, batch_size=args.batch_size,
+            max_tokens=args.max_tokens, device=args.device, dtype=args.dtype, output=args.output)
     return 0
 
 
+@reporting_usage_errors
 def _harness(args) -> int:
     from tpa.eval.harness import go_offline, run_harness
-    from tpa.eval.report import UsageError, parse_list
+    from tpa.utils.args import parse_list
 
     if args.offline:
         go_offline()
-    try:
-        run_harness(args.model, parse_list(args.tasks, None, "task"), num_fewshot=args.num_fewshot,
-                    batch_size=args.batch_size, limit=args.limit, device=args.device, dtype=args.dtype,
-                    output=args.output, include_path=args.include_path, bootstrap_iters=args.bootstrap_iters)
-    except UsageError as err:
-        return _fail(err, 2)
+    run_harness(args.model, parse_list(args.tasks, None, "task"), num_fewshot=args.num_fewshot,
+                batch_size=args.batch_size, limit=args.limit, device=args.device, dtype=args.dtype,
+                output=args.output, include_path=args.include_path, bootstrap_iters=args.bootstrap_iters)
     return 0

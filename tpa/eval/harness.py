@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tpa.eval.report import UsageError
+from tpa.utils.args import UsageError
 
 # lm-eval task name -> (column label as in the paper's Tables 2-3, metric the paper reports)
 PAPER_TASKS = {
@@ -107,7 +107,7 @@ def table_rows(runs: dict[int, dict], tasks: list[str]) -> tuple[list[str], list
 
 def paper_table(model_name: str, columns: list[str], rows: list[dict]) -> str:
     """Markdown: ``Method | n-shot | <tasks> | Avg.`` with two decimals, as in the paper's tables."""
-    from tpa.eval.report import markdown_table
+    from tpa.utils.tables import markdown_table
 
     headers = ["Method", "n-shot"] + columns + ["Avg."]
     body = []
@@ -148,8 +148,10 @@ def run_harness(model_dir: str, tasks: list[str], *, num_fewshot: list[int] | No
     except ImportError as err:
         raise UsageError("`tpa eval harness` needs lm-evaluation-harness: "
                          f"pip install 'tensor-product-attention[eval]' ({err})") from None
-    from tpa.eval.report import (atomic_write_json, atomic_write_text, load_model_and_tokenizer, model_label,
-                                 print_written, resolve_device, resolve_dtype, run_metadata)
+    from tpa.models.t6.loading import load_model_and_tokenizer, model_label
+    from tpa.utils.devices import resolve_device, resolve_dtype
+    from tpa.utils.files import atomic_write_json, atomic_write_text, print_written
+    from tpa.utils.runinfo import run_metadata
 
     num_fewshot = [0] if not num_fewshot else list(num_fewshot)
     if any(n < 0 for n in num_fewshot):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tpa.eval.report import UsageError
+from tpa.utils.args import UsageError
 
 
 @dataclass
@@ -189,9 +189,11 @@ def run_ppl(model_dir: str, data: list[str], *, split: str = "val", seq_len: int
             max_tokens: int | None = None, device: str = "auto", dtype: str = "auto", output: str | None = None,
             progress: bool | None = None, argv: list[str] | None = None) -> dict:
     """``tpa eval ppl``: evaluate, print a table and write ``ppl.json`` and ``ppl.md`` under ``output``."""
-    from tpa.eval.report import (atomic_write_json, atomic_write_text, fmt_float, fmt_int, load_model_and_tokenizer,
-                                 markdown_table, model_label, print_written, resolve_device, resolve_dtype,
-                                 run_metadata)
+    from tpa.models.t6.loading import load_model_and_tokenizer, model_label
+    from tpa.utils.devices import resolve_device, resolve_dtype
+    from tpa.utils.files import atomic_write_json, atomic_write_text, print_written
+    from tpa.utils.runinfo import run_metadata
+    from tpa.utils.tables import fmt_float, fmt_int, markdown_table
 
     if max_tokens is not None and max_tokens < 2:
         raise UsageError(f"--max-tokens must be >= 2, got {max_tokens}")

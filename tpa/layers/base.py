@@ -29,8 +29,9 @@ class AttentionContext:
             T new tokens (no cache, no padding).
         cache: this layer's cache, or None.
         step: the cache bookkeeping of this call (with ``cache``).
-        kv_cache: the model-wide cache (cached positions, lengths).
-        rotary: the RoPE module (to rotate cached keys where a variant stores them unrotated).
+        kv_cache, rotary: no longer read where ``step`` carries the key slots' RoPE tables
+            (``step.key_cos/key_sin``, which the model sets); a context built without them still
+            works: the layer then takes the key positions from ``kv_cache`` and rotates with ``rotary``.
         decode_impl: ``"auto"`` (FlashTPA kernel on CUDA where it applies), ``"kernel"`` or ``"reference"``.
         attention_weights: a list to append this layer's softmax weights ``[B, H, T, L]`` to
             (``output_attentions=True``); the layer then attends through :func:`attend_explicit`.
@@ -180,6 +181,9 @@ class Attention(nn.Module):
     """
 
     hidden_size: int
+    # True where the layer rotates cached keys as it reads them (it caches them unrotated): the model
+    # then puts the key slots' RoPE tables on the cache step (``CacheStep.key_cos/key_sin``).
+    rotates_cached_keys: bool = False
 
     def init_head_norm(self, enabled: bool, value_dim: int, eps: float) -> None:
         """An RMSNorm with gain over each head's ``value_dim`` output features (one gain shared by all heads)."""

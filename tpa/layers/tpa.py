@@ -33,6 +33,7 @@ from torch import nn
 
 from tpa.layers.base import (Attention, AttentionContext, apply_partial_rotary, attend, check_hidden, check_positive,
                              partial_rotary_dim, scaled_normal_)
+from tpa.ops.decode import tpa_decode
 from tpa.ops.fused_materialize import tpa_materialize_many
 from tpa.ops.naive import tpa_attention_factors
 
@@ -120,6 +121,7 @@ class TensorProductAttention(Attention):
         self.q_rank, self.k_rank, self.v_rank = q_rank, k_rank, v_rank
         self.factorize_q, self.contextual_a, self.contextual_b = factorize_q, contextual_a, contextual_b
         self.share_kv_b, self.head_activation, self.order, self.c_dim = share_kv_b, head_activation, order, c_dim
+        self.rotates_cached_keys = share_kv_b or not contextual_b  # their key factor is cached unrotated
         self.output_gate, self.attn_impl = output_gate, attn_impl
         self.init_std = init_std
         self.out_init_std = init_std if out_init_std is None else out_init_std
@@ -256,9 +258,11 @@ class TensorProductAttention(Attention):
             return self._factor({}, name, bsz, length)
 
         def key_rotation():  # RoPE tables of the key positions: the cached slots, or the new tokens
-            if ctx.cache is not None:
-                return ctx.rotary(ctx.kv_cache.cached_positions(length), dtype=ctx.cos.dtype)
-            return ctx.cos, ctx.sin
+            if ctx.cache is None:
+                return ctx.cos, ctx.sin
+            if ctx.step.key_cos is not None:
+                return ctx.step.key_cos, ctx.step.key_sin
+            return ctx.rotary(ctx.kv_cache.cached_positions(length), dtype=ctx.cos.dtype)
 
         if self.share_kv_b:  # the shared factor is held unrotated: rotate it for the keys only
             b_v = kv["b_kv"] if "b_kv" in kv else get("b_k")
@@ -311,8 +315,6 @@ class TensorProductAttention(Attention):
             length, mask = seq, ctx.mask
 
         if self._use_decode_kernel(ctx, seq):
-            from tpa.ops.decode import tpa_decode
-
             a_q, b_q = self._query_factors(f)
             buf = ctx.cache.buffer
             backend = "triton" if ctx.decode_impl == "kernel" else "auto"

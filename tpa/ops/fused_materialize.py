@@ -80,7 +80,7 @@ _AUTO_MAX = {"rank": 16, "feature": 256, "heads": 1024}
 @dataclass(frozen=True)
 class MaterializeHeuristic:
     """Constants of the launch heuristic (:func:`default_configs`), from SASS instruction counts per
-    useful output element on sm_90 (not yet from timings; ``scripts/bench_materialize.py --sweep``
+    useful output element on sm_90 (not yet from timings; ``benchmarks/dev/bench_materialize.py --sweep``
     measures alternatives).
 
     Attributes:

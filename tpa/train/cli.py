@@ -1,4 +1,4 @@
-"""``tpa train``: train a T6 model (any preset and attention type) on prepared token shards."""
+"""``tpa train`` and ``tpa demo``: train a T6 model (any preset and attention type) on prepared token shards."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import sys
 
 from tpa.train.config import TrainConfig, _field_type
+from tpa.utils.args import handler, module_doc
 
 
 def _add_fields(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,11 @@ def _add_fields(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
+    _register_train(subparsers)
+    _register_demo(subparsers)
+
+
+def _register_train(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a T6 model on prepared token shards (CPU, GPU, torchrun DDP/FSDP2)",
@@ -40,6 +46,21 @@ def register(subparsers) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     _add_fields(parser)
     parser.set_defaults(func=_run)
+
+
+def _register_demo(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="prepare Shakespeare, train tiny TPA and MHA models, compare, sample",
+                              description=module_doc("tpa.train.demo").split("\n\n")[1])
+    p.add_argument("--source", nargs="+", default=["shakespeare"],
+                   help="corpus to prepare (as for `tpa data prepare`); default: the Shakespeare corpus")
+    p.add_argument("--data-dir", default="data/shakespeare", help="where the prepared corpus goes")
+    p.add_argument("--runs", default="runs/demo", help="where the two runs go")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default: the tiny preset's)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the corpus")
+    p.add_argument("--prompt", default="KING.\n", help="prompt for the sample")
+    p.add_argument("--max-new-tokens", type=int, default=120, help="length of the sample")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.set_defaults(func=handler("tpa.train.demo", "_run"))
 
 
 def _run(args) -> int:

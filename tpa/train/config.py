@@ -28,7 +28,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ATTENTION_TYPES = ("tpa", "tpa_kvonly", "mha", "gqa", "mqa", "mla")
+from tpa.models.presets import ATTENTION_TYPES
+
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
 HOST_SYNC = ("auto", "step", "deferred")

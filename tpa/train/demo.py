@@ -13,19 +13,6 @@ import time
 from pathlib import Path
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="prepare Shakespeare, train tiny TPA and MHA models, compare, sample",
-                              description=__doc__.split("\n\n")[1])
-    p.add_argument("--source", nargs="+", default=["shakespeare"],
-                   help="corpus to prepare (as for `tpa data prepare`); default: the Shakespeare corpus")
-    p.add_argument("--data-dir", default="data/shakespeare", help="where the prepared corpus goes")
-    p.add_argument("--runs", default="runs/demo", help="where the two runs go")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default: the tiny preset's)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the corpus")
-    p.add_argument("--prompt", default="KING.\n", help="prompt for the sample")
-    p.add_argument("--max-new-tokens", type=int, default=120, help="length of the sample")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.set_defaults(func=_run)
 
 
 def model_summary(model_dir: Path) -> dict:

@@ -6,16 +6,14 @@ import csv
 import importlib.util
 import json
 import os
-import platform
 import resource
 import secrets
-import subprocess
 import sys
-import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from tpa.utils.runinfo import run_info  # noqa: F401  (re-exported for the trainer)
 
 CSV_FIELDS = ["step", "tokens", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb",
               "elapsed_s"]
@@ -55,46 +53,6 @@ def memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss_kb / 2**20 if sys.platform != "darwin" else rss_kb / 2**30
-
-
-def _git_revision() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if rev.returncode != 0:
-        return None
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def run_info(device: torch.device, world_size: int, argv: list[str]) -> dict:
-    packages = {}
-    for name in ("tensor-product-attention", "torch", "transformers", "tokenizers", "numpy", "triton", "datasets",
-                 "tensorboard", "wandb"):
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    info = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "argv": argv,
-        "git_revision": _git_revision(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "packages": packages,
-        "device": str(device),
-        "world_size": world_size,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-        info["gpu_count"] = torch.cuda.device_count()
-    return info
 
 
 class MissingPackage(RuntimeError):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tpa.utils.devices import resolve_device
+
 
 @dataclass
 class Dist:
@@ -37,15 +39,10 @@ def setup_distributed(device: str = "auto") -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
-    else:
-        dev = torch.device(device)
+    dev = resolve_device(device)  # auto: cuda where available; a missing device is a clear UsageError
+    if dev.type == "cuda" and world_size > 1 and device in ("auto", "cuda"):
+        dev = torch.device("cuda", local_rank)  # rank r of a node takes its node's GPU LOCAL_RANK
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",

@@ -4,8 +4,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from tpa.models.t6.cache_t6 import T6Cache
 from tpa.models.t6.configuration_t6 import ATTENTION_TYPES, PRESETS, T6Config
+from tpa.models.t6.loading import (check_model_dir, check_tokenizer_fits, load_model_and_tokenizer,
+                                   save_model_and_tokenizer)
 from tpa.models.t6.modeling_t6 import T6ForCausalLM, T6ForSequenceClassification, T6Model, T6PreTrainedModel
-from tpa.models.t6.tokenizer import check_tokenizer_fits, load_model_and_tokenizer, save_model_and_tokenizer
 
 AutoConfig.register(T6Config.model_type, T6Config, exist_ok=True)
 AutoModel.register(T6Config, T6Model, exist_ok=True)
@@ -21,6 +22,7 @@ __all__ = [
     "T6ForSequenceClassification",
     "T6Model",
     "T6PreTrainedModel",
+    "check_model_dir",
     "check_tokenizer_fits",
     "load_model_and_tokenizer",
     "save_model_and_tokenizer",

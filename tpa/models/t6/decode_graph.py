@@ -59,6 +59,13 @@ class DecodeGraph:
         cache: the :class:`tpa.models.t6.cache_t6.T6Cache` (static, on CUDA) whose buffers the
             graphs read and write. Held by a weak reference (the cache owns this object).
 
+    What it owns: the static inputs above, the captured graphs with their output tensors, and the
+    key they were captured for (the model's parameters and decode path). What it does not own: the
+    cache's buffers and lengths (the cache's, updated in place by the replayed kernels) and the
+    model (passed to every :meth:`step`). The cache holds it as ``T6Cache.decode_graph``, so that
+    ``generate(cache_implementation="static")`` gets graph replays with no other argument;
+    ``T6ForCausalLM.forward`` routes a call to :meth:`step` when :meth:`handles` says so.
+
     ``_record`` is the only CUDA-specific part (warm-up, capture, replay); the tests replace it
     with an eager stand-in to exercise the rest on the CPU.
 
@@ -84,6 +91,15 @@ class DecodeGraph:
         self.captures = 0
         self.replays = 0
         self.capture_seconds = 0.0
+
+    def handles(self, input_ids, inputs_embeds, labels, logits_to_keep) -> bool:
+        """Whether a ``T6ForCausalLM.forward`` call is a step this graph replays: one token per
+        sequence given as ids, no labels, no gradient, the last position's logits (or all of one), and
+        not itself inside a capture. Every other call runs eagerly on the same static cache."""
+        return (input_ids is not None and inputs_embeds is None and input_ids.dim() == 2 and input_ids.shape[1] == 1
+                and labels is None and not torch.is_grad_enabled()
+                and isinstance(logits_to_keep, int) and logits_to_keep in (0, 1)
+                and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
 
     @staticmethod
     def _key(model) -> tuple:

@@ -179,6 +179,7 @@ class T6Model(T6PreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_dim, config.rope_theta,
                                       config.max_position_embeddings)
+        self._rotates_cached_keys = any(block.self_attn.rotates_cached_keys for block in self.layers)
         self.gradient_checkpointing = False
         self._quantization_checked = False
         self.post_init()
@@ -309,7 +310,10 @@ class T6Model(T6PreTrainedModel):
                 raise ValueError(f"position ids must lie in [0, {max_pos}) (max_position_embeddings), got values "
                                  f"from {lowest} to {highest}")
         # rows of the float32 tables; a float64 model (a reference) forms its angles in float64 instead
-        cos, sin = self.rotary(positions, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        rope_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        cos, sin = self.rotary(positions, dtype=rope_dtype)
+        if step is not None and self._rotates_cached_keys:  # the key slots' RoPE tables, once for all layers
+            step.key_cos, step.key_sin = self.rotary(step.key_positions, dtype=rope_dtype)
         all_hidden, weights = [], [] if output_attentions else None
         for block, layer_cache in zip(self.layers, layer_caches):
             ctx = AttentionContext(cos=cos, sin=sin, mask=mask, cache=layer_cache, step=step, kv_cache=kv,
@@ -390,12 +394,9 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         past_key_values = pick_cache(cache, past_key_values)
         graph = getattr(past_key_values, "decode_graph", None)
-        if (graph is not None and input_ids is not None and inputs_embeds is None and input_ids.dim() == 2
-                and input_ids.shape[1] == 1 and labels is None and not torch.is_grad_enabled()
-                and isinstance(logits_to_keep, int) and logits_to_keep in (0, 1)
-                and not (output_hidden_states or self.config.output_hidden_states)
-                and not (output_attentions or self.config.output_attentions)
-                and not (graph.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        wants_extras = (output_hidden_states or self.config.output_hidden_states
+                        or output_attentions or self.config.output_attentions)
+        if graph is not None and not wants_extras and graph.handles(input_ids, inputs_embeds, labels, logits_to_keep):
             # a one-token step over a static cache on CUDA: replay the captured step (tpa.models.t6.decode_graph)
             logits = graph.step(self, input_ids, attention_mask=attention_mask, position_ids=position_ids)
             return CausalLMOutputWithPast(logits=logits, **cache_kwargs(past_key_values))

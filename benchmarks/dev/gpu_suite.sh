@@ -1,11 +1,12 @@
 #!/bin/bash
-# Run on 2026-11-22 (nvidia-h100-x1, data carried in .carry/) as:
-#   T_TRAIN=190 T_GEN=130 T_ABL=120 TRAIN_ARGS="--types tpa mha gqa mla mqa tpa_kvonly --steps 15 --warmup 5 --compile both --time-budget 150" GEN_ARGS="--prefill-chunk 1024 --max-prompt-tokens 262144 --time-budget 90" bash .carry/gpu_run.sh
+# The 2026-11-22 results under benchmarks/eval-h100-2026-11-22/ were made on one H100, from the
+# repository root, with DATA=data/shakespeare (`tpa data prepare shakespeare --output data/shakespeare`):
+#   OUT=DIR T_TRAIN=190 T_GEN=130 T_ABL=120 TRAIN_ARGS="--types tpa mha gqa mla mqa tpa_kvonly --steps 15 --warmup 5 --compile both --time-budget 150" GEN_ARGS="--prefill-chunk 1024 --max-prompt-tokens 262144 --time-budget 90" bash benchmarks/dev/gpu_suite.sh
 # One device call: tpa bench memory / train / generate at PRESET, then a shortened tpa ablate.
 # Results (tables, JSON, CSV, logs) go into $OUT/results.tar.gz after every step; the log to $OUT/log.txt.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-PRESET=${PRESET:-small}; ABL_PRESET=${ABL_PRESET:-mini}; DATA=${DATA:-.carry/shakespeare}
+PRESET=${PRESET:-small}; ABL_PRESET=${ABL_PRESET:-mini}; DATA=${DATA:-data/shakespeare}
 T_TRAIN=${T_TRAIN:-210}; T_GEN=${T_GEN:-150}; T_ABL=${T_ABL:-140}
 TRAIN_ARGS=${TRAIN_ARGS:-"--steps 15 --warmup 5 --compile both --time-budget 165"}
 GEN_ARGS=${GEN_ARGS:-"--prefill-chunk 1024 --max-prompt-tokens 262144 --time-budget 105"}

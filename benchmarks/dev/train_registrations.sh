@@ -1,10 +1,15 @@
 #!/bin/bash
+# Training throughput of the small preset with the fused Q/K/V op under each registration and host-sync
+# mode, then `tpa bench generate` at 128K for GQA and MLA (the 2026-11-23 runs under
+# benchmarks/train-h100-2026-11-23/inductor_launch_deferred_reads/). From the repository root, on one GPU:
+#   OUT=DIR DATA=data/shakespeare bash benchmarks/dev/train_registrations.sh
+# DATA: token shards of `tpa data prepare shakespeare --output data/shakespeare`. The op's correctness on
+# the GPU is a test: python -m pytest -m gpu tests/ops/test_gpu_kernels.py
 set -u
-cd .carry/snap
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-cp -r ../shakespeare /tmp/shk
-timeout -k 5 120 python3 ../gpucheck.py 2>&1 | grep -v Warning | tail -n 8
-C="--preset small --data-dir /tmp/shk --vocab-size 50304 --micro-batch-size 16 --global-batch-size 16 --max-steps 70 --warmup-steps 10 --compile --precision bf16 --log-every 10 --eval-every 1000 --eval-sequences 16 --checkpoint-every 1000 --no-export --no-tensorboard --progress false"
+DATA=${DATA:-data/shakespeare}
+C="--preset small --data-dir $DATA --vocab-size 50304 --micro-batch-size 16 --global-batch-size 16 --max-steps 70 --warmup-steps 10 --compile --precision bf16 --log-every 10 --eval-every 1000 --eval-sequences 16 --checkpoint-every 1000 --no-export --no-tensorboard --progress false"
 run() {  # registration dir args...
   reg=$1; dir=$2; shift 2
   timeout -k 10 150 python3 -c "import sys; from tpa.ops import fused_materialize as fm; fm._REGISTRATION='$reg'; from tpa.cli import main; sys.exit(main(sys.argv[1:]))" train $C --run-dir $OUT/$dir "$@" 2>&1 | grep -v Warning | tail -n 2

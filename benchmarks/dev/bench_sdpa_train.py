@@ -7,7 +7,7 @@ keys and values given as ``[B, T, H, D]`` tensors transposed to ``[B, H, T, D]``
 pass) and as contiguous ``[B, H, T, D]``. CUDA events, median of 20 after warm-up. Writes
 ``sdpa_train.json`` under ``--out``.
 
-    python scripts/bench_sdpa_train.py --out $OUT
+    python benchmarks/dev/bench_sdpa_train.py --out $OUT
 """
 
 from __future__ import annotations
@@ -15,30 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import traceback
 
 import torch
 import torch.nn.functional as F
+
+from tpa.bench.timing import median_ms as time_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def time_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Time and profile cached decoding of the T6 model on CUDA: direct forward steps and generate().
 
-Usage: python scripts/profile_decode.py [--types tpa mha] [--context 4096] [--batch 1]
+Usage: python benchmarks/dev/profile_decode.py [--types tpa mha] [--context 4096] [--batch 1]
 """
 
 import argparse

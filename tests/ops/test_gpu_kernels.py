@@ -1,0 +1,104 @@
+"""The kernels compiled on a GPU at the sizes only a GPU reaches: long and paged decode caches, CUDA
+graphs replayed at other cache lengths, the fused Q/K/V op at the ``small`` preset's training shapes,
+eager and under ``torch.compile`` with both registrations. The same tolerance rules as the CPU tests
+(the helpers of tests/ops/test_decode.py and test_materialize.py: FlashAttention's rule against a
+float64 truth, outputs poisoned with NaN first). Run with ``python -m pytest -m gpu``."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from tests.ops import test_decode as dec
+from tests.ops import test_materialize as mat
+from tpa.ops import fused_materialize as materialize_mod
+from tpa.ops import tpa_decode, tpa_materialize_many
+from tpa.ops.naive import materialize as materialize_reference
+
+pytestmark = pytest.mark.gpu
+
+# (lengths, N, H, D, ranks, dtype, page size or None): caches up to 4096 tokens, odd head counts and
+# feature sizes, N > 1 queries, paged caches; these were the checks of `tpa bench decode`.
+DECODE_CASES = [
+    ([1, 37, 1000, 4096], 1, 32, 64, (16, 1, 1), torch.bfloat16, None),
+    ([1, 37, 1000, 4096], 1, 32, 64, (6, 2, 2), torch.bfloat16, None),
+    ([5, 999, 3001], 1, 34, 80, (3, 2, 3), torch.float16, None),
+    ([5, 999, 3001], 4, 78, 64, (2, 1, 2), torch.bfloat16, 16),
+    ([7, 1500], 1, 78, 256, (1, 2, 1), torch.bfloat16, None),
+    ([9, 700, 2049], 4, 34, 80, (3, 3, 1), torch.float32, None),
+    ([9, 700, 2049], 1, 48, 64, (16, 1, 1), torch.float32, 256),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"L{max(c[0])}-N{c[1]}-H{c[2]}-D{c[3]}-R{c[4]}-"
+                                                            f"{str(c[5])[6:]}-paged{c[6]}")
+def test_decode_long_caches_match_truth(case):
+    lengths, n, h, d, ranks, dtype, page = case
+    seed = zlib.crc32(repr(case).encode())
+    inputs = dec.make_inputs(lengths, n, h, d, d, ranks, dtype, paged=page is not None, page_size=page or 16,
+                             capacity=max(lengths) + 5, seed=seed)
+    out = torch.full((len(lengths), n, h, d), float("nan"), dtype=dtype, device="cuda")
+    _, lse = tpa_decode(*inputs[:7], block_table=inputs[7], return_lse=True, backend="triton", out=out)
+    dec.assert_close_to_truth(out, lse, inputs)
+
+
+def test_decode_cuda_graph_replays_at_other_lengths():
+    """A graph captured at one cache length replays correctly at others (the lengths live in a
+    device buffer): bitwise the eager result."""
+    inputs = dec.make_inputs([4096, 4096], 1, 32, 64, 64, (16, 1, 1), torch.bfloat16, capacity=8192)
+    seqlens = inputs[6]
+    out = torch.empty(2, 1, 32, 64, dtype=torch.bfloat16, device="cuda")
+    tpa_decode(*inputs[:7], out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tpa_decode(*inputs[:7], out=out)
+    for lengths in ([4096, 100], [8192, 1], [3, 5000]):
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        graph.replay()
+        assert torch.equal(out, tpa_decode(*inputs[:7])), lengths
+
+
+# The `small` preset's Q, K and V factors (34 heads, head_dim 64, ranks 6, 2, 2) at a shorter batch.
+SMALL_QKV = [(4, 1024, 6, 34, 64), (4, 1024, 2, 34, 64), (4, 1024, 2, 34, 64)]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("registration", ["custom_op", "triton_op"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+def test_materialize_training_shapes_match_truth(dtype, registration, compiled, monkeypatch):
+    monkeypatch.setattr(materialize_mod, "_REGISTRATION", registration)
+    monkeypatch.setattr(materialize_mod, "_POISON_BUFFERS", True)
+    torch._dynamo.reset()
+    seed = zlib.crc32(repr((str(dtype), registration, compiled)).encode())
+    factors = [mat.make_factors(*shape, dtype, seed + i) for i, shape in enumerate(SMALL_QKV)]
+    grads = [torch.randn(bsz, seq, heads, dim, generator=torch.Generator().manual_seed(seed + 7 + i)).to(dtype).cuda()
+             for i, (bsz, seq, _, heads, dim) in enumerate(SMALL_QKV)]
+
+    def op(pairs):
+        return tpa_materialize_many(pairs)
+
+    fn = torch.compile(op, fullgraph=True) if compiled else op
+    leaves = [(a.detach().requires_grad_(True), b.detach().requires_grad_(True)) for a, b in factors]
+    outs = fn(leaves)
+    got_grads = torch.autograd.grad(outs, [t for pair in leaves for t in pair], grads)
+    for i, ((a, b), grad) in enumerate(zip(factors, grads)):
+        got = (outs[i], got_grads[2 * i], got_grads[2 * i + 1])
+        same_dtype = mat.forward_backward(materialize_reference, a, b, grad)
+        mat.assert_close_to_truth(got, same_dtype, mat.truth(a, b, grad))
+
+
+def test_inductor_emits_the_materialize_kernel(monkeypatch):
+    """Compiled code launches the triton_op's kernel itself (no call of the op at run time)."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(materialize_mod, "_REGISTRATION", "auto")
+    torch._dynamo.reset()
+    a = torch.randn(4, 64, 2, 34, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(4, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
+    _, codes = run_and_get_code(torch.compile(lambda x, y: tpa_materialize_many([(x, y)])[0] * 2), a, b)
+    code = "\n".join(codes)
+    assert "_materialize_fwd_kernel" in code
+    assert "tpa.materialize" not in code

@@ -1,0 +1,93 @@
+"""Inputs of the decode benchmark: random TPA factor caches and the SDPA decoding baselines over
+materialised K/V caches (MHA, GQA, MQA)."""
+
+from __future__ import annotations
+
+import math
+
+
+def tpa_inputs(torch, bsz, length, h, d, ranks, dtype, n=1, capacity=None, paged_block=None):
+    """Random factors on the GPU; cache_seqlens = length for every sequence."""
+    r_q, r_k, r_v = ranks
+    capacity = capacity or length
+    a_q = torch.randn(bsz, n, r_q, h, device="cuda", dtype=dtype)
+    b_q = torch.randn(bsz, n, r_q, d, device="cuda", dtype=dtype)
+    if paged_block:
+        max_blocks = math.ceil(capacity / paged_block)
+        nb = bsz * max_blocks
+        shapes = [(nb, paged_block, r, x) for r, x in ((r_k, h), (r_k, d), (r_v, h), (r_v, d))]
+        block_table = torch.randperm(nb, device="cuda").to(torch.int32).reshape(bsz, max_blocks)
+    else:
+        shapes = [(bsz, capacity, r, x) for r, x in ((r_k, h), (r_k, d), (r_v, h), (r_v, d))]
+        block_table = None
+    caches = [torch.randn(s, device="cuda", dtype=dtype) for s in shapes]
+    seqlens = torch.full((bsz,), length, dtype=torch.int32, device="cuda")
+    return a_q, b_q, *caches, seqlens, block_table
+
+
+def tpa_bytes(bsz, length, h, d, ranks, elt, n=1):
+    r_q, r_k, r_v = ranks
+    cache = bsz * length * (r_k * (h + d) + r_v * (h + d)) * elt
+    return cache + bsz * n * r_q * (h + d) * elt + bsz * n * h * d * elt
+
+
+SDPA_VARIANTS = {
+    # name: (backend name, formulation). "rows": the query heads of a KV group become the group's
+    # query rows, q [B, H_kv, H/H_kv, d] (exact for one decode query, one K/V read per KV head, as
+    # FlashAttention decodes GQA); "gqa": q [B, H, 1, d] with enable_gqa=True.
+    "cudnn_rows": ("CUDNN_ATTENTION", "rows"),
+    "flash_rows": ("FLASH_ATTENTION", "rows"),
+    "efficient_rows": ("EFFICIENT_ATTENTION", "rows"),
+    "cudnn_gqa": ("CUDNN_ATTENTION", "gqa"),
+    "flash_gqa": ("FLASH_ATTENTION", "gqa"),
+    "efficient_gqa": ("EFFICIENT_ATTENTION", "gqa"),
+}
+
+
+def sdpa_decode_fn(torch, bsz, length, h, d, kv_heads, dtype, variant="default_rows"):
+    """SDPA decoding of one token over materialised K/V caches [B, H_kv, L, d] (see SDPA_VARIANTS).
+    Returns (fn, bytes read and written, tensors)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend, form = SDPA_VARIANTS.get(variant, ("DEFAULT", variant.split("_")[-1]))
+    if kv_heads == h:
+        form = "rows"
+    group = h // kv_heads
+    if form == "rows":
+        q = torch.randn(bsz, kv_heads, group, d, device="cuda", dtype=dtype)
+    else:
+        q = torch.randn(bsz, h, 1, d, device="cuda", dtype=dtype)
+    k = torch.randn(bsz, kv_heads, length, d, device="cuda", dtype=dtype)
+    v = torch.randn(bsz, kv_heads, length, d, device="cuda", dtype=dtype)
+    kwargs = {"enable_gqa": True} if form == "gqa" and group > 1 else {}
+    if backend == "DEFAULT":
+        def fn():
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    else:
+        backends = [getattr(SDPBackend, backend)]
+
+        def fn():
+            with sdpa_kernel(backends):
+                return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    nbytes = (2 * bsz * kv_heads * length * d + 2 * bsz * h * d) * q.element_size()
+    return fn, nbytes, (q, k, v)
+
+
+def best_sdpa_variant(torch, timer, bsz, length, h, d, kv_heads, dtype):
+    """The fastest SDPA variant at one point (a fair, strongest baseline), with all timings."""
+    times = {}
+    names = ["cudnn_rows", "flash_rows", "efficient_rows"]
+    if kv_heads != h:
+        names += ["cudnn_gqa", "flash_gqa", "efficient_gqa"]
+    for name in names:
+        try:
+            fn, _, tensors = sdpa_decode_fn(torch, bsz, length, h, d, kv_heads, dtype, name)
+            fn()
+            torch.cuda.synchronize()
+            times[name] = timer.time(fn, reps=10, budget_s=0.1)
+            del fn, tensors
+        except RuntimeError:
+            continue
+    return min(times, key=times.get), times
