@@ -65,7 +65,7 @@ from torch.nn import functional as F
 from tpa.layers import MultiHeadAttention, MultiHeadLatentAttention, TensorProductAttention
 from tpa.modules import RMSNorm
 
-__all__ = ["apply_tensor_parallel", "make_mesh", "sum_gradients", "tp_cache_elements_per_token"]
+__all__ = ["apply_tensor_parallel", "make_mesh", "setup_tensor_parallel", "sum_gradients"]
 
 
 class _SumGradients(torch.autograd.Function):
@@ -96,6 +96,25 @@ def make_mesh(tp: int, device_type: str) -> DeviceMesh:
     if tp < 1 or world % tp:
         raise ValueError(f"--tp {tp} must be a positive divisor of the number of ranks ({world})")
     return init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def setup_tensor_parallel(tp: int, device: str = "auto") -> tuple[DeviceMesh, str]:
+    """Join the process group of a torchrun launch of exactly ``tp`` ranks (NCCL on GPUs, gloo on CPUs)
+    and return its 1-D mesh and this rank's device (``cuda:LOCAL_RANK`` or ``cpu``)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or world != tp:
+        raise ValueError(f"--tp {tp} needs a launch of {tp} processes (`torchrun --nproc_per_node {tp} ...`); "
+                         f"this one has {world}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return init_device_mesh(torch.device(device).type, (tp,), mesh_dim_names=("tp",)), device
 
 
 def _check_divides(n: int, count: int, what: str) -> None:
@@ -297,8 +316,3 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     base.tensor_parallel_size = n
     return model
 
-
-def tp_cache_elements_per_token(model: nn.Module) -> list[int]:
-    """Cached numbers per token on this rank, per layer (the local cache spec)."""
-    base = getattr(model, "model", model)
-    return [block.self_attn.kv_cache_elements_per_token() for block in base.layers]
