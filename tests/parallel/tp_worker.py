@@ -7,6 +7,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from tpa import T6Config, T6ForCausalLM
 from tpa.models.t6.cache_t6 import T6Cache
@@ -15,10 +16,9 @@ from tpa.models.t6.hf_compat import output_cache
 VOCAB = 67
 # every attention type, with the options a sharding can get wrong (gate, head norm, partial RoPE, ...)
 CASES = {
-    "tpa": dict(attention_type="tpa", attention_head_norm=True, rope_partial_factor=0.5),
-    "tpa-gate-factors": dict(attention_type="tpa", attention_output_gate=True, attn_impl="factors",
-                             tpa_head_activation="sigmoid"),
-    "tpa-share-kv-b": dict(attention_type="tpa", tpa_share_kv_b=True),
+    "tpa": dict(attention_type="tpa", attention_head_norm=True, rope_partial_factor=0.5, attention_output_gate=True,
+                tpa_head_activation="sigmoid"),
+    "tpa-factors-share-kv-b": dict(attention_type="tpa", attn_impl="factors", tpa_share_kv_b=True),
     "tpa-order3": dict(attention_type="tpa", tpa_order=3, tpa_c_dim=2),
     "tpa_kvonly": dict(attention_type="tpa_kvonly", attention_head_norm=True),
     "mha": dict(attention_type="mha", attention_output_gate=True),
@@ -88,16 +88,42 @@ def check_case(name: str, mesh) -> None:
 
     # cached decoding: every step's logits, and greedy generate() picks the same tokens
     with torch.no_grad():
-        want_steps, ref_cache = decode_logits(ref, ids, 5)
-        got_steps, cache = decode_logits(model, ids, 5)
+        want_steps, ref_cache = decode_logits(ref, ids, 3)
+        got_steps, cache = decode_logits(model, ids, 3)
         for i, (g, w) in enumerate(zip(got_steps, want_steps)):
             close(g, w, f"{name} cached step {i}")
-        want_ids = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+        want_ids = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                                 pad_token_id=0)
-        got_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+        got_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                                  pad_token_id=0)
     assert torch.equal(got_ids, want_ids), name
     check_cache_size(name, config, ref_cache, cache, mesh.size())
+    return ref
+
+
+def check_checkpoint_loads_into_tp(ref, mesh, path: str) -> None:
+    """A DCP checkpoint of the single-process model loads into the TP model (parameter names and global
+    shapes are unchanged), and one written from the TP model holds the single-process weights."""
+    import torch.distributed.checkpoint as dcp
+
+    from tpa.parallel import apply_tensor_parallel
+
+    dcp.save(ref.state_dict(), checkpoint_id=f"{path}/plain")
+    fresh = T6ForCausalLM(ref.config).float()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    model = apply_tensor_parallel(fresh, mesh)
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=f"{path}/plain")
+    model.load_state_dict(state)
+    want = ref.state_dict()
+    for fqn, value in model.state_dict().items():
+        assert torch.equal(full(value), want[fqn]), fqn
+    dcp.save(model.state_dict(), checkpoint_id=f"{path}/tp")
+    plain = {k: torch.zeros_like(v) for k, v in want.items()}
+    dcp.load(plain, checkpoint_id=f"{path}/tp")
+    assert all(torch.equal(plain[k], want[k]) for k in want)
 
 
 def check_cache_size(name: str, config: T6Config, ref_cache: T6Cache, cache: T6Cache, n: int) -> None:
@@ -116,41 +142,41 @@ def check_cache_size(name: str, config: T6Config, ref_cache: T6Cache, cache: T6C
         assert got == want, (name, got, want)  # the latent and the RoPE key are replicated
 
 
-def run_cases(rank: int, world: int, port: int, names: list[str]) -> None:
+def run_cases(rank: int, world: int, port: int, names: list[str], ckpt_dir: str, errors: bool = False) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     init(rank, world, port)
     try:
         mesh = init_device_mesh("cpu", (world,))
-        for name in names:
-            check_case(name, mesh)
+        for i, name in enumerate(names):
+            ref = check_case(name, mesh)
+            if i == 0:
+                check_checkpoint_loads_into_tp(ref, mesh, f"{ckpt_dir}/{name}")
+        if errors:
+            check_errors(mesh)
     finally:
         dist.destroy_process_group()
 
 
-def run_errors(rank: int, world: int, port: int) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
+def check_errors(mesh) -> None:
+    """Clear errors for what TP cannot split, before anything in the model changes."""
     from tpa.parallel import apply_tensor_parallel
 
-    init(rank, world, port)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        for options, message in [
-            (dict(attention_type="tpa", num_attention_heads=3), "num_attention_heads divisible by 2, got 3"),
-            (dict(attention_type="mha", intermediate_size=95), "intermediate_size divisible by 2, got 95"),
-            (dict(attention_type="tpa", tpa_head_activation="softmax"), "softmax"),
-            (dict(attention_type="tpa", tpa_contextual_b=False), "contextual"),
-        ]:
-            model = T6ForCausalLM(tiny_config(**options))
-            before = {k: v.clone() for k, v in model.state_dict().items()}
-            try:
-                apply_tensor_parallel(model, mesh)
-            except ValueError as err:
-                assert message in str(err), (message, str(err))
-            else:
-                raise AssertionError(f"no error for {options}")
-            after = model.state_dict()  # nothing was changed before the error
-            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    finally:
-        dist.destroy_process_group()
+    for options, message in [
+        (dict(attention_type="tpa", num_attention_heads=3), "num_attention_heads divisible by 2, got 3"),
+        (dict(attention_type="mha", intermediate_size=95), "intermediate_size divisible by 2, got 95"),
+        (dict(attention_type="tpa", tpa_head_activation="softmax", attention_head_norm=True), "softmax"),
+        (dict(attention_type="tpa", tpa_contextual_b=False, attention_head_norm=True), "contextual"),
+        (dict(attention_type="gqa", num_attention_heads=6, num_key_value_heads=3), "num_key_value_heads=3"),
+    ]:
+        model = T6ForCausalLM(tiny_config(**options))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            apply_tensor_parallel(model, mesh)
+        except ValueError as err:
+            assert message in str(err), (message, str(err))
+        else:
+            raise AssertionError(f"no error for {options}")
+        after = model.state_dict()  # nothing was changed before the error
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert not any(isinstance(p, DTensor) for p in model.parameters())

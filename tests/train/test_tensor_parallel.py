@@ -96,8 +96,3 @@ def test_generate_tp2_writes_the_one_process_text(single_tpa_run):
     assert one.returncode == 0, one.stderr[-3000:]
     two = _torchrun(2, [*args, "--greedy", "--tp", "2"])
     assert two.stdout == one.stdout and one.stdout.strip()
-    # sampling draws the same tokens too: every rank holds the same logits and the same seed
-    one_s = subprocess.run([sys.executable, *args, "--seed", "3"], cwd=REPO, env=_env(), capture_output=True,
-                           text=True, timeout=300)
-    two_s = _torchrun(2, [*args, "--seed", "3", "--tp", "2"])
-    assert two_s.stdout == one_s.stdout

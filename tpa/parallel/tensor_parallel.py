@@ -18,7 +18,8 @@ and feature factors ``B [R, D]`` (paper eq. 3.1). Head ``h`` needs column ``h`` 
 A columns of its heads only and all of B, and caches both. Per token and layer its cache holds
 ``(R_k + R_v)(H/N + D)`` numbers instead of the single process's ``(R_k + R_v)(H + D)``: the head part
 shrinks N-fold, the feature part does not (for the paper's D=64 and H of 34-78 the B part is most of
-the cache, so TP=2 saves about a quarter, not half, of TPA's already small cache per GPU). The price in
+the cache: at TP=2 a rank of ``small`` TPA, H=34, holds (17 + 64) / (34 + 64) = 83% of one process's
+cache, of ``xl``, H=78, 73%). The price in
 compute is the B projection done N times; in communication, one all-reduce of the layer output
 (forward) and of the layer input's gradient (backward), as for any TP attention, plus the all-reduce
 of the gradients of the weights every rank uses alike (below). The baselines: MHA/GQA/MQA shard the
@@ -46,8 +47,8 @@ inside a layer (fused projections, the per-head output norm's gain) get their gr
 the same way.
 
 Not supported under TP, with a clear error: a head count (or K/V head count, or SwiGLU width) that N
-does not divide; TPA with learned (non-contextual) factors or a softmax over heads; N > 1 with the
-FlashTPA decode kernel needs nothing special (it reads the local factor cache).
+does not divide; TPA with learned (non-contextual) factors or a softmax over heads. The FlashTPA decode
+kernel needs nothing special (it reads the local factor cache, whose head count is H/N).
 """
 
 from __future__ import annotations
@@ -183,15 +184,25 @@ def _replicate(module: nn.Module, mesh: DeviceMesh, output_fn=None) -> None:
 # ---------------------------------------------------------------------------------------------- layers
 
 
+def _check_layer(attn: nn.Module, n: int) -> None:
+    """Raise a ValueError naming what of ``attn`` cannot be split over ``n`` ranks."""
+    if type(attn) not in _LAYERS:
+        raise ValueError(f"tensor parallelism does not know the attention layer {type(attn).__name__}")
+    _check_divides(n, attn.num_heads, "num_attention_heads")
+    if isinstance(attn, TensorProductAttention):
+        if not (attn.contextual_a and attn.contextual_b):
+            raise ValueError("tensor parallelism is implemented for contextual TPA factors only "
+                             "(tpa_contextual_a and tpa_contextual_b True)")
+        if attn.head_activation == "softmax":
+            raise ValueError("tensor parallelism does not support tpa_head_activation='softmax' (a softmax over "
+                             "all heads couples the ranks); use 'none' or 'sigmoid'")
+    if isinstance(attn, MultiHeadAttention) and attn.num_kv_heads % n and n % attn.num_kv_heads:
+        raise ValueError(f"tensor parallelism over {n} ranks needs num_key_value_heads={attn.num_kv_heads} to "
+                         f"divide {n} or be divisible by it")
+
+
 def _tpa(layer: TensorProductAttention, mesh: DeviceMesh, n: int, rank: int) -> None:
     h = layer.num_heads
-    _check_divides(n, h, "num_attention_heads")
-    if not (layer.contextual_a and layer.contextual_b):
-        raise ValueError("tensor parallelism is implemented for contextual TPA factors only "
-                         "(tpa_contextual_a and tpa_contextual_b True)")
-    if layer.head_activation == "softmax":
-        raise ValueError("tensor parallelism does not support tpa_head_activation='softmax' (a softmax over all "
-                         "heads couples the ranks); use 'none' or 'sigmoid'")
     local, lo = h // n, rank * (h // n)
     rows, offset, segments = [], 0, []
     for name, size in layer.segments:
@@ -216,16 +227,14 @@ def _tpa(layer: TensorProductAttention, mesh: DeviceMesh, n: int, rank: int) -> 
 
 def _mha(layer: MultiHeadAttention, mesh: DeviceMesh, n: int, rank: int) -> None:
     h, g, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
-    _check_divides(n, h, "num_attention_heads")
     local = h // n
     q_rows = _head_rows(0, 1, h, d, rank * local, (rank + 1) * local)
     if g % n == 0:  # K/V heads split like the query heads
         kv_lo, kv_local = rank * (g // n), g // n
     elif n % g == 0:  # N/G ranks share one K/V head: each computes and caches the one its query heads use
         kv_lo, kv_local = rank // (n // g), 1
-    else:
-        raise ValueError(f"tensor parallelism over {n} ranks needs num_key_value_heads={g} to divide {n} or be "
-                         f"divisible by it")
+    else:  # refused by _check_layer
+        raise AssertionError(g)
     k_rows = _head_rows(h * d, 1, g, d, kv_lo, kv_lo + kv_local)
     v_rows = _head_rows((h + g) * d, 1, g, d, kv_lo, kv_lo + kv_local)
     layer.qkv_proj = RowSubsetLinear(layer.qkv_proj, torch.cat([q_rows, k_rows, v_rows]), mesh)
@@ -237,7 +246,6 @@ def _mha(layer: MultiHeadAttention, mesh: DeviceMesh, n: int, rank: int) -> None
 
 
 def _mla(layer: MultiHeadLatentAttention, mesh: DeviceMesh, n: int, rank: int) -> None:
-    _check_divides(n, layer.num_heads, "num_attention_heads")
     group = mesh.get_group()
     plan = {"o_proj": RowwiseParallel(), "kv_b_proj": ColwiseParallel()}
     plan["q_b_proj" if layer.q_lora_rank else "q_proj"] = ColwiseParallel()
@@ -259,7 +267,6 @@ def _head_norm(layer, mesh: DeviceMesh) -> None:
 
 def _mlp(mlp, mesh: DeviceMesh, n: int, rank: int) -> None:
     width = mlp.intermediate_size
-    _check_divides(n, width, "intermediate_size")
     local = width // n
     rows = torch.cat([_head_rows(0, 1, width, 1, rank * local, (rank + 1) * local),
                       _head_rows(width, 1, width, 1, rank * local, (rank + 1) * local)])
@@ -290,10 +297,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     if getattr(base, "tensor_parallel_size", 1) != 1:
         raise ValueError("this model is already tensor-parallel")
     for block in base.layers:  # check every layer before changing any
-        attn = block.self_attn
-        if type(attn) not in _LAYERS:
-            raise ValueError(f"tensor parallelism does not know the attention layer {type(attn).__name__}")
-        _check_divides(n, attn.num_heads, "num_attention_heads")
+        _check_layer(block.self_attn, n)
         _check_divides(n, block.mlp.intermediate_size, "intermediate_size")
     if n == 1:
         return model
