@@ -1,5 +1,5 @@
 """`tpa train --tp` under torchrun on CPUs (gloo): TP=2 reproduces one process's losses, validation losses and
-exported weights; TP composes with FSDP2 on the (dp, tp) mesh; a TP checkpoint resumes under TP and continues
+exported weights; TP composes with FSDP2 on the (dp, tp) mesh (1 x 2, and 2 x 2 on four ranks); a TP checkpoint resumes under TP and continues
 in one process; `tpa generate --tp 2` writes the one-process text."""
 
 from __future__ import annotations
@@ -96,3 +96,12 @@ def test_generate_tp2_writes_the_one_process_text(single_tpa_run):
     assert one.returncode == 0, one.stderr[-3000:]
     two = _torchrun(2, [*args, "--greedy", "--tp", "2"])
     assert two.stdout == one.stdout and one.stdout.strip()
+
+
+def test_tp2_inside_fsdp2_over_two_replicas_matches_one_process(single_tpa_run, data_dir, tmp_path):
+    """Four ranks: a (dp, tp) = (2, 2) mesh, FSDP2 over the two replicas of two TP ranks each."""
+    run = tmp_path / "run"
+    _torchrun(4, _train_args(data_dir, run, "auto", *TPA, "--tp", "2"))
+    _compare(run, single_tpa_run)
+    info = json.loads((run / "run_info.jsonl").read_text().splitlines()[0])
+    assert info["parallel"] == "fsdp" and info["world_size"] == 4
