@@ -96,7 +96,11 @@ def check_case(name: str, mesh) -> None:
                                 pad_token_id=0)
         got_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                                  pad_token_id=0)
-    assert torch.equal(got_ids, want_ids), name
+        assert torch.equal(got_ids, want_ids), name
+        if name == "tpa":  # a static cache (fixed capacity, device-side planning of one-token steps) too
+            static_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                        pad_token_id=0, cache_implementation="static")
+            assert torch.equal(static_ids, want_ids), name
     check_cache_size(name, config, ref_cache, cache, mesh.size())
     return ref
 
