@@ -36,6 +36,9 @@ def _register_generate(subparsers) -> None:
                    help="weights dtype (auto: bfloat16 on GPUs that have it, else float32)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode steps as CUDA-graph replays over a static cache (T6 models; default: on with CUDA)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (launch with `torchrun --nproc_per_node N`; T6 models): each rank "
+                        "holds its heads' weights and cache, every rank prints nothing but rank 0")
     p.set_defaults(func=handler("tpa.generate", "_run"))
 
 

@@ -7,11 +7,13 @@ import sys
 
 def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int = 50, top_p: float = 1.0, greedy: bool = False, seed: int = 0, device: str = "auto",
-                  dtype: str = "auto", stream: bool = True, cuda_graphs: bool | None = None) -> str:
+                  dtype: str = "auto", stream: bool = True, cuda_graphs: bool | None = None, tp: int = 1) -> str:
     """Generate a continuation of ``prompt``; print it as it comes when ``stream``; return the new text.
 
     ``cuda_graphs``: for T6 models, decode with a static cache whose one-token steps replay a
-    captured CUDA graph (``generate(cache_implementation="static")``); ``None``: on with CUDA."""
+    captured CUDA graph (``generate(cache_implementation="static")``); ``None``: on with CUDA.
+    ``tp``: tensor-parallel ranks (:mod:`tpa.parallel`; every rank of a torchrun launch of ``tp``
+    processes calls this); only rank 0 streams. The tokens are those of one process."""
     import torch
     from transformers import TextStreamer
 
@@ -25,8 +27,25 @@ def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200
     dev = resolve_device(device)
     if cuda_graphs and dev.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
+    mesh = None
+    if tp != 1:
+        if cuda_graphs:
+            raise ValueError("--cuda-graphs is not implemented with --tp (a captured step would hold collectives)")
+        cuda_graphs = False
+        from tpa.parallel import setup_tensor_parallel
+
+        created_group = not torch.distributed.is_initialized()
+        mesh, rank_device = setup_tensor_parallel(tp, device)
+        dev = torch.device(rank_device)
+        stream = stream and torch.distributed.get_rank() == 0
     model, tokenizer = load_model_and_tokenizer(model_dir, dev, resolve_dtype(dtype, dev))
     is_t6 = getattr(model.config, "model_type", None) == "t6"
+    if mesh is not None:
+        if not is_t6:
+            raise ValueError(f"--tp is implemented for T6 models, not {model.config.model_type!r}")
+        from tpa.parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh)
     if cuda_graphs and not is_t6:
         raise ValueError(f"--cuda-graphs is implemented for T6 models, not {model.config.model_type!r}")
     graphs = is_t6 and dev.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -49,9 +68,14 @@ def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200
         kwargs["cache_implementation"] = "static"  # T6Cache(static=True): CUDA-graph decode steps
     if stream and prompt:
         print(prompt, end="", flush=True)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             use_cache=True, streamer=streamer, pad_token_id=tokenizer.pad_token_id or bos, **kwargs)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 use_cache=True, streamer=streamer, pad_token_id=tokenizer.pad_token_id or bos,
+                                 **kwargs)
+    finally:
+        if mesh is not None and created_group:
+            torch.distributed.destroy_process_group()
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -59,7 +83,7 @@ def _run(args) -> int:
     try:
         generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed, device=args.device,
-                      dtype=args.dtype, cuda_graphs=args.cuda_graphs)
+                      dtype=args.dtype, cuda_graphs=args.cuda_graphs, tp=args.tp)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -194,6 +194,11 @@ class Attention(nn.Module):
         head_norm = getattr(self, "head_norm", None)
         return out if head_norm is None else head_norm(out)
 
+    def shared_for_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``, which every rank computes alike, about to enter this rank's own heads: the identity here;
+        under tensor parallelism (:mod:`tpa.parallel`) its gradient is summed over the ranks."""
+        return x
+
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         """Per-token shapes of the tensors this layer caches."""
         raise NotImplementedError

@@ -160,13 +160,16 @@ class MultiHeadLatentAttention(Attention):
     def _up_weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_UK [H, D, d_c]``, ``W_UV [H, E, d_c]`` (``like``: a tensor of the activations' dtype and device).
 
-        A plain ``nn.Linear`` gives its weight. A replaced ``kv_b_proj`` (a LoRA adapter, an 8-bit
-        or int8 layer of a quantized model) is read as the map it computes, ``kv_b_proj(I)^T``, so
-        the absorbed path sees exactly what the unabsorbed one applies.
+        A plain ``nn.Linear`` gives its weight (under tensor parallelism, this rank's heads of it). A
+        replaced ``kv_b_proj`` (a LoRA adapter, an 8-bit or int8 layer of a quantized model) is read as
+        the map it computes, ``kv_b_proj(I)^T``, so the absorbed path sees exactly what the unabsorbed
+        one applies.
         """
         proj = self.kv_b_proj
         if type(proj) is nn.Linear and type(proj.weight) is nn.Parameter:
             w = proj.weight
+        elif type(proj) is nn.Linear and hasattr(proj.weight, "to_local"):  # a DTensor: tpa.parallel
+            w = proj.weight.to_local()
         else:
             eye = torch.eye(self.kv_lora_rank, device=like.device, dtype=like.dtype)
             w = proj(eye).transpose(0, 1)
@@ -180,6 +183,7 @@ class MultiHeadLatentAttention(Attention):
         q_nope, q_rope = self._queries(x, ctx.cos, ctx.sin)
         c_kv, k_rope = self.kv_a_proj(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv, k_rope = self.kv_a_norm(c_kv), apply_rotary(k_rope, ctx.cos, ctx.sin)
+        k_rope = self.shared_for_heads(k_rope)
         mask = ctx.mask
         if ctx.cache is not None:
             kv = ctx.cache.update(ctx.step, c_kv=c_kv, k_rope=k_rope)
@@ -188,12 +192,13 @@ class MultiHeadLatentAttention(Attention):
         if ctx.cache is not None and self.absorb and seq <= self.absorb_max_tokens:
             w_uk, w_uv = self._up_weights(c_kv)
             q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+            latent = self.shared_for_heads(c_kv)  # goes to this rank's heads directly (its gradient under TP)
             if ctx.attention_weights is None:
-                out_latent = latent_attention(q_latent, q_rope, c_kv, k_rope, mask, self.scale)  # [B, T, H, d_c]
+                out_latent = latent_attention(q_latent, q_rope, latent, k_rope, mask, self.scale)  # [B, T, H, d_c]
             else:  # the same attention with its weights written out: one latent "head" shared by all heads
                 query = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, d_c + d_R]
-                key = torch.cat([c_kv, k_rope], dim=-1)[:, :, None]
-                out_latent = attend(query, key, c_kv[:, :, None], mask, scale=self.scale,
+                key = torch.cat([latent, k_rope], dim=-1)[:, :, None]
+                out_latent = attend(query, key, latent[:, :, None], mask, scale=self.scale,
                                     weights_out=ctx.attention_weights)
             out = torch.einsum("bthc,hdc->bthd", out_latent, w_uv)
         else:

@@ -91,6 +91,9 @@ class TrainConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (torchrun ranks use cuda:LOCAL_RANK)")
     precision: str = _f("auto", "bf16 (autocast / FSDP2 mixed precision), fp32, or auto: bf16 on GPUs that have it")
     parallel: str = _f("auto", "none, ddp, fsdp (FSDP2 fully_shard), or auto: ddp under torchrun, else none")
+    tp: int = _f(1, "tensor-parallel ranks per model replica (tpa.parallel): heads and SwiGLU width split over "
+                    "TP groups of this many consecutive ranks; the world size / tp replicas are data parallel "
+                    "(FSDP2 over them, or none when tp is the world size)")
     compile: bool = _f(False, "torch.compile each transformer block")
     host_sync: str = _f(
         "auto",
@@ -113,6 +116,12 @@ class TrainConfig:
         if self.host_sync == "deferred" and self.parallel == "fsdp":
             raise ValueError("host_sync='deferred' needs the fused AdamW, which FSDP2 runs do not use: "
                              "use host_sync='step' or 'auto' with FSDP")
+        if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
+            raise ValueError(f"tp must be an integer >= 1, got {self.tp!r}")
+        if self.tp > 1 and self.parallel == "ddp":
+            raise ValueError("tp > 1 composes with FSDP2 (parallel='fsdp' or 'auto'), not DDP")
+        if self.tp > 1 and self.host_sync == "deferred":
+            raise ValueError("host_sync='deferred' is not implemented with tp > 1: use 'step' or 'auto'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("seq_len", "global_batch_size", "micro_batch_size", "max_steps", "eval_every", "log_every",

@@ -24,18 +24,30 @@ class Dist:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    tp_size: int = 1  # tensor-parallel ranks per model replica (consecutive ranks form a TP group)
+    mesh: object = None  # the (dp, tp) DeviceMesh when tp_size > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
+    def dp_rank(self) -> int:
+        """Which model replica this rank belongs to: the ranks of one TP group read the same data."""
+        return self.rank // self.tp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+    @property
     def enabled(self) -> bool:
         return self.world_size > 1
 
 
-def setup_distributed(device: str = "auto") -> Dist:
-    """Initialise torch.distributed when launched by torchrun (NCCL on GPUs, gloo on CPUs)."""
+def setup_distributed(device: str = "auto", tp: int = 1) -> Dist:
+    """Initialise torch.distributed when launched by torchrun (NCCL on GPUs, gloo on CPUs); with
+    ``tp > 1``, the ``(dp, tp)`` device mesh of :func:`tpa.parallel.make_mesh`."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -47,7 +59,14 @@ def setup_distributed(device: str = "auto") -> Dist:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
-    return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+    mesh = None
+    if tp > 1:
+        if world_size % tp:
+            raise ValueError(f"tp={tp} must divide the number of ranks ({world_size}); launch with torchrun")
+        from tpa.parallel import make_mesh
+
+        mesh = make_mesh(tp, dev.type)
+    return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, tp_size=tp, mesh=mesh)
 
 
 def teardown_distributed() -> None:
@@ -56,6 +75,10 @@ def teardown_distributed() -> None:
 
 
 def resolve_parallel(parallel: str, world: Dist) -> str:
+    if world.tp_size > 1:  # data parallel over the TP groups: FSDP2 on the mesh's dp dimension, or none
+        if parallel == "ddp":
+            raise ValueError("tensor parallelism composes with FSDP2 (parallel='fsdp' or 'auto'), not DDP")
+        return "fsdp" if world.dp_size > 1 or parallel == "fsdp" else "none"
     if parallel == "auto":
         return "ddp" if world.enabled else "none"
     if parallel in ("ddp", "fsdp") and not world.enabled:
@@ -82,7 +105,15 @@ def parallelize(model: torch.nn.Module, *, parallel: str, world: Dist, bf16: boo
     """Apply activation checkpointing, compile and DDP/FSDP2 to a T6 model already on its device.
 
     Returns the module to call for training (the DDP wrapper for DDP, the model itself otherwise).
+    With ``world.tp_size > 1`` tensor parallelism comes first (:func:`tpa.parallel.apply_tensor_parallel`
+    over the mesh's ``tp`` dimension) and FSDP2 shards over its ``dp`` dimension, as torchtitan composes them.
     """
+    dp_mesh = None
+    if world.tp_size > 1:
+        from tpa.parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, world.mesh["tp"])
+        dp_mesh = world.mesh["dp"]
     layers = list(model.model.layers)
     if activation_checkpointing:
         for layer in layers:
@@ -96,8 +127,8 @@ def parallelize(model: torch.nn.Module, *, parallel: str, world: Dist, bf16: boo
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         for i, layer in enumerate(layers):
             # the last block's parameters are needed at once by the backward: no reshard after forward
-            fully_shard(layer, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp)
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> TrainResult:
     """Run (or resume) a training run as configured; see the module docstring."""
     cfg.validate()
     created_pg = not (dist.is_available() and dist.is_initialized())
-    world = setup_distributed(cfg.device)
+    world = setup_distributed(cfg.device, cfg.tp)
     try:
         return _train(cfg, world, argv if argv is not None else sys.argv)
     finally:
@@ -193,10 +193,10 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
     train_shards = TokenShards(cfg.data_dir, "train")
     val_shards = TokenShards(cfg.data_dir, "val") if meta["splits"]["val"]["tokens"] else None
     batches = TrainBatches(train_shards, cfg.seq_len, cfg.data_seed)
-    if cfg.global_batch_size % (cfg.micro_batch_size * world.world_size):
+    if cfg.global_batch_size % (cfg.micro_batch_size * world.dp_size):
         raise ValueError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size="
-                         f"{cfg.micro_batch_size} x world size {world.world_size}")
-    accum = cfg.global_batch_size // (cfg.micro_batch_size * world.world_size)
+                         f"{cfg.micro_batch_size} x data-parallel size {world.dp_size}")
+    accum = cfg.global_batch_size // (cfg.micro_batch_size * world.dp_size)
 
     # ---- model
     torch.manual_seed(cfg.seed)
@@ -220,7 +220,8 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
     groups = param_groups(model, cfg.weight_decay)
     if cfg.host_sync == "deferred" and mode == "fsdp":
         raise ValueError("host_sync='deferred' needs the fused AdamW, which FSDP2 runs do not use")
-    deferred = cfg.host_sync == "deferred" or (cfg.host_sync == "auto" and device.type == "cuda" and mode != "fsdp")
+    deferred = cfg.host_sync == "deferred" or (cfg.host_sync == "auto" and device.type == "cuda" and mode != "fsdp"
+                                                  and world.tp_size == 1)
     # the fused AdamW skips a step on the device when told a value was not finite (found_inf)
     fused = (device.type == "cuda" and mode != "fsdp") or deferred
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -278,13 +279,13 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
     peak = cfg.peak_tflops or peak_tflops(device)
     n_val = 0
     if val_shards is not None:
-        n_val = val_sequences(val_shards, cfg.seq_len, cfg.eval_sequences) // world.world_size * world.world_size
+        n_val = val_sequences(val_shards, cfg.seq_len, cfg.eval_sequences) // world.dp_size * world.dp_size
 
     def evaluate() -> float | None:
         if n_val == 0:
             return None
-        per_rank = n_val // world.world_size
-        first = world.rank * per_rank
+        per_rank = n_val // world.dp_size
+        first = world.dp_rank * per_rank
         total = 0.0
         train_model.eval()
         with torch.no_grad():
@@ -295,7 +296,7 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                     logits = train_model(input_ids=rows[:, :-1], use_cache=False).logits
                 total += lm_loss(logits, rows[:, 1:]).item() * len(rows)
         train_model.train()
-        return _all_reduce_sum([total], world)[0] / n_val
+        return _all_reduce_sum([total], world)[0] / world.tp_size / n_val  # each TP rank holds its replica's total
 
     def save(step_: int) -> Path:
         state = {"step": step_, "tokens": tokens, "scheduler": scheduler.state_dict(), "data": batches.state_dict(),
@@ -326,7 +327,7 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
                 if cfg.profile_steps and world.is_main and step == min(10, cfg.max_steps - 1) and profiler is None:
                     profiler = _start_profiler(device)
                 t0 = time.perf_counter()
-                rows = batches.next_batch(cfg.global_batch_size, world.rank, world.world_size)
+                rows = batches.next_batch(cfg.global_batch_size, world.dp_rank, world.dp_size)
                 if device.type == "cuda":
                     rows = rows.pin_memory()
                 rows = rows.to(device, non_blocking=True)
