@@ -89,13 +89,38 @@ def _fingerprint(cfg: PrepareConfig) -> str:
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict:
+    """The meta.json of a prepared folder, checked: format, version, and both splits with their shards."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise DataError(f"{data_dir} is not a prepared data folder (no meta.json); run `tpa data prepare` first")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format {meta.get('format')} v{meta.get('version')}, expected {FORMAT} v{FORMAT_VERSION}")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}); prepare the folder again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        got = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (type(meta).__name__, None)
+        raise DataError(f"{path}: format {got[0]} v{got[1]}, expected {FORMAT} v{FORMAT_VERSION}")
+    splits = meta.get("splits")
+    for split in ("train", "val"):
+        entry = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("tokens"), int) \
+                or not isinstance(entry.get("shards"), list):
+            raise DataError(f"{path}: no {split!r} split (splits.{split} with tokens and shards); "
+                            "prepare the folder again")
+    for key in ("vocab_size", "dtype", "tokenizer"):
+        if key not in meta:
+            raise DataError(f"{path}: no {key!r} field; prepare the folder again")
     return meta
+
+
+def check_tokenizer_dir(data_dir: str | os.PathLike, meta: dict) -> Path:
+    """The prepared folder's tokenizer directory, or a DataError saying it is missing."""
+    folder = Path(data_dir) / meta["tokenizer"]
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise DataError(f"{folder} is missing (or holds no tokenizer.json / tokenizer_config.json): the prepared "
+                        f"folder {data_dir} has no tokenizer, which training needs for the exported model; "
+                        "prepare the folder again")
+    return folder
 
 
 def _write_json(path: Path, obj) -> None:

@@ -26,22 +26,32 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tpa.data.loader import TokenShards, TrainBatches, val_batch, val_sequences
-from tpa.data.prepare import read_meta
+from tpa.data.prepare import check_tokenizer_dir, read_meta
 from tpa.train import checkpoint as ckpt
 from tpa.train.config import TrainConfig, save_yaml
 from tpa.train.distill import DISTILL_FIELDS, load_init_model, make_distiller
 from tpa.train.metrics import (MetricsLogger, check_logging_packages, flops_per_token, log_line, memory_gb,
                                peak_tflops, run_info)
 from tpa.train.parallel import Dist, parallelize, resolve_parallel, setup_distributed, teardown_distributed
+from tpa.train.runlock import RunDirLocked, RunLock
 
-# T6Config fields that must agree between a checkpoint and the run that resumes it.
-ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-                       "intermediate_size", "attention_type", "q_rank", "k_rank", "v_rank", "num_key_value_heads",
-                       "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "tie_word_embeddings")
+# T6Config fields that may differ between a checkpoint and the run that resumes it: how the same
+# model is computed (kernels, cache, MLA's absorbed form), the library version, and the
+# initialisation scale (a resumed model is not initialised). Every other field must agree.
+RUNTIME_MODEL_FIELDS = frozenset({"attn_impl", "decode_impl", "use_cache", "mla_absorb", "transformers_version",
+                                  "dtype", "torch_dtype", "initializer_range"})
+
+# Exit status of `tpa train` when SIGINT/SIGTERM stopped it (after writing a checkpoint): 128 + signal
+# number, as a shell reports a process killed by that signal (130 for SIGINT, 143 for SIGTERM).
+SIGNAL_EXIT_BASE = 128
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm became NaN or infinite; no optimizer step or checkpoint was taken."""
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be written, or a checkpoint in it does not fit this run."""
 
 
 @dataclass
@@ -53,6 +63,7 @@ class TrainResult:
     export_dir: Path | None
     stopped: str  # "finished", "halted" (halt_at_step), "signal" or "exported" (export_only)
     checkpoint: Path | None
+    signal: int | None = None  # the signal number when stopped == "signal"
 
 
 def cosine_lr_factor(step: int, *, warmup: int, max_steps: int, min_ratio: float) -> float:
@@ -89,6 +100,24 @@ def build_model_config(cfg: TrainConfig, meta: dict):
     return T6Config.from_preset(
         cfg.preset, cfg.attention_type, vocab_size=vocab, bos_token_id=meta.get("bos_token_id"),
         eos_token_id=meta.get("eos_token_id"), pad_token_id=meta.get("eos_token_id"), **overrides)
+
+
+def model_config_dict(mconfig) -> dict:
+    """The model config as plain JSON values (what a checkpoint's trainer.json stores)."""
+    import json
+
+    return json.loads(mconfig.to_json_string(use_diff=False))
+
+
+def check_same_model(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume ``path`` into another model: every field but :data:`RUNTIME_MODEL_FIELDS` must agree."""
+    fields = sorted((saved.keys() | current.keys()) - RUNTIME_MODEL_FIELDS)
+    diff = [f"{k} (checkpoint {saved.get(k)!r}, this run {current.get(k)!r})" for k in fields
+            if saved.get(k) != current.get(k)]
+    if diff:
+        raise RunDirError(f"{path} was trained with another model: {'; '.join(diff)}. Resume with the checkpoint's "
+                          "model settings (preset, attention type, model_overrides, vocab_size, data) or start a "
+                          "new --run-dir")
 
 
 class _StopFlag:
@@ -183,11 +212,33 @@ def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
     # every rank, before any work: a missing TensorBoard / W&B package stops all ranks at once
     check_logging_packages(tensorboard=cfg.tensorboard and not cfg.export_only,
                            wandb_project=None if cfg.export_only else cfg.wandb_project)
-    trainer = Trainer(cfg, world)
-    if cfg.export_only:
-        return trainer.export_checkpoint()
-    trainer.open_run_dir(argv)
-    return trainer.fit()
+    with _locked_run_dir(cfg.resolved_run_dir(), world):
+        trainer = Trainer(cfg, world)
+        if cfg.export_only:
+            return trainer.export_checkpoint()
+        trainer.open_run_dir(argv)
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def _locked_run_dir(run_dir: Path, world: Dist):
+    """Rank 0 holds the run directory's lock (:class:`RunLock`) for the whole run and deletes what
+    killed runs left in it; when it cannot take the lock, every rank stops with its error."""
+    lock, error = contextlib.ExitStack(), None
+    if world.is_main:
+        try:
+            lock.enter_context(RunLock(run_dir))
+        except (RunDirLocked, OSError) as err:
+            error = err
+    if _all_reduce_sum([float(error is not None)], world)[0] > 0:
+        if isinstance(error, OSError):
+            raise RunDirError(f"cannot write the run directory {run_dir}: {error.strerror or error}") from None
+        raise error if error is not None else RunDirError(f"rank 0 could not lock {run_dir}")
+    with lock:
+        if world.is_main:
+            for path in ckpt.remove_stale(run_dir / "checkpoints"):
+                print(f"removed {path}, left by a run that was killed while saving or rotating checkpoints")
+        yield
 
 
 class Trainer:
@@ -199,7 +250,7 @@ class Trainer:
         self.cfg, self.world, self.device = cfg, world, world.device
         self.run_dir = cfg.resolved_run_dir()
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.resume_from = ckpt.latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        self.resume_from = ckpt.find_resumable(self.ckpt_dir) if cfg.resume else None
         if not cfg.resume and ckpt.list_checkpoints(self.ckpt_dir):
             raise ValueError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, "
                              "or choose another --run-dir")
@@ -219,6 +270,7 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg, world = self.cfg, self.world
         self.meta = read_meta(cfg.data_dir)
+        self.tokenizer_dir = check_tokenizer_dir(cfg.data_dir, self.meta)  # now, not at the export after training
         self.train_shards = TokenShards(cfg.data_dir, "train")
         self.val_shards = TokenShards(cfg.data_dir, "val") if self.meta["splits"]["val"]["tokens"] else None
         self.batches = TrainBatches(self.train_shards, cfg.seq_len, cfg.data_seed)
@@ -273,28 +325,47 @@ class Trainer:
             s, warmup=cfg.warmup_steps, max_steps=cfg.max_steps, min_ratio=cfg.min_lr / cfg.lr))
 
     def _restore(self, path: Path) -> None:
-        saved = ckpt.read_trainer_state(path)["model_config"]
-        diff = {k: (saved.get(k), getattr(self.mconfig, k)) for k in ARCHITECTURE_FIELDS
-                if saved.get(k) != getattr(self.mconfig, k, None)}
-        if diff:
-            raise ValueError(f"{path} was trained with another architecture (checkpoint, this run): {diff}")
-        saved_cfg = ckpt.read_trainer_state(path)["config"]
+        """Load ``path`` into the model, optimizer, schedule and data position. The model config must
+        equal the checkpoint's (but for :data:`RUNTIME_MODEL_FIELDS`), and so must the init/distillation
+        settings; the optimizer hyper-parameters of this run's configuration win over the checkpoint's
+        (see :meth:`_apply_hyperparameters`)."""
+        saved = ckpt.read_trainer_state(path)
+        check_same_model(saved["model_config"], model_config_dict(self.mconfig), path)
+        saved_cfg = saved["config"]
         defaults = TrainConfig()  # checkpoints from before these fields hold their defaults
         diff = {k: (saved_cfg.get(k, getattr(defaults, k)), getattr(self.cfg, k)) for k in DISTILL_FIELDS
                 if saved_cfg.get(k, getattr(defaults, k)) != getattr(self.cfg, k)}
         if diff:
-            raise ValueError(f"{path} was trained with other init/distillation settings (checkpoint, this run): "
-                             f"{diff}")
+            raise RunDirError(f"{path} was trained with other init/distillation settings (checkpoint, this run): "
+                              f"{diff}")
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         self.step, self.tokens, self.val_loss = state["step"], state["tokens"], state.get("val_loss")
+        self._apply_hyperparameters(saved.get("config", {}))
+
+    def _apply_hyperparameters(self, saved_cfg: dict) -> None:
+        """The command line wins: set lr (through the schedule), betas, eps and weight decay of this
+        run's configuration on the restored optimizer, and say which differ from the checkpoint's. (The
+        schedule's warm-up, max_steps and min_lr always come from this run: they are not saved.)"""
+        cfg = self.cfg
+        changed = [f"{k} {saved_cfg[k]} -> {getattr(cfg, k)}" for k in ("lr", "min_lr", "beta1", "beta2", "eps",
+                                                                         "weight_decay", "warmup_steps")
+                   if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        for group, decay in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0)):
+            group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                         weight_decay=decay)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if changed and self.world.is_main:
+            print(f"--resume: this run's optimizer settings replace the checkpoint's: {', '.join(changed)}")
 
     def export_checkpoint(self) -> TrainResult:
         """--export-only: write the restored checkpoint as a HuggingFace directory."""
         if self.resume_from is None:
             raise ValueError(f"--export-only: no checkpoint in {self.ckpt_dir} to export")
-        out = export_hf(self.model, self.mconfig, Path(self.cfg.data_dir) / self.meta["tokenizer"],
+        out = export_hf(self.model, self.mconfig, self.tokenizer_dir,
                         self.run_dir / f"export_step_{self.step:08d}", self.world)
         if self.world.is_main:
             print(f"exported {self.resume_from} (step {self.step}) to {out}")
@@ -317,7 +388,8 @@ class Trainer:
                         parameters=sum(p.numel() for p in self.model.parameters()))
             f.write(json.dumps(info) + "\n")
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
-                                    config=cfg.to_dict(), resume=self.resume_from is not None)
+                                    config=cfg.to_dict(), resume=self.resume_from is not None,
+                                    resume_step=self.step if self.resume_from is not None else None)
 
     # ---- the loop
 
@@ -326,12 +398,19 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, world = self.cfg, self.world
+        if cfg.halt_at_step is not None and self.step >= cfg.halt_at_step and self.step < cfg.max_steps:
+            if world.is_main:
+                print(f"already at step {self.step} >= halt_at_step={cfg.halt_at_step}: nothing to train")
+            if self.logger is not None:
+                self.logger.close()
+            return self._result("halted", None)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.preset}-{cfg.attention_type}", unit="step",
                    disable=(not world.is_main) or (None if cfg.progress is None else not cfg.progress),
                    dynamic_ncols=True)
         # without a terminal (a file, a pipe) the bar draws nothing useful: one plain line per log step instead
         self.log_lines = world.is_main and (bar.disable or not sys.stdout.isatty())
         stopped, self.profiler, failed = "finished", None, True
+        self.signum = None
         self.pending: list[tuple] = []  # deferred host reads: (step, loss, grad norm, not-finite flag) on the device
         self.train_loss = self.grad_norm = None
         self.window_time, self.window_tokens = 0.0, 0
@@ -356,7 +435,7 @@ class Trainer:
                     bar.update(1)
                     if self.train_loss is not None:
                         bar.set_postfix(loss=f"{self.train_loss:.3f}", lr=f"{lr:.2e}")
-                    stopped = self._stop_reason(signals)
+                    stopped = self._stop_reason(signals, stop_flag)
                     if stopped != "finished" or self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                         self.last_ckpt = self.save()
                     if stopped != "finished":
@@ -446,9 +525,10 @@ class Trainer:
     def _eval_due(self) -> bool:
         return self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps
 
-    def _stop_reason(self, signals: float) -> str:
+    def _stop_reason(self, signals: float, stop_flag: _StopFlag) -> str:
         halt = self.cfg.halt_at_step is not None and self.step >= self.cfg.halt_at_step
         if signals > 0:
+            self.signum = stop_flag.signum or signal.SIGTERM  # another rank's signal: report SIGTERM
             return "signal"
         if halt and self.step < self.cfg.max_steps:
             return "halted"
@@ -499,7 +579,7 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the current step (collectively: every rank calls this)."""
         state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
-                 "data": self.batches.state_dict(), "config": self.cfg.to_dict(), "model_config": self.mconfig.to_dict(),
+                 "data": self.batches.state_dict(), "config": self.cfg.to_dict(), "model_config": model_config_dict(self.mconfig),
                  "world_size": self.world.world_size, "val_loss": self.val_loss}
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state,
                                     self.cfg.keep_checkpoints)
@@ -516,13 +596,14 @@ class Trainer:
 
     def _result(self, stopped: str, export_dir: Path | None) -> TrainResult:
         return TrainResult(run_dir=self.run_dir, step=self.step, tokens=self.tokens, val_loss=self.val_loss,
-                           export_dir=export_dir, stopped=stopped, checkpoint=self.last_ckpt)
+                           export_dir=export_dir, stopped=stopped, checkpoint=self.last_ckpt,
+                           signal=getattr(self, "signum", None) if stopped == "signal" else None)
 
     def _finish(self, stopped: str) -> TrainResult:
         """Export a finished run to RUN_DIR/final and say how the run ended."""
         export_dir = None
         if stopped == "finished" and self.cfg.export:
-            export_dir = export_hf(self.model, self.mconfig, Path(self.cfg.data_dir) / self.meta["tokenizer"],
+            export_dir = export_hf(self.model, self.mconfig, self.tokenizer_dir,
                                    self.run_dir / "final", self.world)
         if self.world.is_main:
             if stopped == "signal":
