@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -51,6 +52,10 @@ LEGACY_TRAINER_FILE = "trainer.pt"  # checkpoints written before manifests (load
 
 class CorruptCheckpoint(ValueError):
     """A checkpoint's files do not match its manifest, or cannot be read."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. a full disk); nothing was published or rotated."""
 
 
 def _is_dist() -> bool:
@@ -210,15 +215,30 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, trainer_state: 
         (tmp / "rng").mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _quiet_single_process():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
-    tensors, meta = rng_state()
-    save_file(tensors, str(tmp / "rng" / f"rank_{rank:05d}.safetensors"), metadata=meta)
-    _barrier()
+    try:
+        try:
+            with _quiet_single_process():
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+        except CheckpointException as err:  # DCP wraps each rank's error (a BaseException): take the first
+            first = next(iter(err.failures.values()))[0]
+            raise first if isinstance(first, Exception) else RuntimeError(str(err)) from None
+        tensors, meta = rng_state()
+        save_file(tensors, str(tmp / "rng" / f"rank_{rank:05d}.safetensors"), metadata=meta)
+        _barrier()
+        if rank == 0:
+            _write_json(tmp / TRAINER_FILE, trainer_state)
+            write_manifest(tmp)
+            _fsync_tree(tmp)
+    except Exception as err:
+        free_mb = shutil.disk_usage(ckpt_dir).free / 2**20
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final.name} in {ckpt_dir} ({type(err).__name__}: {reason}); the disk has "
+            f"{free_mb:.0f} MB free. The earlier checkpoints are untouched: make room and continue with --resume"
+        ) from err
     if rank == 0:
-        _write_json(tmp / TRAINER_FILE, trainer_state)
-        write_manifest(tmp)
-        _fsync_tree(tmp)
         _before_publish(tmp)
         if final.exists():  # the same step saved again (e.g. halted right after a periodic save)
             _retire(final)
@@ -233,7 +253,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, trainer_state: 
 def _retire(path: Path) -> None:
     """Delete a checkpoint: rename it hidden first (atomic), so a kill mid-deletion leaves no ``step_*``."""
     hidden = path.with_name(f".{path.name}.old")
-    shutil.rmtree(hidden, ignore_errors=True)
+    if hidden.exists():
+        shutil.rmtree(hidden, ignore_errors=True)
     os.rename(path, hidden)
     shutil.rmtree(hidden, ignore_errors=True)
 

@@ -185,9 +185,9 @@ class MetricsLogger:
     """Appends records to metrics.jsonl and metrics.csv, and to TensorBoard / W&B when enabled.
 
     Only rank 0 makes one. Files are appended to, so a resumed run continues the same files, and
-    (with ``resume``) the same W&B run. ``resume_step``: the step of the checkpoint a resumed run
-    starts from; records of later steps (written by the run that was stopped after that checkpoint,
-    and about to be written again) are dropped from both files first, and TensorBoard purges them.
+    (with ``resume``) the same W&B run. ``resume_step``: the step the run starts from (-1: from
+    scratch); records of later steps (written by a run stopped after that step, and about to be
+    written again) are dropped from both files first, and TensorBoard purges them.
     """
 
     def __init__(self, run_dir: Path, *, tensorboard: bool, wandb_project: str | None, config: dict,

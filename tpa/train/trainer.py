@@ -389,7 +389,7 @@ class Trainer:
             f.write(json.dumps(info) + "\n")
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                                     config=cfg.to_dict(), resume=self.resume_from is not None,
-                                    resume_step=self.step if self.resume_from is not None else None)
+                                    resume_step=self.step if self.resume_from is not None else -1)
 
     # ---- the loop
 
