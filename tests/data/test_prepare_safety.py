@@ -14,7 +14,7 @@ import pytest
 
 from data.corpus import write_txt_corpus
 from tpa.data.prepare import PrepareConfig, prepare, read_meta
-from tpa.data.sources import DataError, SourceSpec, split_pieces
+from tpa.data.sources import DataError, SourceSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,6 +85,8 @@ def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
 
 
 def test_pieces_are_cut_at_pre_token_boundaries():
+    from tpa.data.sources import split_pieces
+
     text = "alpha beta  gamma\tdelta " * 50 + "x" * 300
     pieces = split_pieces(text, 64)
     assert "".join(pieces) == text and all(len(p) <= 64 for p in pieces)

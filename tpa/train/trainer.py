@@ -205,7 +205,8 @@ def _non_finite(what: str, value: float, step: int, last_ckpt, how: str) -> NonF
     return NonFiniteLoss(
         f"the {what} is {value} at step {step}; {how}. "
         f"The last good checkpoint is {last_ckpt or 'none (nothing was saved yet)'}. "
-        "Lower the learning rate, check the data, or resume from that checkpoint.")
+        "Lower the learning rate (`--resume --lr ...` continues from that checkpoint with the new value: the "
+        "command line's optimizer settings win on resume), or check the data.")
 
 
 def _train(cfg: TrainConfig, world: Dist, argv: list[str]) -> TrainResult:
