@@ -43,7 +43,7 @@ def test_an_empty_batch_is_refused():
         _model()(input_ids=torch.zeros(0, 4, dtype=torch.long), use_cache=False)
 
 
-@pytest.mark.parametrize("field, value, message", [("rms_norm_eps", -1e-6, "rms_norm_eps must be a positive"),
+@pytest.mark.parametrize("field, value, message", [("rms_norm_eps", -1e-6, "rms_norm_eps must be a number >= 0"),
                                                    ("intermediate_size", -4, "intermediate_size must be an integer"),
                                                    ("rope_theta", 0.0, "rope_theta must be a positive"),
                                                    ("attention_output_gate", "false", "must be true or false"),

@@ -321,7 +321,7 @@ def test_cli_errors_are_one_line(case, data_dir, tmp_path, capsys):
         expect = "attention_output_gate must be true or false"
     elif case == "negative_eps_norm":
         args += ["--model-overrides", '{"rms_norm_eps": -1e-6}']
-        expect = "rms_norm_eps must be a positive"
+        expect = "rms_norm_eps must be a number >= 0"
     elif case == "negative_intermediate":
         args += ["--model-overrides", '{"intermediate_size": -4}']
         expect = "intermediate_size must be an integer >= 1"

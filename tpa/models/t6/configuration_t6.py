@@ -168,13 +168,13 @@ class T6Config(PreTrainedConfig):
         if intermediate_size is not None and (not isinstance(intermediate_size, int)
                                               or isinstance(intermediate_size, bool) or intermediate_size < 1):
             raise ValueError(f"intermediate_size must be an integer >= 1 (or None), got {intermediate_size!r}")
-        for name, value in (("rms_norm_eps", rms_norm_eps), ("rope_theta", rope_theta)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not 0 < rope_theta < float("inf"):
+            raise ValueError(f"rope_theta must be a positive finite number, got {rope_theta!r}")
         for name, value in (("tie_word_embeddings", tie_word_embeddings), ("tpa_contextual_a", tpa_contextual_a),
                             ("tpa_contextual_b", tpa_contextual_b), ("tpa_share_kv_b", tpa_share_kv_b),
                             ("attention_output_gate", attention_output_gate), ("mla_latent_norm", mla_latent_norm),
-                            ("mla_absorb", mla_absorb), ("use_cache", use_cache)):
+                            ("mla_absorb", mla_absorb), ("attention_head_norm", attention_head_norm),
+                            ("use_cache", use_cache)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false (a bool), got {value!r}")
         if decode_impl not in ("auto", "kernel", "reference"):
