@@ -117,7 +117,7 @@ def remove_stale(ckpt_dir: Path) -> list[Path]:
         half_deleted = _NAME.match(p.name) and p.is_dir() and not _is_complete(p) \
             and not (p / TRAINER_FILE).is_file()
         if stale_hidden or half_deleted:
-            shutil.rmtree(p, ignore_errors=True)
+            _delete(p)
             removed.append(p)
     return removed
 
@@ -253,10 +253,18 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, trainer_state: 
 def _retire(path: Path) -> None:
     """Delete a checkpoint: rename it hidden first (atomic), so a kill mid-deletion leaves no ``step_*``."""
     hidden = path.with_name(f".{path.name}.old")
-    if hidden.exists():
-        shutil.rmtree(hidden, ignore_errors=True)
+    if hidden.exists() or hidden.is_symlink():
+        _delete(hidden)
     os.rename(path, hidden)
-    shutil.rmtree(hidden, ignore_errors=True)
+    _delete(hidden)
+
+
+def _delete(path: Path) -> None:
+    """Delete a folder, or only the link when it is a symbolic link to one (a checkpoint linked in)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
