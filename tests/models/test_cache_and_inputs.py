@@ -32,7 +32,7 @@ def test_a_cache_of_another_model_is_refused(other):
 def test_position_ids_must_be_non_negative_integers():
     model = _model()
     ids = torch.randint(0, 64, (2, 4))
-    with pytest.raises(ValueError, match="position ids must be >= 0"):
+    with pytest.raises(ValueError, match=r"position ids must lie in \[0, 32\)"):
         model(input_ids=ids, position_ids=torch.tensor([[-1, 0, 1, 2]]), use_cache=False)
     with pytest.raises(TypeError, match="position_ids must be integer"):
         model(input_ids=ids, position_ids=torch.arange(4.0)[None], use_cache=False)
