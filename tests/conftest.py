@@ -18,13 +18,16 @@ import torch
 
 
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.gpu`` tests skip cleanly on a machine without CUDA."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with `python -m pytest -m gpu` on a GPU machine)")
+    """``@pytest.mark.gpu`` tests skip cleanly on a machine without CUDA; ``@pytest.mark.slow`` tests
+    (longer loops of the same checks) run only when asked for: ``python -m pytest -m slow``."""
+    run_slow = "slow" in (config.getoption("markexpr", "") or "")
+    skip_slow = pytest.mark.skip(reason="a longer variant: run it with `python -m pytest -m slow`")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run with `python -m pytest -m gpu` on a GPU machine)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")
+
+
+def check_model_dir(model_dir: str) -> None:
+    """A local model folder must exist and hold config.json and a tokenizer; say what is missing.
+    A name that is not a local path but could be a HuggingFace hub id (``owner/name``) is left to the hub."""
+    path = Path(model_dir)
+    if not path.exists():
+        if _HUB_ID.fullmatch(model_dir) and not model_dir.startswith("."):
+            return
+        raise ValueError(f"--model {model_dir}: no such folder")
+    if not path.is_dir():
+        raise ValueError(f"--model {model_dir} is a file; give the model folder (config.json, weights, tokenizer)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {model_dir} has no config.json: not a saved model folder (e.g. RUN_DIR/final "
+                         "or RUN_DIR/export_step_N of `tpa train`)")
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise ValueError(f"--model {model_dir} has no tokenizer (tokenizer.json or tokenizer_config.json); "
+                         "`tpa train` exports write it next to the weights")
 
 
 def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -38,6 +60,7 @@ def generate_text(model_dir: str, prompt: str = "", *, max_new_tokens: int = 200
         mesh, rank_device = setup_tensor_parallel(tp, device)
         dev = torch.device(rank_device)
         stream = stream and torch.distributed.get_rank() == 0
+    check_model_dir(model_dir)
     model, tokenizer = load_model_and_tokenizer(model_dir, dev, resolve_dtype(dtype, dev))
     is_t6 = getattr(model.config, "model_type", None) == "t6"
     if mesh is not None:

@@ -115,7 +115,7 @@ def test_two_nodes_match_one_process(parallel, single_run, data_dir, tmp_path):
     steps = [r["step"] for r in read_metrics(run)]
     assert steps == sorted(set(steps)) == list(range(STEPS + 1))
     assert sorted(p.name for p in (run / "checkpoints" / f"step_{STEPS:08d}" / "rng").iterdir()) == \
-        ["rank_00000.pt", "rank_00001.pt"]
+        ["rank_00000.safetensors", "rank_00001.safetensors"]
     info = [json.loads(line) for line in (run / "run_info.jsonl").read_text().splitlines()]
     assert len(info) == 1 and info[0]["world_size"] == 2 and info[0]["parallel"] == parallel
 
@@ -125,7 +125,7 @@ def test_fsdp_checkpoint_resumes_and_reshards(single_run, data_dir, tmp_path):
     run = tmp_path / "run"
     _torchrun(data_dir, run, "fsdp", "--halt-at-step", "3")
     assert sorted(p.name for p in (run / "checkpoints" / "step_00000003" / "rng").iterdir()) == \
-        ["rank_00000.pt", "rank_00001.pt"]
+        ["rank_00000.safetensors", "rank_00001.safetensors"]
     _torchrun(data_dir, run, "fsdp", "--resume")
     _compare(run, single_run, rtol=1e-5)
     # the sharded checkpoint at step 3 continues in a single process

@@ -18,7 +18,12 @@ The split is exact and deterministic: of the N non-empty documents, ``round(val_
 (validation included), as is usual for corpus-level BPE.
 
 Re-running with the same arguments (and, for local files, the same file sizes and modification
-times) finds the finished folder and does nothing; different arguments need ``overwrite=True``.
+times) finds the finished folder and does nothing; different arguments need ``overwrite=True``,
+which replaces only a folder that is recognisably a prepared one (a readable meta.json and nothing
+but the files listed above) and never one that holds the inputs. Documents are tokenized in pieces
+of at most ``PIECE_CHARS`` characters (.txt files are also read that way), so memory stays bounded
+whatever a document's size; a .jsonl line or parquet cell is held whole as a string while it is read.
+The temporary and trash folders of a killed run are deleted by the next one.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -35,13 +41,19 @@ from pathlib import Path
 
 import numpy as np
 
-from tpa.data.sources import DataError, SourceSpec, SourceStats, fetch_shakespeare, iter_documents, list_local_files
+from tpa.data.sources import (PIECE_CHARS, DataError, SourceSpec, SourceStats, fetch_shakespeare, iter_documents,
+                              list_local_files)
 from tpa.data.tokenizer import encode_batch, load_tokenizer, separator_id, train_bpe
-from tpa.utils.files import atomic_write_json
 
 FORMAT = "tpa-token-shards"
 FORMAT_VERSION = 1
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+_COPY_TOKENS = 1 << 22  # tokens copied from the stream to a shard at once
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no stale-folder detection
+    fcntl = None
 
 
 @dataclass
@@ -90,13 +102,48 @@ def _fingerprint(cfg: PrepareConfig) -> str:
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict:
+    """The meta.json of a prepared folder, checked: format, version, and both splits with their shards."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise DataError(f"{data_dir} is not a prepared data folder (no meta.json); run `tpa data prepare` first")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format {meta.get('format')} v{meta.get('version')}, expected {FORMAT} v{FORMAT_VERSION}")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}); prepare the folder again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        got = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (type(meta).__name__, None)
+        raise DataError(f"{path}: format {got[0]} v{got[1]}, expected {FORMAT} v{FORMAT_VERSION}")
+    splits = meta.get("splits")
+    for split in ("train", "val"):
+        entry = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("tokens"), int) \
+                or not isinstance(entry.get("shards"), list):
+            raise DataError(f"{path}: no {split!r} split (splits.{split} with tokens and shards); "
+                            "prepare the folder again")
+    for key in ("vocab_size", "dtype", "tokenizer"):
+        if key not in meta:
+            raise DataError(f"{path}: no {key!r} field; prepare the folder again")
     return meta
+
+
+def check_tokenizer_dir(data_dir: str | os.PathLike, meta: dict) -> Path:
+    """The prepared folder's tokenizer directory, or a DataError saying it is missing."""
+    folder = Path(data_dir) / meta["tokenizer"]
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise DataError(f"{folder} is missing (or holds no tokenizer.json / tokenizer_config.json): the prepared "
+                        f"folder {data_dir} has no tokenizer, which training needs for the exported model; "
+                        "prepare the folder again")
+    return folder
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class _ShardWriter:
@@ -135,7 +182,74 @@ class _ShardWriter:
         return self.shards
 
 
-def _check(cfg: PrepareConfig) -> None:
+# What a prepared folder holds; anything else in a folder means it is not (only) ours.
+_OURS = re.compile(r"^(meta\.json|tokenizer|val_documents\.npy|(train|val)_\d{6}\.bin)$")
+_OWNER_LOCK = ".owner.lock"  # held (flock) by the prepare that made a temporary or trash folder
+
+
+def _check_out(cfg: PrepareConfig, out: Path, fingerprint: str) -> dict | None:
+    """Refuse an --out that is a file, that holds the inputs, or that is not recognisably a prepared
+    folder (even with --overwrite); return the existing metadata when it is already prepared so."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder")
+    src = cfg.source.source
+    if not (len(src) == 1 and (src[0] == "shakespeare" or src[0].startswith("hf:"))):
+        target = out.resolve()
+        for given in src:
+            p = Path(given).resolve()
+            if p == target or target in p.parents:
+                raise DataError(f"--out {out} holds the input {given}: preparing there would replace the corpus; "
+                                "choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    strangers = sorted(p.name for p in out.iterdir() if not _OURS.match(p.name))
+    try:
+        old = read_meta(out)
+    except DataError:
+        old = None
+    if old is not None and old.get("fingerprint") == fingerprint:
+        return old
+    if old is None or strangers:
+        what = f"it holds {', '.join(strangers[:5])}" if strangers else "it has no readable meta.json"
+        raise DataError(f"{out} exists and is not a prepared data folder ({what}); refusing to replace it, "
+                        "with or without --overwrite: choose another --out")
+    if not cfg.overwrite:
+        raise DataError(f"{out} holds data prepared with other arguments; pass --overwrite to replace it")
+    return None
+
+
+def _owned_folder(parent: Path, prefix: str) -> tuple[Path, int]:
+    """A new hidden folder with an owner lock held by this process (see :func:`_remove_stale`)."""
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    fd = os.open(folder / _OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return folder, fd
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete the temporary (``.OUT.tmp-*``) and trash (``.OUT.old-*``) folders of killed prepares: those
+    whose owner lock no process holds. A folder without an owner lock is left alone (not provably stale)."""
+    if fcntl is None:
+        return
+    for folder in out.parent.glob(f".{out.name}.*-*"):
+        lock = folder / _OWNER_LOCK
+        if not (folder.name.startswith(f".{out.name}.tmp-") or folder.name.startswith(f".{out.name}.old-")) \
+                or not lock.is_file():
+            continue
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live prepare
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"removed {folder}, left by a `tpa data prepare` that was killed")
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Prepare token shards as described in the module docstring; return the metadata."""
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.tokenizer_train_documents is not None and cfg.tokenizer_train_documents < 1:
@@ -144,81 +258,128 @@ def _check(cfg: PrepareConfig) -> None:
         raise DataError(f"shard_tokens must be positive, got {cfg.shard_tokens}")
     if cfg.dtype not in ("auto", *DTYPES):
         raise DataError(f"unknown dtype {cfg.dtype!r}; use auto, uint16 or uint32")
+    if cfg.source.source == ["shakespeare"]:
+        fetch_shakespeare(cfg.source.cache_dir, folio=cfg.source.folio)  # before the fingerprint: fail early
+
+    shown = Path(cfg.out)
+    out = shown.resolve()  # `--out .` has a name
+    fingerprint = _fingerprint(cfg)
+    old = _check_out(cfg, shown, fingerprint)
+    if old is not None:
+        print(f"{shown} is already prepared with these arguments ({old['splits']['train']['tokens']:,} train tokens); "
+              "nothing to do")
+        return old
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tmp, lock_fd = _owned_folder(out.parent, f".{out.name}.tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets the usual mode
+    try:
+        meta, stats = _build(cfg, tmp, fingerprint)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.close(lock_fd)
+    if stats.replaced_bytes:
+        print(f"warning: {stats.replaced_bytes} undecodable byte(s) replaced by U+FFFD, first in: {', '.join(stats.replaced_in)}")
+    if stats.empty_documents:
+        print(f"note: {stats.empty_documents} empty document(s) skipped")
+    splits = meta["splits"]
+    print(f"prepared {shown}: {meta['documents']:,} documents, {splits['train']['tokens']:,} train / "
+          f"{splits['val']['tokens']:,} val tokens, vocabulary {meta['vocab_size']:,} ({meta['dtype']})")
+    return meta
 
 
-def _already_prepared(cfg: PrepareConfig, out: Path, fingerprint: str) -> dict | None:
-    """The metadata of ``out`` when it holds these very arguments' data; an error when it holds
-    something else and ``overwrite`` is off; else None."""
-    if (out / "meta.json").is_file():
-        try:
-            old = read_meta(out)
-        except (DataError, json.JSONDecodeError):
-            old = {}
-        if old.get("fingerprint") == fingerprint:
-            print(f"{out} is already prepared with these arguments ({old['splits']['train']['tokens']:,} "
-                  "train tokens); nothing to do")
-            return old
-        if not cfg.overwrite:
-            raise DataError(f"{out} holds data prepared with other arguments; pass --overwrite to replace it")
-    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise DataError(f"{out} exists and is not a prepared data folder; choose another --output or pass --overwrite")
-    return None
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (a prepared folder) is moved into a trash folder first."""
+    (tmp / _OWNER_LOCK).unlink()
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    trash, fd = _owned_folder(out.parent, f".{out.name}.old-")
+    try:
+        os.rename(out, trash / out.name)
+        os.rename(tmp, out)
+        shutil.rmtree(trash / out.name, ignore_errors=True)  # the owner lock goes last
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def _tokenizer(cfg: PrepareConfig, show):
-    """Step 1: the named tokenizer, or a byte-level BPE trained on the corpus; with its description."""
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer), cfg.tokenizer
     train_stats = SourceStats()
-    texts = (d.text for d in itertools.islice(iter_documents(cfg.source, train_stats), cfg.tokenizer_train_documents))
+    docs = itertools.islice(iter_documents(cfg.source, train_stats), cfg.tokenizer_train_documents)
     print(f"training a byte-level BPE tokenizer with {cfg.vocab_size} tokens ...")
-    tok = train_bpe(texts, cfg.vocab_size, show_progress=bool(show))
+    tok = train_bpe((piece for doc in docs for piece in doc.pieces()), cfg.vocab_size, show_progress=bool(show))
     if train_stats.documents == 0:
         raise DataError(f"no documents in {cfg.source.source}: the input is empty")
     return tok, f"byte-level BPE trained here, vocab_size={cfg.vocab_size}"
 
 
-def _encode(cfg: PrepareConfig, tok, dtype, sep: int, all_path: Path, show):
-    """Step 2: every document, separator first, into one temporary stream at ``all_path``.
-    Returns (document lengths, total tokens, source statistics)."""
+def _encode_all(cfg: PrepareConfig, tok, sep: int, dtype, path: Path, stats: SourceStats, show) -> list[int]:
+    """Write ``[sep] + tokens(document)`` of every document to ``path``; return each document's length.
+
+    Documents are tokenized in pieces (:meth:`Document.pieces`), batches of at most
+    ``batch_documents`` pieces and ``PIECE_CHARS`` characters, so memory does not grow with a
+    document's size."""
     from tqdm.auto import tqdm
 
-    stats = SourceStats()
     lengths: list[int] = []
     bar = tqdm(desc="tokenizing", unit="doc", disable=None if show is None else not show)
-    total = 0
-    with open(all_path, "wb") as f:
-        batch: list[str] = []
-
+    batch: list[tuple[bool, str]] = []  # (first piece of a document, text)
+    chars = 0
+    with open(path, "wb") as f:
         def flush():
-            nonlocal total
-            for ids in encode_batch(tok, batch):
-                arr = np.empty(len(ids) + 1, dtype=dtype)
-                arr[0] = sep
-                arr[1:] = ids
-                arr.tofile(f)
-                lengths.append(len(arr))
-                total += len(arr)
-            bar.update(len(batch))
-            bar.set_postfix(tokens=f"{total:,}")
+            for (first, _), ids in zip(batch, encode_batch(tok, [text for _, text in batch])):
+                if first:
+                    np.asarray([sep], dtype=dtype).tofile(f)
+                    lengths.append(1)
+                    bar.update(1)
+                np.asarray(ids, dtype=dtype).tofile(f)
+                lengths[-1] += len(ids)
             batch.clear()
+            bar.set_postfix(tokens=f"{sum(lengths):,}")
 
         for doc in iter_documents(cfg.source, stats):
-            batch.append(doc.text)
-            if len(batch) >= cfg.batch_documents:
-                flush()
+            for k, piece in enumerate(doc.pieces()):
+                batch.append((k == 0, piece))
+                chars += len(piece)
+                if len(batch) >= cfg.batch_documents or chars >= PIECE_CHARS:
+                    flush()
+                    chars = 0
         if batch:
             flush()
     bar.close()
-    if not lengths:
+    return lengths
+
+
+def _build(cfg: PrepareConfig, tmp: Path, fingerprint: str) -> tuple[dict, SourceStats]:
+    """Tokenizer, token stream, split and shards into ``tmp``; return the metadata and source counts."""
+    show = cfg.progress
+    # 1. Tokenizer
+    tok, tokenizer_source = _tokenizer(cfg, show)
+    tok.save_pretrained(tmp / "tokenizer")
+    vocab_size = len(tok)
+    dtype_name = choose_dtype(vocab_size, cfg.dtype)
+    dtype = DTYPES[dtype_name]
+    sep = separator_id(tok)
+
+    # 2. Encode every document into one temporary stream, remembering document lengths.
+    stats = SourceStats()
+    all_path = tmp / "all.tmp"
+    lengths = _encode_all(cfg, tok, sep, dtype, all_path, stats, show)
+    total = sum(lengths)
+    n_docs = len(lengths)
+    if n_docs == 0:
         raise DataError(f"no documents in {cfg.source.source}: the input is empty"
                         + (f" ({stats.empty_documents} empty documents skipped)" if stats.empty_documents else ""))
-    return lengths, total, stats
 
-
-def _split(cfg: PrepareConfig, tmp: Path, dtype, lengths: list[int], total: int, all_path: Path) -> dict:
-    """Step 3: split by document into train and validation shards; returns the splits' metadata."""
-    n_docs = len(lengths)
+    # 3. Split by document.
     n_val = int(round(cfg.val_fraction * n_docs))
     if cfg.val_fraction > 0:
         n_val = max(1, n_val)
@@ -230,91 +391,42 @@ def _split(cfg: PrepareConfig, tmp: Path, dtype, lengths: list[int], total: int,
     is_val[perm[:n_val]] = True
     offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
     stream = np.memmap(all_path, dtype=dtype, mode="r") if total else np.zeros(0, dtype=dtype)
+
     splits = {}
     for split, want in (("train", False), ("val", True)):
         writer = _ShardWriter(tmp, split, dtype, cfg.shard_tokens)
         docs = np.flatnonzero(is_val == want)
         for i in docs:
-            writer.write(np.asarray(stream[offsets[i] : offsets[i + 1]]))
+            for lo in range(int(offsets[i]), int(offsets[i + 1]), _COPY_TOKENS):  # bounded pieces of a document
+                writer.write(np.asarray(stream[lo : min(lo + _COPY_TOKENS, int(offsets[i + 1]))]))
         shards = writer.close()
         splits[split] = {"documents": int(len(docs)), "tokens": int(sum(s["tokens"] for s in shards)), "shards": shards}
     del stream
     np.save(tmp / "val_documents.npy", np.flatnonzero(is_val))
     all_path.unlink()
-    return splits
 
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Step 4: rename the finished folder into place (the previous one, if any, is removed after)."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.rename(out, trash / out.name)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
-def prepare(cfg: PrepareConfig) -> dict:
-    """Prepare token shards as described in the module docstring; return the metadata."""
-    _check(cfg)
-    if cfg.source.source == ["shakespeare"]:
-        fetch_shakespeare(cfg.source.cache_dir, folio=cfg.source.folio)  # before the fingerprint: fail early
-    out = Path(cfg.out)
-    fingerprint = _fingerprint(cfg)
-    old = _already_prepared(cfg, out, fingerprint)
-    if old is not None:
-        return old
-
-    show = cfg.progress
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets the usual mode
-    try:
-        tok, tokenizer_source = _tokenizer(cfg, show)
-        tok.save_pretrained(tmp / "tokenizer")
-        vocab_size = len(tok)
-        dtype_name = choose_dtype(vocab_size, cfg.dtype)
-        dtype = DTYPES[dtype_name]
-        sep = separator_id(tok)
-        all_path = tmp / "all.tmp"
-        lengths, total, stats = _encode(cfg, tok, dtype, sep, all_path, show)
-        splits = _split(cfg, tmp, dtype, lengths, total, all_path)
-        meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "tokenizer": "tokenizer",
-            "tokenizer_source": tokenizer_source,
-            "vocab_size": vocab_size,
-            "dtype": dtype_name,
-            "separator_token_id": int(sep),
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "documents": len(lengths),
-            "empty_documents": stats.empty_documents,
-            "replaced_bytes": stats.replaced_bytes,
-            "replaced_in": stats.replaced_in,
-            "tokens": int(total),
-            "splits": splits,
-            "val_fraction": cfg.val_fraction,
-            "seed": cfg.seed,
-            "shard_tokens": cfg.shard_tokens,
-            "source": cfg.source.describe(),
-        }
-        atomic_write_json(tmp / "meta.json", meta)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if stats.replaced_bytes:
-        print(f"warning: {stats.replaced_bytes} undecodable byte(s) replaced by U+FFFD, first in: "
-              f"{', '.join(stats.replaced_in)}")
-    if stats.empty_documents:
-        print(f"note: {stats.empty_documents} empty document(s) skipped")
-    print(f"prepared {out}: {len(lengths):,} documents, {splits['train']['tokens']:,} train / "
-          f"{splits['val']['tokens']:,} val tokens, vocabulary {vocab_size:,} ({dtype_name})")
-    return meta
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tokenizer": "tokenizer",
+        "tokenizer_source": tokenizer_source,
+        "vocab_size": vocab_size,
+        "dtype": dtype_name,
+        "separator_token_id": int(sep),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "documents": n_docs,
+        "empty_documents": stats.empty_documents,
+        "replaced_bytes": stats.replaced_bytes,
+        "replaced_in": stats.replaced_in,
+        "tokens": int(total),
+        "splits": splits,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "shard_tokens": cfg.shard_tokens,
+        "source": cfg.source.describe(),
+    }
+    _write_json(tmp / "meta.json", meta)
+    return meta, stats

@@ -37,10 +37,82 @@ class DataError(ValueError):
     """Bad input for data preparation; the message says what and where."""
 
 
+# Longest piece of text tokenized at once (characters): bounds the tokenizer's memory, which is
+# ~250x the text it is given, whatever the size of a document.
+PIECE_CHARS = 1 << 18
+
+
+def split_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """Cut ``text`` into pieces of at most ``max_chars``, each cut (where there is one) just before a
+    single space between two non-space characters: a boundary of GPT-2-style pre-tokenization, so a
+    byte-level BPE gives the same tokens for the pieces as for the whole text. Text without such a
+    space is cut at ``max_chars``."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        lo = start + max_chars // 2
+        cut = start + max_chars + 1  # a space at start + max_chars ends a piece of exactly max_chars
+        while True:
+            cut = text.rfind(" ", lo, cut)
+            if cut <= lo or _word_boundary(text, cut):
+                break
+        if cut <= lo:
+            cut = start + max_chars
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _word_boundary(text: str, i: int) -> bool:
+    return 0 < i < len(text) - 1 and text[i] == " " and not text[i - 1].isspace() and not text[i + 1].isspace()
+
+
 @dataclass
 class Document:
-    text: str
+    text: str | None
     origin: str  # file path (with line or row) or dataset name and index: for messages only
+    path: Path | None = None  # a .txt file read piece by piece instead of ``text``
+    stats: "SourceStats | None" = None
+
+    def is_empty(self) -> bool:
+        return self.path.stat().st_size == 0 if self.path is not None else not self.text
+
+    def pieces(self, max_chars: int = PIECE_CHARS) -> Iterator[str]:
+        """The text in pieces of at most ``max_chars`` (see :func:`split_pieces`); a file is read in
+        blocks, so no more than a few pieces are in memory at once."""
+        if self.path is None:
+            yield from split_pieces(self.text, max_chars)
+            return
+        buffer, pending = "", b""
+        with open(self.path, "rb") as f:
+            while True:
+                block = f.read(max_chars)
+                data = pending + block
+                cut = len(data) if not block else _utf8_complete(data)
+                text, bad = decode_utf8(data[:cut])
+                pending = data[cut:]
+                if self.stats is not None:
+                    self.stats.note_replaced(bad, self.origin)
+                parts = split_pieces(buffer + text, max_chars)
+                if not block:
+                    yield from (p for p in parts if p)
+                    return
+                yield from parts[:-1]
+                buffer = parts[-1]
+
+
+def _utf8_complete(data: bytes) -> int:
+    """Length of the longest prefix of ``data`` that does not end inside a UTF-8 sequence."""
+    i = len(data)
+    back = 0
+    while back < 3 and i - back - 1 >= 0 and data[i - back - 1] & 0xC0 == 0x80:
+        back += 1
+    lead_at = i - back - 1
+    if lead_at < 0:
+        return i
+    lead = data[lead_at]
+    need = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
+    return i if back + 1 >= need else lead_at
 
 
 @dataclass
@@ -53,7 +125,7 @@ class SourceStats:
     def note_replaced(self, count: int, origin: str) -> None:
         if count:
             self.replaced_bytes += count
-            if len(self.replaced_in) < 10:
+            if len(self.replaced_in) < 10 and origin not in self.replaced_in:
                 self.replaced_in.append(origin)
 
 
@@ -156,9 +228,8 @@ def list_local_files(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 def _iter_txt(path: Path, stats: SourceStats) -> Iterator[Document]:
-    text, bad = decode_utf8(path.read_bytes())
-    stats.note_replaced(bad, str(path))
-    yield Document(text, str(path))
+    """A .txt file is one document, read piece by piece when it is tokenized (bounded memory)."""
+    yield Document(None, str(path), path=path, stats=stats)
 
 
 def _iter_jsonl(path: Path, text_field: str, stats: SourceStats) -> Iterator[Document]:
@@ -268,7 +339,7 @@ def iter_documents(spec: SourceSpec, stats: SourceStats) -> Iterator[Document]:
         if spec.max_documents is not None and n >= spec.max_documents:
             break
         n += 1
-        if not doc.text:
+        if doc.is_empty():
             stats.empty_documents += 1
             continue
         stats.documents += 1

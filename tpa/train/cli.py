@@ -78,16 +78,22 @@ def _run(args) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from tpa.data.sources import DataError
+    from tpa.train.checkpoint import CorruptCheckpoint
     from tpa.train.metrics import MissingPackage
-    from tpa.train.trainer import NonFiniteLoss, train
+    from tpa.train.runlock import RunDirLocked
+    from tpa.train.trainer import SIGNAL_EXIT_BASE, NonFiniteLoss, train
 
     try:
-        train(cfg, argv=sys.argv)
-    except (NonFiniteLoss, DataError) as err:
+        result = train(cfg, argv=sys.argv)
+    except (NonFiniteLoss, DataError, CorruptCheckpoint) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (ValueError, MissingPackage) as err:
+    except (ValueError, MissingPackage, RunDirLocked) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. a full disk or a folder that cannot be written
+        print(f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr)
+        return 1
+    if result.stopped == "signal":
+        return SIGNAL_EXIT_BASE + result.signal
     return 0
-

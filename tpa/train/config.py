@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 import warnings
@@ -33,6 +35,8 @@ from tpa.models.presets import ATTENTION_TYPES
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
 HOST_SYNC = ("auto", "step", "deferred")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+MAX_LR = 10.0  # far above any AdamW learning rate; a larger value is a typo (lr 1e39 overflows float32)
 
 
 def _f(default, help: str, **kw):
@@ -133,6 +137,16 @@ class TrainConfig:
         if self.warmup_steps >= self.max_steps:
             warnings.warn(f"warmup_steps={self.warmup_steps} >= max_steps={self.max_steps}: the learning rate only "
                           "warms up and never decays (set --warmup-steps below --max-steps)", stacklevel=2)
+        if not self.lr <= MAX_LR:
+            raise ValueError(f"lr={self.lr} is not a usable learning rate (at most {MAX_LR:g})")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0 (0 disables it), got {value}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 < self.eps < math.inf):
+            raise ValueError(f"need 0 <= beta1, beta2 < 1 and eps > 0 (got {self.beta1}, {self.beta2}, {self.eps})")
+        if not DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.export_only and not self.resume:
             raise ValueError("export_only exports the latest checkpoint: it needs resume=True (--resume)")
         if self.distill_weight < 0 or not self.distill_temperature > 0:
@@ -223,7 +237,10 @@ def build_config(yaml_path: str | None = None, overrides: dict | None = None) ->
     if yaml_path:
         import yaml
 
-        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{yaml_path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of config fields")
         file_values = {k.replace("-", "_"): v for k, v in loaded.items()}

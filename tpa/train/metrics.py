@@ -55,6 +55,39 @@ def memory_gb(device: torch.device) -> float:
     return rss_kb / 2**20 if sys.platform != "darwin" else rss_kb / 2**30
 
 
+def _rewrite(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep only the records of steps <= ``step`` in RUN_DIR/metrics.jsonl and metrics.csv (atomically);
+    a line cut short by a kill is dropped too."""
+    jsonl = run_dir / "metrics.jsonl"
+    if jsonl.is_file():
+        kept = []
+        for line in jsonl.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if line.endswith("\n") and record.get("step", step + 1) <= step:
+                kept.append(line)
+        _rewrite(jsonl, kept)
+    table = run_dir / "metrics.csv"
+    if table.is_file():
+        lines = table.read_text().splitlines(keepends=True)
+        kept = lines[:1]
+        for line, row in zip(lines[1:], csv.DictReader(lines)):
+            if line.endswith("\n") and row.get("step", "").isdigit() and int(row["step"]) <= step:
+                kept.append(line)
+        _rewrite(table, kept)
+
+
 class MissingPackage(RuntimeError):
     """A logging backend was asked for, but its package is not installed."""
 
@@ -110,14 +143,18 @@ class MetricsLogger:
     """Appends records to metrics.jsonl and metrics.csv, and to TensorBoard / W&B when enabled.
 
     Only rank 0 makes one. Files are appended to, so a resumed run continues the same files, and
-    (with ``resume``) the same W&B run.
+    (with ``resume``) the same W&B run. ``resume_step``: the step the run starts from (-1: from
+    scratch); records of later steps (written by a run stopped after that step, and about to be
+    written again) are dropped from both files first, and TensorBoard purges them.
     """
 
     def __init__(self, run_dir: Path, *, tensorboard: bool, wandb_project: str | None, config: dict,
-                 resume: bool = False):
+                 resume: bool = False, resume_step: int | None = None):
         check_logging_packages(tensorboard=tensorboard, wandb_project=wandb_project)
         self.tb = None
         self.wandb = None
+        if resume_step is not None:
+            truncate_metrics(run_dir, resume_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         csv_path = run_dir / "metrics.csv"
         new = not csv_path.exists() or csv_path.stat().st_size == 0
@@ -129,7 +166,8 @@ class MetricsLogger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                        purge_step=None if resume_step is None else resume_step + 1)
             if wandb_project:
                 import wandb
 

@@ -112,6 +112,20 @@ class T6Cache(Cache):
             dict(cuda_graphs=cuda_graphs)
         return cls(specs, batch_size, capacity=capacity, max_length=model.config.max_position_embeddings, **extra)
 
+    def check_fits(self, model) -> None:
+        """Raise ValueError unless this cache was shaped for ``model`` (T6Model): one layer cache per
+        layer, each caching the tensors (names and per-token shapes) that layer's attention caches."""
+        blocks = model.layers
+        if len(self.kv.layers) != len(blocks):
+            raise ValueError(f"the cache has {len(self.kv.layers)} layers, the model {len(blocks)}: it was built "
+                             "for another model; make one with T6Cache.for_model(model, batch_size)")
+        for i, (layer, block) in enumerate(zip(self.kv.layers, blocks)):
+            want = {name: tuple(shape) for name, shape in block.self_attn.cache_spec().items()}
+            if {name: tuple(shape) for name, shape in layer.spec.items()} != want:
+                raise ValueError(f"the cache's layer {i} holds {layer.spec}, the model's layer {i} "
+                                 f"({type(block.self_attn).__name__}) caches {want}: it was built for another "
+                                 "model; make one with T6Cache.for_model(model, batch_size)")
+
     @property
     def static(self) -> bool:
         return self.kv.static

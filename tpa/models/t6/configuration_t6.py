@@ -111,6 +111,18 @@ class T6Config(PreTrainedConfig):
                 f"num_key_value_heads={num_key_value_heads} must be a positive divisor of "
                 f"num_attention_heads={num_attention_heads}"
             )
+        if intermediate_size is not None and (not isinstance(intermediate_size, int)
+                                              or isinstance(intermediate_size, bool) or intermediate_size < 1):
+            raise ValueError(f"intermediate_size must be an integer >= 1 (or None), got {intermediate_size!r}")
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not 0 < rope_theta < float("inf"):
+            raise ValueError(f"rope_theta must be a positive finite number, got {rope_theta!r}")
+        for name, value in (("tie_word_embeddings", tie_word_embeddings), ("tpa_contextual_a", tpa_contextual_a),
+                            ("tpa_contextual_b", tpa_contextual_b), ("tpa_share_kv_b", tpa_share_kv_b),
+                            ("attention_output_gate", attention_output_gate), ("mla_latent_norm", mla_latent_norm),
+                            ("mla_absorb", mla_absorb), ("attention_head_norm", attention_head_norm),
+                            ("use_cache", use_cache)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false (a bool), got {value!r}")
         if decode_impl not in ("auto", "kernel", "reference"):
             raise ValueError(f"decode_impl must be 'auto', 'kernel' or 'reference', got {decode_impl!r}")
         if attn_impl not in ("sdpa", "factors"):

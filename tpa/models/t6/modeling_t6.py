@@ -223,6 +223,8 @@ class T6Model(T6PreTrainedModel):
             bsz, seq = inputs_embeds.shape[:2]
         if seq == 0:
             raise ValueError("got an empty sequence (seq length 0)")
+        if bsz == 0:
+            raise ValueError("got an empty batch (batch size 0)")
         if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != bsz
                                            or attention_mask.shape[1] < seq):
             raise ValueError(
@@ -231,6 +233,9 @@ class T6Model(T6PreTrainedModel):
             )
         if position_ids is not None and tuple(position_ids.shape) not in ((bsz, seq), (1, seq)):
             raise ValueError(f"position_ids must have shape [{bsz}, {seq}], got {tuple(position_ids.shape)}")
+        if position_ids is not None and (position_ids.dtype.is_floating_point or position_ids.dtype.is_complex
+                                         or position_ids.dtype == torch.bool):
+            raise TypeError(f"position_ids must be integer positions, got {position_ids.dtype}")
         return bsz, seq
 
     @can_return_tuple
@@ -284,6 +289,8 @@ class T6Model(T6PreTrainedModel):
                 f"the cache (`cache` or `past_key_values`) must be a tpa T6Cache (got {type(past_key_values).__name__}); "
                 "create one with T6Cache.for_model(model, batch_size) or let forward/generate create it"
             )
+        if past_key_values is not None:
+            past_key_values.check_fits(self)
         if use_cache and past_key_values is None:
             past_key_values = T6Cache.for_model(self, bsz)
         if output_attentions and past_key_values is not None and past_key_values.static:
