@@ -109,6 +109,7 @@ import resource, sys
 from tpa.data.prepare import PrepareConfig, prepare
 from tpa.data.sources import SourceSpec
 import tokenizers, transformers, numpy, tqdm.auto  # loaded before the limit is set
+import torch, transformers.models.auto.tokenization_auto  # (transformers' lazy imports map torch's libraries)
 vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 limit = vm + int({limit_gb} * 2**30)
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
