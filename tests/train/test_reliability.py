@@ -18,15 +18,6 @@ from train.conftest import read_metrics, tiny_config
 from tpa.train import checkpoint as ckpt
 from tpa.train.trainer import cosine_lr_factor, train
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
 @pytest.fixture(scope="module")
 def halted_run(data_dir, tmp_path_factory):
     """8 of 16 steps with checkpoints at 4 and 8 (a template: tests copy it)."""
