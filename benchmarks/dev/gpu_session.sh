@@ -1,0 +1,54 @@
+#!/bin/bash
+# The measurements of one GPU session, as stages run in the order given, each under its own timeout:
+#   bash benchmarks/dev/gpu_session.sh tests decode generate        # one device call
+#   bash benchmarks/dev/gpu_session.sh train-compile official        # the next one
+# Stages:
+#   tests          python -m pytest -m gpu (the GPU correctness tests)
+#   decode         tpa bench decode at d_model 2048 (H=32, d_h=64), ranks (16,1,1) (6,2,2) (16,2,2), B 1 4 16
+#   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
+#   train-compile  tpa bench train, the whole-model-compile loop for every type, transformers' Llama first
+#   train-trainer  tpa bench train, our trainer (compiled blocks) for every type
+#   official       benchmarks/dev/official_train.py: the paper's official T6 and LLaMA-MHA in the same loop
+#                  (needs OFFICIAL=DIR, a checkout of tensorgi/T6; default .official/T6)
+#   convert        tpa bench convert, mini preset, ranks 1 and 2
+# Run from the repository root with the package importable (PYTHONPATH=$PWD). DATA: token shards of
+# `tpa data prepare shakespeare` (default .carry/shakespeare). Logs and results go under $OUT: log.txt
+# and results.tar.gz, rewritten after every stage, so that a stage cut by its timeout keeps what came before.
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+DATA=${DATA:-.carry/shakespeare}; OFFICIAL=${OFFICIAL:-.official/T6}; PY=${PY:-python3}
+R=$OUT/r; mkdir -p "$R"
+pack() { tar czf "$OUT/results.tar.gz" --exclude=checkpoints --exclude='*.pt' --exclude='*.safetensors' -C "$OUT" r; }
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2; shift 2
+    echo "== $name (limit ${limit} s) $(date -u +%T)"
+    local t0=$SECONDS
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$R/$name.log"
+    echo "== $name rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s"
+    pack
+}
+TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --warmup 5"
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  $PY -c "import torch, transformers, triton, sys; print(sys.version.split()[0], torch.__version__, transformers.__version__, triton.__version__)"
+  for s in "$@"; do
+    case $s in
+      tests) stage tests "${T_TESTS:-170}" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider --continue-on-collection-errors ;;
+      decode) stage decode "${T_DECODE:-170}" $PY -m tpa.cli bench decode --d-model 2048 --batch 1 4 16 \
+                --ranks 16,1,1 6,2,2 16,2,2 --baselines gqa4 mqa --reference-max-len 0 --output "$R/decode" ;;
+      generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
+                --types tpa mha gqa mla llama --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
+                --time-budget "${GEN_BUDGET:-170}" --output "$R/generate" ;;
+      train-compile) stage train-compile "${T_TRAIN:-420}" $PY -m tpa.cli bench train $TRAIN --loops model-compile \
+                --reference llama --types all --time-budget "${TRAIN_BUDGET:-400}" --output "$R/train-compile" ;;
+      train-trainer) stage train-trainer "${T_TRAIN:-420}" $PY -m tpa.cli bench train $TRAIN --loops trainer \
+                --compile on --types all --time-budget "${TRAIN_BUDGET:-400}" --output "$R/train-trainer" ;;
+      official) stage official "${T_OFFICIAL:-160}" $PY benchmarks/dev/official_train.py --official-dir "$OFFICIAL" \
+                --micro-batch 16 --seq-len 1024 --steps 20 --warmup 5 --out "$R/official" ;;
+      convert) stage convert "${T_CONVERT:-240}" $PY -m tpa.cli bench convert --data "$DATA" --preset mini \
+                --ranks 1,2 --teacher-steps "${TEACHER_STEPS:-2000}" --output "$R/convert" ;;
+      *) echo "unknown stage $s" ;;
+    esac
+  done
+  date -u
+} 2>&1 | tee "$OUT/log.txt"
