@@ -1,5 +1,5 @@
 """The T6 model's decoding through the FlashTPA kernel (Triton; interpreted on CPU) equals the
-reference path, for TPA and TPA-KVonly."""
+reference path, for TPA and TPA-KVonly, and for GQA and MQA (tpa.ops.grouped_decode)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 VOCAB = 89
 
 
-@pytest.mark.parametrize("attention_type", ["tpa", "tpa_kvonly"])
+@pytest.mark.parametrize("attention_type", ["tpa", "tpa_kvonly", "gqa", "mqa"])
 def test_generation_kernel_path_equals_reference_path(attention_type):
     cfg = T6Config.from_preset("tiny", attention_type, vocab_size=VOCAB, num_hidden_layers=2,
                                initializer_range=0.2, decode_impl="reference")
@@ -41,6 +41,26 @@ def test_kernel_path_is_taken(monkeypatch):
     cfg = T6Config.from_preset("tiny", "tpa", vocab_size=VOCAB, num_hidden_layers=1, decode_impl="kernel")
     model = T6ForCausalLM(cfg).eval()
     monkeypatch.setattr(tpa_layer, "tpa_decode", spy)
+    out = model(torch.randint(1, VOCAB, (1, 4)), use_cache=True)
+    model(torch.randint(1, VOCAB, (1, 1)), cache=output_cache(out), use_cache=True)
+    assert calls and all(c == "triton" for c in calls)
+
+
+@pytest.mark.parametrize("attention_type", ["gqa", "mqa"])
+def test_grouped_kernel_path_is_taken(monkeypatch, attention_type):
+    """GQA and MQA decode through tpa.ops.grouped_decode when the kernel is asked for."""
+    import tpa.layers.mha as mha_layer
+
+    calls = []
+    original = mha_layer.grouped_decode
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    cfg = T6Config.from_preset("tiny", attention_type, vocab_size=VOCAB, num_hidden_layers=1, decode_impl="kernel")
+    model = T6ForCausalLM(cfg).eval()
+    monkeypatch.setattr(mha_layer, "grouped_decode", spy)
     out = model(torch.randint(1, VOCAB, (1, 4)), use_cache=True)
     model(torch.randint(1, VOCAB, (1, 1)), cache=output_cache(out), use_cache=True)
     assert calls and all(c == "triton" for c in calls)

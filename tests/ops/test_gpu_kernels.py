@@ -68,9 +68,8 @@ SMALL_QKV = [(4, 1024, 6, 34, 64), (4, 1024, 2, 34, 64), (4, 1024, 2, 34, 64)]
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("registration", ["custom_op", "triton_op"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
-def test_materialize_training_shapes_match_truth(dtype, registration, compiled, monkeypatch):
-    monkeypatch.setattr(materialize_mod, "_REGISTRATION", registration)
-    monkeypatch.setattr(materialize_mod, "_POISON_BUFFERS", True)
+def test_materialize_training_shapes_match_truth(dtype, registration, compiled):
+    options = materialize_mod.MaterializeLaunchOptions(registration=registration, poison_buffers=True)
     torch._dynamo.reset()
     seed = zlib.crc32(repr((str(dtype), registration, compiled)).encode())
     factors = [mat.make_factors(*shape, dtype, seed + i) for i, shape in enumerate(SMALL_QKV)]
@@ -78,7 +77,7 @@ def test_materialize_training_shapes_match_truth(dtype, registration, compiled, 
              for i, (bsz, seq, _, heads, dim) in enumerate(SMALL_QKV)]
 
     def op(pairs):
-        return tpa_materialize_many(pairs)
+        return tpa_materialize_many(pairs, options=options)
 
     fn = torch.compile(op, fullgraph=True) if compiled else op
     leaves = [(a.detach().requires_grad_(True), b.detach().requires_grad_(True)) for a, b in factors]
@@ -90,11 +89,10 @@ def test_materialize_training_shapes_match_truth(dtype, registration, compiled, 
         mat.assert_close_to_truth(got, same_dtype, mat.truth(a, b, grad))
 
 
-def test_inductor_emits_the_materialize_kernel(monkeypatch):
+def test_inductor_emits_the_materialize_kernel():
     """Compiled code launches the triton_op's kernel itself (no call of the op at run time)."""
     from torch._inductor.utils import run_and_get_code
 
-    monkeypatch.setattr(materialize_mod, "_REGISTRATION", "auto")
     torch._dynamo.reset()
     a = torch.randn(4, 64, 2, 34, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(4, 64, 2, 64, device="cuda", dtype=torch.bfloat16)

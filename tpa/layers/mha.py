@@ -7,6 +7,8 @@ from torch import nn
 
 from tpa.layers.base import (Attention, AttentionContext, apply_partial_rotary, attend, check_hidden, check_positive,
                              partial_rotary_dim, scaled_normal_)
+from tpa.ops.grouped_decode import grouped_decode
+from tpa.ops.grouped_decode import supports as grouped_decode_supports
 
 
 class MultiHeadAttention(Attention):
@@ -67,6 +69,18 @@ class MultiHeadAttention(Attention):
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.num_kv_heads, self.head_dim), "v": (self.num_kv_heads, self.head_dim)}
 
+    # grouped heads decode through the FlashTPA kernel (tpa.ops.grouped_decode); a long prefill goes to SDPA
+    decode_kernel_max_tokens = 16
+
+    def _use_decode_kernel(self, ctx: AttentionContext, new_tokens: int) -> bool:
+        if new_tokens > self.decode_kernel_max_tokens or ctx.cache is None or ctx.step is None \
+                or ctx.decode_impl == "reference" or ctx.attention_weights is not None:
+            return False
+        if ctx.decode_impl == "auto" and ctx.cos.device.type != "cuda":
+            return False
+        return ctx.step.kernel_seqlens is not None and grouped_decode_supports(
+            self.num_heads, self.num_kv_heads, self.head_dim)
+
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         check_hidden(x, self.hidden_size, type(self).__name__)
         bsz, seq, _ = x.shape
@@ -79,7 +93,13 @@ class MultiHeadAttention(Attention):
         if ctx.cache is not None:
             kv = ctx.cache.update(ctx.step, k=k, v=v)
             k, v, mask, fixed = kv["k"], kv["v"], ctx.step.mask, ctx.step.fixed_shapes
-        out = self.norm_heads(attend(q, k, v, mask, fixed_shapes=fixed, weights_out=ctx.attention_weights))
+        if self._use_decode_kernel(ctx, seq):
+            backend = "triton" if ctx.decode_impl == "kernel" else "auto"
+            out = grouped_decode(q, ctx.cache.buffer("k"), ctx.cache.buffer("v"), ctx.step.kernel_seqlens,
+                                 backend=backend)
+        else:
+            out = attend(q, k, v, mask, fixed_shapes=fixed, weights_out=ctx.attention_weights)
+        out = self.norm_heads(out)
         if self.gate_proj is not None:
             out = out * torch.sigmoid(self.gate_proj(x).reshape(bsz, seq, h, d))
         return self.o_proj(out.reshape(bsz, seq, h * d))

@@ -44,6 +44,10 @@ def tpa_decode_split_kernel(
     ``*_m`` over tokens within a block."""
     if EARLY_LAUNCH:  # let the merge kernel (launched with PDL) start now; it waits for our results
         tl.extra.cuda.gdc_launch_dependents()
+    # float scalars arrive as fp64 when inductor launches the kernel (torch.ops.tpa.decode under
+    # torch.compile): keep the float32 accumulators float32
+    scale_log2 = tl.cast(scale_log2, tl.float32)
+    out_scale = tl.cast(out_scale, tl.float32)
     pid_s = tl.program_id(0)
     pid_hq = tl.program_id(1)
     b = tl.program_id(2)
@@ -199,6 +203,7 @@ def tpa_decode_merge_kernel(
     the row costs about one memory round trip, not one per split. With PDL the kernel is launched
     while the split kernel still runs (programmatic dependent launch) and waits here for its
     results, which hides the launch latency."""
+    out_scale = tl.cast(out_scale, tl.float32)  # fp64 when inductor launches the kernel
     if PDL:
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
