@@ -41,8 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tpa.data.sources import (PIECE_CHARS, DataError, SourceSpec, SourceStats, fetch_shakespeare, iter_documents,
-                              list_local_files)
+from tpa.data.errors import DataError
+from tpa.data.sources import SourceSpec, SourceStats, fetch_shakespeare, iter_documents, list_local_files
+from tpa.data.text import PIECE_CHARS
 from tpa.data.tokenizer import encode_batch, load_tokenizer, separator_id, train_bpe
 
 FORMAT = "tpa-token-shards"
