@@ -57,6 +57,7 @@ def iter_records(path: Path, text_field: str, note_replaced: Callable[[int, str]
                     yield origin, _text_field(_loads(line, origin), text_field, origin), None
                 continue
             skeleton, spans = _scan_long_line(f, head, start, origin)
+            skeleton = _restore_keys(path, skeleton, spans)
             line, bad = decode_utf8(skeleton)
             note_replaced(bad, origin)
             if not line.strip():
@@ -137,6 +138,20 @@ def _scan_long_line(f: BinaryIO, head: bytes, start: int, origin: str) -> tuple[
         offset += len(block)
         block = f.readline(BLOCK_BYTES)
     return bytes(skeleton), spans
+
+
+def _restore_keys(path: Path, skeleton: bytes, spans: dict[str, tuple[int, int]]) -> bytes:
+    """Put back into ``skeleton`` the long strings that are keys of an object (a marker followed by
+    ``":``), read again from the file; they leave ``spans``."""
+    marker = re.escape(json.dumps(_MARKER)[1:-1].encode())
+
+    def restore(match: re.Match) -> bytes:
+        begin, end = spans.pop(_MARKER + match[1].decode())
+        with open(path, "rb") as f:
+            f.seek(begin)
+            return f.read(end - begin)
+
+    return re.sub(marker + rb"(\d+)(?=\"[ \t\r\n]*:)", restore, skeleton)
 
 
 def _string_end(block: bytes, pos: int, escaped: bool) -> tuple[int, bool]:

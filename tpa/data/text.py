@@ -46,10 +46,12 @@ class PieceCutter:
             end = min(len(text), start + window)
             trusted = end if final and end == len(text) else end - self.margin
             limit = min(trusted, start + max(self.max_chars, window - self.margin))
-            starts = [start + lo for _, (lo, _) in self.pre_tokenizer.pre_tokenize_str(text[start:end])]
-            found = [b for b in starts if start < b <= limit]
-            if found:  # the last boundary within max_chars, or else the first one after
-                return found[-1] if window == self.max_chars + self.margin else found[0]
+            starts = self._starts(text, start, end)
+            found = [j for j, b in enumerate(starts) if start < b <= limit]
+            # the last boundary within max_chars, or (none there: a longer window) the first one after
+            for j in (found if window > self.max_chars + self.margin else found[::-1])[:64]:
+                if self._ends_alike(text, starts, j):
+                    return starts[j]
             if end == len(text):
                 if final:
                     return len(text)
@@ -58,6 +60,16 @@ class PieceCutter:
                                     "(one word, say): that cannot be tokenized exactly in bounded memory")
                 return 0
             window *= 2
+
+    def _starts(self, text: str, lo: int, hi: int) -> list[int]:
+        """Where the pre-tokens of ``text[lo:hi]`` start (indices of ``text``)."""
+        return [lo + a for _, (a, _) in self.pre_tokenizer.pre_tokenize_str(text[lo:hi])]
+
+    def _ends_alike(self, text: str, starts: list[int], j: int) -> bool:
+        """Whether a text that ends at ``starts[j]`` ends in the same pre-tokens: not so for a run of
+        spaces that GPT-2's pre-tokenization splits before a word (``\\s+(?!\\S)``)."""
+        lo = starts[max(0, j - 2)]
+        return self._starts(text, lo, starts[j]) == starts[max(0, j - 2) : j]
 
     def pieces(self, text: str) -> Iterator[str]:
         """The pieces of ``text``, non-empty."""
