@@ -156,17 +156,21 @@ def _restore_keys(path: Path, skeleton: bytes, spans: dict[str, tuple[int, int]]
 
 def _string_end(block: bytes, pos: int, escaped: bool) -> tuple[int, bool]:
     """The index in ``block`` of the quote that ends the string whose content goes on at ``pos`` (-1:
-    not in this block), and whether the byte after the block is escaped (when -1)."""
+    not in this block), and whether the byte after the block is escaped (when -1). Escaped
+    backslashes, then escaped quotes, are blanked out (pairs left to right, as JSON reads them) in
+    growing windows of the block, and the first quote left is the end."""
+    if escaped:  # block[pos] is the escaped character of a backslash at the end of the last block
+        if pos >= len(block):
+            return -1, True
+        pos += 1
+    window = 1 << 12
     while True:
-        quote = block.find(b'"', pos)
-        end = len(block) if quote < 0 else quote
-        run = _backslashes_before(block, end, pos)
-        odd = (run + (escaped if run == end - pos else 0)) % 2 == 1
-        if quote < 0:
-            return -1, odd
-        if not odd:
-            return quote, False
-        pos, escaped = quote + 1, False
+        quote = block[pos : pos + window].replace(b"\\\\", b"__").replace(b'\\"', b"__").find(b'"')
+        if quote >= 0:
+            return pos + quote, False
+        if pos + window >= len(block):
+            return -1, _backslashes_before(block, len(block), pos) % 2 == 1
+        window *= 4
 
 
 def _backslashes_before(data, end: int, lo: int) -> int:
