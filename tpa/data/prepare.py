@@ -20,9 +20,16 @@ The split is exact and deterministic: of the N non-empty documents, ``round(val_
 Re-running with the same arguments (and, for local files, the same file sizes and modification
 times) finds the finished folder and does nothing; different arguments need ``overwrite=True``,
 which replaces only a folder that is recognisably a prepared one (a readable meta.json and nothing
-but the files listed above) and never one that holds the inputs. Documents are tokenized in pieces
-of at most ``PIECE_CHARS`` characters (.txt files are also read that way), so memory stays bounded
-whatever a document's size; a .jsonl line or parquet cell is held whole as a string while it is read.
+but the files listed above) and never one that holds the inputs.
+
+Memory does not grow with a document's size: documents are tokenized in pieces of about
+``PIECE_CHARS`` characters cut at the tokenizer's own pre-token boundaries, so the tokens are those of
+the whole document (:func:`tpa.data.tokenizer.piece_cutter` checks this on a probe text; a tokenizer
+that fails it, e.g. one without a pre-tokenizer, gets each document whole, with a note). A .txt file
+and a .jsonl line longer than 8 MB are read in blocks (:mod:`tpa.data.jsonl`), a parquet file by
+batches of rows and a large cell decoded from Arrow's buffer; Arrow holds a cell whole while it is
+read (it cannot read part of one). A stretch of over ``MAX_UNCUT_CHARS`` characters without a
+pre-token boundary is refused rather than tokenized inexactly.
 The temporary and trash folders of a killed run are deleted by the next one.
 """
 
