@@ -99,6 +99,8 @@ def test_a_word_too_long_to_cut_is_refused(monkeypatch):
     doc = sources.Document("big.txt:1", chunks=lambda: iter(["word " * 10] + ["x" * 1000] * 6))
     with pytest.raises(DataError, match=r"big\.txt:1: more than 5,000 characters without a pre-token boundary"):
         list(doc.pieces(cutter))
+    with pytest.raises(DataError, match=r"big\.txt:1: more than 5,000 characters"):
+        list(sources.Document("big.txt:1", text="word " * 10 + "x" * 6000).pieces(cutter))
 
 
 # ---- jsonl: a long line read in blocks gives what json.loads of the whole line gives

@@ -53,12 +53,10 @@ class PieceCutter:
                 if self._ends_alike(text, starts, j):
                     return starts[j]
             if end == len(text):
-                if final:
-                    return len(text)
                 if len(text) - start > MAX_UNCUT_CHARS:
                     raise UncutText(f"more than {MAX_UNCUT_CHARS:,} characters without a pre-token boundary "
                                     "(one word, say): that cannot be tokenized exactly in bounded memory")
-                return 0
+                return len(text) if final else 0
             window *= 2
 
     def _starts(self, text: str, lo: int, hi: int) -> list[int]:
