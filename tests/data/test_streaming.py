@@ -172,6 +172,18 @@ def test_bad_long_lines_fail_as_whole_lines_do(tmp_path, monkeypatch, line, mess
         _records(tmp_path / "a.jsonl")
 
 
+def test_a_long_line_that_is_mostly_structure_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "x" * 50, "n": list(range(100))}) + "\n"
+                                      + json.dumps({"k" * 300: 1, "text": "x" * 50}) + "\n")
+    _small_blocks(monkeypatch, long_string=16, block=64)
+    monkeypatch.setattr(jsonl, "SKELETON_BYTES", 200)
+    with pytest.raises(DataError, match=r"a\.jsonl:1: more than 0 MB of this line is outside its string values"):
+        _records(tmp_path / "a.jsonl")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"k" * 300: 1, "text": "x" * 50}) + "\n")  # a long key
+    with pytest.raises(DataError, match=r"a\.jsonl:1: more than"):
+        _records(tmp_path / "a.jsonl")
+
+
 def test_escape_safe_cuts_keep_every_escape_whole():
     rng = random.Random(3)
     for _ in range(200):

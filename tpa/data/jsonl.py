@@ -58,6 +58,7 @@ def iter_records(path: Path, text_field: str, note_replaced: Callable[[int, str]
                 continue
             skeleton, spans = _scan_long_line(f, head, start, origin)
             skeleton = _restore_keys(path, skeleton, spans)
+            _check_skeleton(skeleton, origin)
             line, bad = decode_utf8(skeleton)
             note_replaced(bad, origin)
             if not line.strip():
@@ -130,14 +131,18 @@ def _scan_long_line(f: BinaryIO, head: bytes, start: int, origin: str) -> tuple[
                 skeleton += b'"'
                 in_string = False
             pos = stop + (quote >= 0)
-        if len(skeleton) > SKELETON_BYTES:
-            raise DataError(f"{origin}: more than {SKELETON_BYTES >> 20} MB of this line is outside its strings "
-                            f"of over {LONG_STRING_BYTES >> 10} KB; such a line cannot be read in bounded memory")
+        _check_skeleton(skeleton, origin)
         if block.endswith(b"\n"):
             break
         offset += len(block)
         block = f.readline(BLOCK_BYTES)
     return bytes(skeleton), spans
+
+
+def _check_skeleton(skeleton: bytes, origin: str) -> None:
+    if len(skeleton) > SKELETON_BYTES:
+        raise DataError(f"{origin}: more than {SKELETON_BYTES >> 20} MB of this line is outside its string values "
+                        f"of over {LONG_STRING_BYTES >> 10} KB; such a line cannot be read in bounded memory")
 
 
 def _restore_keys(path: Path, skeleton: bytes, spans: dict[str, tuple[int, int]]) -> bytes:
