@@ -228,7 +228,8 @@ def _plan(args) -> _Plan:
     contexts = sorted(parse_ints(args.contexts, "context length", minimum=2))
     batches = sorted(parse_ints(args.batch_sizes, "batch size"))
     if args.new_tokens < 2:
-        raise UsageError(f"--new-tokens must be >= 2 (the decode time is the difference of two runs), got {args.new_tokens}")
+        raise UsageError("--new-tokens must be >= 2 (the decode time is the difference of two runs), "
+                         f"got {args.new_tokens}")
     short_tokens = max(1, args.new_tokens // 8) if args.short_tokens is None else args.short_tokens
     if not 1 <= short_tokens < args.new_tokens:
         raise UsageError(f"--short-tokens must be >= 1 and below --new-tokens ({args.new_tokens}), got {short_tokens}")

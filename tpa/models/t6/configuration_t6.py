@@ -154,7 +154,8 @@ class T6Config(PreTrainedConfig):
         else:
             kv_heads = heads if kv_heads is None else kv_heads
         if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
-            raise ValueError(f"num_key_value_heads={kv_heads} must be a positive divisor of num_attention_heads={heads}")
+            raise ValueError(f"num_key_value_heads={kv_heads} must be a positive divisor of "
+                             f"num_attention_heads={heads}")
         self.num_key_value_heads = kv_heads
         size = self.intermediate_size
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
