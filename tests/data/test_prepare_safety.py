@@ -4,7 +4,6 @@ for a huge one-line document, leftovers of a killed run are cleaned (and only th
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,17 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import subprocess_env
 from data.corpus import write_txt_corpus
 from tpa.data.prepare import PrepareConfig, prepare, read_meta
 from tpa.data.sources import DataError, SourceSpec
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
-    return env
 
 
 def _prepare(source, out, **kw):
@@ -125,7 +119,7 @@ meta = prepare(PrepareConfig(source=SourceSpec(source=[{str(src)!r}]), out={str(
                              tokenizer={str(tmp_path / 'tok_data' / 'tokenizer')!r}, val_fraction=0, progress=False))
 print("RESULT", meta["tokens"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
-    env = {**_env(), "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -185,7 +179,8 @@ p.encode_batch = die
 p.prepare(p.PrepareConfig(source=p.SourceSpec(source=[{str(tmp_path / 'src')!r}]), out={str(out)!r},
                           vocab_size=280, progress=False))
 """
-    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     [left] = tmp_path.glob(".data.tmp-*")
     live = tmp_path / ".data.tmp-live"  # another prepare, still running

@@ -4,7 +4,6 @@ line (auto_map remote code, no `import tpa` by the caller) and through `tpa eval
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import subprocess_env
 from tests.eval.fixtures import write_tasks
 from tpa.cli import main
 from tpa.eval.harness import paper_table, table_rows
@@ -39,21 +39,17 @@ def harness_run(trained_model, tasks, tmp_path_factory) -> dict:
     return {"out": out, "record": json.loads((out / "harness.json").read_text())}
 
 
-def _env() -> dict:
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def test_lm_eval_command_line_loads_the_directory_by_remote_code(trained_model, tasks, harness_run, tmp_path):
     exe = shutil.which("lm_eval") or shutil.which("lm-eval")
     cmd = [exe] if exe else [sys.executable, "-m", "lm_eval"]
     out = tmp_path / "lm_eval_out"
+    offline = subprocess_env(import_tests=False, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                             TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
         cmd + ["--model", "hf", "--model_args", f"pretrained={trained_model},trust_remote_code=True",
                "--tasks", "tpa_test_mc", "--include_path", str(tasks), "--device", "cpu", "--num_fewshot", "0",
                "--batch_size", "4", "--output_path", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_env())
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=offline)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = list(out.rglob("results_*.json"))
     assert len(files) == 1, files

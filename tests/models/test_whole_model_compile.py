@@ -2,11 +2,9 @@
 compiles once, and its generated code evaluates no sine or cosine (the RoPE tables are gathered)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import tpa
+from _helpers import REPO, subprocess_env
 from tpa import T6Config, T6ForCausalLM
 
 VOCAB = 64
@@ -85,10 +84,8 @@ def test_whole_model_inductor_code_evaluates_no_cosine_or_sine(tmp_path):
     RoPE angles formed inside the graph get fused into every layer's rotation kernel (four cos/sin per
     layer per step on a GPU before the tables); gathered table rows leave none at all.
     """
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", _INDUCTOR_CODE], cwd=root, env=env, capture_output=True, text=True,
+    env = subprocess_env(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))  # the child imports this module
+    done = subprocess.run([sys.executable, "-c", _INDUCTOR_CODE], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])

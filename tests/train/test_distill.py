@@ -4,7 +4,6 @@ given weights, resume is exact, DDP and FSDP2 (two CPU ranks) reproduce one proc
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _helpers import REPO, subprocess_env
 from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.convert.llama import ConvertOptions, convert
 from tpa.train.distill import distill_kl
 from tpa.train.trainer import train
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
 DISTILL = dict(global_batch_size=8, micro_batch_size=2, max_steps=STEPS, eval_every=3, checkpoint_every=3,
                distill_weight=0.5, distill_temperature=2.0)
@@ -104,12 +103,6 @@ def test_distillation_resumes_exactly(distill_run, student, teacher, data_dir, t
         train(tiny_config(data_dir, run, resume=True, **{**common, "distill_weight": 0.1, "max_steps": STEPS + 2}))
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_distil_like_one_process(parallel, distill_run, student, teacher, data_dir, tmp_path):
@@ -121,7 +114,8 @@ def test_two_ranks_distil_like_one_process(parallel, distill_run, student, teach
     args += [a for k, v in DISTILL.items() for a in ("--" + k.replace("_", "-"), str(v))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tpa.cli",
            "train", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     got, want = train_losses(run), train_losses(distill_run)
     assert sorted(got) == list(range(1, STEPS + 1))

@@ -15,19 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _helpers import REPO, subprocess_env
 from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.train.trainer import train
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
 COMMON = dict(global_batch_size=8, micro_batch_size=2, max_steps=STEPS, eval_every=3, checkpoint_every=3)
 
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _train_args(data_dir: Path, run: Path, parallel: str, *extra: str) -> list[str]:
@@ -40,7 +34,8 @@ def _train_args(data_dir: Path, run: Path, parallel: str, *extra: str) -> list[s
 def _torchrun(data_dir: Path, run: Path, parallel: str, *extra: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *_train_args(data_dir, run, parallel, *extra)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
@@ -62,7 +57,8 @@ def _torchrun_two_nodes(data_dir: Path, run: Path, parallel: str, logs: Path, *e
                    "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
                    *_train_args(data_dir, run, parallel, *extra)]
             out = open(logs / f"node{node}.log", "w")
-            procs.append((subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT), out))
+            procs.append((subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=out,
+                                           stderr=subprocess.STDOUT), out))
         codes = [p.wait(timeout=300) for p, _ in procs]
     finally:
         for p, out in procs:

@@ -7,7 +7,6 @@ CI runs a few seeds; ``python -m pytest -m slow tests/train/test_fault_injection
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
@@ -20,18 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _helpers import REPO, subprocess_env
 from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.train import checkpoint as ckpt
 from tpa.train.trainer import train
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = dict(max_steps=12, checkpoint_every=2, eval_every=6, keep_checkpoints=2)
 
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +54,7 @@ def _kill_and_resume(data_dir: Path, run: Path, seed: int, kills: int) -> list[s
     rng = random.Random(seed)
     landed = []
     for _ in range(kills):
-        proc = subprocess.Popen([sys.executable, "-c", _trainer_script(data_dir, run)], cwd=REPO, env=_env(),
+        proc = subprocess.Popen([sys.executable, "-c", _trainer_script(data_dir, run)], cwd=REPO, env=subprocess_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         logged = len(read_metrics(run)) if (run / "metrics.jsonl").is_file() else 0
         target = logged + rng.randint(1, 4)
@@ -107,8 +101,8 @@ def test_killed_while_rotating_checkpoints(reference, data_dir, tmp_path):
               "        os.kill(os.getpid(), signal.SIGKILL)\n"
               "    return real(path, *a, **k)\n"
               "checkpoint.shutil.rmtree = die\n") + _trainer_script(data_dir, run)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [".step_00000002.old", "step_00000004", "step_00000006"]
@@ -188,7 +182,7 @@ def test_two_trainers_on_one_run_directory(reference, data_dir, tmp_path):
               f"    while not Path({str(release)!r}).exists() and time.time() < deadline:\n"
               "        time.sleep(0.05)\n"
               "checkpoint._before_publish = wait\n") + _trainer_script(data_dir, run)
-    first = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    first = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while not list(run.glob("checkpoints/.step_*.tmp/manifest.json")) and time.time() < deadline \
@@ -198,7 +192,7 @@ def test_two_trainers_on_one_run_directory(reference, data_dir, tmp_path):
            str(run), "--resume", "--seq-len", "32", "--global-batch-size", "8", "--micro-batch-size", "4",
            "--max-steps", "12", "--no-tensorboard"]
     try:
-        second = subprocess.run(cli, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        second = subprocess.run(cli, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     finally:
         release.write_text("go")
     out, err = first.communicate(timeout=300)
@@ -236,7 +230,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(small_disk, data_dir):
     cli = [sys.executable, "-m", "tpa.cli", "train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir",
            str(run), "--seq-len", "32", "--global-batch-size", "8", "--micro-batch-size", "4", "--max-steps", "12",
            "--checkpoint-every", "2", "--eval-every", "6", "--no-tensorboard", "--progress", "false"]
-    proc = subprocess.run(cli, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cli, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr

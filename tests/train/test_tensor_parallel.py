@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import REPO, subprocess_env
 from train.conftest import tiny_config, train_losses
-from train.test_distributed import COMMON, STEPS, _env, _train_args
+from train.test_distributed import COMMON, STEPS, _train_args
 from tpa.train.trainer import train
 
-REPO = Path(__file__).resolve().parents[2]
 # tiny TPA has 5 heads; 4 split over 2 ranks
 OVERRIDES = {"num_attention_heads": 4}
 TPA = ("--attention-type", "tpa", "--model-overrides", json.dumps(OVERRIDES))
@@ -49,7 +49,8 @@ def _compare(run: Path, ref: Path) -> None:
 
 def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -61,12 +62,15 @@ def single_tpa_run(data_dir, tmp_path_factory):
     return run
 
 
-def test_tp2_matches_one_process(single_tpa_run, data_dir, tmp_path):
+@pytest.mark.parametrize("ranks, parallel", [(2, "none"), (4, "fsdp")], ids=["tp2", "tp2_inside_fsdp2"])
+def test_tp2_matches_one_process(ranks, parallel, single_tpa_run, data_dir, tmp_path):
+    """TP=2 on two ranks, and on four: a (dp, tp) = (2, 2) mesh, FSDP2 over the two replicas of two TP ranks
+    each (``--parallel auto`` picks FSDP there)."""
     run = tmp_path / "run"
-    _torchrun(2, _train_args(data_dir, run, "auto", *TPA, "--tp", "2"))
+    _torchrun(ranks, _train_args(data_dir, run, "auto", *TPA, "--tp", "2"))
     _compare(run, single_tpa_run)
     info = json.loads((run / "run_info.jsonl").read_text().splitlines()[0])
-    assert info["parallel"] == "none" and info["world_size"] == 2
+    assert info["parallel"] == parallel and info["world_size"] == ranks
 
 
 def test_tp_with_fsdp_checkpoint_resumes_and_loads_in_one_process(single_tpa_run, data_dir, tmp_path):
@@ -91,17 +95,8 @@ def test_generate_tp2_writes_the_one_process_text(single_tpa_run):
     model = single_tpa_run / "final"
     args = ["-m", "tpa.cli", "generate", "--model", str(model), "--prompt", "the", "--max-new-tokens", "12",
             "--device", "cpu"]
-    one = subprocess.run([sys.executable, *args, "--greedy"], cwd=REPO, env=_env(), capture_output=True, text=True,
-                         timeout=300)
+    one = subprocess.run([sys.executable, *args, "--greedy"], cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = _torchrun(2, [*args, "--greedy", "--tp", "2"])
     assert two.stdout == one.stdout and one.stdout.strip()
-
-
-def test_tp2_inside_fsdp2_over_two_replicas_matches_one_process(single_tpa_run, data_dir, tmp_path):
-    """Four ranks: a (dp, tp) = (2, 2) mesh, FSDP2 over the two replicas of two TP ranks each."""
-    run = tmp_path / "run"
-    _torchrun(4, _train_args(data_dir, run, "auto", *TPA, "--tp", "2"))
-    _compare(run, single_tpa_run)
-    info = json.loads((run / "run_info.jsonl").read_text().splitlines()[0])
-    assert info["parallel"] == "fsdp" and info["world_size"] == 4

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,17 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _helpers import REPO, subprocess_env
 from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.train import checkpoint as ckpt
 from tpa.train.trainer import NonFiniteLoss, train
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +113,8 @@ def die_half_way(tmp):
 checkpoint._before_publish = die_half_way
 train(tiny_config(Path({str(data_dir)!r}), Path({str(run)!r}), checkpoint_every=5))
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     half = run / "checkpoints" / ".step_00000010.tmp"
     assert (half / "state").is_dir() and (half / "manifest.json").is_file()  # written, never published
@@ -140,7 +134,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_128_plus_the_signal(data_dir, tmp
     cmd = [sys.executable, "-m", "tpa.cli", "train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir",
            str(run), "--seq-len", "32", "--global-batch-size", "8", "--micro-batch-size", "4", "--max-steps", "100000",
            "--checkpoint-every", "100000", "--eval-every", "100000", "--log-every", "1", "--no-tensorboard"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:

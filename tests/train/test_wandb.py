@@ -4,7 +4,6 @@ file), one W&B run continued across --resume, a failed run marked failed, and a 
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -14,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _helpers import REPO, subprocess_env
 from train.conftest import read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
 PROJECT = "tpa-test"
 STEPS = 4
 # global batch 8 in micro-batches of 4: two training losses per step; from step 3 on they are NaN
@@ -47,10 +46,8 @@ def _train_args(data_dir: Path, run: Path, *extra: str) -> list[str]:
 
 def _wandb_env(tmp: Path) -> dict:
     """Offline W&B whose every file (settings, cache, logs, artifacts) stays under ``tmp``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env["HOME"] = str(tmp / "home")
+    env = {k: v for k, v in subprocess_env(OMP_NUM_THREADS="1", HOME=str(tmp / "home")).items()
+           if not k.startswith("WANDB_")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_ERROR_REPORTING="false", WANDB_DISABLE_GIT="true",
                **{f"WANDB_{k}_DIR": str(tmp / "wandb" / k.lower()) for k in ("CACHE", "CONFIG", "DATA", "ARTIFACT")},
                WANDB_DIR=str(tmp / "wandb" / "dir"))

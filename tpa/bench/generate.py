@@ -47,7 +47,9 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tpa.utils.args import UsageError
 
@@ -193,20 +195,32 @@ def _model_and_caches(kind: str, cfg, device, dtype, batch: int, capacity: int, 
     return model, reset, cache
 
 
-def run(args) -> dict:
-    """Run the benchmark, write the files (after every point, so an interrupted run keeps what it
-    measured), return the JSON record."""
-    import torch
+@dataclass
+class _Plan:
+    """What a run measures, from its checked arguments (see :func:`_plan`)."""
 
-    from tpa import T6Config
-    from tpa.bench.hf_llama import LLAMA_TYPE, kv_bytes_per_token, llama_config_like, llama_parameters
-    from tpa.bench.memory import model_parameters
+    types: list[str]
+    contexts: list[int]
+    batches: list[int]
+    short_tokens: int
+    device: Any
+    dtype: Any
+    graphs: bool  # decode steps replay a CUDA graph (a static cache); else eager with a dynamic cache
+    capacity: int | None  # the device's memory in bytes (None: unknown)
+    configs: dict = field(default_factory=dict)  # type -> T6Config (``llama``: a LlamaConfig)
+    params: dict = field(default_factory=dict)  # type -> parameter count
+
+    @property
+    def decode_mode(self) -> str:
+        return "cuda-graphs" if self.graphs else "eager"
+
+
+def _plan(args) -> _Plan:
+    """Check the arguments (:class:`UsageError` for a bad one) and resolve the device and dtype."""
+    from tpa.bench.hf_llama import LLAMA_TYPE
+    from tpa.models.presets import ATTENTION_TYPES, PRESETS
     from tpa.utils.args import parse_ints, parse_list
     from tpa.utils.devices import resolve_device, resolve_dtype
-    from tpa.utils.files import print_written
-    from tpa.utils.runinfo import run_metadata
-    from tpa.utils.tables import fmt_bytes
-    from tpa.models.presets import ATTENTION_TYPES, PRESETS
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
@@ -214,7 +228,8 @@ def run(args) -> dict:
     contexts = sorted(parse_ints(args.contexts, "context length", minimum=2))
     batches = sorted(parse_ints(args.batch_sizes, "batch size"))
     if args.new_tokens < 2:
-        raise UsageError(f"--new-tokens must be >= 2 (the decode time is the difference of two runs), got {args.new_tokens}")
+        raise UsageError("--new-tokens must be >= 2 (the decode time is the difference of two runs), "
+                         f"got {args.new_tokens}")
     short_tokens = max(1, args.new_tokens // 8) if args.short_tokens is None else args.short_tokens
     if not 1 <= short_tokens < args.new_tokens:
         raise UsageError(f"--short-tokens must be >= 1 and below --new-tokens ({args.new_tokens}), got {short_tokens}")
@@ -227,23 +242,116 @@ def run(args) -> dict:
     graphs = device.type == "cuda" if args.cuda_graphs is None else args.cuda_graphs
     if graphs and device.type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA device, got {device}")
-    decode_mode = "cuda-graphs" if graphs else "eager"
-    capacity = _device_memory(device)
-    max_len = max(contexts) + args.new_tokens
+    return _Plan(types=types, contexts=contexts, batches=batches, short_tokens=short_tokens, device=device,
+                 dtype=dtype, graphs=graphs, capacity=_device_memory(device))
+
+
+def _add_configs(plan: _Plan, args) -> None:
+    """The model configuration and parameter count of every type, long enough for the longest point."""
+    from tpa import T6Config
+    from tpa.bench.hf_llama import LLAMA_TYPE, llama_config_like, llama_parameters
+    from tpa.bench.memory import model_parameters
+
+    max_len = max(plan.contexts) + args.new_tokens
+    plan.configs = {t: T6Config.from_preset(args.preset, t, max_position_embeddings=max_len,
+                                            decode_impl=args.decode_impl)
+                    for t in plan.types if t != LLAMA_TYPE}
+    plan.params = {t: model_parameters(cfg) for t, cfg in plan.configs.items()}
+    if LLAMA_TYPE in plan.types:  # matched to the preset's GQA
+        plan.configs[LLAMA_TYPE] = llama_config_like(T6Config.from_preset(args.preset, "gqa",
+                                                                          max_position_embeddings=max_len))
+        plan.params[LLAMA_TYPE] = llama_parameters(plan.configs[LLAMA_TYPE])
+
+
+def _point_row(plan: _Plan, args, kind: str, batch: int, context: int) -> dict:
+    """The fields of a point's row known before it runs (its sizes, the predicted cache bytes)."""
+    from tpa.bench.hf_llama import LLAMA_TYPE, kv_bytes_per_token
+
+    cfg, itemsize = plan.configs[kind], plan.dtype.itemsize
+    if kind == LLAMA_TYPE:
+        per_token = kv_bytes_per_token(cfg, itemsize)
+        mode = "static cache, transformers auto-compile" if plan.graphs else "eager"
+    else:
+        per_token = cfg.kv_cache_elements_per_token() * cfg.num_hidden_layers * itemsize
+        mode = plan.decode_mode
+    return {"attention_type": kind, "parameters": plan.params[kind], "heads": cfg.num_attention_heads,
+            "kv_heads": getattr(cfg, "num_key_value_heads", None), "batch": batch, "context": context,
+            "new_tokens": args.new_tokens, "short_new_tokens": plan.short_tokens,
+            "prefill_chunk": args.prefill_chunk,
+            "predicted_kv_cache_bytes": per_token * batch * (context + args.new_tokens), "decode_mode": mode}
+
+
+def _skip_status(plan: _Plan, args, base: dict, oom: dict, elapsed: float) -> str | None:
+    """Why the point of row ``base`` is not run (None: it runs). ``oom`` maps (type, batch) to the
+    smallest context that ran out of memory."""
+    kind, batch, context = base["attention_type"], base["batch"], base["context"]
+    weights = plan.params[kind] * plan.dtype.itemsize
+    if plan.capacity is not None and weights + base["predicted_kv_cache_bytes"] > plan.capacity:
+        return "does not fit"
+    if (kind, batch) in oom:
+        return "OOM (a shorter context already ran out)"
+    if args.max_prompt_tokens is not None and batch * context > args.max_prompt_tokens:
+        return f"skipped (batch x context > --max-prompt-tokens {args.max_prompt_tokens})"
+    if args.time_budget is not None and elapsed > args.time_budget:
+        return "skipped (time budget)"
+    return None
+
+
+def _measure(plan: _Plan, args, base: dict, oom: dict) -> dict:
+    """Warm up and time the point of row ``base``; returns its row. A CUDA out-of-memory error is
+    recorded as ``OOM`` (and in ``oom``), any other error as ``error: ...`` with its traceback."""
+    import torch
+
+    from tpa.utils.tables import fmt_bytes
+
+    kind, batch, context = base["attention_type"], base["batch"], base["context"]
+    where = f"{kind} batch {batch} context {context}"
+    model = cache = new_cache = None
+    try:
+        # a static cache serves the warm-up and the timed runs: it keeps its captured graph
+        model, new_cache, cache = _model_and_caches(kind, plan.configs[kind], plan.device, plan.dtype, batch,
+                                                    context + args.new_tokens, plan.graphs)
+        generate_point(model, batch=batch, context=min(context, 64), new_tokens=2, short_tokens=1,
+                       chunk=args.prefill_chunk, device=plan.device, new_cache=new_cache)  # warm-up
+        timing = generate_point(model, batch=batch, context=context, new_tokens=args.new_tokens,
+                                short_tokens=plan.short_tokens, chunk=args.prefill_chunk, device=plan.device,
+                                new_cache=new_cache)
+        if getattr(cache, "decode_graph", None) is not None:
+            timing["graph_capture_s"] = cache.decode_graph.capture_seconds
+        row = {**base, "status": "ok", **timing}
+        print(f"{where}: prefill {timing['prefill_tokens_per_s'] or 0:,.0f} tok/s, "
+              f"decode {timing['decode_tokens_per_s'] or 0:,.1f} tok/s, end-to-end "
+              f"{timing['end_to_end_tokens_per_s']:,.1f} tok/s, cache "
+              f"{fmt_bytes(timing['kv_cache_bytes'])}",
+              flush=True)
+    except torch.cuda.OutOfMemoryError:
+        oom[(kind, batch)] = context
+        row = {**base, "status": "OOM"}
+        print(f"{where}: out of memory", flush=True)
+    except Exception as err:  # noqa: BLE001 - record it, go on with the other points
+        row = {**base, "status": f"error: {type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        print(f"{where}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    del model, cache, new_cache
+    _free(plan.device)
+    return row
+
+
+def run(args) -> dict:
+    """Run the benchmark, write the files (after every point, so an interrupted run keeps what it
+    measured), return the JSON record."""
+    from tpa.utils.files import print_written
+    from tpa.utils.runinfo import run_metadata
+
+    plan = _plan(args)
     start = time.perf_counter()
-    configs = {t: T6Config.from_preset(args.preset, t, max_position_embeddings=max_len, decode_impl=args.decode_impl)
-               for t in types if t != LLAMA_TYPE}
-    params = {t: model_parameters(cfg) for t, cfg in configs.items()}
-    if LLAMA_TYPE in types:  # matched to the preset's GQA
-        configs[LLAMA_TYPE] = llama_config_like(T6Config.from_preset(args.preset, "gqa", max_position_embeddings=max_len))
-        params[LLAMA_TYPE] = llama_parameters(configs[LLAMA_TYPE])
-    info = run_metadata(device)
-    record = {"preset": args.preset, "dtype": str(dtype).replace("torch.", ""), "types": types, "contexts": contexts,
-              "batch_sizes": batches, "new_tokens": args.new_tokens, "short_new_tokens": short_tokens,
-              "prefill_chunk": args.prefill_chunk,
+    _add_configs(plan, args)
+    types, batches, contexts = plan.types, plan.batches, plan.contexts
+    record = {"preset": args.preset, "dtype": str(plan.dtype).replace("torch.", ""), "types": types,
+              "contexts": contexts, "batch_sizes": batches, "new_tokens": args.new_tokens,
+              "short_new_tokens": plan.short_tokens, "prefill_chunk": args.prefill_chunk,
               "max_prompt_tokens": args.max_prompt_tokens, "decode_impl": args.decode_impl,
-              "decode_mode": decode_mode, "complete": False,
-              "rows": [], "seconds": None, "run": info}
+              "decode_mode": plan.decode_mode, "complete": False,
+              "rows": [], "seconds": None, "run": run_metadata(plan.device)}
     out = Path(args.output)
     results: dict[tuple[str, int, int], dict] = {}
     oom: dict[tuple[str, int], int] = {}  # (type, batch) -> smallest context that ran out of memory
@@ -251,57 +359,12 @@ def run(args) -> dict:
     for c in contexts:
         for b in batches:
             for t in types:
-                cfg = configs[t]
-                if t == LLAMA_TYPE:
-                    per_token = kv_bytes_per_token(cfg, dtype.itemsize)
-                    mode = "static cache, transformers auto-compile" if graphs else "eager"
-                else:
-                    per_token = cfg.kv_cache_elements_per_token() * cfg.num_hidden_layers * dtype.itemsize
-                    mode = decode_mode
-                base = {"attention_type": t, "parameters": params[t], "heads": cfg.num_attention_heads,
-                        "kv_heads": getattr(cfg, "num_key_value_heads", None), "batch": b, "context": c,
-                        "new_tokens": args.new_tokens, "short_new_tokens": short_tokens,
-                        "prefill_chunk": args.prefill_chunk,
-                        "predicted_kv_cache_bytes": per_token * b * (c + args.new_tokens), "decode_mode": mode}
-                status = None
-                if capacity is not None and params[t] * dtype.itemsize + base["predicted_kv_cache_bytes"] > capacity:
-                    status = "does not fit"
-                elif (t, b) in oom:
-                    status = "OOM (a shorter context already ran out)"
-                elif args.max_prompt_tokens is not None and b * c > args.max_prompt_tokens:
-                    status = f"skipped (batch x context > --max-prompt-tokens {args.max_prompt_tokens})"
-                elif args.time_budget is not None and time.perf_counter() - start > args.time_budget:
-                    status = "skipped (time budget)"
+                base = _point_row(plan, args, t, b, c)
+                status = _skip_status(plan, args, base, oom, time.perf_counter() - start)
                 if status is not None:
                     results[(t, b, c)] = {**base, "status": status}
                     continue
-                model = cache = new_cache = None
-                try:
-                    # a static cache serves the warm-up and the timed runs: it keeps its captured graph
-                    model, new_cache, cache = _model_and_caches(t, cfg, device, dtype, b, c + args.new_tokens, graphs)
-                    generate_point(model, batch=b, context=min(c, 64), new_tokens=2, short_tokens=1,
-                                   chunk=args.prefill_chunk, device=device, new_cache=new_cache)  # warm-up
-                    timing = generate_point(model, batch=b, context=c, new_tokens=args.new_tokens,
-                                            short_tokens=short_tokens, chunk=args.prefill_chunk, device=device,
-                                            new_cache=new_cache)
-                    if getattr(cache, "decode_graph", None) is not None:
-                        timing["graph_capture_s"] = cache.decode_graph.capture_seconds
-                    results[(t, b, c)] = {**base, "status": "ok", **timing}
-                    print(f"{t} batch {b} context {c}: prefill {timing['prefill_tokens_per_s'] or 0:,.0f} tok/s, "
-                          f"decode {timing['decode_tokens_per_s'] or 0:,.1f} tok/s, end-to-end "
-                          f"{timing['end_to_end_tokens_per_s']:,.1f} tok/s, cache "
-                          f"{fmt_bytes(timing['kv_cache_bytes'])}",
-                          flush=True)
-                except torch.cuda.OutOfMemoryError:
-                    oom[(t, b)] = c
-                    results[(t, b, c)] = {**base, "status": "OOM"}
-                    print(f"{t} batch {b} context {c}: out of memory", flush=True)
-                except Exception as err:  # noqa: BLE001 - record it, go on with the other points
-                    results[(t, b, c)] = {**base, "status": f"error: {type(err).__name__}: {err}",
-                                          "traceback": traceback.format_exc()}
-                    print(f"{t} batch {b} context {c}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-                del model, cache, new_cache
-                _free(device)
+                results[(t, b, c)] = _measure(plan, args, base, oom)
                 record["rows"] = [results[k] for k in sorted(results, key=_order(types))]
                 _write(record, out, final=False)
     record["rows"] = [results[(t, b, c)] for t in types for b in batches for c in contexts]

@@ -91,66 +91,24 @@ class T6Config(PreTrainedConfig):
         pad_token_id: int | None = None,
         **kwargs,
     ):
-        if attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"unknown attention_type {attention_type!r}; expected one of {ATTENTION_TYPES}")
-        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
-                            ("num_hidden_layers", num_hidden_layers), ("num_attention_heads", num_attention_heads),
-                            ("head_dim", head_dim), ("q_rank", q_rank), ("k_rank", k_rank), ("v_rank", v_rank),
-                            ("max_position_embeddings", max_position_embeddings)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if attention_type == "mqa":
-            num_key_value_heads = 1
-        elif attention_type == "gqa":
-            num_key_value_heads = 2 if num_key_value_heads is None else num_key_value_heads
-        else:
-            num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
-        if not isinstance(num_key_value_heads, int) or num_key_value_heads < 1 or \
-                num_attention_heads % num_key_value_heads:
-            raise ValueError(
-                f"num_key_value_heads={num_key_value_heads} must be a positive divisor of "
-                f"num_attention_heads={num_attention_heads}"
-            )
-        if intermediate_size is not None and (not isinstance(intermediate_size, int)
-                                              or isinstance(intermediate_size, bool) or intermediate_size < 1):
-            raise ValueError(f"intermediate_size must be an integer >= 1 (or None), got {intermediate_size!r}")
-        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not 0 < rope_theta < float("inf"):
-            raise ValueError(f"rope_theta must be a positive finite number, got {rope_theta!r}")
-        for name, value in (("tie_word_embeddings", tie_word_embeddings), ("tpa_contextual_a", tpa_contextual_a),
-                            ("tpa_contextual_b", tpa_contextual_b), ("tpa_share_kv_b", tpa_share_kv_b),
-                            ("attention_output_gate", attention_output_gate), ("mla_latent_norm", mla_latent_norm),
-                            ("mla_absorb", mla_absorb), ("attention_head_norm", attention_head_norm),
-                            ("use_cache", use_cache)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be true or false (a bool), got {value!r}")
-        if decode_impl not in ("auto", "kernel", "reference"):
-            raise ValueError(f"decode_impl must be 'auto', 'kernel' or 'reference', got {decode_impl!r}")
-        if attn_impl not in ("sdpa", "factors"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'factors', got {attn_impl!r}")
-        if v_head_dim is not None and attention_type != "mla" and v_head_dim != head_dim:
-            raise ValueError(f"v_head_dim is an MLA option; {attention_type} uses head_dim={head_dim} for values")
-        if v_head_dim is not None and (not isinstance(v_head_dim, int) or isinstance(v_head_dim, bool)
-                                       or v_head_dim < 1):
-            raise ValueError(f"v_head_dim must be an integer >= 1, got {v_head_dim!r}")
-        if not isinstance(rope_partial_factor, (int, float)) or isinstance(rope_partial_factor, bool) \
-                or not 0 < rope_partial_factor <= 1:
-            raise ValueError(f"rope_partial_factor must be a number in (0, 1], got {rope_partial_factor!r}")
-        if rope_partial_factor != 1 and (attention_type == "mla" or tpa_order == 3):
-            raise ValueError("rope_partial_factor applies to TPA (second order), TPA-KVonly, MHA, GQA and MQA; "
-                             "MLA's rotated part is set by qk_rope_head_dim")
-        for name, value in (("rms_norm_eps", rms_norm_eps), ("attention_head_norm_eps", attention_head_norm_eps),
-                            ("mla_latent_norm_eps", mla_latent_norm_eps)):
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        """Store the arguments, check them (:meth:`_check`, which also resolves ``num_key_value_heads``),
+        then resolve ``intermediate_size``.
+
+        The keyword arguments stay written out: for a config with its own ``__init__`` the signature is
+        its schema (``from_dict`` and ``from_pretrained`` call it with the saved fields), and a reader
+        finds every field and default in one place. (transformers' own configs declare their fields
+        as ``@strict`` dataclass attributes with ``validate_*`` methods; moving T6Config to that form
+        would change how it validates and saves, which a tidy-up does not do.)
+        """
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.head_dim = head_dim
-        self.intermediate_size = intermediate_size or _swiglu_width(hidden_size)
+        self.intermediate_size = intermediate_size  # resolved after _check
         self.attention_type = attention_type
         self.q_rank, self.k_rank, self.v_rank = q_rank, k_rank, v_rank
-        self.num_key_value_heads = num_key_value_heads
+        self.num_key_value_heads = num_key_value_heads  # resolved by _check
         self.kv_lora_rank, self.q_lora_rank, self.qk_rope_head_dim = kv_lora_rank, q_lora_rank, qk_rope_head_dim
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
@@ -167,6 +125,8 @@ class T6Config(PreTrainedConfig):
         self.rope_partial_factor = rope_partial_factor
         self.attention_head_norm, self.attention_head_norm_eps = attention_head_norm, attention_head_norm_eps
         self.use_cache = use_cache
+        self._check(tie_word_embeddings)
+        self.intermediate_size = intermediate_size or _swiglu_width(hidden_size)
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,
@@ -174,6 +134,62 @@ class T6Config(PreTrainedConfig):
             pad_token_id=pad_token_id,
             **kwargs,
         )
+
+    def _check(self, tie_word_embeddings) -> None:
+        """Raise ``ValueError`` for an argument of ``__init__`` out of its range (``tie_word_embeddings``
+        is passed on to transformers, so it comes as an argument); resolve ``num_key_value_heads``
+        (MQA: 1, GQA: 2 by default, else H by default)."""
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"unknown attention_type {self.attention_type!r}; expected one of {ATTENTION_TYPES}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "q_rank",
+                     "k_rank", "v_rank", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
+        if self.attention_type == "mqa":
+            kv_heads = 1
+        elif self.attention_type == "gqa":
+            kv_heads = 2 if kv_heads is None else kv_heads
+        else:
+            kv_heads = heads if kv_heads is None else kv_heads
+        if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"num_key_value_heads={kv_heads} must be a positive divisor of "
+                             f"num_attention_heads={heads}")
+        self.num_key_value_heads = kv_heads
+        size = self.intermediate_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"intermediate_size must be an integer >= 1 (or None), got {size!r}")
+        theta = self.rope_theta
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < float("inf"):
+            raise ValueError(f"rope_theta must be a positive finite number, got {theta!r}")
+        flags = {"tie_word_embeddings": tie_word_embeddings}
+        flags.update((name, getattr(self, name)) for name in (
+            "tpa_contextual_a", "tpa_contextual_b", "tpa_share_kv_b", "attention_output_gate", "mla_latent_norm",
+            "mla_absorb", "attention_head_norm", "use_cache"))
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false (a bool), got {value!r}")
+        if self.decode_impl not in ("auto", "kernel", "reference"):
+            raise ValueError(f"decode_impl must be 'auto', 'kernel' or 'reference', got {self.decode_impl!r}")
+        if self.attn_impl not in ("sdpa", "factors"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'factors', got {self.attn_impl!r}")
+        v_dim = self.v_head_dim
+        if v_dim is not None and self.attention_type != "mla" and v_dim != self.head_dim:
+            raise ValueError(f"v_head_dim is an MLA option; {self.attention_type} uses head_dim={self.head_dim} "
+                             "for values")
+        if v_dim is not None and (not isinstance(v_dim, int) or isinstance(v_dim, bool) or v_dim < 1):
+            raise ValueError(f"v_head_dim must be an integer >= 1, got {v_dim!r}")
+        factor = self.rope_partial_factor
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
+            raise ValueError(f"rope_partial_factor must be a number in (0, 1], got {factor!r}")
+        if factor != 1 and (self.attention_type == "mla" or self.tpa_order == 3):
+            raise ValueError("rope_partial_factor applies to TPA (second order), TPA-KVonly, MHA, GQA and MQA; "
+                             "MLA's rotated part is set by qk_rope_head_dim")
+        for name in ("rms_norm_eps", "attention_head_norm_eps", "mla_latent_norm_eps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

@@ -238,6 +238,48 @@ class T6Model(T6PreTrainedModel):
             raise TypeError(f"position_ids must be integer positions, got {position_ids.dtype}")
         return bsz, seq
 
+    def _cache_of_call(self, cache, use_cache, output_attentions, bsz) -> T6Cache | None:
+        """The :class:`T6Cache` this call reads and extends (a new one when ``use_cache`` and none is
+        given), or None; checked against the model and the options."""
+        if cache is not None and not isinstance(cache, T6Cache):
+            raise TypeError(
+                f"the cache (`cache` or `past_key_values`) must be a tpa T6Cache (got {type(cache).__name__}); "
+                "create one with T6Cache.for_model(model, batch_size) or let forward/generate create it"
+            )
+        if cache is not None:
+            cache.check_fits(self)
+        if use_cache and cache is None:
+            cache = T6Cache.for_model(self, bsz)
+        if output_attentions and cache is not None and cache.static:
+            raise ValueError("output_attentions=True needs a dynamic cache or none: a static cache does not record "
+                             "which input columns its slots came from (and its steps may replay a CUDA graph)")
+        return cache
+
+    def _positions_and_mask(self, kv, valid, position_ids, padded: bool, sync_free: bool):
+        """``(step, positions [B, T], mask)`` of this call. With the cache's ``kv`` they come from its
+        step (``kv.begin``); without one, ``step`` is None and they are planned for ``valid [B, T]``
+        alone. Checks the batch size, the length and (unless ``sync_free``) the position range."""
+        bsz, seq = valid.shape
+        max_pos = self.config.max_position_embeddings
+        if kv is not None:
+            if kv.batch_size != bsz:
+                raise ValueError(f"the cache was built for batch size {kv.batch_size}, got a batch of {bsz}")
+            step = kv.begin(valid, position_ids)
+            positions, mask = step.positions, step.mask
+        else:
+            step = None
+            if seq > max_pos:
+                raise ValueError(f"sequence of {seq} tokens exceeds max_position_embeddings={max_pos}")
+            positions, mask = uncached_plan(valid, padded=padded, sync_free=sync_free)
+            if position_ids is not None:
+                positions = position_ids
+        if position_ids is not None and not sync_free:  # the RoPE tables hold positions [0, max_pos)
+            lowest, highest = (int(v) for v in torch.aminmax(position_ids))
+            if lowest < 0 or highest >= max_pos:
+                raise ValueError(f"position ids must lie in [0, {max_pos}) (max_position_embeddings), got values "
+                                 f"from {lowest} to {highest}")
+        return step, positions, mask
+
     @can_return_tuple
     def forward(
         self,
@@ -284,38 +326,11 @@ class T6Model(T6PreTrainedModel):
         if position_ids is not None:
             position_ids = position_ids.expand(bsz, seq).to(device)
 
-        if past_key_values is not None and not isinstance(past_key_values, T6Cache):
-            raise TypeError(
-                f"the cache (`cache` or `past_key_values`) must be a tpa T6Cache (got {type(past_key_values).__name__}); "
-                "create one with T6Cache.for_model(model, batch_size) or let forward/generate create it"
-            )
-        if past_key_values is not None:
-            past_key_values.check_fits(self)
-        if use_cache and past_key_values is None:
-            past_key_values = T6Cache.for_model(self, bsz)
-        if output_attentions and past_key_values is not None and past_key_values.static:
-            raise ValueError("output_attentions=True needs a dynamic cache or none: a static cache does not record "
-                             "which input columns its slots came from (and its steps may replay a CUDA graph)")
-        max_pos = self.config.max_position_embeddings
-        if past_key_values is not None:
-            kv = past_key_values.kv
-            if kv.batch_size != bsz:
-                raise ValueError(f"the cache was built for batch size {kv.batch_size}, got a batch of {bsz}")
-            step = kv.begin(valid.to(device), position_ids)
-            positions, mask = step.positions, step.mask
-            layer_caches = kv.layers
-        else:
-            step, kv, layer_caches = None, None, [None] * len(self.layers)
-            if seq > max_pos:
-                raise ValueError(f"sequence of {seq} tokens exceeds max_position_embeddings={max_pos}")
-            positions, mask = uncached_plan(valid, padded=attention_mask is not None, sync_free=sync_free)
-            if position_ids is not None:
-                positions = position_ids
-        if position_ids is not None and not sync_free:  # the RoPE tables hold positions [0, max_pos)
-            lowest, highest = (int(v) for v in torch.aminmax(position_ids))
-            if lowest < 0 or highest >= max_pos:
-                raise ValueError(f"position ids must lie in [0, {max_pos}) (max_position_embeddings), got values "
-                                 f"from {lowest} to {highest}")
+        past_key_values = self._cache_of_call(past_key_values, use_cache, output_attentions, bsz)
+        kv = past_key_values.kv if past_key_values is not None else None
+        step, positions, mask = self._positions_and_mask(kv, valid.to(device) if kv is not None else valid,
+                                                         position_ids, attention_mask is not None, sync_free)
+        layer_caches = kv.layers if kv is not None else [None] * len(self.layers)
         # rows of the float32 tables; a float64 model (a reference) forms its angles in float64 instead
         rope_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         cos, sin = self.rotary(positions, dtype=rope_dtype)

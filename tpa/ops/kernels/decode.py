@@ -41,7 +41,22 @@ def tpa_decode_split_kernel(
     """One (split, head/query tile, sequence). Rows of every tile are (query, head) pairs:
     row = n_local * BLOCK_H + h_local. For a contiguous cache the ``*_b`` strides step over
     sequences and ``*_m`` over tokens; for a paged cache ``*_b`` steps over physical blocks and
-    ``*_m`` over tokens within a block."""
+    ``*_m`` over tokens within a block.
+
+    Why it is one long function: a Triton kernel is one program per grid cell; a helper
+    ``@triton.jit`` function is inlined anyway, and the sections share the tile's row/column
+    indices, masks and running softmax state (``m_i``, ``l_i``, ``acc``), which a split would pass
+    around as a dozen tensors. Its sections, in order:
+
+    1. the program's tile: split, head block and query block from the grid; row/column offsets and masks;
+    2. this split's token range ``[lo, hi)`` of the sequence (length clamped to ``capacity``) and the
+       causal limit of each row;
+    3. the tile's queries from their factors, ``q = A_q B_q`` as one block-diagonal ``tl.dot``;
+    4. the loop over ``BLOCK_M`` tokens: token addresses (paged or contiguous), then Algorithm 2's
+       steps (1)+(2) logits per key rank, (3) the base-2 online softmax, (4) values per value rank;
+    5. the epilogue: the log-sum-exp, then either the final output (``SPLIT`` false) or this split's
+       partial output and log-sum-exp for :func:`tpa_decode_merge_kernel`.
+    """
     if EARLY_LAUNCH:  # let the merge kernel (launched with PDL) start now; it waits for our results
         tl.extra.cuda.gdc_launch_dependents()
     # float scalars arrive as fp64 when inductor launches the kernel (torch.ops.tpa.decode under
