@@ -647,7 +647,10 @@ def export_hf(model, mconfig, tokenizer_dir: Path, out: Path, world: Dist) -> Pa
     from tpa import T6ForCausalLM
     from tpa.models.t6 import save_model_and_tokenizer
 
+    from tpa.parallel import to_plain
+
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state, _ = to_plain(model, state)  # a tensor-parallel model's fused projections as one weight each
     if world.is_main:
         plain = T6ForCausalLM(mconfig)
         plain.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})

@@ -1,0 +1,51 @@
+"""Megatron's f/g operators for tensor parallelism, as autograd functions over a process group."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["gather_heads", "sum_gradients"]
+
+
+class _SumGradients(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the gradient over the group."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_gradients(x: torch.Tensor, group) -> torch.Tensor:
+    """``x`` unchanged; its gradient summed over ``group`` (where every rank's part of it is partial)."""
+    if not x.requires_grad:
+        return x
+    return _SumGradients.apply(x, group)
+
+
+class _GatherHeads(torch.autograd.Function):
+    """Forward: the ranks' tensors concatenated on ``dim`` in rank order; backward: this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group) -> torch.Tensor:
+        ctx.dim, ctx.rank, ctx.local = dim, dist.get_rank(group), x.shape[dim]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # the gathered tensor feeds the same computation on every rank: its gradient is the same there
+        return grad.narrow(ctx.dim, ctx.rank * ctx.local, ctx.local), None, None
+
+
+def gather_heads(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """``[.., H/N, ..]`` of each rank of ``group`` -> ``[.., H, ..]`` (rank ``r``'s heads at ``[r H/N, (r+1) H/N)``)."""
+    return _GatherHeads.apply(x, dim, group)
