@@ -237,9 +237,9 @@ def run_cases(rank: int, world: int, port: int, names: list[str], ckpt_dir: str,
     init(rank, world, port)
     try:
         mesh = init_device_mesh("cpu", (world,))
-        for i, name in enumerate(names):
+        for name in names:
             ref = check_case(name, mesh)
-            if i == 0:
+            if name in ("tpa", "mla", "gqa"):
                 check_checkpoint_loads_into_tp(ref, mesh, f"{ckpt_dir}/{name}")
         if errors:
             check_errors(mesh)
@@ -253,6 +253,10 @@ def check_errors(mesh) -> None:
 
     for options, message in [
         (dict(attention_type="tpa", num_attention_heads=3), "num_attention_heads divisible by 2, got 3"),
+        # the medium preset's TPA head count: the message says what would work
+        (dict(attention_type="tpa", num_attention_heads=47), "47 is prime: only --tp 47 splits it); the nearest "
+                                                             "values that 2 divides are 46 or 48"),
+        (dict(attention_type="tpa", num_attention_heads=9), "the TP sizes that split it: 3, 9"),
         (dict(attention_type="mha", intermediate_size=95), "intermediate_size divisible by 2, got 95"),
         (dict(attention_type="tpa", tpa_head_activation="softmax", attention_head_norm=True), "softmax"),
         (dict(attention_type="tpa", tpa_contextual_b=False, attention_head_norm=True), "contextual"),
