@@ -265,7 +265,9 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     Every rank must hold the same architecture; the weights are taken from rank 0 (sharded or
     broadcast from it). Returns ``model``. Afterwards the model takes and returns ordinary tensors,
     every rank gets the same logits, and ``T6Cache.for_model(model, ...)`` builds the per-rank cache
-    (local head factors, full feature factors; see the module docstring).
+    (local head factors, full feature factors; see the module docstring). The fused projections hold
+    one parameter per segment (``proj.weight_a_q``, ...): for a state dict in the single-process
+    names and layout (DCP checkpoints, exports) pass it through :func:`tpa.parallel.to_plain`.
 
     Raises:
         ValueError: a head, K/V head or SwiGLU width that the mesh size does not divide, or a TPA
