@@ -25,7 +25,7 @@ def _spawn(fn, *args, nprocs: int = 2) -> None:
 
 def test_tp2_equals_one_process(tmp_path):
     """Every attention type in one spawn of two ranks (to start them once). Also: a DCP checkpoint of the
-    plain model loads into the TP one and back (for TPA, MLA and GQA), the fused projections hold 1/N of
+    plain model loads into the TP one and back (for TPA, MLA, GQA and MQA), the fused projections hold 1/N of
     their head rows per rank, output_attentions gives all heads, and what TP cannot split is refused with
     a clear error."""
     _spawn(tp_worker.run_cases, list(tp_worker.CASES), str(tmp_path), True)

@@ -29,6 +29,9 @@ CASES = {
     "mla-no-q-lora": dict(attention_type="mla", q_lora_rank=0, mla_absorb=False),
 }
 
+# the cases with shared rows in a fused projection: B (and C) factors, K/V heads fewer than the ranks
+SHARD_SHARED_CASES = ["tpa", "tpa-factors-share-kv-b", "tpa-order3", "mqa"]
+
 
 def tiny_config(**options) -> T6Config:
     base = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
@@ -81,13 +84,13 @@ def decode_logits(model, ids: torch.Tensor, steps: int) -> tuple[list[torch.Tens
     return logits, cache
 
 
-def check_case(name: str, mesh) -> None:
+def check_case(name: str, mesh, shard_shared: bool = False) -> None:
     from tpa.parallel import apply_tensor_parallel
 
     torch.manual_seed(0)
     config = tiny_config(**CASES[name])
     ref = T6ForCausalLM(config).float().eval()
-    model = apply_tensor_parallel(copy.deepcopy(ref), mesh)
+    model = apply_tensor_parallel(copy.deepcopy(ref), mesh, shard_shared=shard_shared)
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
 
     # forward and backward without a cache
@@ -103,7 +106,7 @@ def check_case(name: str, mesh) -> None:
     for fqn, grad in grads.items():
         assert torch.equal(params[fqn], ref_params[fqn].detach()), f"{name}: {fqn} is not the single-process weight"
         close(grad, ref_params[fqn].grad, f"{name} grad {fqn}")
-    check_fused_shards(name, config, model, mesh.size())
+    check_fused_shards(name, config, model, mesh.size(), shard_shared)
     check_attention_weights(name, ref, model, ids)
 
     # cached decoding: every step's logits, and greedy generate() picks the same tokens
@@ -125,8 +128,9 @@ def check_case(name: str, mesh) -> None:
     return ref
 
 
-def check_fused_shards(name: str, config: T6Config, model, n: int) -> None:
-    """Each rank holds 1/N of the head rows of every fused projection and all of its shared rows."""
+def check_fused_shards(name: str, config: T6Config, model, n: int, shard_shared: bool) -> None:
+    """Each rank holds 1/N of the head rows of every fused projection and all of its shared rows (1/N of
+    them too with ``shard_shared``)."""
     h, d, c = config.num_attention_heads, config.head_dim, config.hidden_size
     layer = model.model.layers[0]
     if config.attention_type in ("tpa", "tpa_kvonly"):
@@ -148,7 +152,8 @@ def check_fused_shards(name: str, config: T6Config, model, n: int) -> None:
         attn = None
     if attn is not None:
         local = sum(p.to_local().numel() for p in attn.parameters())
-        assert local == (head_rows // n + shared_rows) * c, (name, local, head_rows, shared_rows)
+        want = (head_rows + shared_rows) // n if shard_shared else head_rows // n + shared_rows
+        assert local == want * c, (name, local, head_rows, shared_rows)
         assert local < (head_rows + shared_rows) * c, name
     mlp = sum(p.to_local().numel() for p in layer.mlp.gate_up_proj.parameters())
     assert mlp == 2 * config.intermediate_size * c // n, (name, mlp)
@@ -186,7 +191,7 @@ def check_attention_weights(name: str, ref, model, ids: torch.Tensor) -> None:
             close(g, w, f"{name} cached attentions {i}")
 
 
-def check_checkpoint_loads_into_tp(ref, mesh, path: str) -> None:
+def check_checkpoint_loads_into_tp(ref, mesh, path: str, shard_shared: bool = False) -> None:
     """A DCP checkpoint of the single-process model loads into the TP model (parameter names and global
     shapes are unchanged), and one written from the TP model holds the single-process weights."""
     import torch.distributed.checkpoint as dcp
@@ -200,7 +205,7 @@ def check_checkpoint_loads_into_tp(ref, mesh, path: str) -> None:
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()
-    model = apply_tensor_parallel(fresh, mesh)
+    model = apply_tensor_parallel(fresh, mesh, shard_shared=shard_shared)
     own = model.state_dict()
     state, _ = to_plain(model, own)
     dcp.load(state, checkpoint_id=f"{path}/plain")
@@ -239,8 +244,12 @@ def run_cases(rank: int, world: int, port: int, names: list[str], ckpt_dir: str,
         mesh = init_device_mesh("cpu", (world,))
         for name in names:
             ref = check_case(name, mesh)
-            if name in ("tpa", "mla", "gqa"):
+            if name in ("tpa", "mla", "gqa", "mqa"):
                 check_checkpoint_loads_into_tp(ref, mesh, f"{ckpt_dir}/{name}")
+        for name in SHARD_SHARED_CASES:  # the shared rows of the fused projections sharded too
+            ref = check_case(name, mesh, shard_shared=True)
+            if name in ("tpa", "mqa"):
+                check_checkpoint_loads_into_tp(ref, mesh, f"{ckpt_dir}/{name}-shard-shared", shard_shared=True)
         if errors:
             check_errors(mesh)
     finally:

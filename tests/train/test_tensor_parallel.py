@@ -1,6 +1,6 @@
 """`tpa train --tp` under torchrun on CPUs (gloo): TP=2 reproduces one process's losses, validation losses and
 exported weights; TP composes with FSDP2 on the (dp, tp) mesh (1 x 2, and 2 x 2 on four ranks); a TP checkpoint resumes under TP and continues
-in one process; `tpa generate --tp 2` writes the one-process text."""
+in one process (from 1 x 2 and from 2 x 2); `tpa generate --tp 2` writes the one-process text."""
 
 from __future__ import annotations
 
@@ -99,9 +99,17 @@ def test_generate_tp2_writes_the_one_process_text(single_tpa_run):
 
 
 def test_tp2_inside_fsdp2_over_two_replicas_matches_one_process(single_tpa_run, data_dir, tmp_path):
-    """Four ranks: a (dp, tp) = (2, 2) mesh, FSDP2 over the two replicas of two TP ranks each."""
+    """Four ranks: a (dp, tp) = (2, 2) mesh, FSDP2 over the two replicas of two TP ranks each; its step-3
+    checkpoint (fused projections sharded over both mesh dimensions) continues in one process."""
     run = tmp_path / "run"
     _torchrun(4, _train_args(data_dir, run, "auto", *TPA, "--tp", "2"))
     _compare(run, single_tpa_run)
     info = json.loads((run / "run_info.jsonl").read_text().splitlines()[0])
     assert info["parallel"] == "fsdp" and info["world_size"] == 4
+    one = tmp_path / "one"
+    (one / "checkpoints").mkdir(parents=True)
+    os.symlink(run / "checkpoints" / "step_00000003", one / "checkpoints" / "step_00000003")
+    train(tiny_config(data_dir, one, resume=True, attention_type="tpa", model_overrides=OVERRIDES, **COMMON))
+    got, want = train_losses(one), train_losses(single_tpa_run)
+    for step in range(4, STEPS + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_heads", "sum_gradients"]
+__all__ = ["gather_heads", "gather_rows", "sum_gradients"]
 
 
 class _SumGradients(torch.autograd.Function):
@@ -49,3 +49,28 @@ class _GatherHeads(torch.autograd.Function):
 def gather_heads(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     """``[.., H/N, ..]`` of each rank of ``group`` -> ``[.., H, ..]`` (rank ``r``'s heads at ``[r H/N, (r+1) H/N)``)."""
     return _GatherHeads.apply(x, dim, group)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: the ranks' row blocks concatenated (all-gather on dim 0); backward: the gradient summed
+    over the group and this rank's block of it (reduce-scatter), as FSDP does for a sharded weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        return out, None
+
+
+def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """Rows ``[S/N, ...]`` of each rank of ``group`` -> ``[S, ...]``; the gradient of the result, partial
+    on each rank, is summed and scattered back."""
+    return _GatherRows.apply(x, group)

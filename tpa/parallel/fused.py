@@ -10,11 +10,12 @@ would cut across those kinds, so under TP the weight is held as one parameter pe
   ``[heads, inner, C]`` (TPA's rank-major head factors ``A [R, H]``, transposed): each rank holds
   ``heads / N`` heads of it;
 - a **shared segment** (rows every rank needs: TPA's feature factors B and C, MHA's K/V heads when
-  they are fewer than the ranks) is a ``Replicate`` DTensor ``[rows, C]``.
+  they are fewer than the ranks) is a ``Replicate`` DTensor ``[rows, C]``, or with ``shard_shared``
+  a ``Shard(0)`` one that each use all-gathers (FSDP-style, within the TP group).
 
 Per-rank parameter memory of a fused weight is thus ``(head rows) / N + (shared rows)`` rows instead
-of ``S``. The head segments' global layout does not depend on N, and :mod:`tpa.parallel.state_dict`
-presents all segments of a fused weight to DCP as the one single-process ``[S, C]`` tensor, so a
+of ``S``, or ``S / N`` with ``shard_shared``. The segments' global layout does not depend on N, and
+:mod:`tpa.parallel.state_dict` presents all segments of a fused weight to DCP as the one single-process ``[S, C]`` tensor, so a
 checkpoint written under TP loads under any TP size or none.
 
 Shapes: ``forward(x [..., C]) -> [..., local rows]``, rows in the order of the segments, each
@@ -23,7 +24,7 @@ segment's rows in the single-process order restricted to this rank's heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.nn import functional as F
 
-from tpa.parallel.comm import sum_gradients
+from tpa.parallel.comm import gather_rows, sum_gradients
 
 __all__ = ["Segment", "ShardedFusedLinear"]
 
@@ -42,7 +43,8 @@ class Segment:
 
     ``head_major``: row ``offset + h * inner + i`` belongs to head ``h`` (a query ``[H, D]``); else row
     ``offset + i * heads + h`` does (a TPA head factor ``[R, H]``, rank-major). ``sharded``: split over
-    the ranks by heads; else every rank holds all rows and computes ``rows`` of them (all by default).
+    the ranks by heads; else every rank computes ``rows`` of them (all by default), from the whole
+    segment that it holds or, ``gathered``, all-gathers from the ranks' ``1/N`` of it at each use.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Segment:
     head_major: bool = True
     sharded: bool = True
     rows: tuple[int, int] | None = None
+    gathered: bool = False
 
     @property
     def size(self) -> int:
@@ -83,10 +86,13 @@ class ShardedFusedLinear(nn.Module):
     """A bias-free fused projection whose rows are held segment by segment (see the module docstring).
 
     ``weight_<name>``: the parameter of each segment; ``segments``: their :class:`Segment` in order;
-    ``out_features``/``in_features``: the single-process weight's shape.
+    ``out_features``/``in_features``: the single-process weight's shape. ``shard_shared``: hold the
+    shared segments ``1/N`` per rank too (``Shard(0)``) and all-gather them at each use (their gradient
+    reduce-scattered instead of all-reduced: the same traffic in a training step, but one all-gather of
+    those rows per forward in decoding); a shared segment of rows that N does not divide stays whole.
     """
 
-    def __init__(self, linear: nn.Linear, segments: list[Segment], mesh: DeviceMesh):
+    def __init__(self, linear: nn.Linear, segments: list[Segment], mesh: DeviceMesh, shard_shared: bool = False):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("ShardedFusedLinear expects a projection without bias")
@@ -94,13 +100,15 @@ class ShardedFusedLinear(nn.Module):
         if sum(s.size for s in segments) != self.out_features:
             raise AssertionError("the segments must cover the fused weight")
         n = mesh.size()
+        segments = [replace(s, gathered=True) if shard_shared and not s.sharded and s.size % n == 0 else s
+                    for s in segments]
         self.segments = segments
         self.group = mesh.get_group()
         plain = linear.weight.detach()
         for seg in segments:
             if seg.sharded and seg.heads % n:
                 raise ValueError(f"segment {seg.name}: {seg.heads} heads do not split over {n} ranks")
-            placement = Shard(0) if seg.sharded else Replicate()
+            placement = Shard(0) if seg.sharded or seg.gathered else Replicate()
             value = distribute_tensor(seg.stored(plain).contiguous(), mesh, [placement])
             self.register_parameter(f"weight_{seg.name}",
                                     nn.Parameter(value, requires_grad=linear.weight.requires_grad))
@@ -110,8 +118,8 @@ class ShardedFusedLinear(nn.Module):
         pieces = []
         for seg in self.segments:
             local = getattr(self, f"weight_{seg.name}").to_local()
-            if not seg.sharded:
-                local = sum_gradients(local, self.group)  # every rank's heads use these rows
+            if not seg.sharded:  # every rank's heads use these rows: their gradients are summed
+                local = gather_rows(local, self.group) if seg.gathered else sum_gradients(local, self.group)
                 pieces.append(local if seg.rows is None else local[seg.rows[0]:seg.rows[1]])
             elif seg.head_major:
                 pieces.append(local)
@@ -123,5 +131,6 @@ class ShardedFusedLinear(nn.Module):
         return F.linear(sum_gradients(x, self.group), self.local_weight())
 
     def extra_repr(self) -> str:
-        kinds = ", ".join(f"{s.name}:{'sharded' if s.sharded else 'shared'}" for s in self.segments)
+        kinds = ", ".join(f"{s.name}:{'sharded' if s.sharded else 'gathered' if s.gathered else 'shared'}"
+                          for s in self.segments)
         return f"in_features={self.in_features}, out_features={self.out_features} ({kinds})"

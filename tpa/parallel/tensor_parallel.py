@@ -187,18 +187,17 @@ def _tpa_segments(layer: TensorProductAttention) -> list[Segment]:
     return segments
 
 
-def _tpa(layer: TensorProductAttention, mesh: DeviceMesh, n: int, rank: int) -> None:
+def _tpa(layer: TensorProductAttention, mesh: DeviceMesh, n: int, rank: int, shard_shared: bool) -> None:
     local = layer.num_heads // n
-    segments = _tpa_segments(layer)
-    layer.proj = ShardedFusedLinear(layer.proj, segments, mesh)
-    layer.segments = [(s.name, s.size // n if s.sharded else s.size) for s in segments]
+    layer.proj = ShardedFusedLinear(layer.proj, _tpa_segments(layer), mesh, shard_shared)
+    layer.segments = [(s.name, s.size // n if s.sharded else s.size) for s in layer.proj.segments]
     layer.factor_shapes = {name: ((r, local) if name.startswith("a_") else (r, w))
                            for name, (r, w) in layer.factor_shapes.items()}
     layer.num_heads = local
     parallelize_module(layer, mesh, {"o_proj": RowwiseParallel()})
 
 
-def _mha(layer: MultiHeadAttention, mesh: DeviceMesh, n: int, rank: int) -> None:
+def _mha(layer: MultiHeadAttention, mesh: DeviceMesh, n: int, rank: int, shard_shared: bool) -> None:
     h, g, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     segments = [Segment("q", 0, h, d)]
     if g % n == 0:  # K/V heads split like the query heads
@@ -211,7 +210,7 @@ def _mha(layer: MultiHeadAttention, mesh: DeviceMesh, n: int, rank: int) -> None
                      Segment("v", (h + g) * d, g * d, 1, sharded=False, rows=rows)]
     else:  # refused by _check_layer
         raise AssertionError(g)
-    layer.qkv_proj = ShardedFusedLinear(layer.qkv_proj, segments, mesh)
+    layer.qkv_proj = ShardedFusedLinear(layer.qkv_proj, segments, mesh, shard_shared)
     plan = {"o_proj": RowwiseParallel()}
     if layer.gate_proj is not None:
         plan["gate_proj"] = ColwiseParallel()
@@ -219,7 +218,7 @@ def _mha(layer: MultiHeadAttention, mesh: DeviceMesh, n: int, rank: int) -> None
     layer.num_heads, layer.num_kv_heads = h // n, kv_local
 
 
-def _mla(layer: MultiHeadLatentAttention, mesh: DeviceMesh, n: int, rank: int) -> None:
+def _mla(layer: MultiHeadLatentAttention, mesh: DeviceMesh, n: int, rank: int, shard_shared: bool) -> None:
     group = mesh.get_group()
     plan = {"o_proj": RowwiseParallel(), "kv_b_proj": ColwiseParallel()}
     plan["q_b_proj" if layer.q_lora_rank else "q_proj"] = ColwiseParallel()
@@ -259,7 +258,7 @@ def _gather_attention_weights(attn: nn.Module, args, output):
 _LAYERS = {TensorProductAttention: _tpa, MultiHeadAttention: _mha, MultiHeadLatentAttention: _mla}
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, *, shard_shared: bool = False) -> nn.Module:
     """Shard ``model`` (a T6ForCausalLM or T6Model on this rank's device) over the 1-D mesh ``mesh``, in place.
 
     Every rank must hold the same architecture; the weights are taken from rank 0 (sharded or
@@ -268,6 +267,13 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     (local head factors, full feature factors; see the module docstring). The fused projections hold
     one parameter per segment (``proj.weight_a_q``, ...): for a state dict in the single-process
     names and layout (DCP checkpoints, exports) pass it through :func:`tpa.parallel.to_plain`.
+
+    ``shard_shared``: also hold the rows of the fused projections that every rank uses (TPA's feature
+    factors B and C, K/V heads fewer than the ranks) ``1/N`` per rank and all-gather them at each use
+    (:class:`tpa.parallel.fused.ShardedFusedLinear`): each rank then holds ``1/N`` of every fused
+    weight, its gradient and its optimizer state. A training step moves as many bytes as without it
+    (a reduce-scatter of those rows' gradients instead of an all-reduce, plus their all-gather); a
+    decoding step gains one all-gather of those rows per layer, so generation leaves it off.
 
     Raises:
         ValueError: a head, K/V head or SwiGLU width that the mesh size does not divide, or a TPA
@@ -287,7 +293,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     for block in base.layers:
         attn = block.self_attn
         _head_norm(attn, mesh)
-        _LAYERS[type(attn)](attn, mesh, n, rank)
+        _LAYERS[type(attn)](attn, mesh, n, rank, shard_shared)
         attn.tp_group = mesh.get_group()
         attn.register_forward_hook(_gather_attention_weights)
         _mlp(block.mlp, mesh, n, rank)
