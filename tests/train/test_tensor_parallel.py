@@ -71,9 +71,10 @@ def test_tp2_matches_one_process(single_tpa_run, data_dir, tmp_path):
 
 def test_tp_with_fsdp_checkpoint_resumes_and_loads_in_one_process(single_tpa_run, data_dir, tmp_path):
     """TP=2 inside FSDP2 (a 1 x 2 (dp, tp) mesh) halted at step 3, resumed under TP; its step-3 checkpoint
-    also continues in one process without TP."""
+    also continues in one process without TP. The first part holds the shared rows of the fused projections
+    sharded too (--tp-shard-shared), the resumed one replicated: the checkpoint layout is the same."""
     run = tmp_path / "run"
-    _torchrun(2, _train_args(data_dir, run, "fsdp", *TPA, "--tp", "2", "--halt-at-step", "3"))
+    _torchrun(2, _train_args(data_dir, run, "fsdp", *TPA, "--tp", "2", "--tp-shard-shared", "--halt-at-step", "3"))
     _torchrun(2, _train_args(data_dir, run, "fsdp", *TPA, "--tp", "2", "--resume"))
     _compare(run, single_tpa_run)
     one = tmp_path / "one"

@@ -299,7 +299,8 @@ class Trainer:
                                                 and torch.cuda.is_bf16_supported())
         self.mode = resolve_parallel(cfg.parallel, self.world)
         self.train_model = parallelize(self.model, parallel=self.mode, world=self.world, bf16=self.bf16,
-                                       compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing)
+                                       compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
+                                       tp_shard_shared=cfg.tp_shard_shared)
         self.loss_fn = torch.compile(lm_loss) if cfg.compile else lm_loss
         self.distiller = make_distiller(cfg, self.mconfig.vocab_size, device, self.mode, self.world, self.bf16,
                                         self.autocast)
