@@ -191,6 +191,27 @@ def check_attention_weights(name: str, ref, model, ids: torch.Tensor) -> None:
             close(g, w, f"{name} cached attentions {i}")
 
 
+def check_compiled_blocks(mesh) -> None:
+    """Compiled blocks (what `tpa train --compile` does) give the logits and gradients of one process;
+    ``aot_eager`` traces what inductor traces (autograd functions with collectives, DTensor.to_local)
+    without its slow C++ builds on CPUs."""
+    from tpa.parallel import apply_tensor_parallel
+
+    torch.manual_seed(0)
+    ref = T6ForCausalLM(tiny_config(**CASES["tpa"])).float()
+    model = apply_tensor_parallel(copy.deepcopy(ref), mesh, shard_shared=True)
+    for block in model.model.layers:
+        block.compile(backend="aot_eager")
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    want, got = ref(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
+    close(got.logits, want.logits, "compiled logits")
+    want.loss.backward()
+    got.loss.backward()
+    grads = full_grads(model)
+    for fqn, param in ref.named_parameters():
+        close(grads[fqn], param.grad, f"compiled grad {fqn}")
+
+
 def check_checkpoint_loads_into_tp(ref, mesh, path: str, shard_shared: bool = False) -> None:
     """A DCP checkpoint of the single-process model loads into the TP model (parameter names and global
     shapes are unchanged), and one written from the TP model holds the single-process weights."""
@@ -250,6 +271,7 @@ def run_cases(rank: int, world: int, port: int, names: list[str], ckpt_dir: str,
             ref = check_case(name, mesh, shard_shared=True)
             if name in ("tpa", "mqa"):
                 check_checkpoint_loads_into_tp(ref, mesh, f"{ckpt_dir}/{name}-shard-shared", shard_shared=True)
+        check_compiled_blocks(mesh)
         if errors:
             check_errors(mesh)
     finally:

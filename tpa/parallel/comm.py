@@ -14,7 +14,9 @@ class _SumGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        return x.view_as(x)
+        # a view of the input in eager mode (no copy); a copy when compiled, where a view returned by a custom
+        # Function trips autograd's view+inplace check on DTensor.to_local's output (tpa train --tp --compile)
+        return x.clone() if torch.compiler.is_compiling() else x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
