@@ -36,10 +36,12 @@ TPA's ``proj`` (all factors of q, k, v and the gate in one weight), MHA's ``qkv_
 split of the rows) would cut across. Under TP such a weight becomes a
 :class:`tpa.parallel.fused.ShardedFusedLinear`: one parameter per segment, the head segments
 (TPA's query, gate and head factors A, MHA's query and K/V heads, SwiGLU's two halves) ``Shard(0)``
-DTensors ``[heads, inner, C]`` of which each rank holds its heads, the shared ones (TPA's B and
-third-order C factors, K/V heads fewer than the ranks) ``Replicate``. Each rank holds
-``(head rows) / N + (shared rows)`` rows of the weight; only the shared rows' gradients are summed
-over the group. Checkpoints keep the single-process layout through :mod:`tpa.parallel.state_dict`.
+DTensors of which each rank holds its heads' rows, the shared ones (TPA's B and third-order C
+factors, K/V heads fewer than the ranks) ``Replicate``. Each rank holds ``(head rows) / N + (shared
+rows)`` rows of the weight; only the shared rows' gradients are summed over the group. With
+``shard_shared`` the shared rows are ``Shard(0)`` too and all-gathered at each use (each rank then
+holds ``1/N`` of the weight). Checkpoints keep the single-process layout through
+:mod:`tpa.parallel.state_dict`.
 
 Gradient bookkeeping (Megatron's f/g operators): a tensor every rank computes alike that enters a
 rank's own heads (the input of a fused projection, MLA's RoPE key and, in the absorbed cached path,
@@ -272,8 +274,10 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, *, shard_shared: b
     factors B and C, K/V heads fewer than the ranks) ``1/N`` per rank and all-gather them at each use
     (:class:`tpa.parallel.fused.ShardedFusedLinear`): each rank then holds ``1/N`` of every fused
     weight, its gradient and its optimizer state. A training step moves as many bytes as without it
-    (a reduce-scatter of those rows' gradients instead of an all-reduce, plus their all-gather); a
-    decoding step gains one all-gather of those rows per layer, so generation leaves it off.
+    (a reduce-scatter of those rows' gradients instead of an all-reduce, plus their all-gather; one
+    all-gather more where activation checkpointing recomputes the forward); a decoding step gains one
+    all-gather of those rows per layer, so generation leaves it off. MLA has no fused projection: its
+    shared down projections stay replicated either way.
 
     Raises:
         ValueError: a head, K/V head or SwiGLU width that the mesh size does not divide, or a TPA
