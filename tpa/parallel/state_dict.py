@@ -138,6 +138,9 @@ def from_plain(model: nn.Module, model_plain: dict, optim_plain: dict | None, mo
         model_out.update({k: model_sd[k] for k in _keys(prefix, module) if k in model_sd})
     if optim_plain is None:
         return model_out, None
+    if optim_sd is None:
+        raise ValueError("from_plain needs the optimizer state dict that to_plain was given (optim_sd) to load "
+                         "the optimizer's state into")
     state = {k: v for k, v in optim_plain["state"].items() if k not in plain_keys}
     groups = [dict(g, params=list(g["params"])) for g in optim_plain["param_groups"]]
     for prefix, module in fused.items():
