@@ -15,23 +15,27 @@ from tpa.models.t6.hf_compat import output_cache
 
 VOCAB = 67
 # every attention type, with the options a sharding can get wrong (gate, head norm, partial RoPE, ...)
+# (awkward sizes: 6 heads, 3 per rank; odd factor ranks; a SwiGLU width of 47 per rank)
 CASES = {
     "tpa": dict(attention_type="tpa", attention_head_norm=True, rope_partial_factor=0.5, attention_output_gate=True,
-                tpa_head_activation="sigmoid"),
+                tpa_head_activation="sigmoid", num_attention_heads=6, q_rank=5, k_rank=3, v_rank=1),
     "tpa-factors-share-kv-b": dict(attention_type="tpa", attn_impl="factors", tpa_share_kv_b=True),
     "tpa-order3": dict(attention_type="tpa", tpa_order=3, tpa_c_dim=2),
     "tpa_kvonly": dict(attention_type="tpa_kvonly", attention_head_norm=True),
     "mha": dict(attention_type="mha", attention_output_gate=True),
-    "gqa": dict(attention_type="gqa", num_key_value_heads=2, attention_head_norm=True),
+    "gqa": dict(attention_type="gqa", num_attention_heads=6, num_key_value_heads=2, attention_head_norm=True),
     "mqa": dict(attention_type="mqa", rope_partial_factor=0.5),
     "mla": dict(attention_type="mla", v_head_dim=12, attention_head_norm=True),
     "mla-no-q-lora": dict(attention_type="mla", q_lora_rank=0, mla_absorb=False),
 }
 
+# the cases with shared rows in a fused projection: B (and C) factors, K/V heads fewer than the ranks
+SHARD_SHARED_CASES = ["tpa", "tpa-factors-share-kv-b", "tpa-order3", "mqa"]
+
 
 def tiny_config(**options) -> T6Config:
     base = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
-                intermediate_size=96, q_rank=3, k_rank=2, v_rank=2, kv_lora_rank=20, q_lora_rank=24,
+                intermediate_size=94, q_rank=3, k_rank=2, v_rank=2, kv_lora_rank=20, q_lora_rank=24,
                 qk_rope_head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
     base.update(options)
     return T6Config(**base)
@@ -45,6 +49,21 @@ def init(rank: int, world: int, port: int) -> None:
 
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_grads(model) -> dict[str, torch.Tensor]:
+    """Every parameter's whole gradient (zeros for none) under the single-process names (collective: every
+    rank calls it)."""
+    from tpa.parallel import to_plain
+
+    return to_plain(model, {fqn: full(p.grad) if p.grad is not None else torch.zeros(p.shape)
+                            for fqn, p in model.named_parameters()})[0]
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    from tpa.parallel import to_plain
+
+    return to_plain(model, {fqn: full(p.detach()) for fqn, p in model.named_parameters()})[0]
 
 
 def close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = 1e-5) -> None:
@@ -65,13 +84,13 @@ def decode_logits(model, ids: torch.Tensor, steps: int) -> tuple[list[torch.Tens
     return logits, cache
 
 
-def check_case(name: str, mesh) -> None:
+def check_case(name: str, mesh, shard_shared: bool = False) -> None:
     from tpa.parallel import apply_tensor_parallel
 
     torch.manual_seed(0)
     config = tiny_config(**CASES[name])
     ref = T6ForCausalLM(config).float().eval()
-    model = apply_tensor_parallel(copy.deepcopy(ref), mesh)
+    model = apply_tensor_parallel(copy.deepcopy(ref), mesh, shard_shared=shard_shared)
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
 
     # forward and backward without a cache
@@ -81,10 +100,14 @@ def check_case(name: str, mesh) -> None:
     want.loss.backward()
     got.loss.backward()
     ref_params = dict(ref.named_parameters())
-    for fqn, param in model.named_parameters():
-        assert param.grad is not None, f"{name}: no gradient for {fqn}"
-        assert tuple(param.shape) == tuple(ref_params[fqn].shape), fqn
-        close(full(param.grad), ref_params[fqn].grad, f"{name} grad {fqn}")
+    assert all(p.grad is not None for p in model.parameters()), name
+    grads, params = full_grads(model), full_params(model)
+    assert grads.keys() == ref_params.keys(), name
+    for fqn, grad in grads.items():
+        assert torch.equal(params[fqn], ref_params[fqn].detach()), f"{name}: {fqn} is not the single-process weight"
+        close(grad, ref_params[fqn].grad, f"{name} grad {fqn}")
+    check_fused_shards(name, config, model, mesh.size(), shard_shared)
+    check_attention_weights(name, ref, model, ids)
 
     # cached decoding: every step's logits, and greedy generate() picks the same tokens
     with torch.no_grad():
@@ -105,26 +128,114 @@ def check_case(name: str, mesh) -> None:
     return ref
 
 
-def check_checkpoint_loads_into_tp(ref, mesh, path: str) -> None:
+def check_fused_shards(name: str, config: T6Config, model, n: int, shard_shared: bool) -> None:
+    """Each rank holds 1/N of the head rows of every fused projection and all of its shared rows (1/N of
+    them too with ``shard_shared``)."""
+    h, d, c = config.num_attention_heads, config.head_dim, config.hidden_size
+    layer = model.model.layers[0]
+    if config.attention_type in ("tpa", "tpa_kvonly"):
+        ranks = {"q": config.q_rank, "k": config.k_rank, "v": config.v_rank}
+        kinds = "kv" if config.attention_type == "tpa_kvonly" else "qkv"
+        features = d // config.tpa_c_dim if config.tpa_order == 3 else d
+        head_rows = sum(ranks[k] * h for k in kinds) + (h * d if "q" not in kinds else 0)
+        head_rows += h * d if config.attention_output_gate else 0
+        shared = [k for k in kinds if not (k == "v" and config.tpa_share_kv_b)]
+        shared_rows = sum(ranks[k] * features for k in shared)
+        if config.tpa_order == 3:
+            shared_rows += sum(ranks[k] * config.tpa_c_dim for k in kinds)
+        attn = layer.self_attn.proj
+    elif config.attention_type in ("mha", "gqa", "mqa"):
+        g = config.num_key_value_heads
+        head_rows, shared_rows = (h * d + 2 * g * d, 0) if g % n == 0 else (h * d, 2 * g * d)
+        attn = layer.self_attn.qkv_proj
+    else:
+        attn = None
+    if attn is not None:
+        local = sum(p.to_local().numel() for p in attn.parameters())
+        want = (head_rows + shared_rows) // n if shard_shared else head_rows // n + shared_rows
+        assert local == want * c, (name, local, head_rows, shared_rows)
+        assert local < (head_rows + shared_rows) * c, name
+    mlp = sum(p.to_local().numel() for p in layer.mlp.gate_up_proj.parameters())
+    assert mlp == 2 * config.intermediate_size * c // n, (name, mlp)
+
+
+def check_attention_weights(name: str, ref, model, ids: torch.Tensor) -> None:
+    """output_attentions=True gives the weights of all heads, without and with a cache; the gradients
+    through them are one process's."""
+    want = ref(input_ids=ids, output_attentions=True)
+    got = model(input_ids=ids, output_attentions=True)
+    assert len(got.attentions) == len(want.attentions), name
+    for i, (g, w) in enumerate(zip(got.attentions, want.attentions)):
+        assert g.shape == w.shape, (name, g.shape, w.shape)
+        close(g, w, f"{name} attentions {i}")
+    if name == "tpa":
+        probe = torch.randn(want.attentions[-1].shape, generator=torch.Generator().manual_seed(2))
+        for m, out in ((ref, want), (model, got)):
+            m.zero_grad()
+            (out.attentions[-1] * probe).sum().backward()
+        got_grads = full_grads(model)
+        for fqn, param in ref.named_parameters():
+            if param.grad is None:
+                assert not got_grads[fqn].any(), fqn
+            else:
+                close(got_grads[fqn], param.grad, f"{name} grad through attentions {fqn}")
+    with torch.no_grad():
+        cache = T6Cache.for_model(model, ids.shape[0])
+        ref_cache = T6Cache.for_model(ref, ids.shape[0])
+        model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
+        ref(input_ids=ids[:, :-1], cache=ref_cache, use_cache=True)
+        got = model(input_ids=ids[:, -1:], cache=cache, use_cache=True, output_attentions=True)
+        want = ref(input_ids=ids[:, -1:], cache=ref_cache, use_cache=True, output_attentions=True)
+        for i, (g, w) in enumerate(zip(got.attentions, want.attentions)):
+            assert g.shape == w.shape, (name, g.shape, w.shape)
+            close(g, w, f"{name} cached attentions {i}")
+
+
+def check_compiled_blocks(mesh) -> None:
+    """Compiled blocks (what `tpa train --compile` does) give the logits and gradients of one process;
+    ``aot_eager`` traces what inductor traces (autograd functions with collectives, DTensor.to_local)
+    without its slow C++ builds on CPUs."""
+    from tpa.parallel import apply_tensor_parallel
+
+    torch.manual_seed(0)
+    ref = T6ForCausalLM(tiny_config(**CASES["tpa"])).float()
+    model = apply_tensor_parallel(copy.deepcopy(ref), mesh, shard_shared=True)
+    for block in model.model.layers:
+        block.compile(backend="aot_eager")
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    want, got = ref(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
+    close(got.logits, want.logits, "compiled logits")
+    want.loss.backward()
+    got.loss.backward()
+    grads = full_grads(model)
+    for fqn, param in ref.named_parameters():
+        close(grads[fqn], param.grad, f"compiled grad {fqn}")
+
+
+def check_checkpoint_loads_into_tp(ref, mesh, path: str, shard_shared: bool = False) -> None:
     """A DCP checkpoint of the single-process model loads into the TP model (parameter names and global
     shapes are unchanged), and one written from the TP model holds the single-process weights."""
     import torch.distributed.checkpoint as dcp
 
     from tpa.parallel import apply_tensor_parallel
 
+    from tpa.parallel import from_plain, to_plain
+
     dcp.save(ref.state_dict(), checkpoint_id=f"{path}/plain")
     fresh = T6ForCausalLM(ref.config).float()
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()
-    model = apply_tensor_parallel(fresh, mesh)
-    state = model.state_dict()
+    model = apply_tensor_parallel(fresh, mesh, shard_shared=shard_shared)
+    own = model.state_dict()
+    state, _ = to_plain(model, own)
     dcp.load(state, checkpoint_id=f"{path}/plain")
-    model.load_state_dict(state)
+    model.load_state_dict(from_plain(model, state, None, own)[0])
     want = ref.state_dict()
-    for fqn, value in model.state_dict().items():
-        assert torch.equal(full(value), want[fqn]), fqn
-    dcp.save(model.state_dict(), checkpoint_id=f"{path}/tp")
+    assert full_params(model).keys() == dict(ref.named_parameters()).keys()
+    for fqn, value in full_params(model).items():
+        assert torch.equal(value, want[fqn]), fqn
+    dcp.save(to_plain(model, model.state_dict())[0], checkpoint_id=f"{path}/tp")
     plain = {k: torch.zeros_like(v) for k, v in want.items()}
     dcp.load(plain, checkpoint_id=f"{path}/tp")
     assert all(torch.equal(plain[k], want[k]) for k in want)
@@ -152,10 +263,15 @@ def run_cases(rank: int, world: int, port: int, names: list[str], ckpt_dir: str,
     init(rank, world, port)
     try:
         mesh = init_device_mesh("cpu", (world,))
-        for i, name in enumerate(names):
+        for name in names:
             ref = check_case(name, mesh)
-            if i == 0:
+            if name in ("tpa", "mla", "gqa", "mqa"):
                 check_checkpoint_loads_into_tp(ref, mesh, f"{ckpt_dir}/{name}")
+        for name in SHARD_SHARED_CASES:  # the shared rows of the fused projections sharded too
+            ref = check_case(name, mesh, shard_shared=True)
+            if name in ("tpa", "mqa"):
+                check_checkpoint_loads_into_tp(ref, mesh, f"{ckpt_dir}/{name}-shard-shared", shard_shared=True)
+        check_compiled_blocks(mesh)
         if errors:
             check_errors(mesh)
     finally:
@@ -168,6 +284,10 @@ def check_errors(mesh) -> None:
 
     for options, message in [
         (dict(attention_type="tpa", num_attention_heads=3), "num_attention_heads divisible by 2, got 3"),
+        # the medium preset's TPA head count: the message says what would work
+        (dict(attention_type="tpa", num_attention_heads=47), "47 is prime: only --tp 47 splits it); the nearest "
+                                                             "values that 2 divides are 46 or 48"),
+        (dict(attention_type="tpa", num_attention_heads=9), "the TP sizes that split it: 3, 9"),
         (dict(attention_type="mha", intermediate_size=95), "intermediate_size divisible by 2, got 95"),
         (dict(attention_type="tpa", tpa_head_activation="softmax", attention_head_norm=True), "softmax"),
         (dict(attention_type="tpa", tpa_contextual_b=False, attention_head_norm=True), "contextual"),

@@ -1,6 +1,6 @@
 """`tpa train --tp` under torchrun on CPUs (gloo): TP=2 reproduces one process's losses, validation losses and
 exported weights; TP composes with FSDP2 on the (dp, tp) mesh (1 x 2, and 2 x 2 on four ranks); a TP checkpoint resumes under TP and continues
-in one process; `tpa generate --tp 2` writes the one-process text."""
+in one process (from 1 x 2 and from 2 x 2); `tpa generate --tp 2` writes the one-process text."""
 
 from __future__ import annotations
 
@@ -65,19 +65,29 @@ def single_tpa_run(data_dir, tmp_path_factory):
 @pytest.mark.parametrize("ranks, parallel", [(2, "none"), (4, "fsdp")], ids=["tp2", "tp2_inside_fsdp2"])
 def test_tp2_matches_one_process(ranks, parallel, single_tpa_run, data_dir, tmp_path):
     """TP=2 on two ranks, and on four: a (dp, tp) = (2, 2) mesh, FSDP2 over the two replicas of two TP ranks
-    each (``--parallel auto`` picks FSDP there)."""
+    each (``--parallel auto`` picks FSDP there), whose step-3 checkpoint (fused projections sharded over
+    both mesh dimensions) continues in one process."""
     run = tmp_path / "run"
     _torchrun(ranks, _train_args(data_dir, run, "auto", *TPA, "--tp", "2"))
     _compare(run, single_tpa_run)
     info = json.loads((run / "run_info.jsonl").read_text().splitlines()[0])
     assert info["parallel"] == parallel and info["world_size"] == ranks
+    if ranks == 4:
+        one = tmp_path / "one"
+        (one / "checkpoints").mkdir(parents=True)
+        os.symlink(run / "checkpoints" / "step_00000003", one / "checkpoints" / "step_00000003")
+        train(tiny_config(data_dir, one, resume=True, attention_type="tpa", model_overrides=OVERRIDES, **COMMON))
+        got, want = train_losses(one), train_losses(single_tpa_run)
+        for step in range(4, STEPS + 1):
+            assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0)
 
 
 def test_tp_with_fsdp_checkpoint_resumes_and_loads_in_one_process(single_tpa_run, data_dir, tmp_path):
     """TP=2 inside FSDP2 (a 1 x 2 (dp, tp) mesh) halted at step 3, resumed under TP; its step-3 checkpoint
-    also continues in one process without TP."""
+    also continues in one process without TP. The first part holds the shared rows of the fused projections
+    sharded too (--tp-shard-shared), the resumed one replicated: the checkpoint layout is the same."""
     run = tmp_path / "run"
-    _torchrun(2, _train_args(data_dir, run, "fsdp", *TPA, "--tp", "2", "--halt-at-step", "3"))
+    _torchrun(2, _train_args(data_dir, run, "fsdp", *TPA, "--tp", "2", "--tp-shard-shared", "--halt-at-step", "3"))
     _torchrun(2, _train_args(data_dir, run, "fsdp", *TPA, "--tp", "2", "--resume"))
     _compare(run, single_tpa_run)
     one = tmp_path / "one"

@@ -46,6 +46,7 @@ def test_precedence_preset_yaml_cli(tmp_path):
     ({"halt_at_step": 0}, "halt_at_step must be in"),
     ({"micro_batch_size": 0}, "micro_batch_size must be >= 1"),
     ({"model_overrides": "[1]"}, "model_overrides: cannot read"),
+    ({"tp_shard_shared": True}, "tp_shard_shared .* needs tp > 1"),
 ])
 def test_bad_values_have_clear_errors(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -8,7 +8,8 @@ projections (MLA's ``q_b_proj``/``q_proj``/``kv_b_proj``, the MHA output gate) a
 and everything every rank computes alike (embedding, norms, LM head, MLA's down projections) holds
 ``Replicate`` DTensors. Parameter names and global shapes stay those of the single-process model, so
 a DCP checkpoint written under TP loads without TP and the other way round, and an exported model is
-the plain one.
+the plain one; the exceptions are the fused projections (below), whose single-process names and layout
+:mod:`tpa.parallel.state_dict` restores for checkpoints and exports.
 
 Why TPA shards this way
 -----------------------
@@ -32,12 +33,15 @@ Fused projections
 -----------------
 TPA's ``proj`` (all factors of q, k, v and the gate in one weight), MHA's ``qkv_proj`` and SwiGLU's
 ``gate_up_proj`` mix rows of several kinds in one matrix, which ``ColwiseParallel`` (a contiguous
-split of the rows) would cut across. Here such a weight stays whole on every rank (a ``Replicate``
-DTensor, so checkpoints keep the single-process layout) and each rank multiplies only the rows it
-needs: its heads' rows of every head-dependent segment and every row of a shared one (TPA's B and
-third-order C factors, replicated K/V heads). Compute and activations are split; the weight memory
-of these projections is not, and their gradients are all-reduced over the group (each rank holds
-the gradient of its own rows and a partial one of the shared rows).
+split of the rows) would cut across. Under TP such a weight becomes a
+:class:`tpa.parallel.fused.ShardedFusedLinear`: one parameter per segment, the head segments
+(TPA's query, gate and head factors A, MHA's query and K/V heads, SwiGLU's two halves) ``Shard(0)``
+DTensors of which each rank holds its heads' rows, the shared ones (TPA's B and third-order C
+factors, K/V heads fewer than the ranks) ``Replicate``. Each rank holds ``(head rows) / N + (shared
+rows)`` rows of the weight; only the shared rows' gradients are summed over the group. With
+``shard_shared`` the shared rows are ``Shard(0)`` too and all-gathered at each use (each rank then
+holds ``1/N`` of the weight). Checkpoints keep the single-process layout through
+:mod:`tpa.parallel.state_dict`.
 
 Gradient bookkeeping (Megatron's f/g operators): a tensor every rank computes alike that enters a
 rank's own heads (the input of a fused projection, MLA's RoPE key and, in the absorbed cached path,
@@ -45,6 +49,9 @@ its latent) passes through :func:`sum_gradients`, which is the identity forward 
 gradient backward; ``RowwiseParallel`` all-reduces the output forward. Weights used alike by all ranks
 inside a layer (fused projections, the per-head output norm's gain) get their gradients all-reduced
 the same way.
+
+``output_attentions=True`` returns the softmax weights of all heads: each layer's local weights are
+gathered over the group (in rank order, which is head order; the backward keeps each rank's slice).
 
 Not supported under TP, with a clear error: a head count (or K/V head count, or SwiGLU width) that N
 does not divide; TPA with learned (non-contextual) factors or a softmax over heads. The FlashTPA decode
@@ -65,30 +72,10 @@ from torch.nn import functional as F
 
 from tpa.layers import MultiHeadAttention, MultiHeadLatentAttention, TensorProductAttention
 from tpa.modules import RMSNorm
+from tpa.parallel.comm import gather_heads, sum_gradients
+from tpa.parallel.fused import Segment, ShardedFusedLinear
 
 __all__ = ["apply_tensor_parallel", "make_mesh", "setup_tensor_parallel", "sum_gradients"]
-
-
-class _SumGradients(torch.autograd.Function):
-    """Identity forward; backward all-reduces (sums) the gradient over the group."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def sum_gradients(x: torch.Tensor, group) -> torch.Tensor:
-    """``x`` unchanged; its gradient summed over ``group`` (where every rank's part of it is partial)."""
-    if not x.requires_grad:
-        return x
-    return _SumGradients.apply(x, group)
 
 
 def make_mesh(tp: int, device_type: str) -> DeviceMesh:
@@ -118,39 +105,22 @@ def setup_tensor_parallel(tp: int, device: str = "auto") -> tuple[DeviceMesh, st
     return init_device_mesh(torch.device(device).type, (tp,), mesh_dim_names=("tp",)), device
 
 
+def _divisors(count: int) -> list[int]:
+    return [d for d in range(2, count + 1) if count % d == 0]
+
+
 def _check_divides(n: int, count: int, what: str) -> None:
-    if count % n:
-        raise ValueError(f"tensor parallelism over {n} ranks needs {what} divisible by {n}, got {count}")
-
-
-def _head_rows(offset: int, outer: int, heads: int, inner: int, lo: int, hi: int) -> torch.Tensor:
-    """Rows ``offset + (o * heads + h) * inner + i`` for ``h in [lo, hi)``, in (o, h, i) order."""
-    grid = torch.arange(outer * heads * inner).view(outer, heads, inner)
-    return grid[:, lo:hi].reshape(-1) + offset
-
-
-class RowSubsetLinear(nn.Module):
-    """A fused projection whose weight every rank holds whole and whose ``rows`` this rank computes.
-
-    ``weight`` is a ``Replicate`` DTensor ``[S, C]`` (the single-process layout); ``forward(x [..., C])
-    -> [..., len(rows)]`` with the input's and the weight's gradients summed over the group.
-    """
-
-    def __init__(self, linear: nn.Linear, rows: torch.Tensor, mesh: DeviceMesh):
-        super().__init__()
-        if linear.bias is not None:
-            raise ValueError("RowSubsetLinear expects a projection without bias")
-        self.weight = nn.Parameter(distribute_tensor(linear.weight.detach(), mesh, [Replicate()]),
-                                   requires_grad=linear.weight.requires_grad)
-        self.group = mesh.get_group()
-        self.all_rows = bool(len(rows) == linear.weight.shape[0] and torch.equal(rows, torch.arange(len(rows))))
-        self.register_buffer("rows", rows.to(linear.weight.device), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = sum_gradients(self.weight.to_local(), self.group)
-        if not self.all_rows:
-            weight = weight.index_select(0, self.rows)
-        return F.linear(sum_gradients(x, self.group), weight)
+    """Raise a ValueError that names the TP sizes ``count`` allows and the nearest counts ``n`` divides."""
+    if count % n == 0:
+        return
+    sizes = _divisors(count)
+    allowed = (f"{count} is prime: only --tp {count} splits it" if sizes == [count] else
+               f"the TP sizes that split it: {', '.join(map(str, sizes))}" if sizes else "no TP size splits it")
+    below, above = count - count % n, count - count % n + n
+    nearest = f"{below} or {above}" if below else f"{above}"
+    raise ValueError(f"tensor parallelism over {n} ranks needs {what} divisible by {n}, got {count} ({allowed}); "
+                     f"the nearest values that {n} divides are {nearest} (a different model: e.g. "
+                     f"--model-overrides '{{\"{what}\": {above}}}' for a new one)")
 
 
 class _HeadNorm(RMSNorm):
@@ -201,51 +171,56 @@ def _check_layer(attn: nn.Module, n: int) -> None:
                          f"divide {n} or be divisible by it")
 
 
-def _tpa(layer: TensorProductAttention, mesh: DeviceMesh, n: int, rank: int) -> None:
-    h = layer.num_heads
-    local, lo = h // n, rank * (h // n)
-    rows, offset, segments = [], 0, []
+def _tpa_segments(layer: TensorProductAttention) -> list[Segment]:
+    """The segments of TPA's ``proj``: the query ``[H, D]``, gate ``[H, E]`` and head factors ``A [R, H]``
+    split by heads; the feature factors ``B [R, D]`` and ``C [R, d_c]``, which no head owns, shared."""
+    h, segments, offset = layer.num_heads, [], 0
     for name, size in layer.segments:
-        if name == "q":  # [H, D]
-            part, local_size = _head_rows(offset, 1, h, layer.head_dim, lo, lo + local), local * layer.head_dim
-        elif name == "gate":  # [H, E]
-            part, local_size = _head_rows(offset, 1, h, layer.value_dim, lo, lo + local), local * layer.value_dim
-        elif name.startswith("a_"):  # [R, H]
-            rank_ = layer.factor_shapes[name][0]
-            part, local_size = _head_rows(offset, rank_, h, 1, lo, lo + local), rank_ * local
-        else:  # b_*, c_*: shared by all heads
-            part, local_size = torch.arange(offset, offset + size), size
-        rows.append(part)
-        segments.append((name, local_size))
+        if name == "q":
+            seg = Segment(name, offset, h, layer.head_dim)
+        elif name == "gate":
+            seg = Segment(name, offset, h, layer.value_dim)
+        elif name.startswith("a_"):
+            seg = Segment(name, offset, h, layer.factor_shapes[name][0], head_major=False)
+        else:  # b_*, c_*
+            seg = Segment(name, offset, size, 1, sharded=False)
+        segments.append(seg)
         offset += size
-    layer.proj = RowSubsetLinear(layer.proj, torch.cat(rows), mesh)
-    layer.segments = segments
+    return segments
+
+
+def _tpa(layer: TensorProductAttention, mesh: DeviceMesh, n: int, rank: int, shard_shared: bool) -> None:
+    local = layer.num_heads // n
+    layer.proj = ShardedFusedLinear(layer.proj, _tpa_segments(layer), mesh, shard_shared)
+    layer.segments = [(s.name, s.size // n if s.sharded else s.size) for s in layer.proj.segments]
     layer.factor_shapes = {name: ((r, local) if name.startswith("a_") else (r, w))
                            for name, (r, w) in layer.factor_shapes.items()}
     layer.num_heads = local
+    parallelize_module(layer, mesh, {"o_proj": RowwiseParallel()})
 
 
-def _mha(layer: MultiHeadAttention, mesh: DeviceMesh, n: int, rank: int) -> None:
+def _mha(layer: MultiHeadAttention, mesh: DeviceMesh, n: int, rank: int, shard_shared: bool) -> None:
     h, g, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
-    local = h // n
-    q_rows = _head_rows(0, 1, h, d, rank * local, (rank + 1) * local)
+    segments = [Segment("q", 0, h, d)]
     if g % n == 0:  # K/V heads split like the query heads
-        kv_lo, kv_local = rank * (g // n), g // n
-    elif n % g == 0:  # N/G ranks share one K/V head: each computes and caches the one its query heads use
-        kv_lo, kv_local = rank // (n // g), 1
+        kv_local = g // n
+        segments += [Segment("k", h * d, g, d), Segment("v", (h + g) * d, g, d)]
+    elif n % g == 0:  # N/G ranks share one K/V head: each holds all G (G < N rows) and computes the one it uses
+        kv_local, kv_head = 1, rank // (n // g)
+        rows = (kv_head * d, (kv_head + 1) * d)
+        segments += [Segment("k", h * d, g * d, 1, sharded=False, rows=rows),
+                     Segment("v", (h + g) * d, g * d, 1, sharded=False, rows=rows)]
     else:  # refused by _check_layer
         raise AssertionError(g)
-    k_rows = _head_rows(h * d, 1, g, d, kv_lo, kv_lo + kv_local)
-    v_rows = _head_rows((h + g) * d, 1, g, d, kv_lo, kv_lo + kv_local)
-    layer.qkv_proj = RowSubsetLinear(layer.qkv_proj, torch.cat([q_rows, k_rows, v_rows]), mesh)
+    layer.qkv_proj = ShardedFusedLinear(layer.qkv_proj, segments, mesh, shard_shared)
     plan = {"o_proj": RowwiseParallel()}
     if layer.gate_proj is not None:
         plan["gate_proj"] = ColwiseParallel()
     parallelize_module(layer, mesh, plan)
-    layer.num_heads, layer.num_kv_heads = local, kv_local
+    layer.num_heads, layer.num_kv_heads = h // n, kv_local
 
 
-def _mla(layer: MultiHeadLatentAttention, mesh: DeviceMesh, n: int, rank: int) -> None:
+def _mla(layer: MultiHeadLatentAttention, mesh: DeviceMesh, n: int, rank: int, shard_shared: bool) -> None:
     group = mesh.get_group()
     plan = {"o_proj": RowwiseParallel(), "kv_b_proj": ColwiseParallel()}
     plan["q_b_proj" if layer.q_lora_rank else "q_proj"] = ColwiseParallel()
@@ -267,24 +242,42 @@ def _head_norm(layer, mesh: DeviceMesh) -> None:
 
 def _mlp(mlp, mesh: DeviceMesh, n: int, rank: int) -> None:
     width = mlp.intermediate_size
-    local = width // n
-    rows = torch.cat([_head_rows(0, 1, width, 1, rank * local, (rank + 1) * local),
-                      _head_rows(width, 1, width, 1, rank * local, (rank + 1) * local)])
-    mlp.gate_up_proj = RowSubsetLinear(mlp.gate_up_proj, rows, mesh)
+    mlp.gate_up_proj = ShardedFusedLinear(mlp.gate_up_proj, [Segment("gate", 0, width, 1),
+                                                             Segment("up", width, width, 1)], mesh)
     parallelize_module(mlp, mesh, {"down_proj": RowwiseParallel()})
-    mlp.intermediate_size = local
+    mlp.intermediate_size = width // n
+
+
+def _gather_attention_weights(attn: nn.Module, args, output):
+    """Forward hook: the softmax weights ``[B, H/N, T, L]`` this layer appended -> all heads ``[B, H, T, L]``."""
+    ctx = args[1] if len(args) > 1 else None
+    weights = getattr(ctx, "attention_weights", None)
+    if weights:
+        weights[-1] = gather_heads(weights[-1], attn.tp_group, dim=1)
+    return output
 
 
 _LAYERS = {TensorProductAttention: _tpa, MultiHeadAttention: _mha, MultiHeadLatentAttention: _mla}
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, *, shard_shared: bool = False) -> nn.Module:
     """Shard ``model`` (a T6ForCausalLM or T6Model on this rank's device) over the 1-D mesh ``mesh``, in place.
 
     Every rank must hold the same architecture; the weights are taken from rank 0 (sharded or
     broadcast from it). Returns ``model``. Afterwards the model takes and returns ordinary tensors,
     every rank gets the same logits, and ``T6Cache.for_model(model, ...)`` builds the per-rank cache
-    (local head factors, full feature factors; see the module docstring).
+    (local head factors, full feature factors; see the module docstring). The fused projections hold
+    one parameter per segment (``proj.weight_a_q``, ...): for a state dict in the single-process
+    names and layout (DCP checkpoints, exports) pass it through :func:`tpa.parallel.to_plain`.
+
+    ``shard_shared``: also hold the rows of the fused projections that every rank uses (TPA's feature
+    factors B and C, K/V heads fewer than the ranks) ``1/N`` per rank and all-gather them at each use
+    (:class:`tpa.parallel.fused.ShardedFusedLinear`): each rank then holds ``1/N`` of every fused
+    weight, its gradient and its optimizer state. A training step moves as many bytes as without it
+    (a reduce-scatter of those rows' gradients instead of an all-reduce, plus their all-gather; one
+    all-gather more where activation checkpointing recomputes the forward); a decoding step gains one
+    all-gather of those rows per layer, so generation leaves it off. MLA has no fused projection: its
+    shared down projections stay replicated either way.
 
     Raises:
         ValueError: a head, K/V head or SwiGLU width that the mesh size does not divide, or a TPA
@@ -304,9 +297,9 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     for block in base.layers:
         attn = block.self_attn
         _head_norm(attn, mesh)
-        _LAYERS[type(attn)](attn, mesh, n, rank)
-        if isinstance(attn, TensorProductAttention):
-            parallelize_module(attn, mesh, {"o_proj": RowwiseParallel()})
+        _LAYERS[type(attn)](attn, mesh, n, rank, shard_shared)
+        attn.tp_group = mesh.get_group()
+        attn.register_forward_hook(_gather_attention_weights)
         _mlp(block.mlp, mesh, n, rank)
         _replicate(block.input_layernorm, mesh)
         _replicate(block.post_attention_layernorm, mesh)

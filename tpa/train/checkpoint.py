@@ -199,6 +199,14 @@ def _before_publish(tmp: Path) -> None:
     """Everything is written; the rename comes next. (A seam where tests kill the process.)"""
 
 
+def _plain_layout(model, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
+    """The state dicts with a tensor-parallel model's fused projections in the single-process layout
+    (:func:`tpa.parallel.to_plain`), so that checkpoints move between TP sizes and one process."""
+    from tpa.parallel import to_plain
+
+    return to_plain(model, model_sd, optim_sd)
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, trainer_state: dict, keep: int) -> Path:
     """Write a checkpoint collectively (every rank calls this) and return its final path.
 
@@ -214,7 +222,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, trainer_state: 
             shutil.rmtree(stale, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _plain_layout(model, *get_state_dict(model, optimizer))
     try:
         try:
             with _quiet_single_process():
@@ -422,10 +430,17 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Load model, optimizer and this rank's RNG states in place; return the trainer state."""
     trainer_state = read_trainer_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    model_plain, optim_plain = _plain_layout(model, model_sd, optim_sd)
+    state = {"model": model_plain, "optim": optim_plain}
     reader = _safe_reader(path / "state")
     with _quiet_single_process():
         dcp.load(state, storage_reader=reader)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if model_plain is not model_sd:
+        from tpa.parallel import from_plain
+
+        model_sd, optim_sd = from_plain(model, state["model"], state["optim"], model_sd, optim_sd)
+    else:
+        model_sd, optim_sd = state["model"], state["optim"]
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     _load_rng(path, _rank(), trainer_state.get("world_size", 1))
     return trainer_state

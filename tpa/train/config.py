@@ -98,6 +98,10 @@ class TrainConfig:
     tp: int = _f(1, "tensor-parallel ranks per model replica (tpa.parallel): heads and SwiGLU width split over "
                     "TP groups of this many consecutive ranks; the world size / tp replicas are data parallel "
                     "(FSDP2 over them, or none when tp is the world size)")
+    tp_shard_shared: bool = _f(False, "with tp > 1: hold the fused projections' rows that every TP rank uses "
+                                      "(TPA's B and C factor weights, K/V heads fewer than the ranks) 1/tp per rank "
+                                      "too, all-gathered at each use: 1/tp of every fused weight, gradient and "
+                                      "optimizer state per rank, one all-gather per fused projection and forward")
     compile: bool = _f(False, "torch.compile each transformer block")
     host_sync: str = _f(
         "auto",
@@ -124,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"tp must be an integer >= 1, got {self.tp!r}")
         if self.tp > 1 and self.parallel == "ddp":
             raise ValueError("tp > 1 composes with FSDP2 (parallel='fsdp' or 'auto'), not DDP")
+        if self.tp_shard_shared and self.tp == 1:
+            raise ValueError("tp_shard_shared shards across tensor-parallel ranks: it needs tp > 1")
         if self.tp > 1 and self.host_sync == "deferred":
             raise ValueError("host_sync='deferred' is not implemented with tp > 1: use 'step' or 'auto'")
         if self.precision not in PRECISIONS:

@@ -101,7 +101,7 @@ def _checkpointed_forward(module: torch.nn.Module):
 
 
 def parallelize(model: torch.nn.Module, *, parallel: str, world: Dist, bf16: bool, compile: bool,
-                activation_checkpointing: bool) -> torch.nn.Module:
+                activation_checkpointing: bool, tp_shard_shared: bool = False) -> torch.nn.Module:
     """Apply activation checkpointing, compile and DDP/FSDP2 to a T6 model already on its device.
 
     Returns the module to call for training (the DDP wrapper for DDP, the model itself otherwise).
@@ -112,7 +112,7 @@ def parallelize(model: torch.nn.Module, *, parallel: str, world: Dist, bf16: boo
     if world.tp_size > 1:
         from tpa.parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, world.mesh["tp"])
+        apply_tensor_parallel(model, world.mesh["tp"], shard_shared=tp_shard_shared)
         dp_mesh = world.mesh["dp"]
     layers = list(model.model.layers)
     if activation_checkpointing:

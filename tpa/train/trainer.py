@@ -299,7 +299,8 @@ class Trainer:
                                                 and torch.cuda.is_bf16_supported())
         self.mode = resolve_parallel(cfg.parallel, self.world)
         self.train_model = parallelize(self.model, parallel=self.mode, world=self.world, bf16=self.bf16,
-                                       compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing)
+                                       compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
+                                       tp_shard_shared=cfg.tp_shard_shared)
         self.loss_fn = torch.compile(lm_loss) if cfg.compile else lm_loss
         self.distiller = make_distiller(cfg, self.mconfig.vocab_size, device, self.mode, self.world, self.bf16,
                                         self.autocast)
@@ -647,7 +648,10 @@ def export_hf(model, mconfig, tokenizer_dir: Path, out: Path, world: Dist) -> Pa
     from tpa import T6ForCausalLM
     from tpa.models.t6 import save_model_and_tokenizer
 
+    from tpa.parallel import to_plain
+
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state, _ = to_plain(model, state)  # a tensor-parallel model's fused projections as one weight each
     if world.is_main:
         plain = T6ForCausalLM(mconfig)
         plain.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
