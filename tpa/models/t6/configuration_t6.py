@@ -30,7 +30,8 @@ class T6Config(PreTrainedConfig):
             TPA variants (see :mod:`tpa.layers.tpa`).
         attention_output_gate: sigmoid output gate on the attention output (any attention type).
         attn_impl: ``"sdpa"`` (materialise Q, K, V and call SDPA) or ``"factors"`` (TPA only, Algorithm 1).
-        decode_impl: ``"auto"`` (FlashTPA kernel for TPA decoding on CUDA), ``"kernel"`` or ``"reference"``.
+        decode_impl: ``"auto"`` (the FlashTPA kernel for TPA, TPA-KVonly, GQA and MQA decoding on CUDA; see
+            ``tpa.ops.grouped_decode``), ``"kernel"`` (also on CPU, under Triton's interpreter) or ``"reference"``.
         mla_latent_norm, mla_absorb: RMSNorm on MLA's latents; latent-space attention with a cache.
         mla_latent_norm_eps: epsilon of MLA's latent norms (default ``rms_norm_eps``).
         v_head_dim: MLA's value head size E (default ``head_dim``).
