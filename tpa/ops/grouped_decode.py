@@ -30,12 +30,15 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
 def _head_factors(heads: int, groups: int, dtype: torch.dtype, device: torch.device):
     """``(a_kv [G, H], a_q [H, H])``: group membership times G, and the identity times H."""
     key = (heads, groups, dtype, device)
-    if key not in _FACTORS:
-        group_of_head = torch.arange(heads, device=device) // (heads // groups)
-        a_kv = (group_of_head[None, :] == torch.arange(groups, device=device)[:, None]).to(dtype) * groups
-        a_q = torch.eye(heads, dtype=dtype, device=device) * heads
-        _FACTORS[key] = (a_kv, a_q)
-    return _FACTORS[key]
+    if key in _FACTORS:
+        return _FACTORS[key]
+    group_of_head = torch.arange(heads, device=device) // (heads // groups)
+    a_kv = (group_of_head[None, :] == torch.arange(groups, device=device)[:, None]).to(dtype) * groups
+    a_q = torch.eye(heads, dtype=dtype, device=device) * heads
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return a_kv, a_q  # made inside a CUDA-graph capture: the graph's own, not for later eager calls
+    _FACTORS[key] = (a_kv, a_q)
+    return a_kv, a_q
 
 
 def grouped_decode(
