@@ -214,3 +214,37 @@ def test_gpu_device_is_local_rank_and_rank_is_global(device, rank, local_rank, w
     assert (world.rank, world.local_rank, world.world_size) == (rank, local_rank, world_size)
     assert world.is_main == (rank == 0) and world.enabled
     assert calls["init"] == {"backend": "nccl", "device_id": torch.device("cuda", local_rank)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parallel,micro", [("ddp", "4"), ("ddp", "2"), ("fsdp", "2")],
+                         ids=["ddp-static-graph", "ddp-accumulating", "fsdp"])
+def test_two_gpus_compiled_bf16_match_one_gpu(parallel, micro, data_dir, tmp_path):
+    """NCCL on two GPUs with compiled blocks in bf16 (dynamo's DDP optimizer splitting the block graphs
+    at bucket boundaries; FSDP2 with bf16 all-gathers and prefetch): losses within bf16 rounding of one GPU's."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    gpu = ("--device", "auto", "--compile", "--precision", "bf16")
+    one = tmp_path / "one"
+    proc = subprocess.run([sys.executable, *_train_args(data_dir, one, "none", *gpu)], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    run = tmp_path / "run"
+    _torchrun(data_dir, run, parallel, *gpu, "--micro-batch-size", micro)
+    got, want = train_losses(run), train_losses(one)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-2), (step, got[step], want[step])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro", ["4", "2"], ids=["static-graph", "accumulating"])
+def test_compiled_ddp_matches_one_process(micro, single_run, data_dir, tmp_path):
+    """Compiled blocks under DDP on CPUs (inductor; dynamo's DDP optimizer splits the block graphs at the
+    16 KiB buckets): the losses of the eager one-process run, to inductor's float32 reordering."""
+    run = tmp_path / "run"
+    _torchrun(data_dir, run, "ddp", "--compile", "--micro-batch-size", micro, "--ddp-bucket-mb", str(1 / 64))
+    got, want = train_losses(run), train_losses(single_run)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), (step, got[step], want[step])
