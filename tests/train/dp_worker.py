@@ -65,16 +65,43 @@ def ddp_allreduces(rank: int, world_size: int, port: int, data_dir: str, run_dir
     teardown_distributed()
 
 
+def _reductions_per_step(trainer: Trainer) -> list[int]:
+    """Train STEPS optimizer steps, counting FSDP2's gradient reductions (reduce-scatters, one call per
+    FSDP unit) in each (through FSDP2's internal ``foreach_reduce``)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    calls = []
+    inner = _fsdp_param_group.foreach_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    _fsdp_param_group.foreach_reduce = counting
+    try:
+        per_step = []
+        for _ in range(STEPS):
+            calls.clear()
+            trainer.train_step(_StopFlag())
+            per_step.append(len(calls))
+    finally:
+        _fsdp_param_group.foreach_reduce = inner
+    return per_step
+
+
 def fsdp_settings(rank: int, world_size: int, port: int, data_dir: str, run_dir: str) -> None:
-    """FSDP2: every block resharded after the forward but the last, explicit prefetch of the next block
+    """FSDP2 with 4 accumulation steps: one gradient reduction per FSDP unit per optimizer step (none in
+    the micro-steps without gradient sync); every block resharded after the forward but the last, explicit prefetch of the next block
     (forward) and the previous one (backward), float32 reduction; bf16 all-gathers under bf16."""
     from torch.distributed.fsdp import FSDPModule
 
     from tpa.train.parallel import DataParallelOptions, apply_fsdp
 
-    trainer = _trainer(rank, world_size, port, data_dir, run_dir, parallel="fsdp",
+    trainer = _trainer(rank, world_size, port, data_dir, run_dir, parallel="fsdp", micro_batch_size=1,
                        model_overrides={"num_hidden_layers": 3})
     try:
+        assert trainer.accum == 4
+        assert _reductions_per_step(trainer) == [4] * STEPS  # 3 blocks and the root, in the last micro-batch
         layers = list(trainer.model.model.layers)
         states = [layer._get_fsdp_state() for layer in layers]
         assert all(isinstance(layer, FSDPModule) for layer in layers) and isinstance(trainer.model, FSDPModule)

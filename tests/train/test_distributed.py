@@ -148,6 +148,13 @@ def test_auto_parallel_rule(monkeypatch):
     assert [par.resolve_parallel("auto", two, n) for n in (124_000_000, 1_500_000_000)] == ["ddp", "fsdp"]
 
 
+def test_compiled_ddp_needs_buckets_of_the_first_buckets_size():
+    from tpa.train.parallel import DataParallelOptions, Dist, apply_ddp
+
+    with pytest.raises(ValueError, match="at least DDP's first bucket"):
+        apply_ddp(torch.nn.Linear(2, 2), Dist(), DataParallelOptions(ddp_bucket_mb=0.5), compiled=True)
+
+
 @pytest.mark.parametrize("field,value", [("ddp_bucket_mb", 0), ("ddp_bucket_mb", float("inf")),
                                          ("fsdp_prefetch", -1), ("fsdp_prefetch", 1.5)])
 def test_bad_data_parallel_options(field, value, data_dir, tmp_path):
@@ -241,9 +248,9 @@ def test_two_gpus_compiled_bf16_match_one_gpu(parallel, micro, data_dir, tmp_pat
 @pytest.mark.parametrize("micro", ["4", "2"], ids=["static-graph", "accumulating"])
 def test_compiled_ddp_matches_one_process(micro, single_run, data_dir, tmp_path):
     """Compiled blocks under DDP on CPUs (inductor; dynamo's DDP optimizer splits the block graphs at the
-    16 KiB buckets): the losses of the eager one-process run, to inductor's float32 reordering."""
+    1 MiB buckets): the losses of the eager one-process run, to inductor's float32 reordering."""
     run = tmp_path / "run"
-    _torchrun(data_dir, run, "ddp", "--compile", "--micro-batch-size", micro, "--ddp-bucket-mb", str(1 / 64))
+    _torchrun(data_dir, run, "ddp", "--compile", "--micro-batch-size", micro, "--ddp-bucket-mb", "1")
     got, want = train_losses(run), train_losses(single_run)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step in want:

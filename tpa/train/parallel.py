@@ -159,6 +159,10 @@ def apply_ddp(model: torch.nn.Module, world: Dist, options: DataParallelOptions,
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if compiled:
+        first_mb = dist._DEFAULT_FIRST_BUCKET_BYTES / 2**20
+        if options.ddp_bucket_mb < first_mb:  # else dynamo's DDP optimizer fails at the first forward
+            raise ValueError(f"ddp_bucket_mb={options.ddp_bucket_mb} with compile: dynamo's DDP optimizer needs "
+                             f"buckets of at least DDP's first bucket ({first_mb:g} MiB)")
         torch._dynamo.config.optimize_ddp = "ddp_optimizer"
     # the model's only buffers are the RoPE tables, computed alike on every rank: no broadcast per step
     return DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
