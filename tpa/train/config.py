@@ -97,7 +97,8 @@ class TrainConfig:
     parallel: str = _f("auto", "none, ddp, fsdp (FSDP2 fully_shard), or auto: under torchrun the pick of "
                                "tpa.train.parallel.AUTO_PARALLEL for the model size (ddp at every size today), else none")
     ddp_bucket_mb: float = _f(25.0, "DDP gradient bucket size in MiB (bucket_cap_mb; torch's default): each bucket's "
-                                    "all-reduce starts as soon as its gradients are ready in the backward")
+                                    "all-reduce starts as soon as its gradients are ready in the backward; at least 1 with "
+                                    "--compile (DDP's first bucket)")
     ddp_static_graph: bool = _f(True, "DDP static_graph: every step uses the same parameters in the same order "
                                       "(true of T6 models), so DDP fixes its buckets after the first step; only "
                                       "without gradient accumulation (torch's DDP fails with no_sync under it)")
