@@ -9,9 +9,9 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from train.conftest import tiny_config
 from tpa.train.parallel import setup_distributed, teardown_distributed
 from tpa.train.trainer import Trainer, _StopFlag
+from train.conftest import tiny_config
 
 STEPS = 4
 
