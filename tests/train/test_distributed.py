@@ -1,6 +1,9 @@
-"""torchrun on CPUs (gloo): DDP and FSDP2 reproduce a one-process run with the same global batch, on two
-ranks of one node and on two simulated nodes (two torchrun launchers, LOCAL_RANK 0 on both, RANK 0 and 1),
-and an FSDP2 (DCP) checkpoint resumes under torchrun and loads in one process."""
+"""torchrun on CPUs (gloo): DDP and FSDP2 reproduce a one-process run with the same global batch (with
+gradient accumulation: 4 micro-batches in one process, 2 per rank), on two ranks of one node and on two
+simulated nodes (two torchrun launchers, LOCAL_RANK 0 on both, RANK 0 and 1), and an FSDP2 (DCP)
+checkpoint resumes under torchrun and loads in one process. Spawned gloo ranks check how the wrappers
+are set up: DDP's options and one all-reduce per bucket per optimizer step, FSDP2's resharding,
+prefetching and mixed precision."""
 
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from _helpers import REPO, subprocess_env
+from train import dp_worker
 from train.conftest import read_metrics, tiny_config, train_losses
+from tpa.models.presets import ATTENTION_TYPES
 from tpa.train.trainer import train
 
 STEPS = 6
@@ -93,11 +98,68 @@ def _compare(run: Path, ref: Path, rtol: float) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process(parallel, single_run, data_dir, tmp_path):
+@pytest.mark.parametrize("parallel,extra", [
+    ("ddp", ()),
+    # no accumulation on the ranks (4 sequences each): DDP's static graph, and many small buckets
+    ("ddp", ("--micro-batch-size", "4", "--ddp-bucket-mb", "0.01")),
+    ("fsdp", ()),
+    ("fsdp", ("--fsdp-prefetch", "0")),  # FSDP2's implicit prefetching only
+], ids=["ddp", "ddp-static-graph-small-buckets", "fsdp", "fsdp-implicit-prefetch"])
+def test_two_ranks_match_one_process(parallel, extra, single_run, data_dir, tmp_path):
     run = tmp_path / "run"
-    _torchrun(data_dir, run, parallel)
+    _torchrun(data_dir, run, parallel, *extra)
     _compare(run, single_run, rtol=1e-5)
+
+
+def _spawn(fn, *args) -> None:
+    torch.multiprocessing.spawn(fn, args=(2, _free_port(), *[str(a) for a in args]), nprocs=2, join=True)
+
+
+def test_ddp_allreduces_each_bucket_once_per_optimizer_step(data_dir, tmp_path):
+    """Gradient accumulation over 4 micro-batches all-reduces in the last one only (``no_sync`` before):
+    a comm hook sees each bucket once per optimizer step, not once per micro-batch; and the bucket size,
+    bucket views and static graph (without accumulation only) reach the DDP wrapper."""
+    _spawn(dp_worker.ddp_allreduces, data_dir, tmp_path / "run")
+
+
+def test_fsdp_reshards_prefetches_and_mixed_precision(data_dir, tmp_path):
+    _spawn(dp_worker.fsdp_settings, data_dir, tmp_path / "run")
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_every_parameter_gets_a_gradient(attention_type):
+    """DDP's ``static_graph`` (the default) assumes the same parameters get gradients every step: every
+    parameter of every attention type does (tied embeddings included), so none is unused in any step."""
+    from tpa import T6Config, T6ForCausalLM
+
+    model = T6ForCausalLM(T6Config.from_preset("tiny", attention_type, vocab_size=96, max_position_embeddings=32))
+    model(input_ids=torch.randint(0, 96, (2, 9)), use_cache=False).logits.float().square().mean().backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_auto_parallel_rule(monkeypatch):
+    """``parallel='auto'`` follows AUTO_PARALLEL by model size (DDP at every size today, as measured)."""
+    from tpa.train import parallel as par
+
+    two = par.Dist(rank=0, world_size=2)
+    assert [par.resolve_parallel("auto", two, n) for n in (0, 124_000_000, 1_500_000_000)] == ["ddp"] * 3
+    assert par.resolve_parallel("auto", par.Dist(), 124_000_000) == "none"
+    monkeypatch.setattr(par, "AUTO_PARALLEL", ((0, "ddp"), (1_000_000_000, "fsdp")))
+    assert [par.resolve_parallel("auto", two, n) for n in (124_000_000, 1_500_000_000)] == ["ddp", "fsdp"]
+
+
+def test_compiled_ddp_needs_buckets_of_the_first_buckets_size():
+    from tpa.train.parallel import DataParallelOptions, Dist, apply_ddp
+
+    with pytest.raises(ValueError, match="at least DDP's first bucket"):
+        apply_ddp(torch.nn.Linear(2, 2), Dist(), DataParallelOptions(ddp_bucket_mb=0.5), compiled=True)
+
+
+@pytest.mark.parametrize("field,value", [("ddp_bucket_mb", 0), ("ddp_bucket_mb", float("inf")),
+                                         ("fsdp_prefetch", -1), ("fsdp_prefetch", 1.5)])
+def test_bad_data_parallel_options(field, value, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(data_dir, tmp_path / "run", **{field: value}).validate()
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -159,3 +221,37 @@ def test_gpu_device_is_local_rank_and_rank_is_global(device, rank, local_rank, w
     assert (world.rank, world.local_rank, world.world_size) == (rank, local_rank, world_size)
     assert world.is_main == (rank == 0) and world.enabled
     assert calls["init"] == {"backend": "nccl", "device_id": torch.device("cuda", local_rank)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parallel,micro", [("ddp", "4"), ("ddp", "2"), ("fsdp", "2")],
+                         ids=["ddp-static-graph", "ddp-accumulating", "fsdp"])
+def test_two_gpus_compiled_bf16_match_one_gpu(parallel, micro, data_dir, tmp_path):
+    """NCCL on two GPUs with compiled blocks in bf16 (dynamo's DDP optimizer splitting the block graphs
+    at bucket boundaries; FSDP2 with bf16 all-gathers and prefetch): losses within bf16 rounding of one GPU's."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    gpu = ("--device", "auto", "--compile", "--precision", "bf16")
+    one = tmp_path / "one"
+    proc = subprocess.run([sys.executable, *_train_args(data_dir, one, "none", *gpu)], cwd=REPO, check=False,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    run = tmp_path / "run"
+    _torchrun(data_dir, run, parallel, *gpu, "--micro-batch-size", micro)
+    got, want = train_losses(run), train_losses(one)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-2), (step, got[step], want[step])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro", ["4", "2"], ids=["static-graph", "accumulating"])
+def test_compiled_ddp_matches_one_process(micro, single_run, data_dir, tmp_path):
+    """Compiled blocks under DDP on CPUs (inductor; dynamo's DDP optimizer splits the block graphs at the
+    1 MiB buckets): the losses of the eager one-process run, to inductor's float32 reordering."""
+    run = tmp_path / "run"
+    _torchrun(data_dir, run, "ddp", "--compile", "--micro-batch-size", micro, "--ddp-bucket-mb", "1")
+    got, want = train_losses(run), train_losses(single_run)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), (step, got[step], want[step])

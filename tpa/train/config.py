@@ -94,7 +94,16 @@ class TrainConfig:
     # ---- system
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (torchrun ranks use cuda:LOCAL_RANK)")
     precision: str = _f("auto", "bf16 (autocast / FSDP2 mixed precision), fp32, or auto: bf16 on GPUs that have it")
-    parallel: str = _f("auto", "none, ddp, fsdp (FSDP2 fully_shard), or auto: ddp under torchrun, else none")
+    parallel: str = _f("auto", "none, ddp, fsdp (FSDP2 fully_shard), or auto: under torchrun the pick of "
+                               "tpa.train.parallel.AUTO_PARALLEL for the model size (ddp at every size today), else none")
+    ddp_bucket_mb: float = _f(25.0, "DDP gradient bucket size in MiB (bucket_cap_mb; torch's default): each bucket's "
+                                    "all-reduce starts as soon as its gradients are ready in the backward; at least 1 with "
+                                    "--compile (DDP's first bucket)")
+    ddp_static_graph: bool = _f(True, "DDP static_graph: every step uses the same parameters in the same order "
+                                      "(true of T6 models), so DDP fixes its buckets after the first step; only "
+                                      "without gradient accumulation (torch's DDP fails with no_sync under it)")
+    fsdp_prefetch: int = _f(1, "FSDP2 explicit prefetch: all-gather this many blocks ahead in the forward and "
+                               "behind in the backward (0: FSDP2's implicit prefetching only)")
     tp: int = _f(1, "tensor-parallel ranks per model replica (tpa.parallel): heads and SwiGLU width split over "
                     "TP groups of this many consecutive ranks; the world size / tp replicas are data parallel "
                     "(FSDP2 over them, or none when tp is the world size)")
@@ -132,6 +141,11 @@ class TrainConfig:
             raise ValueError("tp_shard_shared shards across tensor-parallel ranks: it needs tp > 1")
         if self.tp > 1 and self.host_sync == "deferred":
             raise ValueError("host_sync='deferred' is not implemented with tp > 1: use 'step' or 'auto'")
+        if not 0 < self.ddp_bucket_mb < math.inf:
+            raise ValueError(f"ddp_bucket_mb must be a positive number of MiB, got {self.ddp_bucket_mb}")
+        if not isinstance(self.fsdp_prefetch, int) or isinstance(self.fsdp_prefetch, bool) or self.fsdp_prefetch < 0:
+            raise ValueError(f"fsdp_prefetch must be an integer >= 0 (0: implicit prefetching only), "
+                             f"got {self.fsdp_prefetch!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("seq_len", "global_batch_size", "micro_batch_size", "max_steps", "eval_every", "log_every",

@@ -74,13 +74,33 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def resolve_parallel(parallel: str, world: Dist) -> str:
+# What ``parallel='auto'`` picks under torchrun (without tensor parallelism), by model size: the
+# last row whose parameter count the model reaches wins. It rests on one measurement (BENCHMARKS.md,
+# 2026-11-23, `small` TPA, 124M parameters, two H200s, global batch 32): DDP 1.69x one GPU, FSDP2
+# 1.13x, both with the settings before DDP's static graph / bucket views and FSDP2's explicit prefetch.
+# Nothing above `small` or beyond two GPUs is measured, so DDP is the pick for every size until a
+# measurement says from which size FSDP2 is faster (add a row such as ``(1_000_000_000, "fsdp")``).
+AUTO_PARALLEL: tuple[tuple[int, str], ...] = ((0, "ddp"),)
+
+
+def auto_parallel(num_parameters: int) -> str:
+    """The data-parallel mode of :data:`AUTO_PARALLEL` for a model of ``num_parameters``."""
+    mode = AUTO_PARALLEL[0][1]
+    for threshold, choice in AUTO_PARALLEL:
+        if num_parameters >= threshold:
+            mode = choice
+    return mode
+
+
+def resolve_parallel(parallel: str, world: Dist, num_parameters: int = 0) -> str:
+    """The data-parallel mode to apply: ``parallel`` made concrete for this world (``auto`` by
+    :func:`auto_parallel`; ``ddp`` on one rank is no wrapper; FSDP2 over the TP groups with ``tp > 1``)."""
     if world.tp_size > 1:  # data parallel over the TP groups: FSDP2 on the mesh's dp dimension, or none
         if parallel == "ddp":
             raise ValueError("tensor parallelism composes with FSDP2 (parallel='fsdp' or 'auto'), not DDP")
         return "fsdp" if world.dp_size > 1 or parallel == "fsdp" else "none"
     if parallel == "auto":
-        return "ddp" if world.enabled else "none"
+        return auto_parallel(num_parameters) if world.enabled else "none"
     if parallel in ("ddp", "fsdp") and not world.enabled:
         return "none" if parallel == "ddp" else "fsdp"
     if parallel == "none" and world.enabled:
@@ -100,14 +120,90 @@ def _checkpointed_forward(module: torch.nn.Module):
     return forward
 
 
+@dataclass
+class DataParallelOptions:
+    """How DDP and FSDP2 are set up (``tpa train --ddp-bucket-mb``, ``--ddp-static-graph``, ``--fsdp-prefetch``).
+
+    ddp_bucket_mb: DDP's gradient bucket size in MiB (``bucket_cap_mb``; torch's default 25).
+    ddp_static_graph: DDP's ``static_graph``: the set of parameters that get gradients and the order of
+        their hooks are the same every step (true of every T6 model: a test checks that every attention
+        type uses every parameter), so DDP builds its buckets once from the first step's order. Applied
+        only without gradient accumulation: torch's DDP fails with ``static_graph`` and ``no_sync()``
+        (an internal assert on the first backward, pytorch/pytorch#143580; the open fix, #187732, says
+        gradients also stop being all-reduced once the assert is passed).
+    fsdp_prefetch: how many blocks ahead FSDP2 all-gathers explicitly, in the forward (the next blocks)
+        and the backward (the previous ones); 0 leaves FSDP2's implicit prefetching of one block.
+    gradient_accumulation: micro-batches per optimizer step on each rank.
+    """
+
+    ddp_bucket_mb: float = 25.0
+    ddp_static_graph: bool = True
+    fsdp_prefetch: int = 1
+    gradient_accumulation: int = 1
+
+    @property
+    def static_graph(self) -> bool:
+        """Whether DDP gets ``static_graph=True``: asked for, and no ``no_sync()`` micro-steps."""
+        return self.ddp_static_graph and self.gradient_accumulation == 1
+
+
+def apply_ddp(model: torch.nn.Module, world: Dist, options: DataParallelOptions, compiled: bool):
+    """Wrap ``model`` in DDP, with the gradient all-reduce overlapped with the backward.
+
+    Gradients are views into the all-reduce buckets (``gradient_as_bucket_view``: no copy into the
+    buckets and back, and no second copy of the gradients in memory); each bucket's all-reduce starts
+    as soon as its gradients are ready. With compiled blocks, dynamo's DDP optimizer
+    (``optimize_ddp='ddp_optimizer'``, as torchtitan sets without compiled autograd) splits each block's
+    graph at the bucket boundaries, so a bucket's all-reduce does not wait for the block's whole backward.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if compiled:
+        first_mb = dist._DEFAULT_FIRST_BUCKET_BYTES / 2**20
+        if options.ddp_bucket_mb < first_mb:  # else dynamo's DDP optimizer fails at the first forward
+            raise ValueError(f"ddp_bucket_mb={options.ddp_bucket_mb} with compile: dynamo's DDP optimizer needs "
+                             f"buckets of at least DDP's first bucket ({first_mb:g} MiB)")
+        torch._dynamo.config.optimize_ddp = "ddp_optimizer"
+    # the model's only buffers are the RoPE tables, computed alike on every rank: no broadcast per step
+    return DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+               broadcast_buffers=False, bucket_cap_mb=options.ddp_bucket_mb, gradient_as_bucket_view=True,
+               static_graph=options.static_graph)
+
+
+def apply_fsdp(model: torch.nn.Module, layers: list, mesh, bf16: bool, options: DataParallelOptions) -> None:
+    """FSDP2 ``fully_shard`` on every block, then the root, as torchtitan shards a LLaMA.
+
+    Blocks reshard (free their gathered parameters) after the forward but for the last, whose
+    parameters the backward needs at once; with ``bf16`` the parameters are all-gathered in bf16 and
+    the gradients reduced in float32. Blocks prefetch the all-gathers of the next ``fsdp_prefetch``
+    blocks in the forward and of the previous ones in the backward (where the torch version has it).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for i, layer in enumerate(layers):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    depth = options.fsdp_prefetch
+    if depth < 1 or not hasattr(model, "set_modules_to_forward_prefetch"):
+        return
+    for i, layer in enumerate(layers):
+        if i + 1 < len(layers):
+            layer.set_modules_to_forward_prefetch(layers[i + 1:i + 1 + depth])
+        if i > 0:
+            layer.set_modules_to_backward_prefetch(layers[max(0, i - depth):i][::-1])
+
+
 def parallelize(model: torch.nn.Module, *, parallel: str, world: Dist, bf16: bool, compile: bool,
-                activation_checkpointing: bool, tp_shard_shared: bool = False) -> torch.nn.Module:
+                activation_checkpointing: bool, tp_shard_shared: bool = False,
+                options: DataParallelOptions | None = None) -> torch.nn.Module:
     """Apply activation checkpointing, compile and DDP/FSDP2 to a T6 model already on its device.
 
     Returns the module to call for training (the DDP wrapper for DDP, the model itself otherwise).
     With ``world.tp_size > 1`` tensor parallelism comes first (:func:`tpa.parallel.apply_tensor_parallel`
     over the mesh's ``tp`` dimension) and FSDP2 shards over its ``dp`` dimension, as torchtitan composes them.
     """
+    options = options or DataParallelOptions()
     dp_mesh = None
     if world.tp_size > 1:
         from tpa.parallel import apply_tensor_parallel
@@ -122,18 +218,8 @@ def parallelize(model: torch.nn.Module, *, parallel: str, world: Dist, bf16: boo
         for layer in layers:
             layer.compile()
     if parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        for i, layer in enumerate(layers):
-            # the last block's parameters are needed at once by the backward: no reshard after forward
-            fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
-        fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+        apply_fsdp(model, layers, dp_mesh, bf16, options)
         return model
     if parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # the model's only buffers are the RoPE tables, computed alike on every rank: no broadcast per step
-        return DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
-                   broadcast_buffers=False)
+        return apply_ddp(model, world, options, compiled=compile)
     return model

@@ -32,7 +32,8 @@ from tpa.train.config import TrainConfig, save_yaml
 from tpa.train.distill import DISTILL_FIELDS, load_init_model, make_distiller
 from tpa.train.metrics import (MetricsLogger, check_logging_packages, flops_per_token, log_line, memory_gb,
                                peak_tflops, run_info)
-from tpa.train.parallel import Dist, parallelize, resolve_parallel, setup_distributed, teardown_distributed
+from tpa.train.parallel import (DataParallelOptions, Dist, parallelize, resolve_parallel, setup_distributed,
+                                teardown_distributed)
 from tpa.train.runlock import RunDirLocked, RunLock
 
 # T6Config fields that may differ between a checkpoint and the run that resumes it: how the same
@@ -297,10 +298,12 @@ class Trainer:
             self.model = T6ForCausalLM(self.mconfig).to(device)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
                                                 and torch.cuda.is_bf16_supported())
-        self.mode = resolve_parallel(cfg.parallel, self.world)
+        self.mode = resolve_parallel(cfg.parallel, self.world, sum(p.numel() for p in self.model.parameters()))
+        options = DataParallelOptions(ddp_bucket_mb=cfg.ddp_bucket_mb, ddp_static_graph=cfg.ddp_static_graph,
+                                      fsdp_prefetch=cfg.fsdp_prefetch, gradient_accumulation=self.accum)
         self.train_model = parallelize(self.model, parallel=self.mode, world=self.world, bf16=self.bf16,
                                        compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
-                                       tp_shard_shared=cfg.tp_shard_shared)
+                                       tp_shard_shared=cfg.tp_shard_shared, options=options)
         self.loss_fn = torch.compile(lm_loss) if cfg.compile else lm_loss
         self.distiller = make_distiller(cfg, self.mconfig.vocab_size, device, self.mode, self.world, self.bf16,
                                         self.autocast)
