@@ -79,7 +79,7 @@ def test_workspaces_follow_shapes_and_outputs_are_fresh():
         assert_close_to_truth(out, lse, inputs)
     assert torch.equal(out_a1, kept), "a later call overwrote an earlier call's output"
     assert out_a2.data_ptr() != out_a1.data_ptr()
-    plan_a, plan_b = _plans()
+    plan_b, plan_a = _plans()  # least recently used first: a2 reused a1's plan after b1 made its own
     assert plan_a.num_splits == plan_b.num_splits == 3
     (ws_a,), (ws_b,) = plan_a._workspaces.values(), plan_b._workspaces.values()
     assert ws_a[0].shape == (2, 1, 34, 3, 64) and ws_b[0].shape == (3, 2, 5, 3, 64)
@@ -97,42 +97,63 @@ def test_poisoned_workspaces_are_never_cached():
     assert _plans()[0]._workspaces == {}
 
 
+class _RecordingKernel:
+    """Wraps a ``triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the call, then launches."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls, self.fn = kernel, calls, kernel.fn
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+class _RecordingHandle:
+    """Stands for a compiled kernel: ``run(*args)`` records what a launch through the handle passes."""
+
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self, name, seen):
+        self.name, self.seen = name, seen
+
+    def run(self, *args):
+        self.seen[self.name] = args
+
+
 @needs_kernel
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_handle_launch_passes_the_arguments_of_the_jit_launch(paged):
-    """After a plan's first launch, later ones call the compiled handle with every argument of the
-    kernel's signature in order (constexprs included, as Triton >= 3.3 launchers take them). A stub
-    handle records what it gets; it must equal what triton.jit was given."""
+def test_handle_launch_passes_the_arguments_of_the_jit_launch(paged, monkeypatch):
+    """After a plan's first launch (through ``triton.jit``), later ones call the compiled handle with
+    every argument of the kernel's signature in order: the tensors as their ``data_ptr()`` (the
+    launcher takes integers as pointers), then the scalars and constexprs as ``triton.jit`` got them
+    (constexprs included, as Triton >= 3.3 launchers take them)."""
     inputs = make_inputs([9, 23], 1, 34, 64, 64, (3, 2, 1), torch.bfloat16, paged=paged, page_size=16,
                          capacity=32, seed=7)
     cfg = DecodeConfig(block_m=16, num_splits=2)
+    jit_calls = []
+    split_kernel, merge_kernel = (_RecordingKernel(k, jit_calls) for k in decode_launch._kernels())
+    monkeypatch.setattr(decode_launch, "_kernels", lambda: (split_kernel, merge_kernel))
     _call(inputs, config=cfg)
     (plan,) = _plans()
-    split_kernel, merge_kernel = decode_launch._kernels()
+    (o_part, lse_part, *_), = plan._workspaces.values()
     seen = {}
-
-    class Handle:
-        function, packed_metadata = "fn", "meta"
-
-        def __init__(self, name):
-            self.name = name
-
-        def run(self, *args):
-            seen[self.name] = args
-
-    plan.split_handle, plan.merge_handle = Handle("split"), Handle("merge")
-    _call(inputs, config=cfg)
-    for name, kernel, grid in (("split", split_kernel, plan.split_grid), ("merge", merge_kernel, plan.merge_grid)):
+    plan.split_handle, plan.merge_handle = _RecordingHandle("split", seen), _RecordingHandle("merge", seen)
+    out, lse = _call(inputs, config=cfg)
+    assert len(jit_calls) == 2, "the second call went through triton.jit again"
+    bt = inputs[7] if paged else inputs[6]
+    tensors = {"split": (*inputs[:7], bt, out, lse, o_part, lse_part), "merge": (o_part, lse_part, out, lse)}
+    for (grid, jit_args, jit_kwargs), name, kernel in zip(jit_calls, ("split", "merge"), (split_kernel, merge_kernel)):
         args = seen[name]
         assert args[:3] == (*grid, 1, 1)[:3] and args[4:9] == ("fn", "meta", None, None, None)
         params = list(inspect.signature(kernel.fn).parameters)
         assert len(args) - 9 == len(params), f"{name}: {len(args) - 9} arguments for {len(params)} parameters"
-        constexprs = plan.split_constexprs if name == "split" else plan.merge_constexprs
-        assert params[-len(constexprs):] == list(constexprs)
-        assert tuple(args[9 + len(params) - len(constexprs):]) == tuple(constexprs.values())
-    split_args = seen["split"][9:]
-    assert split_args[0] is inputs[0] and split_args[2] is inputs[2]
-    assert split_args[7] is (inputs[7] if paged else inputs[6])
+        n_ptr = len(tensors[name])
+        assert list(args[9:9 + n_ptr]) == [t.data_ptr() for t in tensors[name]], f"{name}: pointers"
+        assert all(isinstance(t, torch.Tensor) for t in jit_args[:n_ptr])  # triton.jit got the tensors
+        assert args[9 + n_ptr:] == (*jit_args[n_ptr:], *(jit_kwargs[p] for p in params[len(jit_args):])), name
 
 
 @needs_kernel

@@ -20,10 +20,13 @@ The stack, bottom to top:
   :func:`tpa_decode`, the public op: validates, fills defaults, dispatches to Triton or to the
   reference twin :func:`tpa.ops.naive.tpa_decode_reference`.
 
-Host cost: an eager call looks up its plan by a key of the inputs' shapes, strides, dtypes, devices
-and pointer alignment (:func:`_call_key`). A key seen before was validated then, so a repeated call
-checks nothing else, computes no launch parameter and allocates only its output; a new key runs the
-full validation (:func:`_validate`) with its error messages and builds the plan.
+Host cost: an eager call looks up its entry by one dict lookup on a key of the inputs' classes,
+shapes, strides, dtypes, devices and pointer alignment and of the other arguments (:func:`_call_key`,
+which also reads the pointers the launch passes on). A key seen before was validated then, so a
+repeated call checks nothing else, computes no launch parameter and allocates at most its output
+(none with ``out=``): the entry's ``run`` (:meth:`tpa.ops.decode_launch.DecodePlan.run` or the
+reference twin) takes the call from there. A new key runs the full validation (:func:`_validate`)
+with its error messages and builds the plan.
 
 Run-time cache lengths: ``cache_seqlens`` is read by the kernel from device memory, and each
 split's slice of the cache is computed in the kernel from the sequence's own length, so a new
@@ -40,7 +43,9 @@ kernels without a GPU.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -63,6 +68,9 @@ __all__ = [
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_is_compiling = torch.compiler.is_compiling
+_PLANS = decode_launch.PLANS  # never rebound (decode_launch.clear_plans empties it)
+_PLANS_GET, _PLANS_TOUCH = _PLANS.get, _PLANS.move_to_end  # bound once: they run on every call
 _MAX_FEATURE_DIM = 256  # D and E the kernel is built and tested for
 _MAX_SPLITS = 256
 
@@ -313,6 +321,8 @@ def _validate(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlen
         raise TypeError(f"tpa_decode: cache_seqlens must be int32, got {cache_seqlens.dtype}")
     if cache_seqlens.shape != (bsz,):
         raise ValueError(f"tpa_decode: cache_seqlens must have shape [B]=[{bsz}], got {tuple(cache_seqlens.shape)}")
+    if not cache_seqlens.is_contiguous():  # the kernel reads entry b at offset b
+        raise ValueError(f"tpa_decode: cache_seqlens must be contiguous, got stride {cache_seqlens.stride()}")
 
     num_blocks = None
     if block_table is not None:
@@ -324,6 +334,11 @@ def _validate(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlen
             raise ValueError(f"tpa_decode: block_table must be [B, max_blocks] with B={bsz}, got {tuple(block_table.shape)}")
         if block_table.device != device:
             raise ValueError(f"tpa_decode: block_table is on {block_table.device}, a_q on {device}")
+        if block_table.shape[1] > 1 and block_table.stride(1) != 1:  # the kernel reads a row's entries at offsets 0, 1, ...
+            raise ValueError(
+                f"tpa_decode: block_table's rows must be contiguous (stride 1 along max_blocks), got strides "
+                f"{block_table.stride()}"
+            )
         num_blocks = lead[0]
         capacity = block_table.shape[1] * lead[1]
     else:
@@ -347,36 +362,49 @@ def _validate(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlen
 
 
 def _call_key(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, softmax_scale, return_lse, backend, config, options):
-    """The key of a call's plan: everything its validation and its launch depend on except values
-    (shapes, strides, dtypes, devices, 16-byte alignment of every pointer, the other arguments).
+    """``(key, ptrs, out_ptr)`` of a call. The key holds everything its validation and its launch
+    depend on except values: class, shape, stride, dtype and device of every tensor, the 16-byte
+    alignment of every pointer, the other arguments. ``ptrs`` are the ``data_ptr()`` of ``a_q``,
+    ``b_q``, the caches, ``lens`` and ``table`` (``lens``'s without one), which the launch reuses.
     Written out attribute by attribute: it runs on every call. ``config`` and ``options`` enter by
     identity (their entry holds them, so an id is not reused while the entry lives). Raises
     AttributeError for a non-tensor argument (the full validation then says which)."""
-    align = (a_q.data_ptr() | b_q.data_ptr() | a_k.data_ptr() | b_k.data_ptr() | a_v.data_ptr() | b_v.data_ptr()
-             | lens.data_ptr()) & 15
+    ptrs = (a_q.data_ptr(), b_q.data_ptr(), a_k.data_ptr(), b_k.data_ptr(), a_v.data_ptr(), b_v.data_ptr(),
+            lens.data_ptr())
+    p0, p1, p2, p3, p4, p5, p6 = ptrs
     key = (
-        a_q.shape, a_q.stride(), b_q.shape, b_q.stride(), a_k.shape, a_k.stride(), b_k.shape, b_k.stride(),
-        a_v.shape, a_v.stride(), b_v.shape, b_v.stride(), lens.shape,
-        a_q.dtype, b_q.dtype, a_k.dtype, b_k.dtype, a_v.dtype, b_v.dtype, lens.dtype,
-        a_q.device, b_q.device, a_k.device, b_k.device, a_v.device, b_v.device, lens.device,
+        a_q.__class__, a_q.shape, a_q.stride(), a_q.dtype, a_q.device,
+        b_q.__class__, b_q.shape, b_q.stride(), b_q.dtype, b_q.device,
+        a_k.__class__, a_k.shape, a_k.stride(), a_k.dtype, a_k.device,
+        b_k.__class__, b_k.shape, b_k.stride(), b_k.dtype, b_k.device,
+        a_v.__class__, a_v.shape, a_v.stride(), a_v.dtype, a_v.device,
+        b_v.__class__, b_v.shape, b_v.stride(), b_v.dtype, b_v.device,
+        lens.__class__, lens.shape, lens.stride(), lens.dtype, lens.device,
         softmax_scale, return_lse, backend, id(config), id(options),
     )
-    if align:  # which pointers are misaligned changes the kernel's specialisation
-        key += tuple(t.data_ptr() & 15 for t in (a_q, b_q, a_k, b_k, a_v, b_v, lens))
-    if table is not None:
-        key += ("table", table.shape, table.stride(), table.dtype, table.device, table.data_ptr() & 15)
+    if (p0 | p1 | p2 | p3 | p4 | p5 | p6) & 15:  # which pointers are misaligned changes the kernel's specialisation
+        key += (p0 & 15, p1 & 15, p2 & 15, p3 & 15, p4 & 15, p5 & 15, p6 & 15)
+    if table is None:
+        ptrs += (p6,)
+    else:
+        p_table = table.data_ptr()
+        ptrs += (p_table,)
+        key += ("table", table.__class__, table.shape, table.stride(), table.dtype, table.device, p_table & 15)
+    out_ptr = None
     if out is not None:
-        key += ("out", out.shape, out.stride(), out.dtype, out.device, out.data_ptr() & 15)
-    return key
+        out_ptr = out.data_ptr()
+        key += ("out", out.__class__, out.shape, out.stride(), out.dtype, out.device, out_ptr & 15)
+    return key, ptrs, out_ptr
 
 
 class _Entry(NamedTuple):
     """What repeated calls with one key reuse (see :func:`_make_entry`)."""
 
-    use_triton: bool
+    run: Callable  # run(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr): the call's result
     capacity: int
     num_blocks: int | None
-    scale: float
+    num_queries: int
+    check_by_default: bool  # cache_seqlens on the CPU: check_lengths=None checks its values
     plan: decode_launch.DecodePlan | None  # None for the reference twin and an empty batch
     held: tuple  # config and options, kept alive while their ids are part of the key
 
@@ -405,28 +433,30 @@ def _make_entry(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, out, s
     bsz, n, _, h = a_q.shape
     d, e = b_q.shape[-1], b_v.shape[-1]
     scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
-    use_triton = _use_triton(backend, a_q.device, d, e)
     plan = None
-    if use_triton and bsz > 0:
+    if _use_triton(backend, a_q.device, d, e) and bsz > 0:
         cfg = default_config(bsz, n, h, d, e, capacity, _num_sms(a_q.device), b_k.element_size(), config,
                              a_k.shape[2], a_v.shape[2], heuristic=options.heuristic)
         plan = decode_launch.DecodePlan(a_q, b_q, a_k, b_k, a_v, b_v, block_table, scale, return_lse, cfg, options)
-    return _Entry(use_triton, capacity, num_blocks, scale, plan, (config, options))
+        run = plan.run
+    else:
+        run = functools.partial(_run_reference, scale=scale, return_lse=return_lse)
+    return _Entry(run, capacity, num_blocks, n, not cache_seqlens.is_cuda, plan, (config, options))
 
 
-def _lookup(*args):
-    """The entry of a call (see :func:`_make_entry`), from the plan table or made and stored."""
-    try:
-        key = _call_key(*args)
-    except AttributeError:  # a non-tensor argument: the full validation raises the right error
-        return _make_entry(*args)
-    plans = decode_launch.PLANS
-    entry = plans.get(key)
-    if entry is None:
-        entry = _make_entry(*args)
-        plans[key] = entry
-        if len(plans) > decode_launch.MAX_PLANS:
-            plans.popitem(last=False)
+def _run_reference(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr, *, scale, return_lse):
+    """An entry's ``run`` for the reference twin (and every empty batch)."""
+    return _decode_reference(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, scale, return_lse, out)
+
+
+def _new_entry(key, args):
+    """Validate a call with a new key (``args``: :func:`_make_entry`'s), store its entry (the least
+    recently used one goes beyond ``MAX_PLANS``) and return it; ``key`` None stores nothing."""
+    entry = _make_entry(*args)
+    if key is not None:
+        _PLANS[key] = entry
+        if len(_PLANS) > decode_launch.MAX_PLANS:
+            _PLANS.popitem(last=False)
     return entry
 
 
@@ -520,21 +550,24 @@ def tpa_decode(
             an unknown backend.
     """
     options = DEFAULT_LAUNCH_OPTIONS if options is None else options
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return _decode_traced(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table,
                               softmax_scale, return_lse, backend, out, check_lengths, config, options)
-    _, capacity, num_blocks, scale, plan, _ = _lookup(
-        a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table, out, softmax_scale,
-        return_lse, backend, config, options,
-    )
-    if check_lengths or (check_lengths is None and not cache_seqlens.is_cuda):
-        check_cache_seqlens(cache_seqlens, capacity, a_q.shape[1], block_table, num_blocks)
-    if plan is not None:
-        o, lse = decode_launch.launch_plan(plan, a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens,
-                                           block_table, out)
-        return (o, lse) if return_lse else o
-    return _decode_reference(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table,
-                             scale, return_lse, out)
+    try:
+        key, ptrs, out_ptr = _call_key(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens,
+                                       block_table, out, softmax_scale, return_lse, backend, config, options)
+    except AttributeError:  # a non-tensor argument: the full validation raises the right error
+        key = ptrs = out_ptr = None
+    entry = _PLANS_GET(key)
+    if entry is None:
+        entry = _new_entry(key, (a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table,
+                                 out, softmax_scale, return_lse, backend, config, options))
+    else:
+        _PLANS_TOUCH(key)
+    run, capacity, num_blocks, n, check_by_default = entry[:5]
+    if check_lengths or (check_lengths is None and check_by_default):
+        check_cache_seqlens(cache_seqlens, capacity, n, block_table, num_blocks)
+    return run(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table, out, ptrs, out_ptr)
 
 
 def _decode_reference(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, scale, return_lse, out):
