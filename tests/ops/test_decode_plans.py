@@ -14,7 +14,7 @@ import torch
 
 from tests.ops.kernels import DEVICE, KERNELS_RUNNABLE, rerun_with_interpreter
 from tests.ops.test_decode import POISON, assert_close_to_truth, make_inputs
-from tpa.ops import decode_launch, tpa_decode
+from tpa.ops import decode, decode_launch, tpa_decode
 from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions
 
 needs_kernel = pytest.mark.skipif(
@@ -79,7 +79,7 @@ def test_workspaces_follow_shapes_and_outputs_are_fresh():
         assert_close_to_truth(out, lse, inputs)
     assert torch.equal(out_a1, kept), "a later call overwrote an earlier call's output"
     assert out_a2.data_ptr() != out_a1.data_ptr()
-    plan_b, plan_a = _plans()  # least recently used first: a2 reused a1's plan after b1 made its own
+    plan_a, plan_b = _plans()
     assert plan_a.num_splits == plan_b.num_splits == 3
     (ws_a,), (ws_b,) = plan_a._workspaces.values(), plan_b._workspaces.values()
     assert ws_a[0].shape == (2, 1, 34, 3, 64) and ws_b[0].shape == (3, 2, 5, 3, 64)
@@ -157,6 +157,45 @@ def test_handle_launch_passes_the_arguments_of_the_jit_launch(paged, monkeypatch
 
 
 @needs_kernel
+def test_graph_capture_takes_its_own_workspace_and_eager_calls_keep_the_fast_path(monkeypatch):
+    """CUDA-graph capture simulated on the CPU (a plan marked compiled, recording handles, a patched
+    current stream and capture flag): a call during capture launches through the handles with a
+    fresh workspace that the plan does not keep; eager calls before and after it launch through the
+    handles on the same, kept workspace, and never through triton.jit again."""
+    inputs = make_inputs([9, 23], 1, 34, 64, 64, (3, 2, 1), torch.float32, capacity=32, seed=9)
+    cfg = DecodeConfig(block_m=16, num_splits=2)
+    jit_calls = []
+    kernels = tuple(_RecordingKernel(k, jit_calls) for k in decode_launch._kernels())
+    monkeypatch.setattr(decode_launch, "_kernels", lambda: kernels)
+    _call(inputs, config=cfg)
+    (plan,) = _plans()
+    stream, capturing = 7, [False]
+    monkeypatch.setattr(decode_launch, "_stream_getters", lambda: (lambda: plan.device_index, lambda device: stream))
+    monkeypatch.setattr(decode_launch, "_is_capturing", lambda: capturing[0])
+    plan.compiled = True
+    seen = {}
+    plan.split_handle, plan.merge_handle = _RecordingHandle("split", seen), _RecordingHandle("merge", seen)
+
+    def workspace_of_call():
+        seen.clear()
+        _call(inputs, config=cfg)
+        split, merge = seen["split"], seen["merge"]
+        assert split[3] == merge[3] == stream
+        assert split[9 + 10:9 + 12] == merge[9:11]  # the merge reads what the split wrote
+        return split[9 + 10]
+
+    eager = workspace_of_call()
+    kept = dict(plan._workspaces)
+    assert kept[stream][2] == eager
+    capturing[0] = True
+    captured = workspace_of_call()
+    assert captured != eager and plan._workspaces == kept, "the capture used or replaced the eager workspace"
+    capturing[0] = False
+    assert workspace_of_call() == eager
+    assert len(jit_calls) == 2, "a call after the handles existed went through triton.jit"
+
+
+@needs_kernel
 def test_triton_op_matches_the_eager_call():
     """``torch.ops.tpa.decode`` (what torch.compile traces) gives the eager call's numbers."""
     inputs = make_inputs([4, 29], 2, 34, 64, 64, (2, 2, 2), torch.float32, capacity=30, seed=8)
@@ -170,26 +209,76 @@ def test_triton_op_matches_the_eager_call():
     assert op_lse.numel() == 0
 
 
-def test_new_key_is_validated_after_a_good_call():
+class _Proxy:
+    """Not a tensor, but forwards every attribute to one (what a repeat's key reads included)."""
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+
+    def __getattr__(self, name):
+        return getattr(self._tensor, name)
+
+
+def test_a_repeat_differing_in_what_validation_reads_is_validated_again(monkeypatch):
     """A known key skips validation, so every property validation checks is part of the key: a call
-    that differs from a good one only in a dtype, a device or a shape is still refused."""
+    that differs from a good one only in a dtype, a device, a stride or contiguity, or in being a
+    tensor at all, is validated again and refused with validation's message, while the good repeat
+    is not validated again."""
+    validated = []
+    make_entry = decode._make_entry
+    monkeypatch.setattr(decode, "_make_entry", lambda *args: validated.append(1) or make_entry(*args))
     good = [t.cpu() if isinstance(t, torch.Tensor) else t for t in make_inputs(
         [5, 9], 1, 4, 32, 32, (2, 1, 2), torch.float32, capacity=12, seed=11)[:7]]
-    tpa_decode(*good, backend="reference")
-    bad_dtype = list(good)
-    bad_dtype[3] = good[3].half()
-    with pytest.raises(TypeError, match="dtype"):
-        tpa_decode(*bad_dtype, backend="reference")
-    bad_device = list(good)
-    bad_device[4] = good[4].to("meta")
-    with pytest.raises(ValueError, match="share a device"):
-        tpa_decode(*bad_device, backend="reference")
-    bad_lengths = list(good)
-    bad_lengths[6] = good[6].long()
-    with pytest.raises(TypeError, match="int32"):
-        tpa_decode(*bad_lengths, backend="reference")
+    out = torch.empty(2, 1, 4, 32)
+    for _ in range(2):
+        tpa_decode(*good, backend="reference")
+        tpa_decode(*good, backend="reference", out=out)
+    assert len(validated) == 2, "a repeat of a good call was validated again"
+
+    def swap(i, value):
+        return [value if j == i else t for j, t in enumerate(good)]
+
+    bad_calls = [
+        (swap(3, good[3].half()), {}, TypeError, "dtype"),
+        (swap(4, good[4].to("meta")), {}, ValueError, "share a device"),
+        (swap(6, good[6].long()), {}, TypeError, "int32"),
+        (swap(6, torch.stack([good[6], good[6]], 1)[:, 0]), {}, ValueError, "cache_seqlens must be contiguous"),
+        (swap(0, _Proxy(good[0])), {}, TypeError, "a_q must be a torch.Tensor"),
+        (swap(5, _Proxy(good[5])), {}, TypeError, "b_v_cache must be a torch.Tensor"),
+        (good, {"out": torch.empty(2, 1, 32, 4).transpose(2, 3)}, ValueError, "out must be contiguous"),
+        (good, {"out": out.half()}, ValueError, "out must be"),
+        (good, {"out": _Proxy(out)}, TypeError, "out must be a torch.Tensor"),
+    ]
+    for args, kwargs, exc, match in bad_calls:
+        before = len(validated)
+        with pytest.raises(exc, match=match):
+            tpa_decode(*args, backend="reference", **kwargs)
+        assert len(validated) == before + 1
     with pytest.raises(ValueError, match="exceeds the cache capacity"):  # values: checked per call on CPU
         tpa_decode(*good[:6], torch.tensor([5, 13], dtype=torch.int32), backend="reference")
+
+
+@needs_kernel
+def test_same_shapes_other_strides_get_their_own_plan():
+    """Caches of one shape laid out three ways (contiguous, and slices of two wider buffers) make three
+    plans, each right; a contiguous cache whose size-1 dimension has another stride (never indexed
+    but at 0) shares the contiguous plan and is right too."""
+    base = {"lengths": [6, 21], "n": 1, "h": 34, "d": 64, "e": 64, "ranks": (2, 1, 1), "dtype": torch.float32,
+            "capacity": 24}
+    contiguous = make_inputs(**base, seed=30)
+    assert_close_to_truth(*_call(contiguous), contiguous)
+    for seed, extra in ((31, 7), (32, 3)):
+        inputs = list(make_inputs(**base, seed=seed))
+        wide = [torch.cat([c, torch.randn(c.shape[0], extra, *c.shape[2:], dtype=c.dtype, device=c.device)], 1)
+                for c in inputs[2:6]]
+        inputs[2:6] = [w[:, :base["capacity"]] for w in wide]
+        assert_close_to_truth(*_call(inputs), inputs)
+    assert len(_plans()) == 3
+    odd = list(make_inputs(**base, seed=33))
+    odd[2:6] = [c.as_strided(c.shape, (*c.stride()[:2], 12345, c.stride(3))) for c in odd[2:6]]  # R = 1
+    assert all(c.is_contiguous() for c in odd[2:6])
+    assert_close_to_truth(*_call(odd), odd)
+    assert len(_plans()) == 3
 
 
 def test_plan_table_is_bounded(monkeypatch):

@@ -21,8 +21,8 @@ The stack, bottom to top:
   reference twin :func:`tpa.ops.naive.tpa_decode_reference`.
 
 Host cost: an eager call looks up its entry by one dict lookup on a key of the inputs' classes,
-shapes, strides, dtypes, devices and pointer alignment and of the other arguments (:func:`_call_key`,
-which also reads the pointers the launch passes on). A key seen before was validated then, so a
+shapes, strides, dtypes, devices and pointer alignment and of the other arguments (built at the
+top of :func:`tpa_decode`, which also reads the pointers the launch passes on). A key seen before was validated then, so a
 repeated call checks nothing else, computes no launch parameter and allocates at most its output
 (none with ``out=``): the entry's ``run`` (:meth:`tpa.ops.decode_launch.DecodePlan.run` or the
 reference twin) takes the call from there. A new key runs the full validation (:func:`_validate`)
@@ -43,11 +43,8 @@ kernels without a GPU.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
@@ -70,7 +67,7 @@ __all__ = [
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _is_compiling = torch.compiler.is_compiling
 _PLANS = decode_launch.PLANS  # never rebound (decode_launch.clear_plans empties it)
-_PLANS_GET, _PLANS_TOUCH = _PLANS.get, _PLANS.move_to_end  # bound once: they run on every call
+_PLANS_GET = _PLANS.get  # bound once: it runs on every call
 _MAX_FEATURE_DIM = 256  # D and E the kernel is built and tested for
 _MAX_SPLITS = 256
 
@@ -361,52 +358,23 @@ def _validate(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlen
     return capacity, num_blocks
 
 
-def _call_key(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, softmax_scale, return_lse, backend, config, options):
-    """``(key, ptrs, out_ptr)`` of a call. The key holds everything its validation and its launch
-    depend on except values: class, shape, stride, dtype and device of every tensor, the 16-byte
-    alignment of every pointer, the other arguments. ``ptrs`` are the ``data_ptr()`` of ``a_q``,
-    ``b_q``, the caches, ``lens`` and ``table`` (``lens``'s without one), which the launch reuses.
-    Written out attribute by attribute: it runs on every call. ``config`` and ``options`` enter by
-    identity (their entry holds them, so an id is not reused while the entry lives). Raises
-    AttributeError for a non-tensor argument (the full validation then says which)."""
-    ptrs = (a_q.data_ptr(), b_q.data_ptr(), a_k.data_ptr(), b_k.data_ptr(), a_v.data_ptr(), b_v.data_ptr(),
-            lens.data_ptr())
-    p0, p1, p2, p3, p4, p5, p6 = ptrs
-    key = (
-        a_q.__class__, a_q.shape, a_q.stride(), a_q.dtype, a_q.device,
-        b_q.__class__, b_q.shape, b_q.stride(), b_q.dtype, b_q.device,
-        a_k.__class__, a_k.shape, a_k.stride(), a_k.dtype, a_k.device,
-        b_k.__class__, b_k.shape, b_k.stride(), b_k.dtype, b_k.device,
-        a_v.__class__, a_v.shape, a_v.stride(), a_v.dtype, a_v.device,
-        b_v.__class__, b_v.shape, b_v.stride(), b_v.dtype, b_v.device,
-        lens.__class__, lens.shape, lens.stride(), lens.dtype, lens.device,
-        softmax_scale, return_lse, backend, id(config), id(options),
-    )
-    if (p0 | p1 | p2 | p3 | p4 | p5 | p6) & 15:  # which pointers are misaligned changes the kernel's specialisation
-        key += (p0 & 15, p1 & 15, p2 & 15, p3 & 15, p4 & 15, p5 & 15, p6 & 15)
-    if table is None:
-        ptrs += (p6,)
-    else:
-        p_table = table.data_ptr()
-        ptrs += (p_table,)
-        key += ("table", table.__class__, table.shape, table.stride(), table.dtype, table.device, p_table & 15)
-    out_ptr = None
-    if out is not None:
-        out_ptr = out.data_ptr()
-        key += ("out", out.__class__, out.shape, out.stride(), out.dtype, out.device, out_ptr & 15)
-    return key, ptrs, out_ptr
+class _Entry:
+    """What repeated calls with one key reuse (see :func:`_make_entry`).
 
+    ``run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr)`` gives the call's
+    result: :func:`_run_plan` until the plan has compiled handles, then the plan's
+    :attr:`~tpa.ops.decode_launch.DecodePlan.fast_run`; :func:`_run_reference` for the twin."""
 
-class _Entry(NamedTuple):
-    """What repeated calls with one key reuse (see :func:`_make_entry`)."""
+    __slots__ = ("capacity", "check_by_default", "held", "num_blocks", "num_queries", "plan", "return_lse", "run",
+                 "scale")
 
-    run: Callable  # run(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr): the call's result
-    capacity: int
-    num_blocks: int | None
-    num_queries: int
-    check_by_default: bool  # cache_seqlens on the CPU: check_lengths=None checks its values
-    plan: decode_launch.DecodePlan | None  # None for the reference twin and an empty batch
-    held: tuple  # config and options, kept alive while their ids are part of the key
+    def __init__(self, run, capacity, num_blocks, num_queries, check_by_default, plan, scale, return_lse, held):
+        self.run = run
+        self.capacity, self.num_blocks, self.num_queries = capacity, num_blocks, num_queries
+        self.check_by_default = check_by_default  # cache_seqlens on the CPU: check_lengths=None checks its values
+        self.plan = plan  # None for the reference twin and an empty batch
+        self.scale, self.return_lse = scale, return_lse
+        self.held = held  # config and options, kept alive while their ids are part of the key
 
 
 def _use_triton(backend: str, device: torch.device, d: int, e: int) -> bool:
@@ -438,20 +406,28 @@ def _make_entry(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, out, s
         cfg = default_config(bsz, n, h, d, e, capacity, _num_sms(a_q.device), b_k.element_size(), config,
                              a_k.shape[2], a_v.shape[2], heuristic=options.heuristic)
         plan = decode_launch.DecodePlan(a_q, b_q, a_k, b_k, a_v, b_v, block_table, scale, return_lse, cfg, options)
-        run = plan.run
-    else:
-        run = functools.partial(_run_reference, scale=scale, return_lse=return_lse)
-    return _Entry(run, capacity, num_blocks, n, not cache_seqlens.is_cuda, plan, (config, options))
+    return _Entry(_run_plan if plan is not None else _run_reference, capacity, num_blocks, n,
+                  not cache_seqlens.is_cuda, plan, scale, return_lse, (config, options))
 
 
-def _run_reference(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr, *, scale, return_lse):
+def _run_plan(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr):
+    """An entry's ``run`` while its plan has no compiled handles: through ``triton.jit``; once the
+    handles exist, the entry runs the plan's ``fast_run`` from then on."""
+    plan = entry.plan
+    if plan.fast_run is not None:
+        entry.run = plan.fast_run
+        return plan.fast_run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr)
+    return plan.run(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out)
+
+
+def _run_reference(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr):
     """An entry's ``run`` for the reference twin (and every empty batch)."""
-    return _decode_reference(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, scale, return_lse, out)
+    return _decode_reference(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, entry.scale, entry.return_lse, out)
 
 
 def _new_entry(key, args):
-    """Validate a call with a new key (``args``: :func:`_make_entry`'s), store its entry (the least
-    recently used one goes beyond ``MAX_PLANS``) and return it; ``key`` None stores nothing."""
+    """Validate a call with a new key (``args``: :func:`_make_entry`'s), store its entry (the oldest
+    one goes beyond ``MAX_PLANS``) and return it; ``key`` None stores nothing."""
     entry = _make_entry(*args)
     if key is not None:
         _PLANS[key] = entry
@@ -553,21 +529,47 @@ def tpa_decode(
     if _is_compiling():
         return _decode_traced(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table,
                               softmax_scale, return_lse, backend, out, check_lengths, config, options)
+    # The call's key: everything its validation and its launch depend on but values (class, shape,
+    # strides, dtype and device of every tensor, 16-byte alignment of every pointer, the other
+    # arguments), read attribute by attribute since it runs on every call. Strides enter as True
+    # for a contiguous tensor: its strides along dimensions of size > 1 follow from its shape, and a
+    # dimension of size 1 is only ever indexed at 0. config and options enter by identity (their
+    # entry holds them, so an id is not reused while it lives). The pointers go on to the launch.
+    a_k, b_k, a_v, b_v, lens, table = a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table
     try:
-        key, ptrs, out_ptr = _call_key(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens,
-                                       block_table, out, softmax_scale, return_lse, backend, config, options)
+        p0, p1, p2, p3 = a_q.data_ptr(), b_q.data_ptr(), a_k.data_ptr(), b_k.data_ptr()
+        p4, p5, p6 = a_v.data_ptr(), b_v.data_ptr(), lens.data_ptr()
+        key = (
+            a_q.__class__, a_q.shape, a_q.is_contiguous() or a_q.stride(), a_q.dtype, a_q.device,
+            b_q.__class__, b_q.shape, b_q.is_contiguous() or b_q.stride(), b_q.dtype, b_q.device,
+            a_k.__class__, a_k.shape, a_k.is_contiguous() or a_k.stride(), a_k.dtype, a_k.device,
+            b_k.__class__, b_k.shape, b_k.is_contiguous() or b_k.stride(), b_k.dtype, b_k.device,
+            a_v.__class__, a_v.shape, a_v.is_contiguous() or a_v.stride(), a_v.dtype, a_v.device,
+            b_v.__class__, b_v.shape, b_v.is_contiguous() or b_v.stride(), b_v.dtype, b_v.device,
+            lens.__class__, lens.shape, lens.is_contiguous() or lens.stride(), lens.dtype, lens.device,
+            softmax_scale, return_lse, backend, id(config), id(options),
+        )
+        if (p0 | p1 | p2 | p3 | p4 | p5 | p6) & 15:  # which pointers are misaligned: the kernel's specialisation
+            key += (p0 & 15, p1 & 15, p2 & 15, p3 & 15, p4 & 15, p5 & 15, p6 & 15)
+        p7 = p6  # the table's pointer, lens's without one (the kernel does not read it then)
+        if table is not None:
+            p7 = table.data_ptr()
+            key += ("table", table.__class__, table.shape, table.stride(), table.dtype, table.device, p7 & 15)
+        ptrs = (p0, p1, p2, p3, p4, p5, p6, p7)
+        out_ptr = None
+        if out is not None:
+            out_ptr = out.data_ptr()
+            key += ("out", out.__class__, out.shape, out.is_contiguous() or out.stride(), out.dtype, out.device,
+                    out_ptr & 15)
     except AttributeError:  # a non-tensor argument: the full validation raises the right error
         key = ptrs = out_ptr = None
     entry = _PLANS_GET(key)
     if entry is None:
         entry = _new_entry(key, (a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table,
                                  out, softmax_scale, return_lse, backend, config, options))
-    else:
-        _PLANS_TOUCH(key)
-    run, capacity, num_blocks, n, check_by_default = entry[:5]
-    if check_lengths or (check_lengths is None and check_by_default):
-        check_cache_seqlens(cache_seqlens, capacity, n, block_table, num_blocks)
-    return run(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table, out, ptrs, out_ptr)
+    if check_lengths or (check_lengths is None and entry.check_by_default):
+        check_cache_seqlens(cache_seqlens, entry.capacity, entry.num_queries, block_table, entry.num_blocks)
+    return entry.run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr)
 
 
 def _decode_reference(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, scale, return_lse, out):

@@ -21,7 +21,8 @@ depends only on the call's shapes is computed once per launch configuration and 
   call. During CUDA-graph capture a call allocates its own (the graph keeps it), so a captured graph
   never shares storage with eager calls.
 
-Plans live in an LRU table (:data:`PLANS`, :func:`clear_plans`) of at most ``MAX_PLANS`` entries,
+Plans live in a table (:data:`PLANS`, :func:`clear_plans`) of at most ``MAX_PLANS`` entries, the
+oldest evicted first (a hit costs no bookkeeping; an evicted key that comes back is planned again),
 keyed by :func:`tpa.ops.decode.tpa_decode` (which also keeps there the entries of calls that run the
 reference twin).
 
@@ -46,7 +47,7 @@ __all__ = ["MAX_PLANS", "PLANS", "DecodePlan", "clear_plans"]
 
 _LOG2E = 1.4426950408889634
 MAX_PLANS = 128
-PLANS: OrderedDict = OrderedDict()  # call key -> DecodePlan (see tpa.ops.decode._call_key)
+PLANS: OrderedDict = OrderedDict()  # call key -> entry holding its DecodePlan (see tpa.ops.decode.tpa_decode)
 
 
 def clear_plans() -> None:
@@ -97,7 +98,8 @@ class DecodePlan:
         split_handle, merge_handle: compiled kernels after the first launch (CUDA, Triton >= 3.3).
         workspace_shapes: ``(O_part [B, N, H, S, E], LSE_part [B, N, H, S])``, float32.
 
-    :meth:`run` launches it on inputs validated for it.
+    :meth:`run` launches it on inputs validated for it through ``triton.jit``; :attr:`fast_run` (once
+    the handles exist) through the handles.
     """
 
     def __init__(self, a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, return_lse, cfg, options):
@@ -156,7 +158,7 @@ class DecodePlan:
         self.split_tail = (*self.split_scalars, *self.split_constexprs.values())
         self.merge_tail = (*self.merge_scalars, *self.merge_constexprs.values())
         self.device_index = self.device.index  # CUDA tensors always name theirs; None on the CPU
-        self._split_launch = self._merge_launch = None
+        self.fast_run = None  # the handles' launch closure (:func:`_fast_runner`), once both handles exist
         self._split_handle = self._merge_handle = None
         self._workspaces: dict[int, tuple] = {}
 
@@ -168,7 +170,7 @@ class DecodePlan:
     @split_handle.setter
     def split_handle(self, compiled) -> None:
         self._split_handle = compiled
-        self._split_launch = None if compiled is None else (compiled.run, compiled.function, compiled.packed_metadata)
+        self._update_fast_run()
 
     @property
     def merge_handle(self):
@@ -178,7 +180,11 @@ class DecodePlan:
     @merge_handle.setter
     def merge_handle(self, compiled) -> None:
         self._merge_handle = compiled
-        self._merge_launch = None if compiled is None else (compiled.run, compiled.function, compiled.packed_metadata)
+        self._update_fast_run()
+
+    def _update_fast_run(self) -> None:
+        ready = self._split_handle is not None and (self.num_splits == 1 or self._merge_handle is not None)
+        self.fast_run = _fast_runner(self) if ready and not self.poison else None
 
     def workspace(self, stream: int) -> tuple:
         """``(O_part, LSE_part, O_part.data_ptr(), LSE_part.data_ptr())`` for a call on ``stream``: the
@@ -186,95 +192,130 @@ class DecodePlan:
         and with poisoned buffers."""
         fresh = self.poison or (self.compiled and _is_capturing())
         ws = None if fresh else self._workspaces.get(stream)
-        if ws is None:  # (run() looks up a stream's own pair itself and calls this only when it has none)
-            o_shape, l_shape = self.workspace_shapes
-            o_part = torch.empty(o_shape, dtype=torch.float32, device=self.device)
-            lse_part = torch.empty(l_shape, dtype=torch.float32, device=self.device)
-            if self.poison:
-                o_part.fill_(float("nan"))
-                lse_part.fill_(float("nan"))
-            ws = (o_part, lse_part, o_part.data_ptr(), lse_part.data_ptr())
-            if not fresh:
-                self._workspaces[stream] = ws
+        if ws is None:
+            ws = _new_workspace(self.workspace_shapes, self.device, self.poison, None if fresh else self._workspaces,
+                                stream)
         return ws
 
-    def run(self, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr):
-        """Run the plan on inputs validated for it: ``out [B, N, H, E]`` (given or new), with
-        ``return_lse`` ``(out, lse [B, N, H] float32)``. ``ptrs`` are the ``data_ptr()`` of ``a_q``,
-        ``b_q``, the four caches, ``lens`` and ``table`` (``lens``'s again without a table);
-        ``out_ptr`` is ``out``'s (ignored when ``out`` is None). No host sync: capturable in a CUDA graph.
-
-        The compiled handles are called with the pointers as integers: the launcher then neither calls
-        ``data_ptr()`` nor asks the driver about each pointer (the inputs' devices were validated)."""
+    def run(self, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out=None):
+        """Run the plan on inputs validated for it, through ``triton.jit`` (which binds, specialises
+        and calls the launch hooks), keeping the compiled kernels it returns as the plan's handles
+        (CUDA, Triton >= 3.3; later calls launch through :attr:`fast_run`). Returns ``out [B, N, H, E]``
+        (given or new), with ``return_lse`` ``(out, lse [B, N, H] float32)``. No host sync."""
         if out is None:
             out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-            out_ptr = out.data_ptr()
             if self.poison:
                 out.fill_(float("nan"))
         lse = None
-        lse_ptr = out_ptr  # unused when not WRITE_LSE
         if self.return_lse:
             lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
-            lse_ptr = lse.data_ptr()
             if self.poison:
                 lse.fill_(float("nan"))
+        stream = 0
         if self.compiled:
-            get_device, get_stream = _DEVICE_STREAM or _device_stream_getters()
-            device = get_device()
-            stream = get_stream(device)
-        else:
-            device, stream = self.device_index, 0
-        if self.num_splits > 1:
-            ws = None if self.poison or (self.compiled and _is_capturing()) else self._workspaces.get(stream)
-            o_part, lse_part, o_ptr, l_ptr = ws or self.workspace(stream)
-        else:  # unused with one split
-            o_part = lse_part = out
-            o_ptr = l_ptr = out_ptr
-        split, merge = self._split_launch, self._merge_launch
-        if (split is not None and (merge is not None or self.num_splits == 1) and device == self.device_index
-                and not launch_hooks_active()):
-            launcher, function, metadata = split
-            launcher(*self.split_grid, stream, function, metadata, None, None, None,
-                     *ptrs, out_ptr, lse_ptr, o_ptr, l_ptr, *self.split_tail)
-            if self.num_splits > 1:
-                launcher, function, metadata = merge
-                launcher(self.merge_grid[0], 1, 1, stream, function, metadata, None, None, None,
-                         o_ptr, l_ptr, out_ptr, lse_ptr, *self.merge_tail)
-        else:
-            bt = lens if table is None else table  # unused when not PAGED
-            lse_arg = out if lse is None else lse  # unused when not WRITE_LSE
-            self.launch_jit((a_q, b_q, a_k, b_k, a_v, b_v, lens, bt, out, lse_arg, o_part, lse_part),
-                            (o_part, lse_part, out, lse_arg))
-        return (out, lse) if self.return_lse else out
-
-    def launch_jit(self, split_tensors: tuple, merge_tensors: tuple) -> None:
-        """Launch both kernels through ``triton.jit`` (which binds, specialises and calls the launch
-        hooks), keeping the compiled kernels it returns as the plan's handles (CUDA, Triton >= 3.3)."""
+            get_device, get_stream = _stream_getters()
+            stream = get_stream(get_device())
+        o_part, lse_part = self.workspace(stream)[:2] if self.num_splits > 1 else (out, out)  # unused with one split
+        lse_arg = out if lse is None else lse  # unused when not WRITE_LSE
+        bt = lens if table is None else table  # unused when not PAGED
         split_kernel, merge_kernel = _kernels()
-        compiled = split_kernel[self.split_grid](*split_tensors, *self.split_scalars, **self.split_constexprs,
-                                                 **self.split_options)
-        if self.compiled and _handles_supported() and hasattr(compiled, "packed_metadata"):
+        compiled = split_kernel[self.split_grid](a_q, b_q, a_k, b_k, a_v, b_v, lens, bt, out, lse_arg, o_part, lse_part,
+                                                 *self.split_scalars, **self.split_constexprs, **self.split_options)
+        keep = self.compiled and _handles_supported()
+        if keep and hasattr(compiled, "packed_metadata"):
             self.split_handle = compiled
         if self.num_splits > 1:
-            compiled = merge_kernel[self.merge_grid](*merge_tensors, *self.merge_scalars, **self.merge_constexprs,
-                                                     **self.merge_options)
-            if self.compiled and _handles_supported() and hasattr(compiled, "packed_metadata"):
+            compiled = merge_kernel[self.merge_grid](o_part, lse_part, out, lse_arg, *self.merge_scalars,
+                                                     **self.merge_constexprs, **self.merge_options)
+            if keep and hasattr(compiled, "packed_metadata"):
                 self.merge_handle = compiled
+        return (out, lse) if self.return_lse else out
 
 
-_DEVICE_STREAM = None  # (get_current_device, get_current_stream), bound on a compiled plan's first run
+def _new_workspace(shapes, device, poison, store, stream) -> tuple:
+    """A fresh ``(O_part, LSE_part, O_part.data_ptr(), LSE_part.data_ptr())`` of ``shapes``, float32,
+    NaN-filled with ``poison``, kept in ``store[stream]`` unless ``store`` is None."""
+    o_part = torch.empty(shapes[0], dtype=torch.float32, device=device)
+    lse_part = torch.empty(shapes[1], dtype=torch.float32, device=device)
+    if poison:
+        o_part.fill_(float("nan"))
+        lse_part.fill_(float("nan"))
+    ws = (o_part, lse_part, o_part.data_ptr(), lse_part.data_ptr())
+    if store is not None:
+        store[stream] = ws
+    return ws
 
 
-def _device_stream_getters():
-    """The current device and its current stream, as ``triton.jit`` finds them (Triton's own getters;
-    torch's ``_cuda_getDevice`` for the device, which is what ``torch.cuda.current_device`` returns
-    once CUDA is initialised, as it is wherever a CUDA tensor exists)."""
-    global _DEVICE_STREAM
+def _fast_runner(plan: DecodePlan):
+    """The launch of ``plan`` through its compiled handles as one closure over everything that does not
+    change between calls (grids, scalars, constexprs, handles, output shapes, the workspace table),
+    with the argument lists pre-assembled but for the pointers, the stream and the workspace.
+
+    ``run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr)`` takes the call's
+    validated inputs with their pointers as integers (``ptrs``: ``a_q``, ``b_q``, the four caches,
+    ``lens`` and ``table``, ``lens``'s again without one; ``out_ptr``: ``out``'s, ignored when ``out``
+    is None): the launcher then neither calls ``data_ptr()`` nor asks the driver about each pointer
+    (the inputs' devices were validated). A call with a launch hook set (a profiler) or another
+    current device than the inputs' goes through ``entry.plan.run`` (``triton.jit``) instead. It holds
+    no reference to the plan (nor the plan to an entry), so a dropped plan is freed at once."""
+    split_launch = plan.split_handle.run
+    split_fixed = (plan.split_handle.function, plan.split_handle.packed_metadata, None, None, None)
+    merge_handle = plan.merge_handle
+    merged = plan.num_splits > 1
+    merge_launch = merge_handle.run if merged else None
+    merge_fixed = (merge_handle.function, merge_handle.packed_metadata, None, None, None) if merged else None
+    g0, g1, g2 = plan.split_grid
+    m0 = plan.merge_grid[0]
+    split_tail, merge_tail = plan.split_tail, plan.merge_tail
+    out_shape, lse_shape, dtype, device = plan.out_shape, plan.lse_shape, plan.dtype, plan.device
+    return_lse, compiled, device_index = plan.return_lse, plan.compiled, plan.device_index
+    workspaces, ws_shapes = plan._workspaces, plan.workspace_shapes
+    get_device, get_stream = _stream_getters() if compiled else (None, None)
+    empty, float32 = torch.empty, torch.float32
+
+    def run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr):
+        if compiled:
+            current = get_device()
+            if current != device_index or launch_hooks_active():
+                return entry.plan.run(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out)
+            stream = get_stream(current)
+        else:  # a CPU plan gets handles only from tests and scripts/decode_host_cost.py
+            if launch_hooks_active():
+                return entry.plan.run(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out)
+            stream = 0
+        if out is None:
+            out = empty(out_shape, dtype=dtype, device=device)
+            out_ptr = out.data_ptr()
+        lse = None
+        lse_ptr = out_ptr  # unused when not WRITE_LSE
+        if return_lse:
+            lse = empty(lse_shape, dtype=float32, device=device)
+            lse_ptr = lse.data_ptr()
+        if merged:
+            capturing = compiled and _is_capturing()
+            ws = None if capturing else workspaces.get(stream)
+            if ws is None:
+                ws = _new_workspace(ws_shapes, device, False, None if capturing else workspaces, stream)
+            o_ptr, l_ptr = ws[2], ws[3]
+            split_launch(g0, g1, g2, stream, *split_fixed, *ptrs, out_ptr, lse_ptr, o_ptr, l_ptr, *split_tail)
+            merge_launch(m0, 1, 1, stream, *merge_fixed, o_ptr, l_ptr, out_ptr, lse_ptr, *merge_tail)
+        else:
+            split_launch(g0, g1, g2, stream, *split_fixed, *ptrs, out_ptr, lse_ptr, out_ptr, out_ptr, *split_tail)
+        return (out, lse) if return_lse else out
+
+    return run
+
+
+@functools.lru_cache(maxsize=1)
+def _stream_getters():
+    """``(get_current_device, get_current_stream)`` as ``triton.jit`` finds them, so that a handle
+    launches where ``triton.jit`` would: Triton's own getters, with torch's ``_cuda_getDevice`` for
+    the device (what ``torch.cuda.current_device`` returns once CUDA is initialised, as it is wherever
+    a CUDA tensor exists, without its Python)."""
     from triton.runtime import driver
 
     get_device = getattr(torch._C, "_cuda_getDevice", None) or driver.active.get_current_device
-    _DEVICE_STREAM = (get_device, driver.active.get_current_stream)
-    return _DEVICE_STREAM
+    return get_device, driver.active.get_current_stream
 
 
 # whether the current CUDA stream is capturing a graph (called on compiled plans only)
