@@ -96,6 +96,7 @@ class DecodePlan:
         split_grid, merge_grid: launch grids.
         split_scalars, merge_scalars: the non-tensor run-time arguments and constexprs, in order.
         split_handle, merge_handle: compiled kernels after the first launch (CUDA, Triton >= 3.3).
+        fast_run: the launch through them (:func:`_fast_runner`), or None (no handles yet, poisoned buffers).
         workspace_shapes: ``(O_part [B, N, H, S, E], LSE_part [B, N, H, S])``, float32.
 
     :meth:`run` launches it on inputs validated for it through ``triton.jit``; :attr:`fast_run` (once
