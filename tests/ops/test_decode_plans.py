@@ -14,7 +14,7 @@ import torch
 
 from tests.ops.kernels import DEVICE, KERNELS_RUNNABLE, rerun_with_interpreter
 from tests.ops.test_decode import POISON, assert_close_to_truth, make_inputs
-from tpa.ops import decode, decode_launch, tpa_decode
+from tpa.ops import decode, decode_launch, tpa_decode, triton_support
 from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions
 
 needs_kernel = pytest.mark.skipif(
@@ -193,6 +193,47 @@ def test_graph_capture_takes_its_own_workspace_and_eager_calls_keep_the_fast_pat
     capturing[0] = False
     assert workspace_of_call() == eager
     assert len(jit_calls) == 2, "a call after the handles existed went through triton.jit"
+
+
+@needs_kernel
+def test_handles_give_way_to_triton_jit_under_launch_hooks_or_another_device(monkeypatch):
+    """A Triton launch hook (a profiler) or a current device other than the plan's sends a call with
+    compiled handles through ``triton.jit`` (which calls the hooks and launches where it finds itself),
+    with the right result; without them, the handles launch again."""
+    inputs = make_inputs([9, 23], 1, 34, 64, 64, (3, 2, 1), torch.float32, capacity=32, seed=10)
+    cfg = DecodeConfig(block_m=16, num_splits=2)
+    jit_calls = []
+    kernels = tuple(_RecordingKernel(k, jit_calls) for k in decode_launch._kernels())
+    monkeypatch.setattr(decode_launch, "_kernels", lambda: kernels)
+    _call(inputs, config=cfg)
+    (plan,) = _plans()
+    current = [plan.device_index]
+    monkeypatch.setattr(decode_launch, "_stream_getters", lambda: (lambda: current[0], lambda device: 0))
+    monkeypatch.setattr(decode_launch, "_is_capturing", lambda: False)
+    plan.compiled = True
+    seen = {}
+    plan.split_handle, plan.merge_handle = _RecordingHandle("split", seen), _RecordingHandle("merge", seen)
+
+    def launches():
+        seen.clear()
+        jit_before = len(jit_calls)
+        out, lse = _call(inputs, config=cfg)
+        if len(jit_calls) > jit_before:
+            assert_close_to_truth(out, lse, inputs)
+        return sorted(seen), len(jit_calls) - jit_before
+
+    assert launches() == (["merge", "split"], 0)
+    holder = triton_support._hook_holder()
+    with monkeypatch.context() as hooked:
+        hook = lambda *args: None  # noqa: E731
+        if hasattr(holder.launch_enter_hook, "calls"):  # triton >= 3.5: a HookChain that profilers add to
+            hooked.setattr(holder.launch_enter_hook, "calls", [hook])
+        else:
+            hooked.setattr(holder, "launch_enter_hook", hook)
+        assert launches() == ([], 2)
+    assert launches() == (["merge", "split"], 0)
+    current[0] = 3
+    assert launches() == ([], 2)
 
 
 @needs_kernel

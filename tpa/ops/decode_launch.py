@@ -271,19 +271,15 @@ def _fast_runner(plan: DecodePlan):
     out_shape, lse_shape, dtype, device = plan.out_shape, plan.lse_shape, plan.dtype, plan.device
     return_lse, compiled, device_index = plan.return_lse, plan.compiled, plan.device_index
     workspaces, ws_shapes = plan._workspaces, plan.workspace_shapes
-    get_device, get_stream = _stream_getters() if compiled else (None, None)
+    # (a CPU plan gets handles only from tests and scripts/decode_host_cost.py)
+    get_device, get_stream = _stream_getters() if compiled else (lambda: device_index, lambda device: 0)
     empty, float32 = torch.empty, torch.float32
 
     def run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr):
-        if compiled:
-            current = get_device()
-            if current != device_index or launch_hooks_active():
-                return entry.plan.run(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out)
-            stream = get_stream(current)
-        else:  # a CPU plan gets handles only from tests and scripts/decode_host_cost.py
-            if launch_hooks_active():
-                return entry.plan.run(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out)
-            stream = 0
+        current = get_device()
+        if current != device_index or launch_hooks_active():
+            return entry.plan.run(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out)
+        stream = get_stream(current)
         if out is None:
             out = empty(out_shape, dtype=dtype, device=device)
             out_ptr = out.data_ptr()
