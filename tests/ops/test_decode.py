@@ -262,7 +262,8 @@ def _good():
         (lambda x: x.__setitem__(6, x[6].float()), TypeError, "int32"),
         (lambda x: x.__setitem__(6, x[6][:1]), ValueError, "shape"),
         # the kernel reads lengths at unit stride: a strided view would be read wrong, so it is refused
-        (lambda x: x.__setitem__(6, torch.stack([x[6], x[6] + 1], 1)[:, 0]), ValueError, "cache_seqlens must be contiguous"),
+        (lambda x: x.__setitem__(6, torch.stack([x[6], x[6] + 1], 1)[:, 0]), ValueError,
+         "cache_seqlens must be contiguous"),
         (lambda x: x.__setitem__(6, torch.tensor([5, 13], dtype=torch.int32)), ValueError, "exceeds the cache capacity"),
         (lambda x: x.__setitem__(6, torch.tensor([0, 9], dtype=torch.int32)), ValueError, "smaller than the number"),
         (lambda x: x.__setitem__(3, x[3].double()), TypeError, "dtype"),

@@ -22,11 +22,12 @@ The stack, bottom to top:
 
 Host cost: an eager call looks up its entry by one dict lookup on a key of the inputs' classes,
 shapes, strides, dtypes, devices and pointer alignment and of the other arguments (built at the
-top of :func:`tpa_decode`, which also reads the pointers the launch passes on). A key seen before was validated then, so a
-repeated call checks nothing else, computes no launch parameter and allocates at most its output
-(none with ``out=``): the entry's ``run`` (:meth:`tpa.ops.decode_launch.DecodePlan.run` or the
-reference twin) takes the call from there. A new key runs the full validation (:func:`_validate`)
-with its error messages and builds the plan.
+top of :func:`tpa_decode`, which also reads the pointers the launch passes on). A key seen before
+was validated then, so a repeated call checks nothing else, computes no launch parameter and
+allocates at most its output (none with ``out=``): the entry's ``run`` (the plan's launch through
+its compiled handles, :attr:`tpa.ops.decode_launch.DecodePlan.fast_run`, or the reference twin)
+takes the call from there. A new key runs the full validation (:func:`_validate`) with its error
+messages and builds the plan.
 
 Run-time cache lengths: ``cache_seqlens`` is read by the kernel from device memory, and each
 split's slice of the cache is computed in the kernel from the sequence's own length, so a new
@@ -331,7 +332,7 @@ def _validate(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlen
             raise ValueError(f"tpa_decode: block_table must be [B, max_blocks] with B={bsz}, got {tuple(block_table.shape)}")
         if block_table.device != device:
             raise ValueError(f"tpa_decode: block_table is on {block_table.device}, a_q on {device}")
-        if block_table.shape[1] > 1 and block_table.stride(1) != 1:  # the kernel reads a row's entries at offsets 0, 1, ...
+        if block_table.shape[1] > 1 and block_table.stride(1) != 1:  # the kernel reads row entries at unit stride
             raise ValueError(
                 f"tpa_decode: block_table's rows must be contiguous (stride 1 along max_blocks), got strides "
                 f"{block_table.stride()}"
@@ -490,11 +491,11 @@ def tpa_decode(
             With ``block_table``, each is paged: ``[num_blocks, block_size, R, X]``.
             Any strides are accepted (a model's preallocated ``[B, M_capacity, R, X]`` buffers are
             used in place, without a copy).
-        cache_seqlens: ``[B]`` int32, valid cached tokens per sequence, the N new tokens included
+        cache_seqlens: ``[B]`` int32 (contiguous), valid cached tokens per sequence, the N new tokens included
             (they are written to the cache before the call). Query i of sequence b sees cache
             entries ``j < cache_seqlens[b] - N + 1 + i``. Requires ``N <= cache_seqlens[b] <= M``.
-        block_table: optional ``[B, max_blocks]`` int32, physical block of each logical block;
-            the capacity is then ``max_blocks * block_size``.
+        block_table: optional ``[B, max_blocks]`` int32 with contiguous rows, physical block of each
+            logical block; the capacity is then ``max_blocks * block_size``.
         softmax_scale: scale of the logits, default ``D ** -0.5``. The rank normalisations
             1/R_q, 1/R_k, 1/R_v (eq. 3.1) are applied inside the op: pass raw factors.
         return_lse: also return the natural-log log-sum-exp of the scaled logits, ``[B, N, H]`` float32.
@@ -515,15 +516,15 @@ def tpa_decode(
     Returns:
         ``out [B, N, H, E]`` in the dtype of ``a_q``; with ``return_lse``, ``(out, lse [B, N, H])``.
 
-    Host cost: a call whose key (shapes, strides, dtypes, devices, alignment, arguments) was seen
-    before skips validation and launch planning (module docstring). Under ``torch.compile`` the
+    Host cost: a call whose key (classes, shapes, strides, dtypes, devices, alignment, arguments) was
+    seen before skips validation and launch planning (module docstring). Under ``torch.compile`` the
     Triton path is the ``triton_op`` ``torch.ops.tpa.decode``, whose launches inductor emits.
 
     Raises:
         TypeError: a non-tensor argument, unsupported or mismatched dtypes, ``cache_seqlens`` or
             ``block_table`` not int32.
-        ValueError: mismatched shapes or devices, a length outside ``[N, capacity]`` where checked,
-            an unknown backend.
+        ValueError: mismatched shapes or devices, a non-contiguous ``cache_seqlens``, ``out`` or
+            block-table row, a length outside ``[N, capacity]`` where checked, an unknown backend.
     """
     options = DEFAULT_LAUNCH_OPTIONS if options is None else options
     if _is_compiling():
