@@ -5,8 +5,13 @@ parameters, allocation of the output): the launches themselves are replaced by n
 number is neither a GPU time nor the host time of a real launch (``tpa bench decode`` measures that
 on a GPU, as ``host_us``). It is useful to compare host-side changes on any machine.
 
-    PYTHONPATH=. python scripts/decode_host_cost.py            # this tree
+    PYTHONPATH=. python scripts/decode_host_cost.py --handles --out   # this tree, as `tpa bench decode` calls
     PYTHONPATH=/path/to/other/tree python scripts/decode_host_cost.py --legacy   # a tree before the plan cache
+
+``--handles`` stubs a compiled handle into each plan (what a GPU call launches through after its
+first), ``--out`` passes a preallocated output (as ``tpa bench decode`` does). The stubs take the
+same arguments as the real launchers, so the Python before them is measured, not the launchers'
+own work (on a GPU, Triton's launcher also reads every pointer argument it is given as a tensor).
 
 Prints one line per point: mean microseconds per call over ``--calls`` calls (best of ``--repeats``).
 """
@@ -76,6 +81,7 @@ def main() -> None:
     p.add_argument("--legacy", action="store_true", help="the tree has no plan cache (tpa.ops.decode._kernels)")
     p.add_argument("--handles", action="store_true",
                    help="also stub a compiled handle into each plan (the GPU path after the first call)")
+    p.add_argument("--out", action="store_true", help="pass a preallocated out= (as tpa bench decode does)")
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
@@ -87,6 +93,8 @@ def main() -> None:
     for bsz, length, heads, d, ranks, paged in points:
         inputs = _inputs(bsz, length, heads, d, ranks, paged)
         kwargs = dict(block_table=inputs[7], backend="triton", check_lengths=False)
+        if args.out:
+            kwargs["out"] = torch.empty(bsz, 1, heads, d, dtype=inputs[0].dtype)
         tpa_decode(*inputs[:7], **kwargs)
         if args.handles and not args.legacy:
             from tpa.ops import decode_launch
@@ -102,7 +110,7 @@ def main() -> None:
                 tpa_decode(*inputs[:7], **kwargs)
             best = min(best, (time.perf_counter() - t0) / args.calls)
         print(f"B={bsz} L={length} H={heads} D={d} ranks={ranks} paged={paged}: {best * 1e6:.1f} us per call "
-              "(CPU, launches stubbed)")
+              f"(CPU, launches stubbed{', out=' if args.out else ''})")
 
 
 if __name__ == "__main__":

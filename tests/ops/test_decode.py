@@ -261,6 +261,9 @@ def _good():
         (lambda x: x.__setitem__(6, x[6].long()), TypeError, "int32"),  # wrong dtype of cache_seqlens
         (lambda x: x.__setitem__(6, x[6].float()), TypeError, "int32"),
         (lambda x: x.__setitem__(6, x[6][:1]), ValueError, "shape"),
+        # the kernel reads lengths at unit stride: a strided view would be read wrong, so it is refused
+        (lambda x: x.__setitem__(6, torch.stack([x[6], x[6] + 1], 1)[:, 0]), ValueError,
+         "cache_seqlens must be contiguous"),
         (lambda x: x.__setitem__(6, torch.tensor([5, 13], dtype=torch.int32)), ValueError, "exceeds the cache capacity"),
         (lambda x: x.__setitem__(6, torch.tensor([0, 9], dtype=torch.int32)), ValueError, "smaller than the number"),
         (lambda x: x.__setitem__(3, x[3].double()), TypeError, "dtype"),
@@ -285,6 +288,8 @@ def test_bad_paged_input_raises():
         tpa_decode(*args[:7], block_table=args[7][:1])
     with pytest.raises(ValueError, match="exceeds the cache capacity"):  # capacity = 3 blocks x 4
         tpa_decode(*args[:6], torch.tensor([5, 13], dtype=torch.int32), block_table=args[7])
+    with pytest.raises(ValueError, match="rows must be contiguous"):  # same values, column stride 2
+        tpa_decode(*args[:7], block_table=args[7].t().contiguous().t())
     bad_table = args[7].clone()
     bad_table[1, 0] = 1000
     with pytest.raises(ValueError, match="outside"):

@@ -14,7 +14,7 @@ import torch
 
 from tests.ops.kernels import DEVICE, KERNELS_RUNNABLE, rerun_with_interpreter
 from tests.ops.test_decode import POISON, assert_close_to_truth, make_inputs
-from tpa.ops import decode_launch, tpa_decode
+from tpa.ops import decode, decode_launch, tpa_decode, triton_support
 from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions
 
 needs_kernel = pytest.mark.skipif(
@@ -97,42 +97,143 @@ def test_poisoned_workspaces_are_never_cached():
     assert _plans()[0]._workspaces == {}
 
 
+class _RecordingKernel:
+    """Wraps a ``triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the call, then launches."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls, self.fn = kernel, calls, kernel.fn
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+class _RecordingHandle:
+    """Stands for a compiled kernel: ``run(*args)`` records what a launch through the handle passes."""
+
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self, name, seen):
+        self.name, self.seen = name, seen
+
+    def run(self, *args):
+        self.seen[self.name] = args
+
+
 @needs_kernel
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_handle_launch_passes_the_arguments_of_the_jit_launch(paged):
-    """After a plan's first launch, later ones call the compiled handle with every argument of the
-    kernel's signature in order (constexprs included, as Triton >= 3.3 launchers take them). A stub
-    handle records what it gets; it must equal what triton.jit was given."""
+def test_handle_launch_passes_the_arguments_of_the_jit_launch(paged, monkeypatch):
+    """After a plan's first launch (through ``triton.jit``), later ones call the compiled handle with
+    every argument of the kernel's signature in order: the tensors as their ``data_ptr()`` (the
+    launcher takes integers as pointers), then the scalars and constexprs as ``triton.jit`` got them
+    (constexprs included, as Triton >= 3.3 launchers take them)."""
     inputs = make_inputs([9, 23], 1, 34, 64, 64, (3, 2, 1), torch.bfloat16, paged=paged, page_size=16,
                          capacity=32, seed=7)
     cfg = DecodeConfig(block_m=16, num_splits=2)
+    jit_calls = []
+    split_kernel, merge_kernel = (_RecordingKernel(k, jit_calls) for k in decode_launch._kernels())
+    monkeypatch.setattr(decode_launch, "_kernels", lambda: (split_kernel, merge_kernel))
     _call(inputs, config=cfg)
     (plan,) = _plans()
-    split_kernel, merge_kernel = decode_launch._kernels()
+    (o_part, lse_part, *_), = plan._workspaces.values()
     seen = {}
-
-    class Handle:
-        function, packed_metadata = "fn", "meta"
-
-        def __init__(self, name):
-            self.name = name
-
-        def run(self, *args):
-            seen[self.name] = args
-
-    plan.split_handle, plan.merge_handle = Handle("split"), Handle("merge")
-    _call(inputs, config=cfg)
-    for name, kernel, grid in (("split", split_kernel, plan.split_grid), ("merge", merge_kernel, plan.merge_grid)):
+    plan.split_handle, plan.merge_handle = _RecordingHandle("split", seen), _RecordingHandle("merge", seen)
+    out, lse = _call(inputs, config=cfg)
+    assert len(jit_calls) == 2, "the second call went through triton.jit again"
+    bt = inputs[7] if paged else inputs[6]
+    tensors = {"split": (*inputs[:7], bt, out, lse, o_part, lse_part), "merge": (o_part, lse_part, out, lse)}
+    for (grid, jit_args, jit_kwargs), name, kernel in zip(jit_calls, ("split", "merge"), (split_kernel, merge_kernel)):
         args = seen[name]
         assert args[:3] == (*grid, 1, 1)[:3] and args[4:9] == ("fn", "meta", None, None, None)
         params = list(inspect.signature(kernel.fn).parameters)
         assert len(args) - 9 == len(params), f"{name}: {len(args) - 9} arguments for {len(params)} parameters"
-        constexprs = plan.split_constexprs if name == "split" else plan.merge_constexprs
-        assert params[-len(constexprs):] == list(constexprs)
-        assert tuple(args[9 + len(params) - len(constexprs):]) == tuple(constexprs.values())
-    split_args = seen["split"][9:]
-    assert split_args[0] is inputs[0] and split_args[2] is inputs[2]
-    assert split_args[7] is (inputs[7] if paged else inputs[6])
+        n_ptr = len(tensors[name])
+        assert list(args[9:9 + n_ptr]) == [t.data_ptr() for t in tensors[name]], f"{name}: pointers"
+        assert all(isinstance(t, torch.Tensor) for t in jit_args[:n_ptr])  # triton.jit got the tensors
+        assert args[9 + n_ptr:] == (*jit_args[n_ptr:], *(jit_kwargs[p] for p in params[len(jit_args):])), name
+
+
+@needs_kernel
+def test_graph_capture_takes_its_own_workspace_and_eager_calls_keep_the_fast_path(monkeypatch):
+    """CUDA-graph capture simulated on the CPU (a plan marked compiled, recording handles, a patched
+    current stream and capture flag): a call during capture launches through the handles with a
+    fresh workspace that the plan does not keep; eager calls before and after it launch through the
+    handles on the same, kept workspace, and never through triton.jit again."""
+    inputs = make_inputs([9, 23], 1, 34, 64, 64, (3, 2, 1), torch.float32, capacity=32, seed=9)
+    cfg = DecodeConfig(block_m=16, num_splits=2)
+    jit_calls = []
+    kernels = tuple(_RecordingKernel(k, jit_calls) for k in decode_launch._kernels())
+    monkeypatch.setattr(decode_launch, "_kernels", lambda: kernels)
+    _call(inputs, config=cfg)
+    (plan,) = _plans()
+    stream, capturing = 7, [False]
+    monkeypatch.setattr(decode_launch, "_stream_getters", lambda: (lambda: plan.device_index, lambda device: stream))
+    monkeypatch.setattr(decode_launch, "_is_capturing", lambda: capturing[0])
+    plan.compiled = True
+    seen = {}
+    plan.split_handle, plan.merge_handle = _RecordingHandle("split", seen), _RecordingHandle("merge", seen)
+
+    def workspace_of_call():
+        seen.clear()
+        _call(inputs, config=cfg)
+        split, merge = seen["split"], seen["merge"]
+        assert split[3] == merge[3] == stream
+        assert split[9 + 10:9 + 12] == merge[9:11]  # the merge reads what the split wrote
+        return split[9 + 10]
+
+    eager = workspace_of_call()
+    kept = dict(plan._workspaces)
+    assert kept[stream][2] == eager
+    capturing[0] = True
+    captured = workspace_of_call()
+    assert captured != eager and plan._workspaces == kept, "the capture used or replaced the eager workspace"
+    capturing[0] = False
+    assert workspace_of_call() == eager
+    assert len(jit_calls) == 2, "a call after the handles existed went through triton.jit"
+
+
+@needs_kernel
+def test_handles_give_way_to_triton_jit_under_launch_hooks_or_another_device(monkeypatch):
+    """A Triton launch hook (a profiler) or a current device other than the plan's sends a call with
+    compiled handles through ``triton.jit`` (which calls the hooks and launches where it finds itself),
+    with the right result; without them, the handles launch again."""
+    inputs = make_inputs([9, 23], 1, 34, 64, 64, (3, 2, 1), torch.float32, capacity=32, seed=10)
+    cfg = DecodeConfig(block_m=16, num_splits=2)
+    jit_calls = []
+    kernels = tuple(_RecordingKernel(k, jit_calls) for k in decode_launch._kernels())
+    monkeypatch.setattr(decode_launch, "_kernels", lambda: kernels)
+    _call(inputs, config=cfg)
+    (plan,) = _plans()
+    current = [plan.device_index]
+    monkeypatch.setattr(decode_launch, "_stream_getters", lambda: (lambda: current[0], lambda device: 0))
+    monkeypatch.setattr(decode_launch, "_is_capturing", lambda: False)
+    plan.compiled = True
+    seen = {}
+    plan.split_handle, plan.merge_handle = _RecordingHandle("split", seen), _RecordingHandle("merge", seen)
+
+    def launches():
+        seen.clear()
+        jit_before = len(jit_calls)
+        out, lse = _call(inputs, config=cfg)
+        if len(jit_calls) > jit_before:
+            assert_close_to_truth(out, lse, inputs)
+        return sorted(seen), len(jit_calls) - jit_before
+
+    assert launches() == (["merge", "split"], 0)
+    holder = triton_support._hook_holder()
+    with monkeypatch.context() as hooked:
+        hook = lambda *args: None  # noqa: E731
+        if hasattr(holder.launch_enter_hook, "calls"):  # triton >= 3.5: a HookChain that profilers add to
+            hooked.setattr(holder.launch_enter_hook, "calls", [hook])
+        else:
+            hooked.setattr(holder, "launch_enter_hook", hook)
+        assert launches() == ([], 2)
+    assert launches() == (["merge", "split"], 0)
+    current[0] = 3
+    assert launches() == ([], 2)
 
 
 @needs_kernel
@@ -149,26 +250,76 @@ def test_triton_op_matches_the_eager_call():
     assert op_lse.numel() == 0
 
 
-def test_new_key_is_validated_after_a_good_call():
+class _Proxy:
+    """Not a tensor, but forwards every attribute to one (what a repeat's key reads included)."""
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+
+    def __getattr__(self, name):
+        return getattr(self._tensor, name)
+
+
+def test_a_repeat_differing_in_what_validation_reads_is_validated_again(monkeypatch):
     """A known key skips validation, so every property validation checks is part of the key: a call
-    that differs from a good one only in a dtype, a device or a shape is still refused."""
+    that differs from a good one only in a dtype, a device, a stride or contiguity, or in being a
+    tensor at all, is validated again and refused with validation's message, while the good repeat
+    is not validated again."""
+    validated = []
+    make_entry = decode._make_entry
+    monkeypatch.setattr(decode, "_make_entry", lambda *args: validated.append(1) or make_entry(*args))
     good = [t.cpu() if isinstance(t, torch.Tensor) else t for t in make_inputs(
         [5, 9], 1, 4, 32, 32, (2, 1, 2), torch.float32, capacity=12, seed=11)[:7]]
-    tpa_decode(*good, backend="reference")
-    bad_dtype = list(good)
-    bad_dtype[3] = good[3].half()
-    with pytest.raises(TypeError, match="dtype"):
-        tpa_decode(*bad_dtype, backend="reference")
-    bad_device = list(good)
-    bad_device[4] = good[4].to("meta")
-    with pytest.raises(ValueError, match="share a device"):
-        tpa_decode(*bad_device, backend="reference")
-    bad_lengths = list(good)
-    bad_lengths[6] = good[6].long()
-    with pytest.raises(TypeError, match="int32"):
-        tpa_decode(*bad_lengths, backend="reference")
+    out = torch.empty(2, 1, 4, 32)
+    for _ in range(2):
+        tpa_decode(*good, backend="reference")
+        tpa_decode(*good, backend="reference", out=out)
+    assert len(validated) == 2, "a repeat of a good call was validated again"
+
+    def swap(i, value):
+        return [value if j == i else t for j, t in enumerate(good)]
+
+    bad_calls = [
+        (swap(3, good[3].half()), {}, TypeError, "dtype"),
+        (swap(4, good[4].to("meta")), {}, ValueError, "share a device"),
+        (swap(6, good[6].long()), {}, TypeError, "int32"),
+        (swap(6, torch.stack([good[6], good[6]], 1)[:, 0]), {}, ValueError, "cache_seqlens must be contiguous"),
+        (swap(0, _Proxy(good[0])), {}, TypeError, "a_q must be a torch.Tensor"),
+        (swap(5, _Proxy(good[5])), {}, TypeError, "b_v_cache must be a torch.Tensor"),
+        (good, {"out": torch.empty(2, 1, 32, 4).transpose(2, 3)}, ValueError, "out must be contiguous"),
+        (good, {"out": out.half()}, ValueError, "out must be"),
+        (good, {"out": _Proxy(out)}, TypeError, "out must be a torch.Tensor"),
+    ]
+    for args, kwargs, exc, match in bad_calls:
+        before = len(validated)
+        with pytest.raises(exc, match=match):
+            tpa_decode(*args, backend="reference", **kwargs)
+        assert len(validated) == before + 1
     with pytest.raises(ValueError, match="exceeds the cache capacity"):  # values: checked per call on CPU
         tpa_decode(*good[:6], torch.tensor([5, 13], dtype=torch.int32), backend="reference")
+
+
+@needs_kernel
+def test_same_shapes_other_strides_get_their_own_plan():
+    """Caches of one shape laid out three ways (contiguous, and slices of two wider buffers) make three
+    plans, each right; a contiguous cache whose size-1 dimension has another stride (never indexed
+    but at 0) shares the contiguous plan and is right too."""
+    base = {"lengths": [6, 21], "n": 1, "h": 34, "d": 64, "e": 64, "ranks": (2, 1, 1), "dtype": torch.float32,
+            "capacity": 24}
+    contiguous = make_inputs(**base, seed=30)
+    assert_close_to_truth(*_call(contiguous), contiguous)
+    for seed, extra in ((31, 7), (32, 3)):
+        inputs = list(make_inputs(**base, seed=seed))
+        wide = [torch.cat([c, torch.randn(c.shape[0], extra, *c.shape[2:], dtype=c.dtype, device=c.device)], 1)
+                for c in inputs[2:6]]
+        inputs[2:6] = [w[:, :base["capacity"]] for w in wide]
+        assert_close_to_truth(*_call(inputs), inputs)
+    assert len(_plans()) == 3
+    odd = list(make_inputs(**base, seed=33))
+    odd[2:6] = [c.as_strided(c.shape, (*c.stride()[:2], 12345, c.stride(3))) for c in odd[2:6]]  # R = 1
+    assert all(c.is_contiguous() for c in odd[2:6])
+    assert_close_to_truth(*_call(odd), odd)
+    assert len(_plans()) == 3
 
 
 def test_plan_table_is_bounded(monkeypatch):

@@ -20,10 +20,14 @@ The stack, bottom to top:
   :func:`tpa_decode`, the public op: validates, fills defaults, dispatches to Triton or to the
   reference twin :func:`tpa.ops.naive.tpa_decode_reference`.
 
-Host cost: an eager call looks up its plan by a key of the inputs' shapes, strides, dtypes, devices
-and pointer alignment (:func:`_call_key`). A key seen before was validated then, so a repeated call
-checks nothing else, computes no launch parameter and allocates only its output; a new key runs the
-full validation (:func:`_validate`) with its error messages and builds the plan.
+Host cost: an eager call looks up its entry by one dict lookup on a key of the inputs' classes,
+shapes, strides, dtypes, devices and pointer alignment and of the other arguments (built at the
+top of :func:`tpa_decode`, which also reads the pointers the launch passes on). A key seen before
+was validated then, so a repeated call checks nothing else, computes no launch parameter and
+allocates at most its output (none with ``out=``): the entry's ``run`` (the plan's launch through
+its compiled handles, :attr:`tpa.ops.decode_launch.DecodePlan.fast_run`, or the reference twin)
+takes the call from there. A new key runs the full validation (:func:`_validate`) with its error
+messages and builds the plan.
 
 Run-time cache lengths: ``cache_seqlens`` is read by the kernel from device memory, and each
 split's slice of the cache is computed in the kernel from the sequence's own length, so a new
@@ -42,7 +46,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
@@ -63,6 +66,9 @@ __all__ = [
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_is_compiling = torch.compiler.is_compiling
+_PLANS = decode_launch.PLANS  # never rebound (decode_launch.clear_plans empties it)
+_PLANS_GET = _PLANS.get  # bound once: it runs on every call
 _MAX_FEATURE_DIM = 256  # D and E the kernel is built and tested for
 _MAX_SPLITS = 256
 
@@ -313,6 +319,8 @@ def _validate(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlen
         raise TypeError(f"tpa_decode: cache_seqlens must be int32, got {cache_seqlens.dtype}")
     if cache_seqlens.shape != (bsz,):
         raise ValueError(f"tpa_decode: cache_seqlens must have shape [B]=[{bsz}], got {tuple(cache_seqlens.shape)}")
+    if not cache_seqlens.is_contiguous():  # the kernel reads entry b at offset b
+        raise ValueError(f"tpa_decode: cache_seqlens must be contiguous, got stride {cache_seqlens.stride()}")
 
     num_blocks = None
     if block_table is not None:
@@ -324,6 +332,11 @@ def _validate(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlen
             raise ValueError(f"tpa_decode: block_table must be [B, max_blocks] with B={bsz}, got {tuple(block_table.shape)}")
         if block_table.device != device:
             raise ValueError(f"tpa_decode: block_table is on {block_table.device}, a_q on {device}")
+        if block_table.shape[1] > 1 and block_table.stride(1) != 1:  # the kernel reads row entries at unit stride
+            raise ValueError(
+                f"tpa_decode: block_table's rows must be contiguous (stride 1 along max_blocks), got strides "
+                f"{block_table.stride()}"
+            )
         num_blocks = lead[0]
         capacity = block_table.shape[1] * lead[1]
     else:
@@ -346,39 +359,23 @@ def _validate(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlen
     return capacity, num_blocks
 
 
-def _call_key(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, softmax_scale, return_lse, backend, config, options):
-    """The key of a call's plan: everything its validation and its launch depend on except values
-    (shapes, strides, dtypes, devices, 16-byte alignment of every pointer, the other arguments).
-    Written out attribute by attribute: it runs on every call. ``config`` and ``options`` enter by
-    identity (their entry holds them, so an id is not reused while the entry lives). Raises
-    AttributeError for a non-tensor argument (the full validation then says which)."""
-    align = (a_q.data_ptr() | b_q.data_ptr() | a_k.data_ptr() | b_k.data_ptr() | a_v.data_ptr() | b_v.data_ptr()
-             | lens.data_ptr()) & 15
-    key = (
-        a_q.shape, a_q.stride(), b_q.shape, b_q.stride(), a_k.shape, a_k.stride(), b_k.shape, b_k.stride(),
-        a_v.shape, a_v.stride(), b_v.shape, b_v.stride(), lens.shape,
-        a_q.dtype, b_q.dtype, a_k.dtype, b_k.dtype, a_v.dtype, b_v.dtype, lens.dtype,
-        a_q.device, b_q.device, a_k.device, b_k.device, a_v.device, b_v.device, lens.device,
-        softmax_scale, return_lse, backend, id(config), id(options),
-    )
-    if align:  # which pointers are misaligned changes the kernel's specialisation
-        key += tuple(t.data_ptr() & 15 for t in (a_q, b_q, a_k, b_k, a_v, b_v, lens))
-    if table is not None:
-        key += ("table", table.shape, table.stride(), table.dtype, table.device, table.data_ptr() & 15)
-    if out is not None:
-        key += ("out", out.shape, out.stride(), out.dtype, out.device, out.data_ptr() & 15)
-    return key
+class _Entry:
+    """What repeated calls with one key reuse (see :func:`_make_entry`).
 
+    ``run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr)`` gives the call's
+    result: :func:`_run_plan` until the plan has compiled handles, then the plan's
+    :attr:`~tpa.ops.decode_launch.DecodePlan.fast_run`; :func:`_run_reference` for the twin."""
 
-class _Entry(NamedTuple):
-    """What repeated calls with one key reuse (see :func:`_make_entry`)."""
+    __slots__ = ("capacity", "check_by_default", "held", "num_blocks", "num_queries", "plan", "return_lse", "run",
+                 "scale")
 
-    use_triton: bool
-    capacity: int
-    num_blocks: int | None
-    scale: float
-    plan: decode_launch.DecodePlan | None  # None for the reference twin and an empty batch
-    held: tuple  # config and options, kept alive while their ids are part of the key
+    def __init__(self, run, capacity, num_blocks, num_queries, check_by_default, plan, scale, return_lse, held):
+        self.run = run
+        self.capacity, self.num_blocks, self.num_queries = capacity, num_blocks, num_queries
+        self.check_by_default = check_by_default  # cache_seqlens on the CPU: check_lengths=None checks its values
+        self.plan = plan  # None for the reference twin and an empty batch
+        self.scale, self.return_lse = scale, return_lse
+        self.held = held  # config and options, kept alive while their ids are part of the key
 
 
 def _use_triton(backend: str, device: torch.device, d: int, e: int) -> bool:
@@ -405,28 +402,38 @@ def _make_entry(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, out, s
     bsz, n, _, h = a_q.shape
     d, e = b_q.shape[-1], b_v.shape[-1]
     scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
-    use_triton = _use_triton(backend, a_q.device, d, e)
     plan = None
-    if use_triton and bsz > 0:
+    if _use_triton(backend, a_q.device, d, e) and bsz > 0:
         cfg = default_config(bsz, n, h, d, e, capacity, _num_sms(a_q.device), b_k.element_size(), config,
                              a_k.shape[2], a_v.shape[2], heuristic=options.heuristic)
         plan = decode_launch.DecodePlan(a_q, b_q, a_k, b_k, a_v, b_v, block_table, scale, return_lse, cfg, options)
-    return _Entry(use_triton, capacity, num_blocks, scale, plan, (config, options))
+    return _Entry(_run_plan if plan is not None else _run_reference, capacity, num_blocks, n,
+                  not cache_seqlens.is_cuda, plan, scale, return_lse, (config, options))
 
 
-def _lookup(*args):
-    """The entry of a call (see :func:`_make_entry`), from the plan table or made and stored."""
-    try:
-        key = _call_key(*args)
-    except AttributeError:  # a non-tensor argument: the full validation raises the right error
-        return _make_entry(*args)
-    plans = decode_launch.PLANS
-    entry = plans.get(key)
-    if entry is None:
-        entry = _make_entry(*args)
-        plans[key] = entry
-        if len(plans) > decode_launch.MAX_PLANS:
-            plans.popitem(last=False)
+def _run_plan(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr):
+    """An entry's ``run`` while its plan has no compiled handles: through ``triton.jit``; once the
+    handles exist, the entry runs the plan's ``fast_run`` from then on."""
+    plan = entry.plan
+    if plan.fast_run is not None:
+        entry.run = plan.fast_run
+        return plan.fast_run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr)
+    return plan.run(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out)
+
+
+def _run_reference(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr):
+    """An entry's ``run`` for the reference twin (and every empty batch)."""
+    return _decode_reference(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, entry.scale, entry.return_lse, out)
+
+
+def _new_entry(key, args):
+    """Validate a call with a new key (``args``: :func:`_make_entry`'s), store its entry (the oldest
+    one goes beyond ``MAX_PLANS``) and return it; ``key`` None stores nothing."""
+    entry = _make_entry(*args)
+    if key is not None:
+        _PLANS[key] = entry
+        if len(_PLANS) > decode_launch.MAX_PLANS:
+            _PLANS.popitem(last=False)
     return entry
 
 
@@ -484,11 +491,11 @@ def tpa_decode(
             With ``block_table``, each is paged: ``[num_blocks, block_size, R, X]``.
             Any strides are accepted (a model's preallocated ``[B, M_capacity, R, X]`` buffers are
             used in place, without a copy).
-        cache_seqlens: ``[B]`` int32, valid cached tokens per sequence, the N new tokens included
+        cache_seqlens: ``[B]`` int32 (contiguous), valid cached tokens per sequence, the N new tokens included
             (they are written to the cache before the call). Query i of sequence b sees cache
             entries ``j < cache_seqlens[b] - N + 1 + i``. Requires ``N <= cache_seqlens[b] <= M``.
-        block_table: optional ``[B, max_blocks]`` int32, physical block of each logical block;
-            the capacity is then ``max_blocks * block_size``.
+        block_table: optional ``[B, max_blocks]`` int32 with contiguous rows, physical block of each
+            logical block; the capacity is then ``max_blocks * block_size``.
         softmax_scale: scale of the logits, default ``D ** -0.5``. The rank normalisations
             1/R_q, 1/R_k, 1/R_v (eq. 3.1) are applied inside the op: pass raw factors.
         return_lse: also return the natural-log log-sum-exp of the scaled logits, ``[B, N, H]`` float32.
@@ -509,32 +516,61 @@ def tpa_decode(
     Returns:
         ``out [B, N, H, E]`` in the dtype of ``a_q``; with ``return_lse``, ``(out, lse [B, N, H])``.
 
-    Host cost: a call whose key (shapes, strides, dtypes, devices, alignment, arguments) was seen
-    before skips validation and launch planning (module docstring). Under ``torch.compile`` the
+    Host cost: a call whose key (classes, shapes, strides, dtypes, devices, alignment, arguments) was
+    seen before skips validation and launch planning (module docstring). Under ``torch.compile`` the
     Triton path is the ``triton_op`` ``torch.ops.tpa.decode``, whose launches inductor emits.
 
     Raises:
         TypeError: a non-tensor argument, unsupported or mismatched dtypes, ``cache_seqlens`` or
             ``block_table`` not int32.
-        ValueError: mismatched shapes or devices, a length outside ``[N, capacity]`` where checked,
-            an unknown backend.
+        ValueError: mismatched shapes or devices, a non-contiguous ``cache_seqlens``, ``out`` or
+            block-table row, a length outside ``[N, capacity]`` where checked, an unknown backend.
     """
     options = DEFAULT_LAUNCH_OPTIONS if options is None else options
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return _decode_traced(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table,
                               softmax_scale, return_lse, backend, out, check_lengths, config, options)
-    _, capacity, num_blocks, scale, plan, _ = _lookup(
-        a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table, out, softmax_scale,
-        return_lse, backend, config, options,
-    )
-    if check_lengths or (check_lengths is None and not cache_seqlens.is_cuda):
-        check_cache_seqlens(cache_seqlens, capacity, a_q.shape[1], block_table, num_blocks)
-    if plan is not None:
-        o, lse = decode_launch.launch_plan(plan, a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens,
-                                           block_table, out)
-        return (o, lse) if return_lse else o
-    return _decode_reference(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table,
-                             scale, return_lse, out)
+    # The call's key: everything its validation and its launch depend on but values (class, shape,
+    # strides, dtype and device of every tensor, 16-byte alignment of every pointer, the other
+    # arguments), read attribute by attribute since it runs on every call. Strides enter as True
+    # for a contiguous tensor: its strides along dimensions of size > 1 follow from its shape, and a
+    # dimension of size 1 is only ever indexed at 0. config and options enter by identity (their
+    # entry holds them, so an id is not reused while it lives). The pointers go on to the launch.
+    a_k, b_k, a_v, b_v, lens, table = a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table
+    try:
+        p0, p1, p2, p3 = a_q.data_ptr(), b_q.data_ptr(), a_k.data_ptr(), b_k.data_ptr()
+        p4, p5, p6 = a_v.data_ptr(), b_v.data_ptr(), lens.data_ptr()
+        key = (
+            a_q.__class__, a_q.shape, a_q.is_contiguous() or a_q.stride(), a_q.dtype, a_q.device,
+            b_q.__class__, b_q.shape, b_q.is_contiguous() or b_q.stride(), b_q.dtype, b_q.device,
+            a_k.__class__, a_k.shape, a_k.is_contiguous() or a_k.stride(), a_k.dtype, a_k.device,
+            b_k.__class__, b_k.shape, b_k.is_contiguous() or b_k.stride(), b_k.dtype, b_k.device,
+            a_v.__class__, a_v.shape, a_v.is_contiguous() or a_v.stride(), a_v.dtype, a_v.device,
+            b_v.__class__, b_v.shape, b_v.is_contiguous() or b_v.stride(), b_v.dtype, b_v.device,
+            lens.__class__, lens.shape, lens.is_contiguous() or lens.stride(), lens.dtype, lens.device,
+            softmax_scale, return_lse, backend, id(config), id(options),
+        )
+        if (p0 | p1 | p2 | p3 | p4 | p5 | p6) & 15:  # which pointers are misaligned: the kernel's specialisation
+            key += (p0 & 15, p1 & 15, p2 & 15, p3 & 15, p4 & 15, p5 & 15, p6 & 15)
+        p7 = p6  # the table's pointer, lens's without one (the kernel does not read it then)
+        if table is not None:
+            p7 = table.data_ptr()
+            key += ("table", table.__class__, table.shape, table.stride(), table.dtype, table.device, p7 & 15)
+        ptrs = (p0, p1, p2, p3, p4, p5, p6, p7)
+        out_ptr = None
+        if out is not None:
+            out_ptr = out.data_ptr()
+            key += ("out", out.__class__, out.shape, out.is_contiguous() or out.stride(), out.dtype, out.device,
+                    out_ptr & 15)
+    except AttributeError:  # a non-tensor argument: the full validation raises the right error
+        key = ptrs = out_ptr = None
+    entry = _PLANS_GET(key)
+    if entry is None:
+        entry = _new_entry(key, (a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table,
+                                 out, softmax_scale, return_lse, backend, config, options))
+    if check_lengths or (check_lengths is None and entry.check_by_default):
+        check_cache_seqlens(cache_seqlens, entry.capacity, entry.num_queries, block_table, entry.num_blocks)
+    return entry.run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr)
 
 
 def _decode_reference(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, scale, return_lse, out):

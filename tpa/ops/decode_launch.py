@@ -9,15 +9,22 @@ depends only on the call's shapes is computed once per launch configuration and 
   argument (strides, scales) and every constexpr, in the kernels' argument order;
 - the compiled kernels' handles: after a plan's first launch through ``triton.jit`` (which binds
   and specialises the arguments, the part of a Triton launch that costs the most host time), later
-  launches call the compiled kernel's launcher directly with the run-time arguments. A plan is
-  keyed by everything the specialisation depends on (shapes, strides, dtypes, devices and the
-  16-byte alignment of every pointer), so the handle it keeps is the one ``triton.jit`` would pick;
+  launches call the compiled kernel's launcher directly with the run-time arguments: the tensors'
+  pointers as integers (read once per call by the key, see below; the launcher then skips its own
+  ``data_ptr()`` call and driver query per pointer) before the pre-assembled scalars and constexprs.
+  A plan is keyed by everything the specialisation depends on (shapes, strides, dtypes, devices and
+  the 16-byte alignment of every pointer), so the handle it keeps is the one ``triton.jit`` would
+  pick; a launch hook (a profiler) or a current device other than the inputs' sends the call
+  through ``triton.jit`` again;
 - the workspace of the split partials (``O_part``, ``LSE_part``, float32), one per CUDA stream, reused
   by the plan's calls on that stream (which are ordered after each other) instead of allocated per
   call. During CUDA-graph capture a call allocates its own (the graph keeps it), so a captured graph
   never shares storage with eager calls.
 
-Plans live in an LRU table (:data:`PLANS`, :func:`clear_plans`) of at most ``MAX_PLANS`` entries.
+Plans live in a table (:data:`PLANS`, :func:`clear_plans`) of at most ``MAX_PLANS`` entries, the
+oldest evicted first (a hit costs no bookkeeping; an evicted key that comes back is planned again),
+keyed by :func:`tpa.ops.decode.tpa_decode` (which also keeps there the entries of calls that run the
+reference twin).
 
 Under ``torch.compile`` the op is ``torch.ops.tpa.decode``, a ``torch.library.triton_op``:
 inductor sees the two kernel launches (through ``wrap_triton``) and emits them into its generated
@@ -36,11 +43,11 @@ import torch
 
 from tpa.ops.triton_support import HAVE_TRITON, launch_hooks_active, next_pow2
 
-__all__ = ["MAX_PLANS", "PLANS", "DecodePlan", "clear_plans", "launch_plan"]
+__all__ = ["MAX_PLANS", "PLANS", "DecodePlan", "clear_plans"]
 
 _LOG2E = 1.4426950408889634
 MAX_PLANS = 128
-PLANS: OrderedDict = OrderedDict()  # call key -> DecodePlan (see tpa.ops.decode._call_key)
+PLANS: OrderedDict = OrderedDict()  # call key -> entry holding its DecodePlan (see tpa.ops.decode.tpa_decode)
 
 
 def clear_plans() -> None:
@@ -89,7 +96,11 @@ class DecodePlan:
         split_grid, merge_grid: launch grids.
         split_scalars, merge_scalars: the non-tensor run-time arguments and constexprs, in order.
         split_handle, merge_handle: compiled kernels after the first launch (CUDA, Triton >= 3.3).
+        fast_run: the launch through them (:func:`_fast_runner`), or None (no handles yet, poisoned buffers).
         workspace_shapes: ``(O_part [B, N, H, S, E], LSE_part [B, N, H, S])``, float32.
+
+    :meth:`run` launches it on inputs validated for it through ``triton.jit``; :attr:`fast_run` (once
+    the handles exist) through the handles.
     """
 
     def __init__(self, a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, return_lse, cfg, options):
@@ -147,83 +158,165 @@ class DecodePlan:
         # every argument after the tensors, in signature order: what a compiled handle takes
         self.split_tail = (*self.split_scalars, *self.split_constexprs.values())
         self.merge_tail = (*self.merge_scalars, *self.merge_constexprs.values())
-        self.split_handle = self.merge_handle = None
-        self._workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.device_index = self.device.index  # CUDA tensors always name theirs; None on the CPU
+        self.fast_run = None  # the handles' launch closure (:func:`_fast_runner`), once both handles exist
+        self._split_handle = self._merge_handle = None
+        self._workspaces: dict[int, tuple] = {}
 
-    def workspace(self, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(O_part, LSE_part)`` for a call on ``stream``: the plan's own for that stream, or a fresh
-        pair during CUDA-graph capture (the graph keeps it) and with poisoned buffers."""
-        fresh = self.poison or (self.compiled and torch._C._cuda_isCurrentStreamCapturing())
+    @property
+    def split_handle(self):
+        """The split kernel's compiled kernel (None until the plan's first compiled launch)."""
+        return self._split_handle
+
+    @split_handle.setter
+    def split_handle(self, compiled) -> None:
+        self._split_handle = compiled
+        self._update_fast_run()
+
+    @property
+    def merge_handle(self):
+        """The merge kernel's compiled kernel (None until the plan's first compiled launch)."""
+        return self._merge_handle
+
+    @merge_handle.setter
+    def merge_handle(self, compiled) -> None:
+        self._merge_handle = compiled
+        self._update_fast_run()
+
+    def _update_fast_run(self) -> None:
+        ready = self._split_handle is not None and (self.num_splits == 1 or self._merge_handle is not None)
+        self.fast_run = _fast_runner(self) if ready and not self.poison else None
+
+    def workspace(self, stream: int) -> tuple:
+        """``(O_part, LSE_part, O_part.data_ptr(), LSE_part.data_ptr())`` for a call on ``stream``: the
+        plan's own for that stream, or a fresh pair during CUDA-graph capture (the graph keeps it)
+        and with poisoned buffers."""
+        fresh = self.poison or (self.compiled and _is_capturing())
         ws = None if fresh else self._workspaces.get(stream)
         if ws is None:
-            o_shape, l_shape = self.workspace_shapes
-            ws = (torch.empty(o_shape, dtype=torch.float32, device=self.device),
-                  torch.empty(l_shape, dtype=torch.float32, device=self.device))
-            if self.poison:
-                ws[0].fill_(float("nan"))
-                ws[1].fill_(float("nan"))
-            elif not fresh:
-                self._workspaces[stream] = ws
+            ws = _new_workspace(self.workspace_shapes, self.device, self.poison, None if fresh else self._workspaces,
+                                stream)
         return ws
+
+    def run(self, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out=None):
+        """Run the plan on inputs validated for it, through ``triton.jit`` (which binds, specialises
+        and calls the launch hooks), keeping the compiled kernels it returns as the plan's handles
+        (CUDA, Triton >= 3.3; later calls launch through :attr:`fast_run`). Returns ``out [B, N, H, E]``
+        (given or new), with ``return_lse`` ``(out, lse [B, N, H] float32)``. No host sync."""
+        if out is None:
+            out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+            if self.poison:
+                out.fill_(float("nan"))
+        lse = None
+        if self.return_lse:
+            lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+            if self.poison:
+                lse.fill_(float("nan"))
+        stream = 0
+        if self.compiled:
+            get_device, get_stream = _stream_getters()
+            stream = get_stream(get_device())
+        o_part, lse_part = self.workspace(stream)[:2] if self.num_splits > 1 else (out, out)  # unused with one split
+        lse_arg = out if lse is None else lse  # unused when not WRITE_LSE
+        bt = lens if table is None else table  # unused when not PAGED
+        split_kernel, merge_kernel = _kernels()
+        compiled = split_kernel[self.split_grid](a_q, b_q, a_k, b_k, a_v, b_v, lens, bt, out, lse_arg, o_part, lse_part,
+                                                 *self.split_scalars, **self.split_constexprs, **self.split_options)
+        keep = self.compiled and _handles_supported()
+        if keep and hasattr(compiled, "packed_metadata"):
+            self.split_handle = compiled
+        if self.num_splits > 1:
+            compiled = merge_kernel[self.merge_grid](o_part, lse_part, out, lse_arg, *self.merge_scalars,
+                                                     **self.merge_constexprs, **self.merge_options)
+            if keep and hasattr(compiled, "packed_metadata"):
+                self.merge_handle = compiled
+        return (out, lse) if self.return_lse else out
+
+
+def _new_workspace(shapes, device, poison, store, stream) -> tuple:
+    """A fresh ``(O_part, LSE_part, O_part.data_ptr(), LSE_part.data_ptr())`` of ``shapes``, float32,
+    NaN-filled with ``poison``, kept in ``store[stream]`` unless ``store`` is None."""
+    o_part = torch.empty(shapes[0], dtype=torch.float32, device=device)
+    lse_part = torch.empty(shapes[1], dtype=torch.float32, device=device)
+    if poison:
+        o_part.fill_(float("nan"))
+        lse_part.fill_(float("nan"))
+    ws = (o_part, lse_part, o_part.data_ptr(), lse_part.data_ptr())
+    if store is not None:
+        store[stream] = ws
+    return ws
+
+
+def _fast_runner(plan: DecodePlan):
+    """The launch of ``plan`` through its compiled handles as one closure over everything that does not
+    change between calls (grids, scalars, constexprs, handles, output shapes, the workspace table),
+    with the argument lists pre-assembled but for the pointers, the stream and the workspace.
+
+    ``run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr)`` takes the call's
+    validated inputs with their pointers as integers (``ptrs``: ``a_q``, ``b_q``, the four caches,
+    ``lens`` and ``table``, ``lens``'s again without one; ``out_ptr``: ``out``'s, ignored when ``out``
+    is None): the launcher then neither calls ``data_ptr()`` nor asks the driver about each pointer
+    (the inputs' devices were validated). A call with a launch hook set (a profiler) or another
+    current device than the inputs' goes through ``entry.plan.run`` (``triton.jit``) instead. It holds
+    no reference to the plan (nor the plan to an entry), so a dropped plan is freed at once."""
+    split_launch = plan.split_handle.run
+    split_fixed = (plan.split_handle.function, plan.split_handle.packed_metadata, None, None, None)
+    merge_handle = plan.merge_handle
+    merged = plan.num_splits > 1
+    merge_launch = merge_handle.run if merged else None
+    merge_fixed = (merge_handle.function, merge_handle.packed_metadata, None, None, None) if merged else None
+    g0, g1, g2 = plan.split_grid
+    m0 = plan.merge_grid[0]
+    split_tail, merge_tail = plan.split_tail, plan.merge_tail
+    out_shape, lse_shape, dtype, device = plan.out_shape, plan.lse_shape, plan.dtype, plan.device
+    return_lse, compiled, device_index = plan.return_lse, plan.compiled, plan.device_index
+    workspaces, ws_shapes = plan._workspaces, plan.workspace_shapes
+    # (a CPU plan gets handles only from tests and scripts/decode_host_cost.py)
+    get_device, get_stream = _stream_getters() if compiled else (lambda: device_index, lambda device: 0)
+    empty, float32 = torch.empty, torch.float32
+
+    def run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr):
+        current = get_device()
+        if current != device_index or launch_hooks_active():
+            return entry.plan.run(a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out)
+        stream = get_stream(current)
+        if out is None:
+            out = empty(out_shape, dtype=dtype, device=device)
+            out_ptr = out.data_ptr()
+        lse = None
+        lse_ptr = out_ptr  # unused when not WRITE_LSE
+        if return_lse:
+            lse = empty(lse_shape, dtype=float32, device=device)
+            lse_ptr = lse.data_ptr()
+        if merged:
+            capturing = compiled and _is_capturing()
+            ws = None if capturing else workspaces.get(stream)
+            if ws is None:
+                ws = _new_workspace(ws_shapes, device, False, None if capturing else workspaces, stream)
+            o_ptr, l_ptr = ws[2], ws[3]
+            split_launch(g0, g1, g2, stream, *split_fixed, *ptrs, out_ptr, lse_ptr, o_ptr, l_ptr, *split_tail)
+            merge_launch(m0, 1, 1, stream, *merge_fixed, o_ptr, l_ptr, out_ptr, lse_ptr, *merge_tail)
+        else:
+            split_launch(g0, g1, g2, stream, *split_fixed, *ptrs, out_ptr, lse_ptr, out_ptr, out_ptr, *split_tail)
+        return (out, lse) if return_lse else out
+
+    return run
 
 
 @functools.lru_cache(maxsize=1)
 def _stream_getters():
-    """Triton's own ``(get_current_device, get_current_stream)``: a handle launches where
-    ``triton.jit`` would."""
+    """``(get_current_device, get_current_stream)`` as ``triton.jit`` finds them, so that a handle
+    launches where ``triton.jit`` would: Triton's own getters, with torch's ``_cuda_getDevice`` for
+    the device (what ``torch.cuda.current_device`` returns once CUDA is initialised, as it is wherever
+    a CUDA tensor exists, without its Python)."""
     from triton.runtime import driver
 
-    return driver.active.get_current_device, driver.active.get_current_stream
+    get_device = getattr(torch._C, "_cuda_getDevice", None) or driver.active.get_current_device
+    return get_device, driver.active.get_current_stream
 
 
-def _current_stream(plan: DecodePlan) -> int:
-    if not plan.compiled:
-        return 0
-    device, stream = _stream_getters()
-    return stream(device())
-
-
-def launch(kernel, plan: DecodePlan, which: str, grid: tuple, tensors: tuple, stream: int) -> None:
-    """Launch ``kernel`` (``which``: ``"split"`` or ``"merge"``) of ``plan`` over ``grid``: through its
-    compiled handle when the plan has one (and no Triton launch hook is set), else through
-    ``triton.jit``, keeping the compiled kernel it returns as the handle."""
-    handle = plan.split_handle if which == "split" else plan.merge_handle
-    if handle is not None and not launch_hooks_active():
-        g0, g1, g2 = plan.split_grid if which == "split" else (*plan.merge_grid, 1, 1)
-        tail = plan.split_tail if which == "split" else plan.merge_tail
-        handle.run(g0, g1, g2, stream, handle.function, handle.packed_metadata, None, None, None, *tensors, *tail)
-        return
-    if which == "split":
-        compiled = kernel[grid](*tensors, *plan.split_scalars, **plan.split_constexprs, **plan.split_options)
-    else:
-        compiled = kernel[grid](*tensors, *plan.merge_scalars, **plan.merge_constexprs, **plan.merge_options)
-    if plan.compiled and _handles_supported() and compiled is not None and hasattr(compiled, "packed_metadata"):
-        setattr(plan, f"{which}_handle", compiled)
-
-
-def launch_plan(plan: DecodePlan, a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, out=None):
-    """Run ``plan`` on validated inputs: ``out [B, N, H, E]`` (given or new) and ``lse [B, N, H]``
-    float32 (or None without ``return_lse``). No host sync: capturable in a CUDA graph."""
-    split_kernel, merge_kernel = _kernels()
-    device = plan.device
-    if out is None:
-        out = torch.empty(plan.out_shape, dtype=plan.dtype, device=device)
-        if plan.poison:
-            out.fill_(float("nan"))
-    lse = None
-    if plan.return_lse:
-        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
-        if plan.poison:
-            lse.fill_(float("nan"))
-    stream = _current_stream(plan)
-    o_part, lse_part = plan.workspace(stream) if plan.num_splits > 1 else (out, out)  # unused with one split
-    lse_arg = out if lse is None else lse  # unused when not WRITE_LSE
-    bt = cache_seqlens if block_table is None else block_table  # unused when not PAGED
-    launch(split_kernel, plan, "split", plan.split_grid,
-           (a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, bt, out, lse_arg, o_part, lse_part), stream)
-    if plan.num_splits > 1:
-        launch(merge_kernel, plan, "merge", plan.merge_grid, (o_part, lse_part, out, lse_arg), stream)
-    return out, lse
+# whether the current CUDA stream is capturing a graph (called on compiled plans only)
+_is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 __all__ = ["HAVE_TRITON", "launch_hooks_active", "next_pow2", "require_runnable", "triton_interpreter_active"]
@@ -50,27 +49,27 @@ def require_runnable(op: str, device_type: str) -> None:
         )
 
 
-@functools.lru_cache(maxsize=1)
+_HOOK_HOLDER = None  # where Triton keeps its launch hooks, found on the first check
+
+
 def _hook_holder():
+    global _HOOK_HOLDER
     try:
         from triton import knobs
 
-        return knobs.runtime
+        _HOOK_HOLDER = knobs.runtime
+        _HOOK_HOLDER.launch_enter_hook, _HOOK_HOLDER.launch_exit_hook  # noqa: B018  # both, or the fallback
     except (ImportError, AttributeError):  # triton < 3.3 keeps them on CompiledKernel
         from triton.compiler import CompiledKernel
 
-        return CompiledKernel
-
-
-def _active(hook) -> bool:
-    if hook is None:
-        return False
-    calls = getattr(hook, "calls", None)  # triton >= 3.5: a HookChain, empty unless a profiler added to it
-    return bool(calls) if calls is not None else True
+        _HOOK_HOLDER = CompiledKernel
+    return _HOOK_HOLDER
 
 
 def launch_hooks_active() -> bool:
     """Whether a Triton launch hook is set (profilers such as proton): a cached kernel handle then
-    launches through ``triton.jit``, which calls them. Read at every launch, as Triton does."""
-    holder = _hook_holder()
-    return _active(getattr(holder, "launch_enter_hook", None)) or _active(getattr(holder, "launch_exit_hook", None))
+    launches through ``triton.jit``, which calls them. Read at every launch, as Triton does; a hook
+    is a function, or from Triton 3.5 a HookChain whose ``calls`` are empty unless a profiler added to it."""
+    holder = _HOOK_HOLDER or _hook_holder()
+    enter, leave = holder.launch_enter_hook, holder.launch_exit_hook
+    return bool(getattr(enter, "calls", enter) or getattr(leave, "calls", leave))

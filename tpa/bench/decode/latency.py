@@ -83,8 +83,9 @@ def batch1_latency(torch, timer, tpa_decode, dtype, log):
 
 def growing_run(torch, timer, tpa_decode, decode_mod, dtype, steps, log):
     """``steps`` consecutive decode calls, cache length growing by one per step (batch 1, H=32):
-    GPU time per step (plain launches, L2 flushed), host time per call, and CUDA-graph replays of
-    one graph captured before the first step."""
+    GPU time per step (plain launches, L2 flushed), host time per call (each step starts with an
+    empty launch queue), and CUDA-graph replays of one graph captured before the first step.
+    ``steps`` rows: (length, plain GPU us, graph GPU us, plain host us, replay host us)."""
     start = 4096
     inputs = list(tpa_inputs(torch, 1, start, 32, 64, (16, 1, 1), dtype, capacity=start + steps))
     seqlens = inputs[6]
@@ -104,6 +105,9 @@ def growing_run(torch, timer, tpa_decode, decode_mod, dtype, steps, log):
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
         wall = []
         for i in range(steps):
+            # Each step enqueues ~2.5 ms of GPU work (flush, sleep) and ~0.05 ms of host work: without
+            # this wait the launch queue fills within the run and the host time measures the GPU.
+            torch.cuda.synchronize()
             seqlens.fill_(start + i + 1)
             timer.flush()
             torch.cuda._sleep(8 * timer.sleep_cycles)  # ~2.4 ms of host lead: GPU time, not host hiccups
@@ -119,7 +123,7 @@ def growing_run(torch, timer, tpa_decode, decode_mod, dtype, steps, log):
         return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)], wall
 
     plain, wall = run(False)
-    graphed, _ = run(True)
+    graphed, graph_wall = run(True)
     after = (_compiled_variants(split_kernel), _compiled_variants(merge_kernel))
     med, gmed = statistics.median(plain), statistics.median(graphed)
     summary = {
@@ -134,4 +138,5 @@ def growing_run(torch, timer, tpa_decode, decode_mod, dtype, steps, log):
         f"{max(graphed):.2f} us ({max(graphed) / gmed:.2f}x); host per plain call median "
         f"{statistics.median(wall):.1f} us, max {max(wall):.1f} us; compiled variants (split, merge) "
         f"before {before}, after {after}")
-    return {"summary": summary, "steps": [(start + i + 1, p, g) for i, (p, g) in enumerate(zip(plain, graphed))]}
+    return {"summary": summary, "steps": [(start + i + 1, p, g, w, gw) for i, (p, g, w, gw)
+                                          in enumerate(zip(plain, graphed, wall, graph_wall))]}

@@ -86,9 +86,9 @@ def main(args) -> int:
         json.dump({"copy_gbps": bw, "batch1_len4096": latency, "growing": growing["summary"]}, f,
                   indent=1)
     with open(os.path.join(args.out, "growing.csv"), "w") as f:
-        f.write("step,length,plain_gpu_us,graph_gpu_us\n")
-        for i, (length, us, gus) in enumerate(growing["steps"]):
-            f.write(f"{i},{length},{us:.3f},{gus:.3f}\n")
+        f.write("step,length,plain_gpu_us,graph_gpu_us,plain_host_us,graph_host_us\n")
+        for i, (length, us, gus, host, ghost) in enumerate(growing["steps"]):
+            f.write(f"{i},{length},{us:.3f},{gus:.3f},{host:.3f},{ghost:.3f}\n")
     log(f"[{time.perf_counter() - t_start:.0f} s] plot")
     _guard(log, plot, rows, args.out, log)
     _guard(log, summarize, rows, bw, latency, growing["summary"], log)
