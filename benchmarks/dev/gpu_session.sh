@@ -4,7 +4,8 @@
 #   bash benchmarks/dev/gpu_session.sh train-compile official        # the next one
 # Stages:
 #   tests          python -m pytest -m gpu (the GPU correctness tests)
-#   decode         tpa bench decode at d_model 2048 (H=32, d_h=64), ranks (16,1,1) (6,2,2) (16,2,2), B 1 4 16
+#   decode         tpa bench decode at d_model 2048 (H=32, d_h=64; DECODE_DMODEL="2048 2176" adds H=34), ranks
+#                  (16,1,1) (6,2,2) (16,2,2), B 1 4 16
 #   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
 #   train-compile  tpa bench train, the whole-model-compile loop for every type, transformers' Llama first
 #   train-trainer  tpa bench train, our trainer (compiled blocks) for every type
@@ -34,7 +35,7 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
   for s in "$@"; do
     case $s in
       tests) stage tests "${T_TESTS:-170}" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider --continue-on-collection-errors ;;
-      decode) stage decode "${T_DECODE:-170}" $PY -m tpa.cli bench decode --d-model 2048 --batch 1 4 16 \
+      decode) stage decode "${T_DECODE:-170}" $PY -m tpa.cli bench decode --d-model ${DECODE_DMODEL:-2048} --batch 1 4 16 \
                 --ranks 16,1,1 6,2,2 16,2,2 --baselines gqa4 mqa --reference-max-len 0 --output "$R/decode" ;;
       generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
                 --types tpa mha gqa mla llama --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
