@@ -37,7 +37,9 @@ def _register_decode(subparsers) -> None:
     p.add_argument("--max-len", type=int, default=1 << 19, help="largest cache length (power of two)")
     p.add_argument("--ranks", nargs="+", default=DEFAULT_RANKS, help="TPA ranks as R_q,R_k,R_v")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--baselines", nargs="*", default=["mha", "gqa4", "mqa"], help="SDPA baselines (mha gqa4 mqa)")
+    p.add_argument("--baselines", nargs="*", default=["mha", "gqa4", "mqa", "mla"], choices=["mha", "gqa4", "mqa", "mla"],
+                   help="baselines: SDPA decoding over K/V caches (mha gqa4 mqa) and MLA's absorbed decode over "
+                        "its latent cache (mla: d_c 256, d_R 32)")
     p.add_argument("--reference-max-len", type=int, default=1 << 13, help="time the twin up to this length")
     p.add_argument("--reps", type=int, default=20, help="timed calls per point (fewer for slow points)")
     p.add_argument("--growing-steps", type=int, default=256)

@@ -8,8 +8,10 @@ One run, on one CUDA GPU (the kernel's correctness on the GPU is tested by
 2. sweeps the paper's Figure 5 grid: batch {1, 2, 4, 8, 16} x d_model {1024, 2048, 3072} (d_h = 64)
    x cache length 2^12 .. 2^19 x TPA ranks (16, 1, 1) and (6, 2, 2), skipping what does not fit,
    timing with CUDA events and the L2 cache flushed before every call: this kernel, the reference
-   twin (small points), and SDPA decoding over materialised K/V caches for MHA, GQA with 4 KV heads
-   and MQA at the same H and d_h. For the kernel and the SDPA baselines each point has three
+   twin (small points), SDPA decoding over materialised K/V caches for MHA, GQA with 4 KV heads
+   and MQA at the same H and d_h, and MLA's absorbed decode (``tpa.layers.mla.latent_attention``, as
+   the T6 MLA layer decodes) over a latent cache of d_c = 256 and d_R = 32 per token. For the kernel
+   and the baselines each point has three
    figures: ``us`` (plain launches, GPU time), ``host_us`` (host time of one eager call: 300 calls
    back to back, no sync in the timed span) and ``graph_us`` (the call replayed from a CUDA graph,
    GPU time);

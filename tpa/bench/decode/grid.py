@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import csv
 
-from tpa.bench.decode.inputs import best_sdpa_variant, sdpa_decode_fn, tpa_bytes, tpa_inputs
+from tpa.bench.decode.inputs import (best_sdpa_variant, mla_bytes, mla_decode_fn, sdpa_decode_fn, tpa_bytes,
+                                     tpa_inputs)
 from tpa.bench.timing import eager_host_us, graph_replay_us, kernel_times
 
 # us: plain launches (GPU time, CUDA events); host_us: host time of one eager call (no sync);
@@ -15,6 +16,7 @@ FIELDS = ["method", "ranks", "kv_heads", "batch", "d_model", "heads", "length", 
           "bytes", "gbps", "frac_copy", "backend", "splits", "retimed_us"]
 FREE_MARGIN = 0.85  # a point runs when its tensors take less than this fraction of the free memory
 KV_HEADS = {"mha": None, "gqa4": 4, "mqa": 1}  # None: as many KV heads as query heads
+BASELINES = (*KV_HEADS, "mla")  # "mla": the absorbed decode over MLA's latent cache (no SDPA)
 
 
 class Grid:
@@ -62,13 +64,18 @@ class Grid:
                     for ranks in self.ranks_list:
                         self.tpa_point(d_model, bsz, h, d, length, ranks)
                     for name in args.baselines:
-                        self.sdpa_point(d_model, bsz, h, d, length, name)
+                        if name == "mla":
+                            self.mla_point(d_model, bsz, h, length)
+                        else:
+                            self.sdpa_point(d_model, bsz, h, d, length, name)
 
     def pick_sdpa(self, d_model, bsz, h, d):
         """The strongest SDPA variant for each baseline at this (d_model, batch), picked at one length."""
         torch, args = self.torch, self.args
         pick_len = min(max(args.min_len, 1 << 14), args.max_len)
         for name in args.baselines:
+            if name == "mla":
+                continue
             kv = KV_HEADS[name] or h
             if self.fits(3 * bsz * kv * pick_len * d * self.elt):
                 best, times = best_sdpa_variant(torch, self.timer, bsz, pick_len, h, d, kv, self.dtype)
@@ -131,6 +138,20 @@ class Grid:
         graph_us = graph_replay_us(torch, self.timer, fn, self.args.reps)
         self.record(method=f"sdpa_{name}", ranks="", kv_heads=kv, batch=bsz, d_model=d_model, heads=h,
                     length=length, us=us, host_us=host_us, graph_us=graph_us, bytes=nbytes, backend=variant)
+        del fn, tensors
+        torch.cuda.empty_cache()
+
+    def mla_point(self, d_model, bsz, h, length):
+        torch = self.torch
+        if not self.fits(2 * mla_bytes(bsz, length, h, self.elt) + 8 * bsz * h * length):  # + float32 scores
+            self.log(f"  skip MLA B={bsz} d_model={d_model} L={length}: does not fit")
+            return
+        fn, nbytes, tensors = mla_decode_fn(torch, bsz, length, h, self.dtype)
+        us = self.timer.time(fn, reps=self.args.reps)
+        host_us = eager_host_us(torch, fn)
+        graph_us = graph_replay_us(torch, self.timer, fn, self.args.reps)
+        self.record(method="mla_absorbed", ranks="", kv_heads=1, batch=bsz, d_model=d_model, heads=h, length=length,
+                    us=us, host_us=host_us, graph_us=graph_us, bytes=nbytes, backend="bmm")
         del fn, tensors
         torch.cuda.empty_cache()
 

@@ -1,5 +1,5 @@
-"""Inputs of the decode benchmark: random TPA factor caches and the SDPA decoding baselines over
-materialised K/V caches (MHA, GQA, MQA)."""
+"""Inputs of the decode benchmark: random TPA factor caches, the SDPA decoding baselines over
+materialised K/V caches (MHA, GQA, MQA) and MLA's absorbed decode over its latent cache."""
 
 from __future__ import annotations
 
@@ -91,3 +91,28 @@ def best_sdpa_variant(torch, timer, bsz, length, h, d, kv_heads, dtype):
         except RuntimeError:
             continue
     return min(times, key=times.get), times
+
+
+# MLA's latent sizes at d_h = 64 (the presets' kv_lora_rank and qk_rope_head_dim): d_c = 4 d_h, d_R = d_h / 2
+MLA_LATENT, MLA_ROPE = 256, 32
+
+
+def mla_decode_fn(torch, bsz, length, h, dtype, d_c=MLA_LATENT, d_r=MLA_ROPE, device="cuda"):
+    """MLA's absorbed one-token decode (:func:`tpa.layers.mla.latent_attention`, what the T6 MLA layer
+    runs with a cache) over a latent cache ``c_kv [B, L, d_c]`` and ``k_rope [B, L, d_R]``, H query
+    heads. Returns (fn, bytes read and written, tensors)."""
+    from tpa.layers.mla import latent_attention
+
+    q_latent = torch.randn(bsz, 1, h, d_c, device=device, dtype=dtype)
+    q_rope = torch.randn(bsz, 1, h, d_r, device=device, dtype=dtype)
+    c_kv = torch.randn(bsz, length, d_c, device=device, dtype=dtype)
+    k_rope = torch.randn(bsz, length, d_r, device=device, dtype=dtype)
+    scale = (d_c + d_r) ** -0.5
+    nbytes = mla_bytes(bsz, length, h, c_kv.element_size(), d_c, d_r)
+    tensors = (q_latent, q_rope, c_kv, k_rope)
+    return (lambda: latent_attention(q_latent, q_rope, c_kv, k_rope, None, scale)), nbytes, tensors
+
+
+def mla_bytes(bsz, length, h, elt, d_c=MLA_LATENT, d_r=MLA_ROPE):
+    """Bytes of one absorbed MLA decode call: the latent cache read once, the queries and output."""
+    return (bsz * length * (d_c + d_r) + bsz * h * (2 * d_c + d_r)) * elt

@@ -13,7 +13,8 @@ def plot(rows, out_dir, log):
     import matplotlib.pyplot as plt
 
     styles = {"tpa": ("TPA", "-"), "reference": ("TPA reference twin", ":"), "sdpa_mha": ("SDPA MHA", "--"),
-              "sdpa_gqa4": ("SDPA GQA-4", "--"), "sdpa_mqa": ("SDPA MQA", "--")}
+              "sdpa_gqa4": ("SDPA GQA-4", "--"), "sdpa_mqa": ("SDPA MQA", "--"),
+              "mla_absorbed": ("MLA absorbed (d_c 256, d_R 32)", "-.")}
     for d_model in sorted({r["d_model"] for r in rows}):
         sub = [r for r in rows if r["d_model"] == d_model]
         batches = sorted({r["batch"] for r in sub})
