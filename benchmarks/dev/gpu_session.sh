@@ -36,7 +36,7 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
     case $s in
       tests) stage tests "${T_TESTS:-170}" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider --continue-on-collection-errors ;;
       decode) stage decode "${T_DECODE:-170}" $PY -m tpa.cli bench decode --d-model ${DECODE_DMODEL:-2048} --batch 1 4 16 \
-                --ranks 16,1,1 6,2,2 16,2,2 --baselines gqa4 mqa --reference-max-len 0 --output "$R/decode" ;;
+                --ranks 16,1,1 6,2,2 16,2,2 --baselines gqa4 mqa mla --reference-max-len 0 --output "$R/decode" ;;
       generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
                 --types tpa mha gqa mla llama --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
                 --time-budget "${GEN_BUDGET:-170}" --output "$R/generate" ;;
