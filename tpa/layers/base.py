@@ -199,6 +199,20 @@ class Attention(nn.Module):
         under tensor parallelism (:mod:`tpa.parallel`) its gradient is summed over the ranks."""
         return x
 
+    # the FlashTPA decode kernel serves decoding, speculative and small chunked steps; a long prefill goes to SDPA
+    decode_kernel_max_tokens = 16
+
+    def decode_kernel_applies(self, ctx: AttentionContext, new_tokens: int) -> bool:
+        """Whether a cached step of ``new_tokens`` may run through the FlashTPA decode kernel: a cache
+        with run-time lengths (``kernel_seqlens``), no attention weights asked for, and the kernel
+        chosen by ``ctx.decode_impl`` (``"auto"``: on CUDA). Layers add their own shape conditions."""
+        if new_tokens > self.decode_kernel_max_tokens or ctx.cache is None or ctx.step is None \
+                or ctx.decode_impl == "reference" or ctx.attention_weights is not None:
+            return False
+        if ctx.decode_impl == "auto" and ctx.cos.device.type != "cuda":
+            return False
+        return ctx.step.kernel_seqlens is not None
+
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         """Per-token shapes of the tensors this layer caches."""
         raise NotImplementedError

@@ -69,17 +69,10 @@ class MultiHeadAttention(Attention):
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.num_kv_heads, self.head_dim), "v": (self.num_kv_heads, self.head_dim)}
 
-    # grouped heads decode through the FlashTPA kernel (tpa.ops.grouped_decode); a long prefill goes to SDPA
-    decode_kernel_max_tokens = 16
-
     def _use_decode_kernel(self, ctx: AttentionContext, new_tokens: int) -> bool:
-        if new_tokens > self.decode_kernel_max_tokens or ctx.cache is None or ctx.step is None \
-                or ctx.decode_impl == "reference" or ctx.attention_weights is not None:
-            return False
-        if ctx.decode_impl == "auto" and ctx.cos.device.type != "cuda":
-            return False
-        return ctx.step.kernel_seqlens is not None and grouped_decode_supports(
-            self.num_heads, self.num_kv_heads, self.head_dim)
+        # grouped heads decode through the FlashTPA kernel (tpa.ops.grouped_decode); MHA stays on SDPA
+        return grouped_decode_supports(self.num_heads, self.num_kv_heads, self.head_dim) \
+            and self.decode_kernel_applies(ctx, new_tokens)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         check_hidden(x, self.hidden_size, type(self).__name__)

@@ -287,21 +287,10 @@ class TensorProductAttention(Attention):
         eye = torch.eye(heads, dtype=q.dtype, device=q.device) * heads
         return eye.expand(bsz, seq, heads, heads), q
 
-    # the decode kernel serves decoding, speculative and small chunked steps; a long prefill goes to SDPA
-    decode_kernel_max_tokens = 16
-
     def _use_decode_kernel(self, ctx: AttentionContext, new_tokens: int) -> bool:
-        if new_tokens > self.decode_kernel_max_tokens:
-            return False
-        if ctx.cache is None or ctx.step is None or ctx.decode_impl == "reference" or self.attn_impl != "sdpa" \
-                or ctx.attention_weights is not None:
-            return False
-        if ctx.decode_impl == "auto" and ctx.cos.device.type != "cuda":
-            return False
-        # the kernel reads the plain factor cache; other variants and padded chunks (no kernel_seqlens)
-        # use the reference path
+        # the kernel reads the plain factor cache; other variants use the reference path
         plain = self.order == 2 and self.contextual_a and self.contextual_b and not self.share_kv_b
-        return plain and ctx.step.kernel_seqlens is not None
+        return plain and self.attn_impl == "sdpa" and self.decode_kernel_applies(ctx, new_tokens)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         check_hidden(x, self.hidden_size, type(self).__name__)
