@@ -7,16 +7,21 @@
 #   decode         tpa bench decode at d_model 2048 (H=32, d_h=64; DECODE_DMODEL="2048 2176" adds H=34), ranks
 #                  (16,1,1) (6,2,2) (16,2,2), B 1 4 16
 #   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
-#   train-compile  tpa bench train, the whole-model-compile loop for every type, transformers' Llama first
+#   train-compile  tpa bench train, the whole-model-compile loop for every type (TRAIN_TYPES), transformers'
+#                  Llama first; PROFILE=1 adds a torch.profiler table per model (also for `official`)
 #   train-trainer  tpa bench train, our trainer (compiled blocks) for every type
 #   official       benchmarks/dev/official_train.py: the paper's official T6 and LLaMA-MHA in the same loop
 #                  (needs OFFICIAL=DIR, a checkout of tensorgi/T6; default .official/T6)
+#   profile-train  tpa train --profile-steps 3, small preset, micro-batch 16 x 1,024, compiled blocks, for
+#                  PROFILE_TYPES (default "tpa mha"): RUN_DIR/profile.txt, kernels by GPU time (issue 13)
 #   convert        tpa bench convert, mini preset, ranks 1 and 2
 # Run from the repository root with the package importable (PYTHONPATH=$PWD). DATA: token shards of
 # `tpa data prepare shakespeare` (default .carry/shakespeare). Logs and results go under $OUT: log.txt
 # and results.tar.gz, rewritten after every stage, so that a stage cut by its timeout keeps what came before.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# bitsandbytes, where the device lacks it: the wheel's package unpacked into .carry/bnb (benchmarks/dev/README.md)
+if [ -d .carry/bnb/bitsandbytes ]; then export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/.carry/bnb"; fi
 DATA=${DATA:-.carry/shakespeare}; OFFICIAL=${OFFICIAL:-.official/T6}; PY=${PY:-python3}
 R=$OUT/r; mkdir -p "$R"
 pack() { tar czf "$OUT/results.tar.gz" --exclude=checkpoints --exclude='*.pt' --exclude='*.safetensors' -C "$OUT" r; }
@@ -41,11 +46,17 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
                 --types tpa mha gqa mla llama --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
                 --time-budget "${GEN_BUDGET:-170}" --output "$R/generate" ;;
       train-compile) stage train-compile "${T_TRAIN:-420}" $PY -m tpa.cli bench train $TRAIN --loops model-compile \
-                --reference llama --types all --time-budget "${TRAIN_BUDGET:-400}" --output "$R/train-compile" ;;
+                --reference llama --types ${TRAIN_TYPES:-all} --time-budget "${TRAIN_BUDGET:-400}" ${PROFILE:+--profile} \
+                --output "$R/train-compile" ;;
       train-trainer) stage train-trainer "${T_TRAIN:-420}" $PY -m tpa.cli bench train $TRAIN --loops trainer \
                 --compile on --types all --time-budget "${TRAIN_BUDGET:-400}" --output "$R/train-trainer" ;;
       official) stage official "${T_OFFICIAL:-160}" $PY benchmarks/dev/official_train.py --official-dir "$OFFICIAL" \
-                --micro-batch 16 --seq-len 1024 --steps 20 --warmup 5 --out "$R/official" ;;
+                --micro-batch 16 --seq-len 1024 --steps 20 --warmup 5 --out "$R/official" ${PROFILE:+--profile} ;;
+      profile-train) for t in ${PROFILE_TYPES:-tpa mha}; do
+                stage profile-train-$t "${T_PROFILE:-150}" $PY -m tpa.cli train --preset small --attention-type $t \
+                  --data-dir "$DATA" --vocab-size 50304 --global-batch-size 16 --micro-batch-size 16 --seq-len 1024 --max-steps 16 \
+                  --warmup-steps 2 --eval-every 1000 --log-every 4 --compile --profile-steps 3 --no-export \
+                  --run-dir "$R/profile-train-$t"; done ;;
       convert) stage convert "${T_CONVERT:-240}" $PY -m tpa.cli bench convert --data "$DATA" --preset mini \
                 --ranks 1,2 --teacher-steps "${TEACHER_STEPS:-2000}" --output "$R/convert" ;;
       *) echo "unknown stage $s" ;;

@@ -79,16 +79,20 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile-backend", default="inductor", help="aot_eager checks the loop without codegen")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/official_train")))
+    parser.add_argument("--profile", action="store_true",
+                        help="3 more steps under torch.profiler after the timed ones: OUT/profile_official_NAME.txt")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         model = _load(args.official_dir, name, args.seq_len)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         measured = model_compile_loop(model, micro=args.micro_batch, seq_len=args.seq_len, steps=args.steps,
                                       warmup=args.warmup, device=device, bf16=device.type == "cuda",
-                                      backend=args.compile_backend)
+                                      backend=args.compile_backend,
+                                      profile_path=args.out / f"profile_official_{name}.txt" if args.profile else None)
         rows.append({"model": name, **measured})
         print(f"{name}: {measured['tokens_per_s']:,.0f} tokens/s, mfu {measured['mfu']}, "
               f"peak {measured['peak_memory_gb']:.1f} GB, {measured['parameters']:,} parameters", flush=True)

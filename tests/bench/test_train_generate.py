@@ -70,6 +70,17 @@ def test_bench_train_model_compile_loop_needs_no_data(tmp_path):
     assert row["status"] == "ok" and row["model"] == "T6ForCausalLM" and row["mfu"] is None  # no CPU peak
 
 
+def test_bench_train_profile_writes_the_profiled_steps(tmp_path):
+    out = tmp_path / "train"
+    rc = main(["bench", "train", "--preset", "tiny", "--data", str(tmp_path / "none"), "--loops", "model-compile",
+               "--reference", "none", "--types", "tpa", "--steps", "1", "--warmup", "0", "--micro-batch", "1",
+               "--seq-len", "8", "--vocab-size", "128", "--compile-backend", "aot_eager", "--device", "cpu",
+               "--profile", "--output", str(out)])
+    assert rc == 0
+    text = (out / "profile_T6ForCausalLM_tpa.txt").read_text()
+    assert text.startswith("3 profiled steps") and "aten::" in text
+
+
 def test_bench_train_bad_arguments(corpus, tmp_path, capsys):
     assert main(["bench", "train", "--preset", "giant", "--data", str(corpus[1]), "--output", str(tmp_path)]) == 2
     assert "unknown preset 'giant'" in capsys.readouterr().err

@@ -104,6 +104,9 @@ def _register_train(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: known GPUs)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later runs are skipped")
+    p.add_argument("--profile", action="store_true",
+                   help="model-compile loop: 3 more steps under torch.profiler after the timed ones, "
+                        "OUTPUT/profile_MODEL_TYPE.txt (kernels by GPU time)")
     add_output_argument(p, default="runs/bench/train", help="output folder")
     p.set_defaults(func=handler("tpa.bench.train", "_run"))
 

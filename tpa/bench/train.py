@@ -202,11 +202,17 @@ def _model_compile_job(job: dict, args, micro: int, seq_len: int, device) -> dic
     try:
         measured = model_compile_loop(model, micro=micro, seq_len=seq_len, steps=args.steps, warmup=args.warmup,
                                       device=device, bf16=bf16, backend=args.compile_backend,
-                                      peak_tflops=args.peak_tflops)
+                                      peak_tflops=args.peak_tflops, profile_path=_profile_path(job, args))
     finally:
         del model
         torch._dynamo.reset()
     return {"parameters": measured.pop("parameters"), "heads": config.num_attention_heads, **measured}
+
+
+def _profile_path(job: dict, args) -> Path | None:
+    if not getattr(args, "profile", False):
+        return None
+    return Path(args.output) / f"profile_{job['model']}_{job['attention_type']}.txt".replace(" ", "_").replace("/", "_")
 
 
 def _llama_like(config):
@@ -227,12 +233,15 @@ def _llama_like(config):
 
 
 def model_compile_loop(model, *, micro: int, seq_len: int, steps: int, warmup: int, device, bf16: bool,
-                       backend: str = "inductor", peak_tflops: float | None = None) -> dict:
+                       backend: str = "inductor", peak_tflops: float | None = None,
+                       profile_path: Path | None = None, profile_steps: int = 3) -> dict:
     """Train ``model`` the way users write it around a transformers causal LM, and time it.
 
     ``torch.compile(model)``; per step: ``loss = compiled(input_ids=ids, labels=ids).loss`` under bf16
     autocast when ``bf16``, backward, ``clip_grad_norm_(1.0)``, AdamW (fused on CUDA), ``zero_grad``;
     ids ``[micro, seq_len]`` random in the model's vocabulary. The first ``warmup`` steps are untimed.
+    With ``profile_path``, ``profile_steps`` more steps run after the timed ones under torch.profiler
+    (so the timing is not disturbed) and its table, sorted by GPU time (CPU time on a CPU), is written there.
 
     Returns ``tokens_per_s`` (timed tokens over timed time), ``median_tokens_per_s``, ``mfu`` (median;
     None without a peak), ``peak_memory_gb``, ``timed_steps_tokens``, ``parameters`` and ``final_loss``.
@@ -257,21 +266,26 @@ def model_compile_loop(model, *, micro: int, seq_len: int, steps: int, warmup: i
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def train_step(ids):
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
     times = []
     try:
         for step in range(warmup + steps):
             sync()
             t0 = time.perf_counter()
-            ids = batches[step]
-            with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(batches[step])
             sync()
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
+        if profile_path is not None:
+            _profile_steps(train_step, batches[-1], profile_steps, device, Path(profile_path))
     except KeyboardInterrupt:
         raise RunInterrupted(f"the {type(model).__name__} model-compile run stopped at step {step}") from None
     final_loss = float(loss.detach())
@@ -285,6 +299,24 @@ def model_compile_loop(model, *, micro: int, seq_len: int, steps: int, warmup: i
             "mfu": flops * median_speed / (peak * 1e12) if peak else None, "peak_memory_gb": metrics.memory_gb(device),
             "timed_steps_tokens": tokens * len(times), "parameters": sum(p.numel() for p in model.parameters()),
             "final_loss": final_loss}
+
+
+def _profile_steps(train_step, ids, steps: int, device, path: Path) -> None:
+    """Run ``steps`` calls of ``train_step(ids)`` under torch.profiler; write its table to ``path``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tpa.utils.files import atomic_write_text
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            train_step(ids)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    header = f"{steps} profiled steps of torch.compile(model), after the timed ones\n"
+    atomic_write_text(path, header + prof.key_averages().table(sort_by=sort, row_limit=50, max_name_column_width=110))
 
 
 def _loop_label(row: dict) -> str:
