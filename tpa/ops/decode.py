@@ -84,7 +84,9 @@ class DecodeConfig:
 
     Attributes:
         block_m: cache tokens per loop iteration (power of two, >= 16).
-        block_h: heads per program (power of two; heads beyond H are masked).
+        block_h: heads per program (power of two; heads beyond H are masked; the tile's
+            ``block_h x block_n`` rows must be at least 16). Below H, a program grid of
+            ``ceil(H / block_h)`` head blocks per query block (H need not be a multiple of it).
         block_n: queries per program (power of two).
         num_splits: KV splits per (sequence, head/query tile); 1 writes the output directly and
             skips the merge kernel.
@@ -97,6 +99,23 @@ class DecodeConfig:
     num_splits: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+
+    def __post_init__(self) -> None:
+        """Reject values the kernel cannot be built with, naming the field and what it accepts."""
+        for name in ("block_m", "block_h", "block_n", "num_splits", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"DecodeConfig: {name} must be a positive int or None, got {value!r}")
+        for name in ("block_m", "block_h", "block_n", "num_warps"):
+            value = getattr(self, name)
+            if value is not None and value & (value - 1):
+                raise ValueError(f"DecodeConfig: {name} must be a power of two, got {value}")
+        if self.block_m is not None and self.block_m < 16:
+            raise ValueError(f"DecodeConfig: block_m must be >= 16 (tl.dot's smallest tile), got {self.block_m}")
+        if self.num_warps is not None and self.num_warps > 32:
+            raise ValueError(f"DecodeConfig: num_warps must be at most 32, got {self.num_warps}")
+        if self.num_splits is not None and self.num_splits > _MAX_SPLITS:
+            raise ValueError(f"DecodeConfig: num_splits must be at most {_MAX_SPLITS}, got {self.num_splits}")
 
 
 @dataclass(frozen=True)
@@ -133,12 +152,24 @@ class DecodeLaunchOptions:
             triggers the merge kernel's launch as it starts, instead of as its programs finish.
         poison_buffers: test hook; fill every buffer the op allocates (output, lse, split partials)
             with NaN before the kernels run, so an element a kernel fails to write shows up as NaN.
+        a_head_pad: benchmark hook for caches whose head-factor rows are padded (``tpa bench decode
+            --pad-a-heads``): with M > 1 the loads of ``a_k_cache`` and ``a_v_cache`` read
+            ``ceil(H / M) * M`` heads per row (the extra heads are discarded), so that their mask
+            does not split vectors; every call's A caches must then be views ``buf[..., :H]`` of
+            buffers with at least that many heads and unit head stride (checked when a call's plan
+            is built, from strides and storage size). 1 (default): the loads read H heads.
     """
 
     heuristic: DecodeHeuristic = field(default_factory=DecodeHeuristic)
     use_pdl: bool = True
     early_launch: bool = True
     poison_buffers: bool = False
+    a_head_pad: int = 1
+
+    def __post_init__(self) -> None:
+        pad = self.a_head_pad
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 1:
+            raise ValueError(f"DecodeLaunchOptions: a_head_pad must be an int >= 1, got {pad!r}")
 
 
 DEFAULT_LAUNCH_OPTIONS = DecodeLaunchOptions()
@@ -177,6 +208,11 @@ def default_config(
     else:
         block_n = 1 if num_queries == 1 else min(next_pow2(num_queries), max(1, max_rows // block_h))
     if block_h * block_n < 16:  # tl.dot needs at least 16 rows
+        if o.block_h is not None:
+            raise ValueError(
+                f"DecodeConfig: block_h={o.block_h} gives tiles of {o.block_h} heads x {block_n} queries = "
+                f"{o.block_h * block_n} rows; tl.dot needs at least 16 (block_h >= {16 // block_n} here)"
+            )
         block_h = max(block_h, 16 // block_n)
     rows = block_h * block_n
     tune = heuristic or DecodeHeuristic()

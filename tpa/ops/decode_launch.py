@@ -144,7 +144,7 @@ class DecodePlan:
             # equals a tensor-core dot with float32 accumulation up to summation order.
             WRITE_LSE=return_lse, IEEE_DOT=interpret or b_k.dtype == torch.float32, FIX_BF16=fix_bf16,
             OFFS_64=(not paged) and capacity * max(abs(c.stride(1)) for c in caches) >= 2**31,
-            EARLY_LAUNCH=early,
+            EARLY_LAUNCH=early, A_HEADS=_readable_heads(h, options.a_head_pad, a_k, a_v),
         )
         self.split_options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.merge_grid = (bsz * n * h,)
@@ -231,6 +231,25 @@ class DecodePlan:
             if keep and hasattr(compiled, "packed_metadata"):
                 self.merge_handle = compiled
         return (out, lse) if self.return_lse else out
+
+
+def _readable_heads(h: int, pad: int, *a_caches) -> int:
+    """Heads per row the kernel's loads of the A caches may read: ``h``, or with ``pad`` > 1
+    ``ceil(h / pad) * pad`` once every cache has unit head stride and storage for that many heads in
+    its last row (a view ``buf[..., :h]`` of a wider buffer). Raises ValueError otherwise."""
+    if pad == 1:
+        return h
+    heads = -(-h // pad) * pad
+    for name, t in zip(("a_k_cache", "a_v_cache"), a_caches):
+        last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        room = t.untyped_storage().nbytes() // t.element_size() - last
+        if t.stride(3) != 1 or room < heads - (h - 1) or (t.shape[2] > 1 and t.stride(2) < heads):
+            raise ValueError(
+                f"tpa_decode: a_head_pad={pad} reads {heads} heads per row of {name}, which must then be a view "
+                f"buf[..., :{h}] of a buffer of at least {heads} heads (unit head stride); got shape "
+                f"{tuple(t.shape)}, strides {t.stride()}, {room} elements of storage from its last head on"
+            )
+    return heads
 
 
 def _new_workspace(shapes, device, poison, store, stream) -> tuple:
@@ -327,12 +346,12 @@ _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or tor
 def config_to_list(cfg, options) -> list[int]:
     """The op's ``config`` argument: the launch parameters a caller fixed (``cfg``, a
     :class:`tpa.ops.decode.DecodeConfig`, -1 for a field left to the heuristic), the poison flag and
-    the heuristic's constants (``options``, a :class:`tpa.ops.decode.DecodeLaunchOptions`)."""
+    the heuristic's constants and the A rows' padding (``options``, a :class:`tpa.ops.decode.DecodeLaunchOptions`)."""
     fixed = [-1 if v is None else v for v in (cfg.block_m, cfg.block_h, cfg.block_n, cfg.num_splits, cfg.num_warps,
                                               cfg.num_stages)]
     h = options.heuristic
     return [*fixed, int(options.poison_buffers), int(h.warps == "rows"), h.block_m, h.num_stages, h.programs_per_sm,
-            h.min_split_blocks]
+            h.min_split_blocks, options.a_head_pad]
 
 
 def _plan_from_list(a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, return_lse, config) -> DecodePlan:
@@ -342,7 +361,8 @@ def _plan_from_list(a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, re
 
     fixed = DecodeConfig(*(None if v < 0 else v for v in config[:6]))
     heuristic = DecodeHeuristic("rows" if config[7] else "fixed", *config[8:12])
-    options = DecodeLaunchOptions(heuristic=heuristic, use_pdl=False, early_launch=False, poison_buffers=bool(config[6]))
+    options = DecodeLaunchOptions(heuristic=heuristic, use_pdl=False, early_launch=False, poison_buffers=bool(config[6]),
+                                  a_head_pad=config[12])
     bsz, n, _, h = a_q.shape
     capacity = block_table.shape[1] * a_k.shape[1] if block_table is not None else a_k.shape[1]
     cfg = default_config(bsz, n, h, b_q.shape[-1], b_v.shape[-1], capacity, _num_sms(a_q.device), b_k.element_size(),

@@ -36,7 +36,7 @@ def tpa_decode_split_kernel(
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, OFFS_64: tl.constexpr,
-    EARLY_LAUNCH: tl.constexpr,
+    EARLY_LAUNCH: tl.constexpr, A_HEADS: tl.constexpr,
 ):
     """One (split, head/query tile, sequence). Rows of every tile are (query, head) pairs:
     row = n_local * BLOCK_H + h_local. For a contiguous cache the ``*_b`` strides step over
@@ -56,6 +56,12 @@ def tpa_decode_split_kernel(
        steps (1)+(2) logits per key rank, (3) the base-2 online softmax, (4) values per value rank;
     5. the epilogue: the log-sum-exp, then either the final output (``SPLIT`` false) or this split's
        partial output and log-sum-exp for :func:`tpa_decode_merge_kernel`.
+
+    ``A_HEADS`` (>= H) is the number of heads per row the loads of the cache's head factors ``a_k``
+    and ``a_v`` may read: H, or the padded row width of a layout whose rows hold more (see
+    :class:`tpa.ops.decode.DecodeLaunchOptions`). Heads in ``[H, A_HEADS)`` are read and discarded
+    (their rows never mix with others and are not stored); a mask at a multiple of 8 or 16 keeps the
+    loads vectorisable where a mask at H = 34 (divisible by 2 only) limits them to 2 elements.
     """
     if EARLY_LAUNCH:  # let the merge kernel (launched with PDL) start now; it waits for our results
         tl.extra.cuda.gdc_launch_dependents()
@@ -76,6 +82,7 @@ def tpa_decode_split_kernel(
     r_h = hb * BLOCK_H + rows % BLOCK_H
     r_n = qb * BLOCK_N + rows // BLOCK_H
     h_ok = r_h < H
+    a_ok = r_h < A_HEADS  # the head-factor loads (== h_ok unless the A rows are padded)
     row_ok = h_ok & (r_n < N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
@@ -160,7 +167,7 @@ def tpa_decode_split_kernel(
             else:
                 qk = tl.dot(q, k_t)
             a_k = tl.load(ak_tok[None, :] + rk * s_ak_r + r_h[:, None] * s_ak_h,
-                          mask=h_ok[:, None] & tok_ok[None, :], other=0.0)  # [ROWS, BLOCK_M]
+                          mask=a_ok[:, None] & tok_ok[None, :], other=0.0)  # [ROWS, BLOCK_M]
             s += qk * a_k.to(tl.float32)
         visible = (tok[None, :] < limit[:, None]) & tok_ok[None, :]
         s = tl.where(visible, s * scale_log2, float("-inf"))
@@ -176,7 +183,7 @@ def tpa_decode_split_kernel(
         # (4) values: per value rank, (p * a_v) B_v.
         for rv in tl.static_range(R_V):
             a_v = tl.load(av_tok[None, :] + rv * s_av_r + r_h[:, None] * s_av_h,
-                          mask=h_ok[:, None] & tok_ok[None, :], other=0.0)  # [ROWS, BLOCK_M]
+                          mask=a_ok[:, None] & tok_ok[None, :], other=0.0)  # [ROWS, BLOCK_M]
             v = tl.load(bv_tok[:, None] + rv * s_bv_r + offs_e[None, :] * s_bv_e,
                         mask=tok_ok[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
             w = round_bf16(p * a_v.to(tl.float32), FIX_BF16).to(v.dtype)
