@@ -3,9 +3,14 @@
 #   bash benchmarks/dev/gpu_session.sh tests decode generate        # one device call
 #   bash benchmarks/dev/gpu_session.sh train-compile official        # the next one
 # Stages:
-#   tests          python -m pytest -m gpu (the GPU correctness tests)
+#   tests          python -m pytest -m gpu (the GPU correctness tests; TESTS="FILE ..." limits it to those files)
 #   decode         tpa bench decode at d_model 2048 (H=32, d_h=64; DECODE_DMODEL="2048 2176" adds H=34), ranks
 #                  (16,1,1) (6,2,2) (16,2,2), B 1 4 16
+#   decode-h34     tpa bench decode, B 16 8 1, L 512K 128K 32K, ranks (16,1,1) (6,2,2), graph replay and plain
+#                  launches of each point per variant (the suspects of H=34's slowness: masked head rows or
+#                  unaligned A rows): decode-h34/blocks, H=32 (d_model 2048) then H=34 (2176) per head block
+#                  16/32/64 in both grid orders; decode-h34/pads, H=34 at head block 64 per A-cache pad 1/8/16,
+#                  the loads reading the padding or not
 #   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
 #   train-compile  tpa bench train, the whole-model-compile loop for every type (TRAIN_TYPES), transformers'
 #                  Llama first; PROFILE=1 adds a torch.profiler table per model (also for `official`)
@@ -33,15 +38,23 @@ stage() {  # stage NAME SECONDS COMMAND...
     echo "== $name rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s"
     pack
 }
+H34_GRID="--batch 16 8 1 --lengths 524288 131072 32768 --ranks 16,1,1 6,2,2 --baselines --reference-max-len 0 \
+  --reps 10 --grid-only"
 TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --warmup 5"
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   $PY -c "import torch, transformers, triton, sys; print(sys.version.split()[0], torch.__version__, transformers.__version__, triton.__version__)"
   for s in "$@"; do
     case $s in
-      tests) stage tests "${T_TESTS:-170}" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider --continue-on-collection-errors ;;
+      tests) stage tests "${T_TESTS:-170}" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider --continue-on-collection-errors \
+                ${TESTS:-} ;;
       decode) stage decode "${T_DECODE:-170}" $PY -m tpa.cli bench decode --d-model ${DECODE_DMODEL:-2048} --batch 1 4 16 \
                 --ranks 16,1,1 6,2,2 16,2,2 --baselines gqa4 mqa mla --reference-max-len 0 --output "$R/decode" ;;
+      decode-h34) stage decode-h34 "${T_DECODE_H34:-160}" bash -c "
+                timeout -k 5 95 $PY -m tpa.cli bench decode --d-model 2048 2176 $H34_GRID --block-h 16 32 64 \
+                  --head-order both --output '$R/decode-h34/blocks'
+                timeout -k 5 55 $PY -m tpa.cli bench decode --d-model 2176 $H34_GRID --block-h 64 \
+                  --pad-a-heads 1 8 16 --pad-loads both --output '$R/decode-h34/pads'" ;;
       generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
                 --types tpa mha gqa mla llama --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
                 --time-budget "${GEN_BUDGET:-170}" --output "$R/generate" ;;

@@ -17,12 +17,19 @@ import torch
 from tests.ops.kernels import KERNELS_RUNNABLE, rerun_with_interpreter
 from tests.ops.test_decode import POISON, assert_close_to_truth, make_inputs
 from tpa.ops import decode_launch, tpa_decode
-from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions
+from tpa.ops.decode import DecodeConfig, DecodeHeuristic, DecodeLaunchOptions, default_config
 
 needs_kernel = pytest.mark.skipif(
     not KERNELS_RUNNABLE,
     reason="triton was imported before TRITON_INTERPRET=1 could be set; test_block_h_in_fresh_process runs these",
 )
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    decode_launch.clear_plans()
+    yield
+    decode_launch.clear_plans()
+
 
 # (lengths, N, H, (R_q, R_k, R_v), dtype, paged): H not a power of two, ranks 1 to 3, lengths odd
 # and ragged (no multiple of the block or page size), N > 1 for speculative decoding.
@@ -51,6 +58,22 @@ def test_every_block_h_matches_truth(shape, block_h):
     cfg = DecodeConfig(block_h=block_h, num_splits=2)
     out, lse = tpa_decode(*inputs, return_lse=True, backend="triton", config=cfg, options=POISON)
     assert out.shape == (len(lengths), n, h, 64)
+    assert_close_to_truth(out, lse, inputs)
+
+
+@needs_kernel
+def test_heads_inner_grid_order_gives_the_same_result():
+    """The grid with the head/query tiles of a split side by side runs the same programs: bit for bit."""
+    shape = SHAPES[1]  # H = 78 in five head blocks of 16, three queries in one query block, paged
+    inputs = _inputs(*shape, seed_tag="inner")
+    cfg = DecodeConfig(block_h=16, num_splits=3)
+    want = tpa_decode(*inputs, return_lse=True, backend="triton", config=cfg, options=POISON)
+    inner = DecodeLaunchOptions(poison_buffers=True, heads_inner=True)
+    out, lse = tpa_decode(*inputs, return_lse=True, backend="triton", config=cfg, options=inner)
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    grids = {entry.plan.split_grid for entry in decode_launch.PLANS.values() if entry.plan is not None}
+    tiles = 5  # ceil(78 / 16) head blocks in one query block (block_n 4 >= N = 3)
+    assert {(3, tiles, len(shape[0])), (tiles, 3, len(shape[0]))} <= grids
     assert_close_to_truth(out, lse, inputs)
 
 
@@ -86,12 +109,16 @@ def test_padded_a_rows_give_the_same_result(pad, block_h):
 
 @needs_kernel
 def test_padded_a_rows_through_the_triton_op():
-    """``torch.ops.tpa.decode`` (what torch.compile traces) carries a_head_pad and gives the eager numbers."""
+    """``torch.ops.tpa.decode`` (what torch.compile traces) carries a_head_pad, heads_inner and the
+    least-padding head blocks (three of 16 at H = 34) and gives the eager numbers."""
     inputs = list(_inputs([7, 30], 1, 34, (1, 2, 1), torch.float32, False, seed_tag="op"))
     inputs[2], inputs[4] = _padded(inputs[2], 48, float("nan")), _padded(inputs[4], 48, float("nan"))
-    options = DecodeLaunchOptions(a_head_pad=16)
-    cfg = DecodeConfig(block_h=32, num_splits=2)
+    options = DecodeLaunchOptions(a_head_pad=16, heads_inner=True,
+                                  heuristic=DecodeHeuristic(head_blocks="least_padding"))
+    cfg = DecodeConfig(num_splits=2)
     out, lse = tpa_decode(*inputs, return_lse=True, backend="triton", config=cfg, options=options)
+    (entry,) = decode_launch.PLANS.values()
+    assert entry.plan.split_constexprs["BLOCK_H"] == 16 and entry.plan.split_grid == (3, 2, 2)
     config = decode_launch.config_to_list(cfg, options)
     op_out, op_lse = torch.ops.tpa.decode(*inputs[:7], None, 64 ** -0.5, True, config)
     torch.testing.assert_close(op_out, out, rtol=0, atol=0)
@@ -132,6 +159,24 @@ def test_bad_launch_parameters_are_refused(kwargs, message):
         DecodeConfig(**kwargs)
 
 
+def test_least_padding_head_blocks_and_the_unchanged_default():
+    least = DecodeHeuristic(head_blocks="least_padding")
+    for h, pow2, fewest in ((34, 64, 16), (32, 32, 32), (78, 128, 16), (48, 64, 16), (64, 64, 64), (5, 16, 16)):
+        assert default_config(16, 1, h, 64, 64, 1 << 19, 132).block_h == pow2, h
+        assert default_config(16, 1, h, 64, 64, 1 << 19, 132, heuristic=least).block_h == fewest, h
+    assert default_config(1, 4, 34, 64, 64, 4096, 132, heuristic=least).block_h == 16  # with 4 queries per tile
+    with pytest.raises(ValueError, match="head_blocks must be 'pow2' or 'least_padding'"):
+        DecodeHeuristic(head_blocks="fewest")
+
+
+@needs_kernel
+def test_least_padding_head_blocks_match_truth():
+    inputs = _inputs([33, 70], 3, 78, (2, 2, 1), torch.bfloat16, True, seed_tag="least")
+    options = DecodeLaunchOptions(poison_buffers=True, heuristic=DecodeHeuristic(head_blocks="least_padding"))
+    out, lse = tpa_decode(*inputs, return_lse=True, backend="triton", options=options)
+    assert_close_to_truth(out, lse, inputs)
+
+
 def test_bad_a_head_pad_is_refused():
     for bad in (0, -8, 2.0, True):
         with pytest.raises(ValueError, match="a_head_pad must be an int >= 1"):
@@ -157,4 +202,4 @@ def test_head_block_of_8_with_two_queries_matches_truth():
 def test_block_h_in_fresh_process():
     """When triton was imported before TRITON_INTERPRET=1 could be set, the kernel tests above are
     skipped here and run in a fresh interpreter process instead."""
-    rerun_with_interpreter(__file__, "truth or padded or too_small")
+    rerun_with_interpreter(__file__, "truth or padded or too_small or inner")

@@ -44,6 +44,26 @@ def test_decode_long_caches_match_truth(case):
     dec.assert_close_to_truth(out, lse, inputs)
 
 
+@pytest.mark.parametrize(("h", "block_h", "pad", "inner"),
+                         [(34, 16, 1, True), (34, 32, 16, False), (34, 64, 8, False), (78, 32, 16, True)])
+def test_decode_forced_head_blocks_and_padded_a_rows_match_truth(h, block_h, pad, inner):
+    """Compiled: forced head blocks (the last one partly masked) and A caches padded to a multiple of
+    ``pad`` heads, NaN in the padding, read by the loads (a_head_pad), at caches of thousands of
+    tokens, in both grid orders (heads_inner)."""
+    from tests.ops.test_decode_block_h import _padded
+    from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions
+
+    inputs = list(dec.make_inputs([5, 999, 3001], 2, h, 64, 64, (6, 2, 2), torch.bfloat16, capacity=3010,
+                                  seed=zlib.crc32(repr((h, block_h, pad)).encode())))
+    heads = -(-h // pad) * pad
+    padded = list(inputs)
+    padded[2], padded[4] = _padded(inputs[2], heads, float("nan")), _padded(inputs[4], heads, float("nan"))
+    options = DecodeLaunchOptions(poison_buffers=True, a_head_pad=pad, heads_inner=inner)
+    out, lse = tpa_decode(*padded[:7], return_lse=True, backend="triton", config=DecodeConfig(block_h=block_h),
+                          options=options)
+    dec.assert_close_to_truth(out, lse, inputs)
+
+
 def test_decode_cuda_graph_replays_at_other_lengths():
     """A graph captured at one cache length replays correctly at others (the lengths live in a
     device buffer): bitwise the eager result."""

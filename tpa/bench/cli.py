@@ -35,6 +35,8 @@ def _register_decode(subparsers) -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--min-len", type=int, default=1 << 12, help="smallest cache length (power of two)")
     p.add_argument("--max-len", type=int, default=1 << 19, help="largest cache length (power of two)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="cache lengths, in this order (instead of --min-len .. --max-len)")
     p.add_argument("--ranks", nargs="+", default=DEFAULT_RANKS, help="TPA ranks as R_q,R_k,R_v")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--baselines", nargs="*", default=["mha", "gqa4", "mqa", "mla"], choices=["mha", "gqa4", "mqa", "mla"],
@@ -51,6 +53,21 @@ def _register_decode(subparsers) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="only sweep explicit launch configurations (splits, stages, block, warps, PDL) at "
                         "the target points and write sweep.csv; no grid")
+    p.add_argument("--block-h", type=int, nargs="+", default=[0],
+                   help="time each TPA point with each of these heads per program (powers of two; 0: the launch "
+                        "heuristic's); one decode.csv row per value (columns variant, block_h)")
+    p.add_argument("--num-warps", type=int, nargs="+", default=[0],
+                   help="the same for the split kernel's warps (0: the heuristic's)")
+    p.add_argument("--pad-a-heads", type=int, nargs="+", default=[1], metavar="M",
+                   help="the same for A-factor caches whose head dimension is padded to a multiple of M (views "
+                        "of wider buffers: same values, H unchanged; 1: unpadded); see tpa.bench.decode.variants")
+    p.add_argument("--pad-loads", choices=["padded", "h", "both"], default="padded",
+                   help="with --pad-a-heads M > 1: the kernel's A loads read the padded rows (padded), only H heads "
+                        "(h: the layout alone), or both variants")
+    p.add_argument("--head-order", choices=["split", "heads", "both"], default="split",
+                   help="with several head blocks: today's grid (split), the head blocks of a split side by side "
+                        "(heads: they share the head-shared factors through L2), or both variants")
+    p.add_argument("--grid-only", action="store_true", help="only the grid (no batch-1 latency, no growing run)")
     p.add_argument("--flush", choices=["read", "write"], default="read",
                    help="how the L2 cache is flushed before each timed call: by reading a buffer of 4x L2 (leaves "
                         "clean lines) or by rewriting it (leaves ~L2-size of dirty lines the timed call must write "

@@ -51,7 +51,8 @@ import torch
 
 from tpa.ops import decode_launch
 from tpa.ops.naive import tpa_decode_reference
-from tpa.ops.triton_support import HAVE_TRITON, next_pow2, require_runnable, triton_interpreter_active
+from tpa.ops.triton_support import (HAVE_TRITON, least_padding_block, next_pow2, require_runnable,
+                                    triton_interpreter_active)
 
 __all__ = [
     "DEFAULT_LAUNCH_OPTIONS",
@@ -131,6 +132,10 @@ class DecodeHeuristic:
         num_stages: software pipeline depth (reduced until the staged tiles fit shared memory).
         programs_per_sm: the split count aims at this many programs per SM.
         min_split_blocks: each split covers at least this many blocks of capacity.
+        head_blocks: ``"pow2"`` (default) gives a program all heads, ``next_pow2(H)`` rows, while the
+            tile stays small; ``"least_padding"`` picks the head block of 16 rows or more (up to that)
+            with the fewest masked rows, the largest among equals: at H = 34, three blocks of 16
+            (48 rows, the head-shared factors read by each) instead of one of 64.
     """
 
     warps: str = "rows"
@@ -138,6 +143,13 @@ class DecodeHeuristic:
     num_stages: int = 3
     programs_per_sm: int = 4
     min_split_blocks: int = 2
+    head_blocks: str = "pow2"
+
+    def __post_init__(self) -> None:
+        if self.head_blocks not in ("pow2", "least_padding"):
+            raise ValueError(
+                f"DecodeHeuristic: head_blocks must be 'pow2' or 'least_padding', got {self.head_blocks!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,10 @@ class DecodeLaunchOptions:
             does not split vectors; every call's A caches must then be views ``buf[..., :H]`` of
             buffers with at least that many heads and unit head stride (checked when a call's plan
             is built, from strides and storage size). 1 (default): the loads read H heads.
+        heads_inner: launch order of the split kernel's grid: the head/query tiles of one split side by
+            side (grid ``(tiles, splits, B)``), so that tiles reading the same tokens' head-shared
+            factors run together and can share them through L2; False (default): ``(splits, tiles, B)``.
+            It matters only with several head blocks (``DecodeConfig.block_h`` below H).
     """
 
     heuristic: DecodeHeuristic = field(default_factory=DecodeHeuristic)
@@ -165,6 +181,7 @@ class DecodeLaunchOptions:
     early_launch: bool = True
     poison_buffers: bool = False
     a_head_pad: int = 1
+    heads_inner: bool = False
 
     def __post_init__(self) -> None:
         pad = self.a_head_pad
@@ -202,7 +219,13 @@ def default_config(
     o = override or DecodeConfig()
     block_d, block_e = max(16, next_pow2(d)), max(16, next_pow2(e))
     max_rows = max(16, 8192 // max(block_d, block_e))
-    block_h = o.block_h if o.block_h is not None else min(next_pow2(num_heads), max_rows)
+    tune = heuristic or DecodeHeuristic()
+    if o.block_h is not None:
+        block_h = o.block_h
+    elif tune.head_blocks == "least_padding":
+        block_h = least_padding_block(num_heads, 16, max(16, min(next_pow2(num_heads), max_rows)))
+    else:
+        block_h = min(next_pow2(num_heads), max_rows)
     if o.block_n is not None:
         block_n = o.block_n
     else:
@@ -215,7 +238,6 @@ def default_config(
             )
         block_h = max(block_h, 16 // block_n)
     rows = block_h * block_n
-    tune = heuristic or DecodeHeuristic()
     block_m = o.block_m if o.block_m is not None else (tune.block_m if element_size <= 2 else tune.block_m // 2)
     num_stages = o.num_stages if o.num_stages is not None else tune.num_stages
 

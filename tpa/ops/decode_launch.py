@@ -123,7 +123,8 @@ class DecodePlan:
 
         fix_bf16 = interpret and a_q.dtype == torch.bfloat16
         block_e = max(16, next_pow2(e))
-        self.split_grid = (s, math.ceil(h / cfg.block_h) * math.ceil(n / cfg.block_n), bsz)
+        tiles = math.ceil(h / cfg.block_h) * math.ceil(n / cfg.block_n)
+        self.split_grid = (tiles, s, bsz) if options.heads_inner else (s, tiles, bsz)
         dev_index = self.device.index if self.device.index is not None else (0 if interpret else torch.cuda.current_device())
         self.pdl = s > 1 and options.use_pdl and not interpret and _pdl_supported(dev_index)
         early = self.pdl and options.early_launch and math.prod(self.split_grid) <= (
@@ -145,6 +146,7 @@ class DecodePlan:
             WRITE_LSE=return_lse, IEEE_DOT=interpret or b_k.dtype == torch.float32, FIX_BF16=fix_bf16,
             OFFS_64=(not paged) and capacity * max(abs(c.stride(1)) for c in caches) >= 2**31,
             EARLY_LAUNCH=early, A_HEADS=_readable_heads(h, options.a_head_pad, a_k, a_v),
+            HEADS_INNER=options.heads_inner,
         )
         self.split_options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.merge_grid = (bsz * n * h,)
@@ -345,13 +347,14 @@ _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or tor
 
 def config_to_list(cfg, options) -> list[int]:
     """The op's ``config`` argument: the launch parameters a caller fixed (``cfg``, a
-    :class:`tpa.ops.decode.DecodeConfig`, -1 for a field left to the heuristic), the poison flag and
-    the heuristic's constants and the A rows' padding (``options``, a :class:`tpa.ops.decode.DecodeLaunchOptions`)."""
+    :class:`tpa.ops.decode.DecodeConfig`, -1 for a field left to the heuristic), the poison flag, the
+    heuristic's constants, the A rows' padding and the grid order (``options``, a
+    :class:`tpa.ops.decode.DecodeLaunchOptions`)."""
     fixed = [-1 if v is None else v for v in (cfg.block_m, cfg.block_h, cfg.block_n, cfg.num_splits, cfg.num_warps,
                                               cfg.num_stages)]
     h = options.heuristic
     return [*fixed, int(options.poison_buffers), int(h.warps == "rows"), h.block_m, h.num_stages, h.programs_per_sm,
-            h.min_split_blocks, options.a_head_pad]
+            h.min_split_blocks, options.a_head_pad, int(options.heads_inner), int(h.head_blocks == "least_padding")]
 
 
 def _plan_from_list(a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, return_lse, config) -> DecodePlan:
@@ -360,9 +363,11 @@ def _plan_from_list(a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, re
     from tpa.ops.decode import DecodeConfig, DecodeHeuristic, DecodeLaunchOptions, _num_sms, default_config
 
     fixed = DecodeConfig(*(None if v < 0 else v for v in config[:6]))
-    heuristic = DecodeHeuristic("rows" if config[7] else "fixed", *config[8:12])
-    options = DecodeLaunchOptions(heuristic=heuristic, use_pdl=False, early_launch=False, poison_buffers=bool(config[6]),
-                                  a_head_pad=config[12])
+    heuristic = DecodeHeuristic("rows" if config[7] else "fixed", *config[8:12],
+                                head_blocks="least_padding" if config[14] else "pow2")
+    options = DecodeLaunchOptions(heuristic=heuristic, use_pdl=False, early_launch=False,
+                                  poison_buffers=bool(config[6]), a_head_pad=config[12],
+                                  heads_inner=bool(config[13]))
     bsz, n, _, h = a_q.shape
     capacity = block_table.shape[1] * a_k.shape[1] if block_table is not None else a_k.shape[1]
     cfg = default_config(bsz, n, h, b_q.shape[-1], b_v.shape[-1], capacity, _num_sms(a_q.device), b_k.element_size(),

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tpa.ops.naive import materialize as materialize_reference
-from tpa.ops.triton_support import HAVE_TRITON, next_pow2, require_runnable
+from tpa.ops.triton_support import HAVE_TRITON, least_padding_block, next_pow2, require_runnable
 
 __all__ = [
     "DEFAULT_LAUNCH_OPTIONS", "MaterializeConfig", "MaterializeHeuristic", "MaterializeLaunchOptions", "default_configs", "materialize_bwd_triton", "materialize_fwd_triton", "tpa_materialize",
@@ -176,18 +176,6 @@ def _block_d(feature_dim: int, dot: bool) -> int:
     return max(16 if dot else 1, next_pow2(feature_dim))
 
 
-def _least_padding_block(heads: int, lo: int, hi: int) -> int:
-    """The largest power of two in ``[lo, hi]`` whose multiple covering ``heads`` is smallest."""
-    best, best_pad = lo, None
-    bh = lo
-    while bh <= hi:
-        pad = -(-heads // bh) * bh
-        if best_pad is None or pad <= best_pad:
-            best, best_pad = bh, pad
-        bh *= 2
-    return best
-
-
 def _pick(
     num_heads: int, feature_dim: int, dot: bool, single_block: bool, k: MaterializeHeuristic
 ) -> MaterializeConfig:
@@ -202,7 +190,7 @@ def _pick(
     if single_block and h_pow2 * block_d <= single_max:
         block_h = h_pow2
     else:
-        block_h = _least_padding_block(num_heads, min_block_h, max(min_block_h, min(h_pow2, tile // block_d)))
+        block_h = least_padding_block(num_heads, min_block_h, max(min_block_h, min(h_pow2, tile // block_d)))
         if block_h < num_heads:
             tile //= 2
     block_t = max(1, min(k.max_block_t, tile // (block_h * block_d)))

@@ -23,6 +23,18 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+def least_padding_block(heads: int, lo: int, hi: int) -> int:
+    """The largest power of two in ``[lo, hi]`` whose multiple covering ``heads`` is smallest."""
+    best, best_pad = lo, None
+    bh = lo
+    while bh <= hi:
+        pad = -(-heads // bh) * bh
+        if best_pad is None or pad <= best_pad:
+            best, best_pad = bh, pad
+        bh *= 2
+    return best
+
+
 def triton_interpreter_active() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` set before import)."""
     if not HAVE_TRITON:

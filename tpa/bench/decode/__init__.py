@@ -22,8 +22,12 @@ It writes ``decode.csv``, ``decode_dmodel{D}.png`` (log2 time against log2 lengt
 batch, like the paper's Figure 5), ``latency.json``, ``growing.csv`` and ``summary.txt`` under
 ``--output``, and prints per point microseconds, GB/s and the fraction of the copy bandwidth.
 With ``--tune`` it first chooses the launch heuristic's constants by measurement (see ``tune``).
-Restrict the grid with ``--batch``, ``--d-model``, ``--min-len``/``--max-len``, ``--ranks`` and
-``--baselines`` so that a run fits a time budget.
+Restrict the grid with ``--batch``, ``--d-model``, ``--min-len``/``--max-len`` (or ``--lengths``),
+``--ranks`` and ``--baselines`` so that a run fits a time budget; ``--grid-only`` skips phases 3 and 4.
+With ``--block-h``, ``--num-warps``, ``--pad-a-heads`` and ``--head-order`` each TPA point is timed
+per launch variant, one ``decode.csv`` row each (``tpa.bench.decode.variants``: head blocks, warps,
+A caches padded to a multiple of M heads, grid order; host time and the reference twin only for the
+default variant).
 """
 
 from __future__ import annotations

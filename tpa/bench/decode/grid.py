@@ -5,15 +5,20 @@ CUDA events over a flushed L2. One :class:`Grid` holds the run's settings and it
 from __future__ import annotations
 
 import csv
+import os
 
 from tpa.bench.decode.inputs import (best_sdpa_variant, mla_bytes, mla_decode_fn, sdpa_decode_fn, tpa_bytes,
                                      tpa_inputs)
+from tpa.bench.decode.variants import applies, padded_heads, variants_from_args
 from tpa.bench.timing import eager_host_us, graph_replay_us, kernel_times
 
 # us: plain launches (GPU time, CUDA events); host_us: host time of one eager call (no sync);
 # graph_us: one call replayed from a CUDA graph (GPU time); both GPU times with the L2 flushed
+# variant: the TPA launch variant (tpa.bench.decode.variants; "default": the heuristic's launch, unpadded
+# caches), block_h/num_warps the launch's, a_pad the A layout's pad, a_heads the heads its A loads read
 FIELDS = ["method", "ranks", "kv_heads", "batch", "d_model", "heads", "length", "us", "host_us", "graph_us",
-          "bytes", "gbps", "frac_copy", "backend", "splits", "retimed_us"]
+          "bytes", "gbps", "frac_copy", "backend", "splits", "retimed_us", "variant", "block_h", "num_warps", "a_pad",
+          "a_heads"]
 FREE_MARGIN = 0.85  # a point runs when its tensors take less than this fraction of the free memory
 KV_HEADS = {"mha": None, "gqa4": 4, "mqa": 1}  # None: as many KV heads as query heads
 BASELINES = (*KV_HEADS, "mla")  # "mla": the absorbed decode over MLA's latent cache (no SDPA)
@@ -30,11 +35,13 @@ class Grid:
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
         self.decode_mod, self.tpa_decode, self.tpa_decode_reference = decode_mod, tpa_decode, tpa_decode_reference
         self.ranks_list = [tuple(int(x) for x in r.split(",")) for r in args.ranks]
-        self.lengths = []
+        self.variants = variants_from_args(args)
+        self.lengths = list(getattr(args, "lengths", None) or [])
         length = args.min_len
-        while length <= args.max_len:
+        while not self.lengths and length <= args.max_len:
             self.lengths.append(length)
             length *= 2
+        self.csv_path = None  # rewritten after every point when set (a run cut by a timeout keeps its rows)
         self.rows = []
         self.sdpa_choice = {}  # (baseline, d_model, batch) -> SDPA variant
         self.last_us = {}  # (d_model, batch) -> (us, bytes) of the previous TPA point
@@ -52,7 +59,9 @@ class Grid:
                  + (f"  host {kw['host_us']:.1f} us" if kw.get("host_us") is not None else "")
                  + (f"  graph {kw['graph_us']:.1f} us" if kw.get("graph_us") is not None else "")
                  + (f"  [{kw['backend']}]" if kw.get("backend") else "")
-                 + (f" splits={kw['splits']}" if kw.get("splits") else ""))
+                 + (f" splits={kw['splits']}" if kw.get("splits") else "")
+                 + (f" {kw['variant']} (block_h={kw['block_h']} warps={kw['num_warps']} a_heads={kw['a_heads']})"
+                    if kw.get("variant") else ""))
 
     def run(self):
         args = self.args
@@ -63,6 +72,8 @@ class Grid:
                 for length in self.lengths:
                     for ranks in self.ranks_list:
                         self.tpa_point(d_model, bsz, h, d, length, ranks)
+                        if self.csv_path:
+                            self.write_csv(self.csv_path, quiet=True)
                     for name in args.baselines:
                         if name == "mla":
                             self.mla_point(d_model, bsz, h, length)
@@ -86,44 +97,76 @@ class Grid:
                 torch.cuda.empty_cache()
 
     def tpa_point(self, d_model, bsz, h, d, length, ranks):
-        torch, args, timer = self.torch, self.args, self.timer
+        """Every launch variant (:mod:`tpa.bench.decode.variants`) at one point, over caches allocated once
+        per A layout."""
+        torch = self.torch
         nbytes = tpa_bytes(bsz, length, h, d, ranks, self.elt)
-        if not self.fits(2 * nbytes):
-            self.log(f"  skip TPA{ranks} B={bsz} d_model={d_model} L={length}: does not fit")
-            return
-        inputs = tpa_inputs(torch, bsz, length, h, d, ranks, self.dtype)
-        out = torch.empty(bsz, 1, h, d, dtype=self.dtype, device="cuda")
-        fn = lambda: self.tpa_decode(*inputs[:7], out=out, options=self.launch)  # noqa: E731
-        us = timer.time(fn, reps=args.reps)
-        host_us = eager_host_us(torch, fn)
-        graph_us = graph_replay_us(torch, timer, fn, args.reps)
-        cfg = self.decode_mod.default_config(bsz, 1, h, d, d, length, self.sms, self.elt, None, ranks[1], ranks[2],
-                                             heuristic=self.launch.heuristic)
-        # anomaly: slower than 2.5x the previous TPA point of this batch (any ranks) scaled by bytes
-        key = (d_model, bsz)
-        retimed = ""
-        if key in self.last_us:
-            prev_us, prev_bytes = self.last_us[key]
-            expected = prev_us * max(1.0, nbytes / prev_bytes)
-            if us > 2.5 * expected:
-                retimed = [round(timer.time(fn, reps=args.reps), 1) for _ in range(2)]
-                self.log(f"  anomaly: TPA{ranks} B={bsz} L={length} took {us:.1f} us, expected about "
-                         f"{expected:.1f} us from the previous point; timed again: {retimed}; kernels: "
-                         f"{kernel_times(torch, fn)}")
-        self.last_us[key] = (us, nbytes)
         point = dict(ranks=",".join(map(str, ranks)), kv_heads="", batch=bsz, d_model=d_model, heads=h,
                      length=length, bytes=nbytes)
+        for pad in dict.fromkeys(v.a_pad for v in self.variants):
+            group = [v for v in self.variants if v.a_pad == pad and applies(v, h)]
+            if not group:
+                continue
+            a_heads = padded_heads(h, pad)
+            extra = bsz * length * (ranks[1] + ranks[2]) * (a_heads - h) * self.elt
+            if not self.fits(2 * (nbytes + extra)):
+                self.log(f"  skip TPA{ranks} B={bsz} d_model={d_model} L={length} pad={pad}: does not fit")
+                continue
+            inputs = tpa_inputs(torch, bsz, length, h, d, ranks, self.dtype, a_heads=a_heads)
+            out = torch.empty(bsz, 1, h, d, dtype=self.dtype, device="cuda")
+            for variant in group:
+                self.tpa_variant(variant, inputs, out, point, ranks)
+            inputs = out = None
+            torch.cuda.empty_cache()
+
+    def tpa_variant(self, variant, inputs, out, point, ranks):
+        """One variant at one point: plain launches and graph replay; the default variant also host
+        time, the anomaly check and the reference twin."""
+        from tpa.ops.decode import DecodeConfig
+
+        torch, args, timer = self.torch, self.args, self.timer
+        bsz, h, length, d = point["batch"], point["heads"], point["length"], inputs[1].shape[-1]
+        try:
+            override, options = variant.config(DecodeConfig), variant.options(self.launch)
+            cfg = self.decode_mod.default_config(bsz, 1, h, d, d, length, self.sms, self.elt, override, ranks[1],
+                                                 ranks[2], heuristic=self.launch.heuristic)
+            fn = lambda: self.tpa_decode(*inputs[:7], out=out, config=override, options=options)  # noqa: E731
+            fn()
+        except ValueError as exc:  # a variant this shape cannot take (say block_h 8 with one query)
+            self.log(f"  skip TPA{ranks} B={bsz} H={h} L={length} {variant.label}: {exc}")
+            return
+        us = timer.time(fn, reps=args.reps)
+        graph_us = graph_replay_us(torch, timer, fn, args.reps)
+        host_us, retimed = None, ""
+        if variant.is_default:
+            host_us = eager_host_us(torch, fn)
+            retimed = self.check_anomaly(fn, us, point, ranks)
         self.record(method="tpa", us=us, host_us=host_us, graph_us=graph_us, backend="triton", splits=cfg.num_splits,
-                    retimed_us=retimed, **point)
-        if length <= args.reference_max_len:
+                    retimed_us=retimed, variant=variant.label, block_h=cfg.block_h, num_warps=cfg.num_warps,
+                    a_pad=variant.a_pad, a_heads=variant.load_heads(h), **point)
+        if variant.is_default and length <= args.reference_max_len:
             try:
                 ref_fn = lambda: self.tpa_decode_reference(*inputs[:7])  # noqa: E731
                 self.record(method="reference", us=timer.time(ref_fn, reps=5, budget_s=0.05), backend="einsum",
                             **point)
             except torch.cuda.OutOfMemoryError:
                 self.log(f"  reference OOM at B={bsz} L={length}")
-        inputs = out = None
-        torch.cuda.empty_cache()
+
+    def check_anomaly(self, fn, us, point, ranks):
+        """Time again (and list the kernels) when the point is slower than 2.5x the previous TPA point
+        of its (d_model, batch), any ranks, scaled by bytes. Returns the new times or ""."""
+        key, nbytes = (point["d_model"], point["batch"]), point["bytes"]
+        retimed = ""
+        if key in self.last_us:
+            prev_us, prev_bytes = self.last_us[key]
+            expected = prev_us * max(1.0, nbytes / prev_bytes)
+            if us > 2.5 * expected:
+                retimed = [round(self.timer.time(fn, reps=self.args.reps), 1) for _ in range(2)]
+                self.log(f"  anomaly: TPA{ranks} B={point['batch']} L={point['length']} took {us:.1f} us, expected "
+                         f"about {expected:.1f} us from the previous point; timed again: {retimed}; kernels: "
+                         f"{kernel_times(self.torch, fn)}")
+        self.last_us[key] = (us, nbytes)
+        return retimed
 
     def sdpa_point(self, d_model, bsz, h, d, length, name):
         torch = self.torch
@@ -155,10 +198,13 @@ class Grid:
         del fn, tensors
         torch.cuda.empty_cache()
 
-    def write_csv(self, path):
-        with open(path, "w", newline="") as f:
+    def write_csv(self, path, quiet=False):
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
             w.writeheader()
             for r in self.rows:
                 w.writerow(r)
-        self.log(f"wrote {path}")
+        os.replace(tmp, path)
+        if not quiet:
+            self.log(f"wrote {path}")

@@ -6,22 +6,30 @@ from __future__ import annotations
 import math
 
 
-def tpa_inputs(torch, bsz, length, h, d, ranks, dtype, n=1, capacity=None, paged_block=None):
-    """Random factors on the GPU; cache_seqlens = length for every sequence."""
+def tpa_inputs(torch, bsz, length, h, d, ranks, dtype, n=1, capacity=None, paged_block=None, a_heads=None,
+               device="cuda"):
+    """Random factors on ``device``; cache_seqlens = length for every sequence. ``a_heads`` (>= h): the
+    A caches are views ``buf[..., :h]`` of buffers of that many heads per row (random values there
+    too), for :mod:`tpa.bench.decode.variants`'s padded layout."""
     r_q, r_k, r_v = ranks
+    hp = a_heads or h
+    if hp < h:
+        raise ValueError(f"tpa_inputs: a_heads={hp} must be at least h={h}")
     capacity = capacity or length
-    a_q = torch.randn(bsz, n, r_q, h, device="cuda", dtype=dtype)
-    b_q = torch.randn(bsz, n, r_q, d, device="cuda", dtype=dtype)
+    a_q = torch.randn(bsz, n, r_q, h, device=device, dtype=dtype)
+    b_q = torch.randn(bsz, n, r_q, d, device=device, dtype=dtype)
     if paged_block:
         max_blocks = math.ceil(capacity / paged_block)
         nb = bsz * max_blocks
-        shapes = [(nb, paged_block, r, x) for r, x in ((r_k, h), (r_k, d), (r_v, h), (r_v, d))]
-        block_table = torch.randperm(nb, device="cuda").to(torch.int32).reshape(bsz, max_blocks)
+        lead = (nb, paged_block)
+        block_table = torch.randperm(nb, device=device).to(torch.int32).reshape(bsz, max_blocks)
     else:
-        shapes = [(bsz, capacity, r, x) for r, x in ((r_k, h), (r_k, d), (r_v, h), (r_v, d))]
+        lead = (bsz, capacity)
         block_table = None
-    caches = [torch.randn(s, device="cuda", dtype=dtype) for s in shapes]
-    seqlens = torch.full((bsz,), length, dtype=torch.int32, device="cuda")
+    dims = ((r_k, hp), (r_k, d), (r_v, hp), (r_v, d))
+    caches = [torch.randn(*lead, r, x, device=device, dtype=dtype) for r, x in dims]
+    caches[0], caches[2] = caches[0][..., :h], caches[2][..., :h]
+    seqlens = torch.full((bsz,), length, dtype=torch.int32, device=device)
     return a_q, b_q, *caches, seqlens, block_table
 
 

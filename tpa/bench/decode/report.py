@@ -24,13 +24,15 @@ def plot(rows, out_dir, log):
             for r in sub:
                 if r["batch"] != bsz:
                     continue
-                key = (r["method"], r.get("ranks", ""))
+                key = (r["method"], r.get("ranks", ""), r.get("variant") or "default")
                 series.setdefault(key, []).append((math.log2(r["length"]), math.log2(r["us"] * 1e-6)))
-            for (method, ranks), pts in sorted(series.items()):
+            for (method, ranks, variant), pts in sorted(series.items()):
                 pts.sort()
                 label, ls = styles.get(method, (method, "-"))
                 if ranks:
                     label += f" ({ranks})"
+                if variant != "default":
+                    label += f" {variant}"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", ms=3, label=label)
             ax.set_title(f"Batch Size: {bsz}, Embedding Dim: {d_model}", fontsize=9)
             ax.set_xlabel("log2(sequence length)")
@@ -46,8 +48,9 @@ def plot(rows, out_dir, log):
 
 def summarize(rows, bw, latency, growing, log):
     """The issue's targets, evaluated on this run's numbers (H=32, d_h=64 where stated)."""
-    log("targets (H=32, d_h=64, this dtype):")
-    tpa = {(r["batch"], r["length"], r["heads"], r["ranks"]): r for r in rows if r["method"] == "tpa"}
+    log("targets (H=32, d_h=64, this dtype; the default launch variant):")
+    tpa = {(r["batch"], r["length"], r["heads"], r["ranks"]): r for r in rows
+           if r["method"] == "tpa" and r.get("variant", "default") == "default"}
     sdpa = {(r["method"], r["batch"], r["length"], r["heads"]): r for r in rows if r["method"].startswith("sdpa")}
     big = [r for k, r in tpa.items() if k[2] == 32 and k[3] == "16,1,1" and r["bytes"] >= 256e6]
     if big:

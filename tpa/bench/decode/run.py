@@ -10,6 +10,7 @@ from tpa.bench.decode.grid import Grid
 from tpa.bench.decode.latency import batch1_latency, growing_run
 from tpa.bench.decode.report import plot, summarize
 from tpa.bench.decode.tune import sweep, tune
+from tpa.bench.decode.variants import check_args
 from tpa.bench.timing import Timer, copy_bandwidth
 
 
@@ -31,6 +32,7 @@ def main(args) -> int:
 
     warnings.filterwarnings("ignore", category=UserWarning)  # SDPA backend-probe chatter
 
+    check_args(args)
     if not torch.cuda.is_available():
         print("tpa bench decode needs a CUDA GPU")
         return 2
@@ -73,10 +75,17 @@ def main(args) -> int:
 
     log(f"[{time.perf_counter() - t_start:.0f} s] grid (GPU time: CUDA events, L2 flushed before each call; median):")
     grid = Grid(torch, args, timer, dtype, bw, log, launch)
+    log(f"TPA launch variants: {', '.join(v.label for v in grid.variants)}")
+    grid.csv_path = os.path.join(args.out, "decode.csv")
     _guard(log, grid.run)
     log(f"[{time.perf_counter() - t_start:.0f} s] grid done")
-    grid.write_csv(os.path.join(args.out, "decode.csv"))
+    grid.write_csv(grid.csv_path)
     rows = grid.rows
+    if getattr(args, "grid_only", False):
+        _guard(log, summarize, rows, bw, {}, {}, log)
+        with open(os.path.join(args.out, "summary.txt"), "w") as f:
+            f.write("\n".join(log_lines) + "\n")
+        return 0
 
     log(f"[{time.perf_counter() - t_start:.0f} s] latency")
     latency = _guard(log, batch1_latency, torch, timer, tpa_decode, dtype, log) or {}

@@ -36,7 +36,7 @@ def tpa_decode_split_kernel(
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, OFFS_64: tl.constexpr,
-    EARLY_LAUNCH: tl.constexpr, A_HEADS: tl.constexpr,
+    EARLY_LAUNCH: tl.constexpr, A_HEADS: tl.constexpr, HEADS_INNER: tl.constexpr,
 ):
     """One (split, head/query tile, sequence). Rows of every tile are (query, head) pairs:
     row = n_local * BLOCK_H + h_local. For a contiguous cache the ``*_b`` strides step over
@@ -62,6 +62,9 @@ def tpa_decode_split_kernel(
     :class:`tpa.ops.decode.DecodeLaunchOptions`). Heads in ``[H, A_HEADS)`` are read and discarded
     (their rows never mix with others and are not stored); a mask at a multiple of 8 or 16 keeps the
     loads vectorisable where a mask at H = 34 (divisible by 2 only) limits them to 2 elements.
+    ``HEADS_INNER`` swaps the first two grid axes, so that the head blocks of one split, which read
+    the same tokens' head-shared factors ``b_k`` and ``b_v``, run at the same time and can share them
+    through L2 instead of each reading them from memory.
     """
     if EARLY_LAUNCH:  # let the merge kernel (launched with PDL) start now; it waits for our results
         tl.extra.cuda.gdc_launch_dependents()
@@ -69,8 +72,12 @@ def tpa_decode_split_kernel(
     # torch.compile): keep the float32 accumulators float32
     scale_log2 = tl.cast(scale_log2, tl.float32)
     out_scale = tl.cast(out_scale, tl.float32)
-    pid_s = tl.program_id(0)
-    pid_hq = tl.program_id(1)
+    if HEADS_INNER:  # grid (head/query tiles, splits, B): the tiles of one split are launched side by side
+        pid_hq = tl.program_id(0)
+        pid_s = tl.program_id(1)
+    else:  # grid (splits, head/query tiles, B)
+        pid_s = tl.program_id(0)
+        pid_hq = tl.program_id(1)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
