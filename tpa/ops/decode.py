@@ -328,9 +328,31 @@ def check_cache_seqlens(
 
 
 def _validate(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table, out):
-    """The full checks of :func:`tpa_decode`'s inputs, with their messages (run once per call key).
+    """The full checks of :func:`tpa_decode`'s inputs, with their messages (run once per call key):
+    the factors (:func:`_check_factors`), the lengths and block table (:func:`_check_layout`), ``out``.
 
     Returns ``(capacity, num_blocks)``; ``num_blocks`` is None without a block table."""
+    bsz, n, h, e = _check_factors(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens)
+    capacity, num_blocks = _check_layout(cache_seqlens, block_table, a_k_cache.shape[:2], bsz, a_q.device)
+    if n > capacity:
+        raise ValueError(f"tpa_decode: N={n} query tokens do not fit in a cache of capacity {capacity}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"tpa_decode: out must be a torch.Tensor, got {type(out).__name__}")
+        dtype, device = a_q.dtype, a_q.device
+        if out.shape != (bsz, n, h, e) or out.dtype != dtype or out.device != device:
+            raise ValueError(
+                f"tpa_decode: out must be [B, N, H, E]={[bsz, n, h, e]} {dtype} on {device}, "
+                f"got {list(out.shape)} {out.dtype} on {out.device}"
+            )
+        if not out.is_contiguous():
+            raise ValueError("tpa_decode: out must be contiguous")
+    return capacity, num_blocks
+
+
+def _check_factors(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens) -> tuple[int, int, int, int]:
+    """The query factors and the four caches: tensors of 4 dimensions, one supported dtype, one device
+    (``cache_seqlens``'s included), shapes that agree. Returns ``(B, N, H, E)``."""
     bsz, n, r_q, h = _shape(a_q, "a_q", 4)
     d = _shape(b_q, "b_q", 4)[-1]
     if b_q.shape[:3] != (bsz, n, r_q):
@@ -370,7 +392,12 @@ def _validate(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlen
     e = shapes["b_v_cache"][3]
     if min(bsz, n, r_q, h, d, r_k, r_v, e) < 1 and bsz != 0:
         raise ValueError("tpa_decode: N, ranks, heads and feature dims must all be >= 1")
+    return bsz, n, h, e
 
+
+def _check_layout(cache_seqlens, block_table, lead, bsz, device) -> tuple[int, int | None]:
+    """``cache_seqlens`` (``[B]`` int32, contiguous) and the block table or its absence, given the
+    caches' first two dimensions ``lead``. Returns ``(capacity, num_blocks)`` (None without a table)."""
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"tpa_decode: cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32:
@@ -379,42 +406,24 @@ def _validate(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlen
         raise ValueError(f"tpa_decode: cache_seqlens must have shape [B]=[{bsz}], got {tuple(cache_seqlens.shape)}")
     if not cache_seqlens.is_contiguous():  # the kernel reads entry b at offset b
         raise ValueError(f"tpa_decode: cache_seqlens must be contiguous, got stride {cache_seqlens.stride()}")
-
-    num_blocks = None
-    if block_table is not None:
-        if not isinstance(block_table, torch.Tensor):
-            raise TypeError(f"tpa_decode: block_table must be a torch.Tensor, got {type(block_table).__name__}")
-        if block_table.dtype != torch.int32:
-            raise TypeError(f"tpa_decode: block_table must be int32, got {block_table.dtype}")
-        if block_table.dim() != 2 or block_table.shape[0] != bsz:
-            raise ValueError(f"tpa_decode: block_table must be [B, max_blocks] with B={bsz}, got {tuple(block_table.shape)}")
-        if block_table.device != device:
-            raise ValueError(f"tpa_decode: block_table is on {block_table.device}, a_q on {device}")
-        if block_table.shape[1] > 1 and block_table.stride(1) != 1:  # the kernel reads row entries at unit stride
-            raise ValueError(
-                f"tpa_decode: block_table's rows must be contiguous (stride 1 along max_blocks), got strides "
-                f"{block_table.stride()}"
-            )
-        num_blocks = lead[0]
-        capacity = block_table.shape[1] * lead[1]
-    else:
+    if block_table is None:
         if lead[0] != bsz:
             raise ValueError(f"tpa_decode: the caches' batch {lead[0]} must equal a_q's B={bsz} (or pass block_table)")
-        capacity = lead[1]
-    if n > capacity:
-        raise ValueError(f"tpa_decode: N={n} query tokens do not fit in a cache of capacity {capacity}")
-
-    if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"tpa_decode: out must be a torch.Tensor, got {type(out).__name__}")
-        if out.shape != (bsz, n, h, e) or out.dtype != dtype or out.device != device:
-            raise ValueError(
-                f"tpa_decode: out must be [B, N, H, E]={[bsz, n, h, e]} {dtype} on {device}, "
-                f"got {list(out.shape)} {out.dtype} on {out.device}"
-            )
-        if not out.is_contiguous():
-            raise ValueError("tpa_decode: out must be contiguous")
-    return capacity, num_blocks
+        return lead[1], None
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"tpa_decode: block_table must be a torch.Tensor, got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"tpa_decode: block_table must be int32, got {block_table.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != bsz:
+        raise ValueError(f"tpa_decode: block_table must be [B, max_blocks] with B={bsz}, got {tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"tpa_decode: block_table is on {block_table.device}, a_q on {device}")
+    if block_table.shape[1] > 1 and block_table.stride(1) != 1:  # the kernel reads row entries at unit stride
+        raise ValueError(
+            f"tpa_decode: block_table's rows must be contiguous (stride 1 along max_blocks), got strides "
+            f"{block_table.stride()}"
+        )
+    return block_table.shape[1] * lead[1], lead[0]
 
 
 class _Entry:
@@ -576,7 +585,10 @@ def tpa_decode(
 
     Host cost: a call whose key (classes, shapes, strides, dtypes, devices, alignment, arguments) was
     seen before skips validation and launch planning (module docstring). Under ``torch.compile`` the
-    Triton path is the ``triton_op`` ``torch.ops.tpa.decode``, whose launches inductor emits.
+    Triton path is the ``triton_op`` ``torch.ops.tpa.decode``, whose launches inductor emits. This
+    function is longer than ~100 lines on purpose: it is the host path of every eager decode step,
+    and the key is built here because a helper would add a Python call to each (validation and
+    planning of a new key are :func:`_new_entry`'s, the launch the entry's ``run``).
 
     Raises:
         TypeError: a non-tensor argument, unsupported or mismatched dtypes, ``cache_seqlens`` or
@@ -588,12 +600,9 @@ def tpa_decode(
     if _is_compiling():
         return _decode_traced(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table,
                               softmax_scale, return_lse, backend, out, check_lengths, config, options)
-    # The call's key: everything its validation and its launch depend on but values (class, shape,
-    # strides, dtype and device of every tensor, 16-byte alignment of every pointer, the other
-    # arguments), read attribute by attribute since it runs on every call. Strides enter as True
-    # for a contiguous tensor: its strides along dimensions of size > 1 follow from its shape, and a
-    # dimension of size 1 is only ever indexed at 0. config and options enter by identity (their
-    # entry holds them, so an id is not reused while it lives). The pointers go on to the launch.
+    # The key: what validation and launch depend on but values. A contiguous tensor's strides enter
+    # as True (along dimensions of size > 1 they follow from its shape; a dimension of size 1 is only
+    # indexed at 0); config and options by identity (their entry holds them, so an id is not reused).
     a_k, b_k, a_v, b_v, lens, table = a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table
     try:
         p0, p1, p2, p3 = a_q.data_ptr(), b_q.data_ptr(), a_k.data_ptr(), b_k.data_ptr()
