@@ -8,6 +8,7 @@ tolerance rule of tests/ops/test_decode.py (float64 truth, twice PyTorch's error
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -123,6 +124,43 @@ class _RecordingHandle:
         self.seen[self.name] = args
 
 
+_CFG = DecodeConfig(block_m=16, num_splits=2)  # two splits: the split and the merge kernel both launch
+
+
+def _two_split_inputs(seed, dtype=torch.float32, **kw):
+    """Small inputs (B=2, H=34, ranks 3, 2, 1, capacity 32) on which :data:`_CFG` splits the cache in two."""
+    return make_inputs([9, 23], 1, 34, 64, 64, (3, 2, 1), dtype, capacity=32, seed=seed, **kw)
+
+
+def _recorded_plan(monkeypatch, inputs):
+    """Run ``inputs`` once with the ``triton.jit`` kernels wrapped in :class:`_RecordingKernel`:
+    returns the one plan it made and the list that records every later ``triton.jit`` launch too."""
+    jit_calls = []
+    kernels = tuple(_RecordingKernel(k, jit_calls) for k in decode_launch._kernels())
+    monkeypatch.setattr(decode_launch, "_kernels", lambda: kernels)
+    _call(inputs, config=_CFG)
+    (plan,) = _plans()
+    return plan, jit_calls
+
+
+def _recording_handles(plan) -> dict:
+    """Give ``plan`` recording handles (what a GPU plan has after its first launch): returns the dict
+    in which each launch through them stores its arguments, under ``"split"`` and ``"merge"``."""
+    seen = {}
+    plan.split_handle, plan.merge_handle = _RecordingHandle("split", seen), _RecordingHandle("merge", seen)
+    return seen
+
+
+def _as_compiled(monkeypatch, plan, current_device, stream, capturing) -> dict:
+    """Make ``plan`` look compiled on a GPU, on the CPU: the current device and stream are
+    ``current_device()`` and ``stream``, graph capture is ``capturing()``; returns
+    :func:`_recording_handles`'s dict."""
+    monkeypatch.setattr(decode_launch, "_stream_getters", lambda: (current_device, lambda device: stream))
+    monkeypatch.setattr(decode_launch, "_is_capturing", capturing)
+    plan.compiled = True
+    return _recording_handles(plan)
+
+
 @needs_kernel
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_handle_launch_passes_the_arguments_of_the_jit_launch(paged, monkeypatch):
@@ -130,18 +168,12 @@ def test_handle_launch_passes_the_arguments_of_the_jit_launch(paged, monkeypatch
     every argument of the kernel's signature in order: the tensors as their ``data_ptr()`` (the
     launcher takes integers as pointers), then the scalars and constexprs as ``triton.jit`` got them
     (constexprs included, as Triton >= 3.3 launchers take them)."""
-    inputs = make_inputs([9, 23], 1, 34, 64, 64, (3, 2, 1), torch.bfloat16, paged=paged, page_size=16,
-                         capacity=32, seed=7)
-    cfg = DecodeConfig(block_m=16, num_splits=2)
-    jit_calls = []
-    split_kernel, merge_kernel = (_RecordingKernel(k, jit_calls) for k in decode_launch._kernels())
-    monkeypatch.setattr(decode_launch, "_kernels", lambda: (split_kernel, merge_kernel))
-    _call(inputs, config=cfg)
-    (plan,) = _plans()
+    inputs = _two_split_inputs(7, torch.bfloat16, paged=paged, page_size=16)
+    plan, jit_calls = _recorded_plan(monkeypatch, inputs)
+    split_kernel, merge_kernel = decode_launch._kernels()
     (o_part, lse_part, *_), = plan._workspaces.values()
-    seen = {}
-    plan.split_handle, plan.merge_handle = _RecordingHandle("split", seen), _RecordingHandle("merge", seen)
-    out, lse = _call(inputs, config=cfg)
+    seen = _recording_handles(plan)
+    out, lse = _call(inputs, config=_CFG)
     assert len(jit_calls) == 2, "the second call went through triton.jit again"
     bt = inputs[7] if paged else inputs[6]
     tensors = {"split": (*inputs[:7], bt, out, lse, o_part, lse_part), "merge": (o_part, lse_part, out, lse)}
@@ -162,23 +194,14 @@ def test_graph_capture_takes_its_own_workspace_and_eager_calls_keep_the_fast_pat
     current stream and capture flag): a call during capture launches through the handles with a
     fresh workspace that the plan does not keep; eager calls before and after it launch through the
     handles on the same, kept workspace, and never through triton.jit again."""
-    inputs = make_inputs([9, 23], 1, 34, 64, 64, (3, 2, 1), torch.float32, capacity=32, seed=9)
-    cfg = DecodeConfig(block_m=16, num_splits=2)
-    jit_calls = []
-    kernels = tuple(_RecordingKernel(k, jit_calls) for k in decode_launch._kernels())
-    monkeypatch.setattr(decode_launch, "_kernels", lambda: kernels)
-    _call(inputs, config=cfg)
-    (plan,) = _plans()
+    inputs = _two_split_inputs(9)
+    plan, jit_calls = _recorded_plan(monkeypatch, inputs)
     stream, capturing = 7, [False]
-    monkeypatch.setattr(decode_launch, "_stream_getters", lambda: (lambda: plan.device_index, lambda device: stream))
-    monkeypatch.setattr(decode_launch, "_is_capturing", lambda: capturing[0])
-    plan.compiled = True
-    seen = {}
-    plan.split_handle, plan.merge_handle = _RecordingHandle("split", seen), _RecordingHandle("merge", seen)
+    seen = _as_compiled(monkeypatch, plan, lambda: plan.device_index, stream, lambda: capturing[0])
 
     def workspace_of_call():
         seen.clear()
-        _call(inputs, config=cfg)
+        _call(inputs, config=_CFG)
         split, merge = seen["split"], seen["merge"]
         assert split[3] == merge[3] == stream
         assert split[9 + 10:9 + 12] == merge[9:11]  # the merge reads what the split wrote
@@ -200,24 +223,15 @@ def test_handles_give_way_to_triton_jit_under_launch_hooks_or_another_device(mon
     """A Triton launch hook (a profiler) or a current device other than the plan's sends a call with
     compiled handles through ``triton.jit`` (which calls the hooks and launches where it finds itself),
     with the right result; without them, the handles launch again."""
-    inputs = make_inputs([9, 23], 1, 34, 64, 64, (3, 2, 1), torch.float32, capacity=32, seed=10)
-    cfg = DecodeConfig(block_m=16, num_splits=2)
-    jit_calls = []
-    kernels = tuple(_RecordingKernel(k, jit_calls) for k in decode_launch._kernels())
-    monkeypatch.setattr(decode_launch, "_kernels", lambda: kernels)
-    _call(inputs, config=cfg)
-    (plan,) = _plans()
+    inputs = _two_split_inputs(10)
+    plan, jit_calls = _recorded_plan(monkeypatch, inputs)
     current = [plan.device_index]
-    monkeypatch.setattr(decode_launch, "_stream_getters", lambda: (lambda: current[0], lambda device: 0))
-    monkeypatch.setattr(decode_launch, "_is_capturing", lambda: False)
-    plan.compiled = True
-    seen = {}
-    plan.split_handle, plan.merge_handle = _RecordingHandle("split", seen), _RecordingHandle("merge", seen)
+    seen = _as_compiled(monkeypatch, plan, lambda: current[0], 0, lambda: False)
 
     def launches():
         seen.clear()
         jit_before = len(jit_calls)
-        out, lse = _call(inputs, config=cfg)
+        out, lse = _call(inputs, config=_CFG)
         if len(jit_calls) > jit_before:
             assert_close_to_truth(out, lse, inputs)
         return sorted(seen), len(jit_calls) - jit_before
@@ -234,6 +248,25 @@ def test_handles_give_way_to_triton_jit_under_launch_hooks_or_another_device(mon
     assert launches() == (["merge", "split"], 0)
     current[0] = 3
     assert launches() == ([], 2)
+
+
+@needs_kernel
+def test_a_repeat_through_handles_runs_no_other_python_of_the_decode_module(monkeypatch):
+    """The host path of a repeat (a known key, a plan with compiled handles) is tpa_decode's own body
+    and the plan's fast launch: no other function of tpa.ops.decode runs (no validation, no
+    planning, no helper that would add a Python call to every eager decode step)."""
+    inputs = _two_split_inputs(13)
+    plan, jit_calls = _recorded_plan(monkeypatch, inputs)
+    seen = _as_compiled(monkeypatch, plan, lambda: plan.device_index, 0, lambda: False)
+    _call(inputs, config=_CFG)  # the entry switches to the plan's fast launch
+    codes = []
+    sys.setprofile(lambda frame, event, arg: codes.append(frame.f_code) if event == "call" else None)
+    try:
+        _call(inputs, config=_CFG, check_lengths=False)  # as on CUDA: the lengths stay on the device
+    finally:
+        sys.setprofile(None)
+    assert [c.co_name for c in codes if c.co_filename == decode.__file__] == ["tpa_decode"]
+    assert sorted(seen) == ["merge", "split"] and len(jit_calls) == 2
 
 
 @needs_kernel
