@@ -13,16 +13,17 @@ import argparse
 import importlib
 import sys
 
-from tpa.utils.args import handler
+from tpa.utils.args import add_command
 
 # the packages' command modules, each with ``register(subparsers)``
 COMMAND_MODULES = ["tpa.data.cli", "tpa.train.cli", "tpa.eval.cli", "tpa.bench.cli", "tpa.convert.cli"]
 
 
 def _register_generate(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text from a model directory (streams, uses the KV cache)",
-                              description="Generate text from a HuggingFace model directory written by `tpa train` "
-                                          "(or any causal LM with a tokenizer), streaming tokens as they come.")
+    p = add_command(subparsers, "generate", module="tpa.generate",
+                    help="generate text from a model directory (streams, uses the KV cache)",
+                    description="Generate text from a HuggingFace model directory written by `tpa train` "
+                                "(or any causal LM with a tokenizer), streaming tokens as they come.")
     p.add_argument("--model", required=True, help="model directory (save_pretrained + tokenizer)")
     p.add_argument("--prompt", default="", help="text to continue (default: start from the bos token)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
@@ -39,7 +40,6 @@ def _register_generate(subparsers) -> None:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks (launch with `torchrun --nproc_per_node N`; T6 models): each rank "
                         "holds its heads' weights and cache, every rank prints nothing but rank 0")
-    p.set_defaults(func=handler("tpa.generate", "_run"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import argparse
 
-from tpa.utils.args import add_output_argument, handler, module_doc
+from tpa.utils.args import (add_command, add_command_group, add_device_argument, add_output_argument,
+                            add_precision_argument, handler, module_doc)
 
 DEFAULT_RANKS = ["16,1,1", "6,2,2"]
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks: decode kernel, KV-cache memory, training, generation, "
-                                                            "conversion")
-    bench_sub = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    bench_sub = add_command_group(subparsers, "bench", dest="bench_command", metavar="BENCHMARK",
+                                  help="benchmarks: decode kernel, KV-cache memory, training, generation, conversion")
     for register_one in (_register_decode, _register_memory, _register_train, _register_generate, _register_convert):
         register_one(bench_sub)
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
     _register_ablate(subparsers)
 
 
@@ -79,10 +78,8 @@ def _register_decode(subparsers) -> None:
 def _register_memory(subparsers) -> None:
     from tpa.models.presets import ATTENTION_TYPES, PRESETS
 
-    p = subparsers.add_parser(
-        "memory", help="Table 1 (KV cache and attention parameters) for every preset and type; longest context",
-        description=module_doc("tpa.bench.memory"),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "memory", module="tpa.bench.memory",
+                    help="Table 1 (KV cache and attention parameters) for every preset and type; longest context")
     p.add_argument("--presets", nargs="+", default=["all"], help=f"presets ({', '.join(PRESETS)}) or all")
     p.add_argument("--types", nargs="+", default=["all"], help=f"attention types ({', '.join(ATTENTION_TYPES)}) or all")
     p.add_argument("--memory", default="80GB", help="memory budget: 80GB (10^9 bytes/GB), 80GiB, 512MiB, ...")
@@ -92,15 +89,13 @@ def _register_memory(subparsers) -> None:
                    help="fill a real cache and compare (auto: on a GPU)")
     p.add_argument("--measure-preset", default=None, help="preset to measure (default: the first of --presets)")
     p.add_argument("--measure-tokens", type=int, default=4096, help="tokens per sequence in the measured cache")
-    p.add_argument("--device", default="auto", help="device for --measure (cpu, cuda, auto)")
+    add_device_argument(p, help="device for --measure (cpu, cuda, auto)")
     add_output_argument(p, default="runs/bench/memory", help="output folder")
-    p.set_defaults(func=handler("tpa.bench.memory", "_run"))
 
 
 def _register_train(subparsers) -> None:
-    p = subparsers.add_parser("train", help="training tokens/s, MFU and peak memory per attention type",
-                              description=module_doc("tpa.bench.train"),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "train", module="tpa.bench.train",
+                    help="training tokens/s, MFU and peak memory per attention type")
     p.add_argument("--preset", default="small", help="model preset (tiny, mini, small, medium, large, xl)")
     p.add_argument("--types", nargs="+", default=["all"], help="attention types, or all")
     p.add_argument("--loops", nargs="+", default=["trainer", "model-compile"], choices=["trainer", "model-compile"],
@@ -117,21 +112,19 @@ def _register_train(subparsers) -> None:
                    help="model-compile loop: transformers' LlamaForCausalLM of the same size first")
     p.add_argument("--compile-backend", default="inductor",
                    help="model-compile loop: torch.compile backend (aot_eager checks the loop without codegen)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    add_precision_argument(p)
+    add_device_argument(p)
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: known GPUs)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later runs are skipped")
     p.add_argument("--profile", action="store_true",
                    help="model-compile loop: 3 more steps under torch.profiler after the timed ones, "
                         "OUTPUT/profile_MODEL_TYPE.txt (kernels by GPU time)")
     add_output_argument(p, default="runs/bench/train", help="output folder")
-    p.set_defaults(func=handler("tpa.bench.train", "_run"))
 
 
 def _register_generate(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="end-to-end generation tokens/s and peak memory per attention type",
-                              description=module_doc("tpa.bench.generate"),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "generate", module="tpa.bench.generate",
+                    help="end-to-end generation tokens/s and peak memory per attention type")
     p.add_argument("--preset", default="small", help="model preset (tiny, mini, small, ...)")
     p.add_argument("--types", nargs="+", default=["tpa", "mha", "gqa", "mla", "llama"],
                    help="attention types, llama (transformers' LlamaForCausalLM at gqa's width, depth and KV heads), "
@@ -145,20 +138,18 @@ def _register_generate(subparsers) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else float32), float32, bfloat16")
     p.add_argument("--decode-impl", default="auto", choices=["auto", "kernel", "reference"],
                    help="TPA decoding: FlashTPA kernel on CUDA (auto), always the kernel, or the reference path")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    add_device_argument(p)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode steps as CUDA-graph replays over a static cache (default: on with CUDA, off on CPU)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="skip points whose batch x context exceeds this (bounds the prefill time)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later points are skipped")
     add_output_argument(p, default="runs/bench/generate", help="output folder")
-    p.set_defaults(func=handler("tpa.bench.generate", "_run"))
 
 
 def _register_ablate(subparsers) -> None:
-    p = subparsers.add_parser("ablate", help="train every attention type side by side; loss plot and table",
-                              description=module_doc("tpa.bench.ablate"),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "ablate", module="tpa.bench.ablate",
+                    help="train every attention type side by side; loss plot and table")
     p.add_argument("--data", default="data/shakespeare", help="token shards from `tpa data prepare`")
     p.add_argument("--preset", default="tiny", help="model preset (tiny for a CPU, mini ~30-50M parameters, small)")
     p.add_argument("--types", nargs="+", default=None,
@@ -171,9 +162,7 @@ def _register_ablate(subparsers) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200)")
     budget.add_argument("--tokens", type=int, default=None, help="training tokens per run (rounded up to whole steps)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass (default: --batch-size)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    _add_batch_arguments(p)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr / 10)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5%% of the steps)")
@@ -186,8 +175,8 @@ def _register_ablate(subparsers) -> None:
                         "model with s and orders the data with --data-seed + s")
     p.add_argument("--data-seed", type=int, default=0,
                    help="data-order seed of seed 0 (seed s uses data seed + s; the same for every row)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
+    add_device_argument(p)
+    add_precision_argument(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--export", action="store_true", help="export each trained model (RUN/final) for tpa eval")
     p.add_argument("--no-plot", action="store_true", help="skip the plot (e.g. where matplotlib is missing)")
@@ -204,33 +193,36 @@ def _register_ablate(subparsers) -> None:
                    help="only redraw plot and tables from DIR/ablation.json; with several folders (of the same "
                         "settings, different seeds or rows) merge them into --output")
     add_output_argument(p, help="output folder (default runs/ablate; with --replot: DIR, or the merged folder)")
-    p.set_defaults(func=handler("tpa.bench.ablate", "_run"))
 
 
 def _register_convert(subparsers) -> None:
     from tpa.bench.convert import DEFAULT_OUTPUT
 
-    p = subparsers.add_parser("convert", help="convert a trained MHA model to TPA at several ranks, distil, "
-                                              "compare with training from scratch", description=module_doc("tpa.bench.convert"),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "convert", module="tpa.bench.convert",
+                    help="convert a trained MHA model to TPA at several ranks, distil, compare with training from "
+                         "scratch")
     p.add_argument("--data", default="data/shakespeare", help="token shards from `tpa data prepare`")
     p.add_argument("--preset", default="tiny", help="model preset of the teacher (tiny, mini, small, ...)")
     p.add_argument("--ranks", default="1,2", help="R_k = R_v of the converted models, comma-separated")
     p.add_argument("--teacher-steps", type=int, default=400, help="optimizer steps of the teacher (and of (d))")
     p.add_argument("--distill-fraction", type=float, default=0.1,
                    help="distillation steps (and those of (c)) as a fraction of the teacher's")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass (default --batch-size)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    _add_batch_arguments(p)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the runs from scratch")
     p.add_argument("--distill-lr", type=float, default=3e-4, help="peak learning rate of the distillation")
     p.add_argument("--distill-weight", type=float, default=1.0, help="W of the KL term")
     p.add_argument("--distill-temperature", type=float, default=1.0, help="T of the KL term")
     p.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens of the conversion")
     p.add_argument("--eval-sequences", type=int, default=64, help="validation sequences per evaluation")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    add_device_argument(p)
+    add_precision_argument(p)
     p.add_argument("--no-plot", action="store_true", help="skip the plot")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --output")
     add_output_argument(p, default=DEFAULT_OUTPUT, help=f"output folder (default {DEFAULT_OUTPUT})")
-    p.set_defaults(func=handler("tpa.bench.convert", "_run"))
+
+
+def _add_batch_arguments(p) -> None:
+    """The batch shape of the training runs of ``tpa ablate`` and ``tpa bench convert``."""
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass (default: --batch-size)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")

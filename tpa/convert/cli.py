@@ -3,24 +3,24 @@ its handler importing the converter's module when it runs."""
 
 from __future__ import annotations
 
-from tpa.utils.args import add_output_argument, handler
+from tpa.utils.args import add_command, add_command_group, add_output_argument
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("convert", help="turn other checkpoints into T6 directories",
-                                   description="Convert a checkpoint of another code base into a T6 directory "
-                                               "(verified against the source before it is written).")
-    sources = parser.add_subparsers(dest="source", metavar="SOURCE")
+    sources = add_command_group(subparsers, "convert", dest="source", metavar="SOURCE",
+                                help="turn other checkpoints into T6 directories",
+                                description="Convert a checkpoint of another code base into a T6 directory "
+                                            "(verified against the source before it is written).")
     _register_official(sources)
     _register_llama(sources)
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
 def _register_official(subparsers) -> None:
     from tpa.convert.official import DEFAULT_TOLERANCE
 
-    p = subparsers.add_parser(
-        "official", help="a checkpoint of the paper's code (github tensorgi/T6) -> a T6 directory",
+    p = add_command(
+        subparsers, "official", module="tpa.convert.official",
+        help="a checkpoint of the paper's code (github tensorgi/T6) -> a T6 directory",
         description="Convert a directory saved by the paper's training code (config.json with GPTConfig fields and "
                     "pytorch_model.bin or model.safetensors; models T6, T6_kvonly, llama-mha, llama-gqa (GQA or MQA), "
                     "llama-mla) into a T6 directory that T6ForCausalLM, transformers' Auto classes and lm-eval load. "
@@ -31,12 +31,12 @@ def _register_official(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="largest accepted relative logit difference in the check (default %(default)g)")
-    p.set_defaults(func=handler("tpa.convert.official", "_run"))
 
 
 def _register_llama(subparsers) -> None:
-    p = subparsers.add_parser(
-        "llama", help="a Llama/Mistral-style HF checkpoint or a T6 mha/gqa/mqa directory -> TPA",
+    p = add_command(
+        subparsers, "llama", module="tpa.convert.llama",
+        help="a Llama/Mistral-style HF checkpoint or a T6 mha/gqa/mqa directory -> TPA",
         description="Convert a local LlamaForCausalLM/MistralForCausalLM checkpoint (MHA or GQA, RoPE, no biases) or a "
                     "T6 mha/gqa/mqa directory into a T6 TPA model. Embeddings, norms, MLPs and the output projection "
                     "are carried over; attention becomes TPA-KVonly (or TPA with --q-rank). --exact writes the "
@@ -58,4 +58,3 @@ def _register_llama(subparsers) -> None:
     p.add_argument("--calibration-seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.add_argument("--fit-methods", default="svd,als", help="factor initialisations to try, best kept (default svd,als)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration tokens")
-    p.set_defaults(func=handler("tpa.convert.llama", "_run"))

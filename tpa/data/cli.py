@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tpa.utils.args import add_output_argument
+from tpa.utils.args import add_command_group, add_output_argument
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="prepare corpora: tokenizer and token shards")
-    sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
+    sub = add_command_group(subparsers, "data", help="prepare corpora: tokenizer and token shards",
+                            dest="data_command", metavar="ACTION")
     p = sub.add_parser(
         "prepare",
         help="tokenize a corpus into train/val token shards",
@@ -43,7 +43,6 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="download cache (default $TPA_CACHE or ~/.cache/tpa)")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder prepared with other arguments")
     p.set_defaults(func=_prepare)
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
 def _prepare(args) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tpa.utils.args import add_output_argument, reporting_usage_errors
+from tpa.utils.args import add_command_group, add_output_argument, reporting_usage_errors
 
 
 def _positive_int(text: str) -> int:
@@ -28,8 +28,8 @@ def _limit(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate a model directory: perplexity, lm-evaluation-harness")
-    sub = parser.add_subparsers(dest="eval_command", metavar="EVALUATION")
+    sub = add_command_group(subparsers, "eval", help="evaluate a model directory: perplexity, lm-evaluation-harness",
+                            dest="eval_command", metavar="EVALUATION")
 
     p = sub.add_parser(
         "ppl",
@@ -74,7 +74,6 @@ def register(subparsers) -> None:
     h.add_argument("--offline", action="store_true", help="never reach the network (local tasks and data only)")
     add_output_argument(h, help="output folder (default runs/eval/harness-MODELNAME)")
     h.set_defaults(func=_harness)
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
 @reporting_usage_errors

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 
 from tpa.train.config import TrainConfig, _field_type
-from tpa.utils.args import handler, module_doc
+from tpa.utils.args import add_command, module_doc
 
 
 def _add_fields(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +49,9 @@ def _register_train(subparsers) -> None:
 
 
 def _register_demo(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="prepare Shakespeare, train tiny TPA and MHA models, compare, sample",
-                              description=module_doc("tpa.train.demo").split("\n\n")[1])
+    p = add_command(subparsers, "demo", module="tpa.train.demo",
+                    help="prepare Shakespeare, train tiny TPA and MHA models, compare, sample",
+                    description=module_doc("tpa.train.demo").split("\n\n")[1])
     p.add_argument("--source", nargs="+", default=["shakespeare"],
                    help="corpus to prepare (as for `tpa data prepare`); default: the Shakespeare corpus")
     p.add_argument("--data-dir", default="data/shakespeare", help="where the prepared corpus goes")
@@ -60,7 +61,6 @@ def _register_demo(subparsers) -> None:
     p.add_argument("--prompt", default="KING.\n", help="prompt for the sample")
     p.add_argument("--max-new-tokens", type=int, default=120, help="length of the sample")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.set_defaults(func=handler("tpa.train.demo", "_run"))
 
 
 def _run(args) -> int:

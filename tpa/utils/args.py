@@ -1,5 +1,6 @@
-"""Command-line plumbing shared by every ``tpa`` command: the usage error, lazy handlers, the
-``--output`` option, and parsers of sizes, lists and integers."""
+"""Command-line plumbing shared by every ``tpa`` command: the usage error, lazy handlers, command
+groups and commands, the options several commands share (``--output``, ``--device``,
+``--precision``), and parsers of sizes, lists and integers."""
 
 from __future__ import annotations
 
@@ -45,6 +46,39 @@ def module_doc(module: str) -> str:
     """The docstring of a command's implementation module (its ``--help`` description); those modules
     import torch and transformers inside their functions only, so this import is cheap."""
     return importlib.import_module(module).__doc__ or ""
+
+
+def add_command_group(subparsers, name: str, *, help: str, dest: str, metavar: str,
+                      description: str | None = None):
+    """``tpa NAME SUBCOMMAND ...``: a command of subcommands that prints its help and exits with
+    status 2 when no subcommand is given. Returns the action to add the subcommands to."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    return parser.add_subparsers(dest=dest, metavar=metavar)
+
+
+def add_command(subparsers, name: str, *, help: str, module: str, entry: str = "_run",
+                description: str | None = None) -> argparse.ArgumentParser:
+    """A command run by ``module.entry`` (imported when it runs, :func:`handler`). Its ``--help``
+    description is ``description`` (wrapped by argparse), or by default the module's docstring as
+    written (:func:`module_doc`). Returns its parser, for its arguments."""
+    if description is not None:
+        parser = subparsers.add_parser(name, help=help, description=description)
+    else:
+        parser = subparsers.add_parser(name, help=help, description=module_doc(module),
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=handler(module, entry))
+    return parser
+
+
+def add_device_argument(parser: argparse.ArgumentParser, help: str = "cpu, cuda, cuda:N or auto") -> None:
+    """``--device`` (default ``auto``: CUDA where there is a GPU)."""
+    parser.add_argument("--device", default="auto", help=help)
+
+
+def add_precision_argument(parser: argparse.ArgumentParser, help: str | None = "bf16 autocast or fp32") -> None:
+    """``--precision auto|bf16|fp32`` of a training run (auto: bf16 autocast where the GPU has it)."""
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help=help)
 
 
 class _DeprecatedOutputAlias(argparse.Action):
