@@ -132,8 +132,16 @@ class TensorProductAttention(Attention):
             raise ValueError("rope_partial_factor is only implemented for second-order TPA (order=2)")
         self.rope_dim = partial_rotary_dim(self.b_dim, rope_partial_factor)
         self.init_head_norm(head_norm, value_dim, head_norm_eps)
+        self._build_projections()
+        self.reset_parameters()
 
-        # factor name -> (rank, width); then split into token-dependent segments and parameters
+    def _build_projections(self) -> None:
+        """The factors' shapes (``factor_shapes``: name -> (rank, width)), split into the token-dependent
+        segments of the one input projection ``proj`` (``segments``: name, size) and the parameters of
+        the non-contextual factors; and the output projection ``o_proj``."""
+        q_rank, k_rank, v_rank, factorize_q = self.q_rank, self.k_rank, self.v_rank, self.factorize_q
+        num_heads, head_dim, value_dim, order = self.num_heads, self.head_dim, self.value_dim, self.order
+        share_kv_b, c_dim = self.share_kv_b, self.c_dim
         factors: dict[str, tuple[int, int]] = {}
         for kind, rank in (("q", q_rank), ("k", k_rank), ("v", v_rank)):
             if kind == "q" and not factorize_q:
@@ -153,11 +161,10 @@ class TensorProductAttention(Attention):
                 self.segments.append((name, rank * width))
             else:
                 self.register_parameter(name, nn.Parameter(torch.empty(rank, width)))
-        if output_gate:
+        if self.output_gate:
             self.segments.append(("gate", num_heads * value_dim))
-        self.proj = nn.Linear(hidden_size, sum(size for _, size in self.segments), bias=False)
-        self.o_proj = nn.Linear(num_heads * value_dim, hidden_size, bias=False)
-        self.reset_parameters()
+        self.proj = nn.Linear(self.hidden_size, sum(size for _, size in self.segments), bias=False)
+        self.o_proj = nn.Linear(num_heads * value_dim, self.hidden_size, bias=False)
 
     def _is_contextual(self, name: str) -> bool:
         return self.contextual_a if name.startswith("a_") else self.contextual_b
