@@ -274,21 +274,34 @@ def _bad_meta(data_dir: Path, tmp_path: Path, kind: str) -> Path:
     return bad
 
 
-@pytest.mark.parametrize("case", ["yaml", "device_tpu", "device_cuda", "meta_no_val", "meta_not_json", "lr_1e39",
-                                  "negative_weight_decay", "negative_grad_clip", "string_bool", "negative_eps_norm",
-                                  "negative_intermediate", "run_dir_under_a_file", "read_only_run_dir"])
+# bad values given on the command line: (the extra arguments, what the one error line says)
+_BAD_VALUES = {
+    "device_tpu": (["--device", "tpu"], "device must be"),
+    "lr_1e39": (["--lr", "1e39"], "not a usable learning rate"),
+    "negative_weight_decay": (["--weight-decay", "-0.1"], "weight_decay must be"),
+    "negative_grad_clip": (["--grad-clip", "-1"], "grad_clip must be"),
+    "string_bool": (["--model-overrides", '{"attention_output_gate": "false"}'],
+                    "attention_output_gate must be true or false"),
+    "negative_eps_norm": (["--model-overrides", '{"rms_norm_eps": -1e-6}'], "rms_norm_eps must be a number >= 0"),
+    "negative_intermediate": (["--model-overrides", '{"intermediate_size": -4}'],
+                              "intermediate_size must be an integer >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", ["yaml", "device_cuda", "meta_no_val", "meta_not_json", "run_dir_under_a_file",
+                                  "read_only_run_dir", *_BAD_VALUES])
 def test_cli_errors_are_one_line(case, data_dir, tmp_path, capsys):
     args = ["train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "run"),
             "--seq-len", "32", "--global-batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
             "--no-tensorboard", "--progress", "false"]
     expect = None
-    if case == "yaml":
+    if case in _BAD_VALUES:
+        extra, expect = _BAD_VALUES[case]
+        args += extra
+    elif case == "yaml":
         (tmp_path / "bad.yaml").write_text("lr: [1, 2\n")
         args += ["--config", str(tmp_path / "bad.yaml")]
         expect = "bad.yaml is not valid YAML"
-    elif case == "device_tpu":
-        args += ["--device", "tpu"]
-        expect = "device must be"
     elif case == "device_cuda":
         if torch.cuda.is_available():
             pytest.skip("CUDA is available here")
@@ -298,24 +311,6 @@ def test_cli_errors_are_one_line(case, data_dir, tmp_path, capsys):
         bad = _bad_meta(data_dir, tmp_path, "no_val" if case == "meta_no_val" else "not_json")
         args[args.index("--data-dir") + 1] = str(bad)
         expect = f"{bad / 'meta.json'}: no 'val' split" if case == "meta_no_val" else f"{bad / 'meta.json'} is not valid JSON"
-    elif case == "lr_1e39":
-        args += ["--lr", "1e39"]
-        expect = "not a usable learning rate"
-    elif case == "negative_weight_decay":
-        args += ["--weight-decay", "-0.1"]
-        expect = "weight_decay must be"
-    elif case == "negative_grad_clip":
-        args += ["--grad-clip", "-1"]
-        expect = "grad_clip must be"
-    elif case == "string_bool":
-        args += ["--model-overrides", '{"attention_output_gate": "false"}']
-        expect = "attention_output_gate must be true or false"
-    elif case == "negative_eps_norm":
-        args += ["--model-overrides", '{"rms_norm_eps": -1e-6}']
-        expect = "rms_norm_eps must be a number >= 0"
-    elif case == "negative_intermediate":
-        args += ["--model-overrides", '{"intermediate_size": -4}']
-        expect = "intermediate_size must be an integer >= 1"
     elif case == "run_dir_under_a_file":
         (tmp_path / "file").write_text("x")
         args[args.index("--run-dir") + 1] = str(tmp_path / "file" / "run")
