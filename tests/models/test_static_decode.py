@@ -220,6 +220,96 @@ def test_graph_is_captured_again_when_the_model_changes():
     assert cache.decode_graph.captures == 2 and cache.kv.num_columns == 7
 
 
+def _scale_parameter(model):
+    model.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(model.model.layers[0].mlp.down_proj.weight * 2)
+
+
+def _replace_block(model):
+    from tpa.modules.mlp import SwiGLU
+
+    cfg = model.config
+    model.model.layers[1].mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+
+def _reorder_block(model):
+    # the same parameters in another order: layer 0's input norm moves behind its MLP
+    first = model.model.layers[0]
+    norm = first.input_layernorm
+    del first._modules["input_layernorm"]
+    first.input_layernorm = norm
+
+
+def _nest_block(model):
+    # layer 0's MLP becomes a child of its input norm: the ids of all entries read in the recorded
+    # module order stay the same, only the entry counts tell (and the parameters' order changes)
+    first = model.model.layers[0]
+    mlp = first.mlp
+    del first._modules["mlp"]
+    first.input_layernorm.mlp = mlp
+
+
+def _reinterpret_dtype(model):
+    weight = model.model.norm.weight
+    weight.data = weight.data.view(torch.complex64)  # the same storage read as another dtype
+
+
+# name: (change, whether the graph key stays the same)
+MUTATIONS = {
+    "nothing": (lambda m: None, True),
+    "in-place update": (lambda m: m.model.layers[0].mlp.down_proj.weight.data.mul_(2), True),
+    "load_state_dict": (lambda m: m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}), True),
+    "parameter replaced": (_scale_parameter, False),
+    "data reassigned": (lambda m: setattr(m.model.norm.weight, "data", m.model.norm.weight.data.clone()), False),
+    "dtype": (lambda m: m.to(torch.float64), False),
+    "module replaced": (_replace_block, False),
+    "module order": (_reorder_block, False),
+    "module nested": (_nest_block, False),
+    "dtype reinterpreted": (_reinterpret_dtype, False),
+    "parameter added": (lambda m: m.model.norm.register_parameter("extra", torch.nn.Parameter(torch.ones(1))), False),
+    "parameter entry written directly": (lambda m: m.model.norm._parameters.__setitem__(
+        "weight", torch.nn.Parameter(m.model.norm.weight.detach().clone())), False),
+    "decode_impl": (lambda m: setattr(m.config, "decode_impl", "reference"), False),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_model_watch_says_unchanged_exactly_when_the_graph_key_is(mutation):
+    """The per-step check that a captured graph still fits the model (a few C-level passes) agrees with
+    the graph key (a walk of model.parameters()) on every kind of change."""
+    from tpa.models.t6.decode_graph import _ModelWatch
+
+    model = tiny("tpa")
+    key, watch = DecodeGraph._key(model), _ModelWatch(model)
+    assert watch.unchanged(model)
+    change, stays = MUTATIONS[mutation]
+    change(model)
+    assert (DecodeGraph._key(model) == key) == stays
+    assert watch.unchanged(model) == stays
+    assert _ModelWatch(model).unchanged(model)
+    assert not watch.unchanged(tiny("tpa"))  # another model
+
+
+def test_replayed_steps_do_not_walk_the_parameters(monkeypatch):
+    """Steps of an unchanged model check it through the watch: the parameter walk (the graph key) runs
+    at the first step and again only after a change."""
+    model = tiny("mha")
+    ids = torch.randint(1, VOCAB, (1, 4))
+    cache = with_eager_replay(model, 1, capacity=16)
+    walks = []
+    key = DecodeGraph._key
+    monkeypatch.setattr(DecodeGraph, "_key", staticmethod(lambda m: walks.append(1) or key(m)))
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        for t in range(4):
+            model(ids[:, t:t + 1], cache=cache, use_cache=True)
+        assert len(walks) == 1 and cache.decode_graph.captures == 1
+        with torch.no_grad():
+            model.model.norm.weight.data = model.model.norm.weight.data * 2
+        model(ids[:, :1], cache=cache, use_cache=True)
+        model(ids[:, 1:2], cache=cache, use_cache=True)
+    assert len(walks) == 2 and cache.decode_graph.captures == 2 and cache.decode_graph.replays == 6
+
+
 # ------------------------------------------------------------------------------------- graph safety
 
 
