@@ -12,6 +12,8 @@
 #                  16/32/64 in both grid orders; decode-h34/pads, H=34 at head block 64 per A-cache pad 1/8/16,
 #                  the loads reading the padding or not
 #   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
+#   host-step      benchmarks/dev/host_step.py at 32K (real replays, then --replay fake: host work only), then
+#                  tpa bench generate at B=1 three times (TPA, MHA, MLA, Llama: the run-to-run spread; issue 12)
 #   train-compile  tpa bench train, the whole-model-compile loop for every type (TRAIN_TYPES), transformers'
 #                  Llama first; PROFILE=1 adds a torch.profiler table per model (also for `official`)
 #   train-trainer  tpa bench train, our trainer (compiled blocks) for every type
@@ -58,6 +60,10 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
       generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
                 --types tpa mha gqa mla llama --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
                 --time-budget "${GEN_BUDGET:-170}" --output "$R/generate" ;;
+      host-step) stage host-step "${T_HOSTSTEP:-240}" bash -c "$PY benchmarks/dev/host_step.py --context 32768 --repeats 3 \
+                --out $R/host_step && $PY benchmarks/dev/host_step.py --context 32768 --repeats 3 --replay fake --out $R/host_step_fake \
+                && for i in 1 2 3; do $PY -m tpa.cli bench generate --preset small --types tpa mha mla llama --contexts 32K \
+                --batch-sizes 1 --new-tokens 64 --short-tokens 8 --output $R/generate_b1_\$i; done" ;;
       train-compile) stage train-compile "${T_TRAIN:-420}" $PY -m tpa.cli bench train $TRAIN --loops model-compile \
                 --reference llama --types ${TRAIN_TYPES:-all} --time-budget "${TRAIN_BUDGET:-400}" ${PROFILE:+--profile} \
                 --output "$R/train-compile" ;;

@@ -3,13 +3,13 @@
 
 Parts (each timed per step, over ``--steps`` steps, median of ``--repeats`` repeats):
 
-- ``check``: ``DecodeGraph``'s per-step check that the captured graph still fits the model (since
-  commit "DecodeGraph: ... _ModelWatch", the watch's C-level passes; before, the walk of
-  ``model.parameters()`` in ``DecodeGraph._key``, which this part times on such a tree).
+- ``check``: ``DecodeGraph``'s per-step check that the captured graph still fits the model: its
+  ``_ModelWatch`` (a few C-level passes), or on a tree from before the watch (commits up to
+  a5ee544) the walk of ``model.parameters()`` in ``DecodeGraph._key`` that every step made there.
 - ``runner``: ``model(input_ids=token, cache=cache)`` routed to ``DecodeGraph.step`` (input checks,
   copies into the static inputs, the replay, the copy of the logits).
 - ``generate``: one step of ``model.generate`` over that cache: transformers' loop (inputs
-  preparation, logits processors, stopping criteria with its host sync, ``attention_mask`` growth)
+  preparation, logits processors, stopping criteria with its host sync, ``attention_mask``/``position_ids`` growth)
   plus ``runner``; the difference of a ``--steps``-token and a 2-token generation, per token.
 - ``forward``: the eager static step, ``T6Model.forward`` and the layers without a graph (on the
   CPU this includes the arithmetic: use a tiny preset for it).
@@ -45,11 +45,13 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tpa import T6Cache, T6Config, T6ForCausalLM
 from tpa.models.t6.decode_graph import DecodeGraph
 from tpa.models.t6.hf_compat import cache_kwargs
+from tpa.utils.runinfo import run_metadata
 
 PARTS = ("check", "runner", "generate", "forward")
 
@@ -62,6 +64,15 @@ class FakeReplay(DecodeGraph):
         out = run()
         undo()
         return (lambda: None), out
+
+
+def cpu_model() -> str | None:
+    """The host CPU's model name (Linux), to tell two machines' host times apart."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def _sync(device) -> None:
@@ -155,11 +166,13 @@ class Parts:
         self.model = build(kind, args.preset, device, dtype, capacity + 8)
         self.ids = torch.randint(0, self.model.config.vocab_size, (args.batch, args.context), device=device)
         self.cache = graph_cache(self.model, args.batch, capacity, args.replay)
-        self.eager = T6Cache.for_model(self.model, args.batch, capacity=capacity, static=True, cuda_graphs=False)
         self.token = self.prefilled()
         self.runner()  # the capture
-        self.eager_prefilled()
-        self.forward()  # lazy initialisations
+        if "forward" in args.parts:
+            self.eager = T6Cache.for_model(self.model, args.batch, capacity=capacity, static=True,
+                                           cuda_graphs=False)
+            self.eager_prefilled()
+            self.forward()  # lazy initialisations
 
     def prefilled(self):
         """The runner's cache holding the prompt but its last token; returns the next token."""
@@ -258,24 +271,22 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     rows = []
     print(f"host time per decode step (us), preset {args.preset}, batch {args.batch}, context {args.context}, "
-          f"{args.replay} replays, {args.clock} clock, {device}, torch {torch.__version__}, {args.steps} steps x {args.repeats} "
-          "repeats (median)", flush=True)
+          f"{args.replay} replays, {args.clock} clock, {device}, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {args.steps} steps x {args.repeats} repeats (median); CPU {cpu_model()}",
+          flush=True)
     for kind in args.types:
         row = time_type(kind, args, device, dtype)
         rows.append(row)
-        cells = "  ".join(f"{part} {row[part + '_us']:8.1f}"
-                          + (f" ({row[part + '_calls']:.0f} calls, {row[part + '_ops']:.0f} ops)" if args.counts else "")
+        counts = lambda part: f" ({row[part + '_calls']:.0f} calls, {row[part + '_ops']:.0f} ops)"  # noqa: E731
+        cells = "  ".join(f"{part} {row[part + '_us']:8.1f}" + (counts(part) if args.counts else "")
                           for part in args.parts)
         print(f"  {kind:10s} {cells}", flush=True)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"argv": sys.argv, "torch": torch.__version__, "device": str(device), "replay": args.replay,
-                  "clock": args.clock,
-                  "preset": args.preset, "batch": args.batch, "context": args.context, "steps": args.steps,
-                  "repeats": args.repeats, "rows": rows}
-        if device.type == "cuda":
-            record["device_name"] = torch.cuda.get_device_name(device)
+        record = {"replay": args.replay, "clock": args.clock, "preset": args.preset, "batch": args.batch,
+                  "context": args.context, "steps": args.steps, "repeats": args.repeats, "cpu_model": cpu_model(),
+                  "rows": rows, "run": run_metadata(device)}
         (out / "host_step.json").write_text(json.dumps(record, indent=1))
         print(f"wrote {out / 'host_step.json'}")
     return 0
