@@ -12,7 +12,18 @@ kernel test modules detect it and rerun their kernel tests in a fresh process
 import os
 import sys
 
+import pytest
 import torch
 
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def fresh_decode_plans():
+    """An empty table of decode launch plans before and after the test (tests that count plans)."""
+    from tpa.ops import decode_launch
+
+    decode_launch.clear_plans()
+    yield
+    decode_launch.clear_plans()

@@ -38,6 +38,15 @@ def _kernels_runnable() -> bool:
 KERNELS_RUNNABLE = _kernels_runnable()
 
 
+def skip_unless_kernels(fresh_test: str):
+    """Skip marker of a kernel test when kernels cannot run in this process; ``fresh_test`` names the
+    test of the same file that reruns it through :func:`rerun_with_interpreter`."""
+    return pytest.mark.skipif(
+        not KERNELS_RUNNABLE,
+        reason=f"no triton, or triton imported before TRITON_INTERPRET=1 could be set; {fresh_test} runs these",
+    )
+
+
 def rerun_with_interpreter(test_file: str, select: str) -> None:
     """Run the tests of ``test_file`` matching ``-k select`` in a fresh interpreter process with
     ``TRITON_INTERPRET=1``; skip when the kernel tests already ran in this process."""

@@ -16,7 +16,7 @@ import zlib
 import pytest
 import torch
 
-from tests.ops.kernels import DEVICE, KERNELS_RUNNABLE, rerun_with_interpreter
+from tests.ops.kernels import DEVICE, rerun_with_interpreter, skip_unless_kernels
 from tpa.ops import tpa_decode, tpa_decode_reference
 from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions, check_cache_seqlens, default_config
 from tpa.ops.naive import gather_paged
@@ -24,10 +24,7 @@ from tpa.ops.naive import gather_paged
 # NaN in every buffer the op allocates (output, lse, split partials), so an unwritten element shows
 POISON = DecodeLaunchOptions(poison_buffers=True)
 
-needs_kernel = pytest.mark.skipif(
-    not KERNELS_RUNNABLE,
-    reason="triton was imported before TRITON_INTERPRET=1 could be set; test_kernels_in_fresh_process runs these",
-)
+needs_kernel = skip_unless_kernels("test_kernels_in_fresh_process")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,21 +14,14 @@ import zlib
 import pytest
 import torch
 
-from tests.ops.kernels import KERNELS_RUNNABLE, rerun_with_interpreter
+from tests.ops.kernels import rerun_with_interpreter, skip_unless_kernels
 from tests.ops.test_decode import POISON, assert_close_to_truth, make_inputs
 from tpa.ops import decode_launch, tpa_decode
 from tpa.ops.decode import DecodeConfig, DecodeHeuristic, DecodeLaunchOptions, default_config
 
-needs_kernel = pytest.mark.skipif(
-    not KERNELS_RUNNABLE,
-    reason="triton was imported before TRITON_INTERPRET=1 could be set; test_block_h_in_fresh_process runs these",
-)
+needs_kernel = skip_unless_kernels("test_block_h_in_fresh_process")
 
-@pytest.fixture(autouse=True)
-def _fresh_plans():
-    decode_launch.clear_plans()
-    yield
-    decode_launch.clear_plans()
+pytestmark = pytest.mark.usefixtures("fresh_decode_plans")
 
 
 # (lengths, N, H, (R_q, R_k, R_v), dtype, paged): H not a power of two, ranks 1 to 3, lengths odd

@@ -13,22 +13,15 @@ import sys
 import pytest
 import torch
 
-from tests.ops.kernels import DEVICE, KERNELS_RUNNABLE, rerun_with_interpreter
+from tests.ops.kernels import DEVICE, rerun_with_interpreter, skip_unless_kernels
 from tests.ops.test_decode import POISON, assert_close_to_truth, make_inputs
 from tpa.ops import decode, decode_launch, tpa_decode, triton_support
 from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions
 
-needs_kernel = pytest.mark.skipif(
-    not KERNELS_RUNNABLE,
-    reason="triton was imported before TRITON_INTERPRET=1 could be set; test_plans_in_fresh_process runs these",
-)
+needs_kernel = skip_unless_kernels("test_plans_in_fresh_process")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_plans():
-    decode_launch.clear_plans()
-    yield
-    decode_launch.clear_plans()
+pytestmark = pytest.mark.usefixtures("fresh_decode_plans")
 
 
 def _plans():

@@ -12,21 +12,18 @@ poisoned with NaN before the kernels write them.
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
 
-from tests.ops.kernels import DEVICE, KERNELS_RUNNABLE, rerun_with_interpreter
+from tests.ops.kernels import DEVICE, rerun_with_interpreter, skip_unless_kernels
 from tpa.ops import fused_materialize as materialize_mod
 from tpa.ops.fused_materialize import MaterializeConfig, default_configs, tpa_materialize, tpa_materialize_many
 from tpa.ops.naive import materialize as materialize_reference
 
-needs_kernel = pytest.mark.skipif(
-    not KERNELS_RUNNABLE,
-    reason="no triton, or triton imported before TRITON_INTERPRET=1 (test_kernels_in_fresh_process runs these)",
-)
+needs_kernel = skip_unless_kernels("test_kernels_in_fresh_process")
 
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 

@@ -210,9 +210,7 @@ def _model_compile_job(job: dict, args, micro: int, seq_len: int, device) -> dic
 
 
 def _profile_path(job: dict, args) -> Path | None:
-    if not getattr(args, "profile", False):
-        return None
-    return Path(args.output) / f"profile_{job['model']}_{job['attention_type']}.txt".replace(" ", "_").replace("/", "_")
+    return Path(args.output) / f"profile_{job['model']}_{job['attention_type']}.txt" if args.profile else None
 
 
 def _llama_like(config):
