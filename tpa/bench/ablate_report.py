@@ -126,26 +126,37 @@ def plot_losses(record: dict, path: Path) -> Path:
     from tpa.utils.files import atomic_write_bytes
 
     multi = len(record["seeds"]) > 1
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for n in record["rows"]:
+    names = record["rows"]
+    legend_rows = -(-len(names) // min(len(names), 4))
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.22 * legend_rows), constrained_layout=True)
+    colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+    tails = {ax_train: [], ax_val: []}
+    for i, n in enumerate(names):
         summary = record["results"][n]
-        label = row_label(record, n) + (f" ({summary['n_seeds']} seeds)" if multi else "")
+        seeds = summary["n_seeds"]
+        label = row_label(record, n) + (f" ({seeds} seed{'s' if seeds != 1 else ''})" if multi else "")
         for ax, key, style in ((ax_train, "loss", dict(linewidth=1.0)),
                                (ax_val, "val_loss", dict(marker="o", markersize=3, linewidth=1.2))):
             points = [c for c in summary["curve"] if c.get(key) is not None]
             if not points:
                 continue
             x = [c["tokens"] for c in points]
-            (line,) = ax.plot(x, [c[key] for c in points], label=label, **style)
-            if summary["n_seeds"] > 1:
+            y = [c[key] for c in points]
+            ax.plot(x, y, label=label, color=colors[i % len(colors)], **style)
+            tails[ax] += [v for t, v in zip(x, y) if t >= 0.2 * x[-1]]
+            if seeds > 1:
                 ax.fill_between(x, [c[f"{key}_min"] for c in points], [c[f"{key}_max"] for c in points],
-                                color=line.get_color(), alpha=0.18, linewidth=0)
+                                color=colors[i % len(colors)], alpha=0.18, linewidth=0)
     for ax, title in ((ax_train, "training loss"), (ax_val, "validation loss")):
         ax.set_xlabel("tokens")
         ax.set_ylabel("loss")
         ax.set_title(title + (" (mean over seeds, band: min-max)" if multi else ""))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if tails[ax]:  # the last 80% of training, where the rows differ; the first steps' drop is cut
+            low, high = min(tails[ax]), max(tails[ax])
+            ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.25 * (high - low + 1e-9))
+    handles, labels = ax_val.get_legend_handles_labels() or ax_train.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(names), 4), fontsize=8, frameon=False)
     devices = _distinct(r.get("device_name") for r in record["runs"]) or record["run"]["device_name"]
     what = "ablation rows" if is_grid(record) else "attention types at matched parameters"
     fig.suptitle(f"T6 {record['preset']}: {what} ({devices})", fontsize=10)
