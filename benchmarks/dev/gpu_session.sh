@@ -16,6 +16,7 @@
 #                  tpa bench generate at B=1 three times (TPA, MHA, MLA, Llama: the run-to-run spread; issue 12)
 #   train-compile  tpa bench train, the whole-model-compile loop for every type (TRAIN_TYPES), transformers'
 #                  Llama first; PROFILE=1 adds a torch.profiler table per model (also for `official`)
+#                  COMPILE_MODE=reduce-overhead: torch.compile(model, mode=...) (CUDA graphs), into train-compile-MODE
 #   train-trainer  tpa bench train, our trainer (compiled blocks) for every type
 #   official       benchmarks/dev/official_train.py: the paper's official T6 and LLaMA-MHA in the same loop
 #                  (needs OFFICIAL=DIR, a checkout of tensorgi/T6; default .official/T6)
@@ -66,7 +67,7 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
                 --batch-sizes 1 --new-tokens 64 --short-tokens 8 --output $R/generate_b1_\$i; done" ;;
       train-compile) stage train-compile "${T_TRAIN:-420}" $PY -m tpa.cli bench train $TRAIN --loops model-compile \
                 --reference llama --types ${TRAIN_TYPES:-all} --time-budget "${TRAIN_BUDGET:-400}" ${PROFILE:+--profile} \
-                --output "$R/train-compile" ;;
+                ${COMPILE_MODE:+--compile-mode $COMPILE_MODE} --output "$R/train-compile${COMPILE_MODE:+-$COMPILE_MODE}" ;;
       train-trainer) stage train-trainer "${T_TRAIN:-420}" $PY -m tpa.cli bench train $TRAIN --loops trainer \
                 --compile on --types all --time-budget "${TRAIN_BUDGET:-400}" --output "$R/train-trainer" ;;
       official) stage official "${T_OFFICIAL:-160}" $PY benchmarks/dev/official_train.py --official-dir "$OFFICIAL" \

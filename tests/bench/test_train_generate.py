@@ -158,3 +158,23 @@ def test_chunked_prefill_then_generate_equals_plain_generate():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=5,
                              min_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(out, ref), t
+
+
+def test_bench_train_compile_mode_reaches_torch_compile_and_the_table(tmp_path, monkeypatch):
+    import torch
+
+    seen, marks = [], []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or real_compile(model, **kw))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    out = tmp_path / "train"
+    rc = main(["bench", "train", "--preset", "tiny", "--data", str(tmp_path / "none"), "--loops", "model-compile",
+               "--reference", "none", "--types", "mqa", "--steps", "2", "--warmup", "1", "--micro-batch", "1",
+               "--seq-len", "8", "--vocab-size", "128", "--compile-backend", "aot_eager", "--device", "cpu",
+               "--compile-mode", "reduce-overhead", "--output", str(out)])
+    assert rc == 0
+    assert seen == [{"backend": "aot_eager", "mode": "reduce-overhead"}]
+    assert len(marks) == 3  # one new cudagraph-trees step per training step
+    (row,) = json.loads((out / "train.json").read_text())["rows"]
+    assert row["status"] == "ok" and row["compile_mode"] == "reduce-overhead"
+    assert 'torch.compile(model, mode="reduce-overhead")' in (out / "train.md").read_text()

@@ -112,6 +112,10 @@ def _register_train(subparsers) -> None:
                    help="model-compile loop: transformers' LlamaForCausalLM of the same size first")
     p.add_argument("--compile-backend", default="inductor",
                    help="model-compile loop: torch.compile backend (aot_eager checks the loop without codegen)")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="model-compile loop: torch.compile mode (reduce-overhead: CUDA graphs, which take the "
+                        "host's launch time out of each step)")
     add_precision_argument(p)
     add_device_argument(p)
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: known GPUs)")

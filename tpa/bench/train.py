@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tpa.utils.args import UsageError
 
-FIELDS = ["model", "attention_type", "loop", "compile", "parameters", "heads", "status", "tokens_per_s",
+FIELDS = ["model", "attention_type", "loop", "compile", "compile_mode", "parameters", "heads", "status", "tokens_per_s",
           "median_tokens_per_s", "mfu", "peak_memory_gb", "micro_batch", "seq_len", "timed_steps", "warmup_steps"]
 LOOPS = ("trainer", "model-compile")
 T6, LLAMA = "T6ForCausalLM", "LlamaForCausalLM"
@@ -92,8 +92,10 @@ def _plan(args, types: list[str]) -> list[dict]:
             jobs += [{"model": T6, "attention_type": t, "loop": "trainer", "compile": compile_} for t in types]
     if "model-compile" in args.loops:
         if args.reference == "llama":
-            jobs.append({"model": LLAMA, "attention_type": "mha", "loop": "model-compile", "compile": True})
-        jobs += [{"model": T6, "attention_type": t, "loop": "model-compile", "compile": True} for t in types]
+            jobs.append({"model": LLAMA, "attention_type": "mha", "loop": "model-compile", "compile": True,
+                         "compile_mode": args.compile_mode})
+        jobs += [{"model": T6, "attention_type": t, "loop": "model-compile", "compile": True,
+                  "compile_mode": args.compile_mode} for t in types]
     return jobs
 
 
@@ -118,6 +120,7 @@ def run(args) -> dict:
     record = {"preset": args.preset, "data": args.data if "trainer" in args.loops else None, "micro_batch": micro,
               "seq_len": seq_len, "vocab_size": args.vocab_size, "precision": args.precision, "steps": args.steps,
               "warmup": args.warmup, "loops": list(args.loops), "compile_backend": args.compile_backend,
+              "compile_mode": args.compile_mode,
               "complete": False, "rows": [], "seconds": None, "run": run_metadata(device)}
     rows = record["rows"]
     interrupted = None
@@ -201,7 +204,7 @@ def _model_compile_job(job: dict, args, micro: int, seq_len: int, device) -> dic
                                         and torch.cuda.is_bf16_supported())
     try:
         measured = model_compile_loop(model, micro=micro, seq_len=seq_len, steps=args.steps, warmup=args.warmup,
-                                      device=device, bf16=bf16, backend=args.compile_backend,
+                                      device=device, bf16=bf16, backend=args.compile_backend, mode=args.compile_mode,
                                       peak_tflops=args.peak_tflops, profile_path=_profile_path(job, args))
     finally:
         del model
@@ -231,13 +234,15 @@ def _llama_like(config):
 
 
 def model_compile_loop(model, *, micro: int, seq_len: int, steps: int, warmup: int, device, bf16: bool,
-                       backend: str = "inductor", peak_tflops: float | None = None,
+                       backend: str = "inductor", mode: str | None = None, peak_tflops: float | None = None,
                        profile_path: Path | None = None, profile_steps: int = 3) -> dict:
     """Train ``model`` the way users write it around a transformers causal LM, and time it.
 
-    ``torch.compile(model)``; per step: ``loss = compiled(input_ids=ids, labels=ids).loss`` under bf16
+    ``torch.compile(model, backend=backend, mode=mode)``; per step: ``loss = compiled(input_ids=ids, labels=ids).loss`` under bf16
     autocast when ``bf16``, backward, ``clip_grad_norm_(1.0)``, AdamW (fused on CUDA), ``zero_grad``;
     ids ``[micro, seq_len]`` random in the model's vocabulary. The first ``warmup`` steps are untimed.
+    With a CUDA-graph ``mode`` (``reduce-overhead``, ``max-autotune``) each step first marks a new
+    step for cudagraph trees (``torch.compiler.cudagraph_mark_step_begin``), as their docs ask of a loop.
     With ``profile_path``, ``profile_steps`` more steps run after the timed ones under torch.profiler
     (so the timing is not disturbed) and its table, sorted by GPU time (CPU time on a CPU), is written there.
 
@@ -255,7 +260,8 @@ def model_compile_loop(model, *, micro: int, seq_len: int, steps: int, warmup: i
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=True if device.type == "cuda" else None)
-    compiled = torch.compile(model, backend=backend)
+    compiled = torch.compile(model, backend=backend, mode=mode)
+    graphs = mode in ("reduce-overhead", "max-autotune")
     generator = torch.Generator().manual_seed(0)
     batches = torch.randint(0, model.config.vocab_size, (warmup + steps, micro, seq_len), generator=generator)
     batches = batches.to(device)
@@ -265,6 +271,8 @@ def model_compile_loop(model, *, micro: int, seq_len: int, steps: int, warmup: i
             torch.cuda.synchronize(device)
 
     def train_step(ids):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
@@ -319,7 +327,8 @@ def _profile_steps(train_step, ids, steps: int, device, path: Path) -> None:
 
 def _loop_label(row: dict) -> str:
     if row["loop"] == "model-compile":
-        return "torch.compile(model)"
+        mode = row.get("compile_mode")
+        return f'torch.compile(model, mode="{mode}")' if mode else "torch.compile(model)"
     return "trainer, compiled blocks" if row["compile"] else "trainer, eager"
 
 
