@@ -14,6 +14,12 @@ Each layer stores named tensors whose per-token shapes its attention type declar
 ``a_v [R_v, H]``, ``b_v [R_v, E]``; for MHA/GQA/MQA ``k [G, D]`` and ``v [G, D]``; for MLA the latent
 ``c_kv [d_c]`` and the RoPE key ``k_rope [d_R]``.
 
+A layer may store a tensor in a wider buffer than its shape (``storage``, from
+:meth:`tpa.layers.base.Attention.cache_storage`): TPA's ``a_k``/``a_v`` as ``[R, ceil(H/M)*M]`` rows
+for the decode kernel's aligned loads (``tpa_cache_head_multiple``). Writes fill the leading part,
+the padding stays zero, and every reader (``update``, ``buffer``) gets views of the declared shape;
+``LayerCache.buffers`` holds the allocated (padded) tensors, so bytes summed over it are the bytes held.
+
 Two modes:
 
 - dynamic (default): buffers grow by doubling; every call plans its writes with one host sync (the
@@ -100,33 +106,77 @@ class CacheStep:
             buf.scatter_(1, index, value)
 
 
+def _checked_storage(spec: dict[str, tuple[int, ...]], storage: dict[str, tuple[int, ...]] | None):
+    """``storage`` (name -> allocated per-token shape) once it covers ``spec`` dimension by dimension;
+    ``spec`` itself when None. Raises ValueError otherwise."""
+    if storage is None:
+        return spec
+    storage = {name: tuple(shape) for name, shape in storage.items()}
+    if set(storage) != set(spec):
+        raise ValueError(f"cache storage names {sorted(storage)} must be the spec's {sorted(spec)}")
+    for name, shape in spec.items():
+        held = storage[name]
+        if len(held) != len(shape) or any(h < n for h, n in zip(held, shape)):
+            raise ValueError(f"cache storage of {name!r} must hold its per-token shape {tuple(shape)} in as many "
+                             f"dimensions, each at least as large; got {held}")
+    return storage
+
+
 class LayerCache:
     """The cache of one attention layer: named buffers ``[B, capacity, *shape]``.
 
     Args:
         spec: name -> per-token shape, e.g. ``{"a_k": (2, 34), "b_k": (2, 64), ...}``.
         owner: the :class:`KVCache` that holds lengths and capacity.
+        storage: optional name -> allocated per-token shape, each dimension at least the spec's
+            (e.g. ``"a_k": (2, 48)``); the padding stays zero and readers see the spec's shape.
+
+    Attributes:
+        buffers: name -> the allocated ``[B, capacity, *storage[name]]`` tensor.
+        views: name -> its ``[B, capacity, *spec[name]]`` view (the buffer itself when unpadded).
     """
 
-    def __init__(self, spec: dict[str, tuple[int, ...]], owner: "KVCache"):
+    def __init__(self, spec: dict[str, tuple[int, ...]], owner: "KVCache",
+                 storage: dict[str, tuple[int, ...]] | None = None):
         self.spec = dict(spec)
+        self.storage = _checked_storage(self.spec, storage)
         self.owner = owner
         self.buffers: dict[str, torch.Tensor] = {}
+        self.views: dict[str, torch.Tensor] = {}
 
     def elements_per_token(self) -> int:
         """Cached numbers per token in this layer (Table 1 of the paper)."""
         return elements_per_token(self.spec)
 
+    def stored_elements_per_token(self) -> int:
+        """Numbers per token this layer's buffers hold, padding included."""
+        return elements_per_token(self.storage)
+
+    def store(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        """Hold ``buf [B, capacity, *storage[name]]`` as the buffer of ``name``; returns its view."""
+        self.buffers[name] = buf
+        shape = self.spec[name]
+        view = buf if tuple(self.storage[name]) == tuple(shape) else buf[(slice(None), slice(None),
+                                                                            *map(slice, shape))]
+        self.views[name] = view
+        return view
+
+    def clear(self) -> None:
+        """Drop every buffer (a dynamic cache allocates them again on its next write)."""
+        self.buffers.clear()
+        self.views.clear()
+
     def _ensure(self, name: str, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        """The view of the buffer of ``name`` with at least ``capacity`` slots (dynamic: grown by a copy)."""
         buf = self.buffers.get(name)
         if self.owner.static:  # allocated once by KVCache.__init__, never replaced
-            return buf
+            return self.views[name]
         if buf is None or buf.shape[1] < capacity:
-            new = like.new_zeros((self.owner.batch_size, capacity, *self.spec[name]))
+            new = like.new_zeros((self.owner.batch_size, capacity, *self.storage[name]))
             if buf is not None:
                 new[:, : buf.shape[1]] = buf
-            self.buffers[name] = buf = new
-        return buf
+            return self.store(name, new)
+        return self.views[name]
 
     def update(self, step: CacheStep, **new: torch.Tensor) -> dict[str, torch.Tensor]:
         """Write the valid new tokens and return views of all cached tokens.
@@ -138,7 +188,7 @@ class LayerCache:
         Returns:
             name -> ``[B, kv_len, *shape]`` views (slots beyond ``seqlens[b]`` hold stale values and
             are masked by ``step.mask``); for a static one-token step ``kv_len`` is the capacity,
-            so these are the whole buffers.
+            so these are the whole buffers (their views of the spec's shape).
         """
         if set(new) != set(self.spec):
             raise ValueError(f"cache update expects tensors {sorted(self.spec)}, got {sorted(new)}")
@@ -158,15 +208,16 @@ class LayerCache:
         return out
 
     def buffer(self, name: str) -> torch.Tensor:
-        """The whole buffer ``[B, capacity, *shape]`` (for kernels that take ``cache_seqlens``)."""
-        return self.buffers[name]
+        """The whole buffer ``[B, capacity, *shape]`` (for kernels that take ``cache_seqlens``): a view
+        ``buf[..., :H]`` of the padded buffer where the storage is padded."""
+        return self.views[name]
 
     def select(self, index: torch.Tensor) -> None:
         for name, buf in self.buffers.items():
             if self.owner.static:  # in place: the buffers keep their storage (captured graphs read it)
                 buf.copy_(buf.index_select(0, index.to(buf.device)))
             else:
-                self.buffers[name] = buf.index_select(0, index.to(buf.device))
+                self.store(name, buf.index_select(0, index.to(buf.device)))
 
 
 class KVCache:
@@ -174,6 +225,8 @@ class KVCache:
 
     Args:
         specs: one per layer, name -> per-token shape (see module docstring).
+        storage: optional, one per layer: name -> allocated (padded) per-token shape
+            (:class:`LayerCache`); default: the specs' shapes.
         batch_size: number of sequences; every call must use this batch size.
         capacity: initial slots per sequence; buffers grow by doubling when exceeded (dynamic), or
             the fixed number of slots (static). Clamped to ``max_length``.
@@ -194,6 +247,7 @@ class KVCache:
         static: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        storage: list[dict[str, tuple[int, ...]] | None] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -201,7 +255,10 @@ class KVCache:
         self.capacity = max(1, capacity if max_length is None else min(capacity, max_length))
         self.max_length = max_length
         self.static = static
-        self.layers = [LayerCache(spec, self) for spec in specs]
+        if storage is not None and len(storage) != len(specs):
+            raise ValueError(f"cache storage must give one entry per layer ({len(specs)}), got {len(storage)}")
+        storage = [None] * len(specs) if storage is None else storage
+        self.layers = [LayerCache(spec, self, held) for spec, held in zip(specs, storage)]
         self.seqlens: torch.Tensor | None = None  # [B] int32, created on first use on the right device
         self.positions: torch.Tensor | None = None  # [B, capacity] long, RoPE position of every slot
         self.num_columns = 0  # input columns consumed per row (padding included)
@@ -213,8 +270,8 @@ class KVCache:
                 raise ValueError("a static cache needs the dtype and device of its buffers (the model's)")
             device = torch.device(device)
             for layer in self.layers:
-                for name, shape in layer.spec.items():
-                    layer.buffers[name] = torch.zeros((batch_size, self.capacity, *shape), dtype=dtype, device=device)
+                for name, shape in layer.storage.items():
+                    layer.store(name, torch.zeros((batch_size, self.capacity, *shape), dtype=dtype, device=device))
             self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
             self.positions = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
             self._slot_index = torch.arange(self.capacity, device=device)
@@ -224,6 +281,10 @@ class KVCache:
 
     def elements_per_token(self) -> list[int]:
         return [layer.elements_per_token() for layer in self.layers]
+
+    def stored_elements_per_token(self) -> list[int]:
+        """Numbers per token each layer's buffers hold, padding included."""
+        return [layer.stored_elements_per_token() for layer in self.layers]
 
     def get_seqlens(self, device: torch.device) -> torch.Tensor:
         if self.seqlens is None:

@@ -217,5 +217,10 @@ class Attention(nn.Module):
         """Per-token shapes of the tensors this layer caches."""
         raise NotImplementedError
 
+    def cache_storage(self) -> dict[str, tuple[int, ...]]:
+        """Per-token shapes of the buffers that hold :meth:`cache_spec`'s tensors, each dimension at
+        least the spec's (padding the decode kernel may read); by default the spec itself."""
+        return self.cache_spec()
+
     def kv_cache_elements_per_token(self) -> int:
         return elements_per_token(self.cache_spec())

@@ -21,7 +21,9 @@ Variants (Appendix C and G):
 
 All token-dependent projections (factors, the KVonly query, the gate) come from one fused weight
 ``proj``. Attention runs by materialising Q, K, V and calling SDPA (``attn_impl="sdpa"``) or from the
-factors without materialising Q and K (``attn_impl="factors"``, Algorithm 1).
+factors without materialising Q and K (``attn_impl="factors"``, Algorithm 1). Cached decoding steps
+of the plain layout (second order, contextual factors, no shared B) may run the FlashTPA decode kernel
+(:func:`tpa.ops.decode.tpa_decode`); ``cache_head_multiple`` pads the cached head factors' rows for it.
 """
 
 from __future__ import annotations
@@ -33,12 +35,33 @@ from torch import nn
 
 from tpa.layers.base import (Attention, AttentionContext, apply_partial_rotary, attend, check_hidden, check_positive,
                              partial_rotary_dim, scaled_normal_)
-from tpa.ops.decode import tpa_decode
+from tpa.ops.decode import DecodeLaunchOptions, tpa_decode
 from tpa.ops.fused_materialize import tpa_materialize_many
 from tpa.ops.naive import tpa_attention_factors
 
 HEAD_ACTIVATIONS = ("none", "sigmoid", "softmax")
 ATTN_IMPLS = ("sdpa", "factors")
+
+
+def decode_kernel_blockers(order: int, contextual_a: bool, contextual_b: bool, share_kv_b: bool,
+                           attn_impl: str) -> list[str]:
+    """The settings that keep the FlashTPA decode kernel off (it reads the plain factor cache):
+    empty for the layouts it decodes."""
+    blockers = [] if order == 2 else [f"order={order}"]
+    blockers += [] if contextual_a else ["contextual_a=False"]
+    blockers += [] if contextual_b else ["contextual_b=False"]
+    blockers += ["share_kv_b=True"] if share_kv_b else []
+    return blockers + ([] if attn_impl == "sdpa" else [f"attn_impl={attn_impl!r}"])
+
+
+def check_cache_head_multiple(multiple, blockers: list[str]) -> None:
+    """Raise ValueError unless ``multiple`` is an int >= 1, and 1 where ``blockers``
+    (:func:`decode_kernel_blockers`) keep the decode kernel, the padding's only reader, off."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"cache_head_multiple (tpa_cache_head_multiple) must be an int >= 1, got {multiple!r}")
+    if multiple > 1 and blockers:
+        raise ValueError(f"cache_head_multiple={multiple} pads the head factors for the FlashTPA decode kernel, "
+                         f"which {', '.join(blockers)} keeps off: leave it at 1")
 
 
 def expand_third_order(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -65,6 +88,9 @@ class TensorProductAttention(Attention):
         head_norm, head_norm_eps: RMSNorm with gain over each head's output before ``o_proj``.
         init_std: std of the normal init of non-factor projections (KVonly query, gate).
         out_init_std: std of the output projection init (default ``init_std``).
+        cache_head_multiple: M; the cached ``a_k``/``a_v`` rows are stored padded to ``ceil(H/M)*M``
+            heads (zeros) and the decode kernel's loads read them whole (``DecodeLaunchOptions(
+            a_head_pad=M)``); readers still get ``[R, H]``. 1 (default): unpadded. Plain layout only.
 
     Shapes: ``forward(x [B, T, C], ctx) -> [B, T, C]``.
     """
@@ -93,6 +119,7 @@ class TensorProductAttention(Attention):
         head_norm_eps: float = 1e-5,
         init_std: float = 0.02,
         out_init_std: float | None = None,
+        cache_head_multiple: int = 1,
     ):
         super().__init__()
         value_dim = head_dim if value_dim is None else value_dim
@@ -124,6 +151,12 @@ class TensorProductAttention(Attention):
         self.rotates_cached_keys = share_kv_b or not contextual_b  # their key factor is cached unrotated
         self.output_gate, self.attn_impl = output_gate, attn_impl
         self.init_std = init_std
+        blockers = decode_kernel_blockers(order, contextual_a, contextual_b, share_kv_b, attn_impl)
+        check_cache_head_multiple(cache_head_multiple, blockers)
+        self.kernel_layout = not blockers  # the FlashTPA decode kernel reads this layer's cache
+        self.cache_head_multiple = cache_head_multiple
+        # built once: the decode op keys its launch plans by the options' identity
+        self.decode_options = DecodeLaunchOptions(a_head_pad=cache_head_multiple) if cache_head_multiple > 1 else None
         self.out_init_std = init_std if out_init_std is None else out_init_std
         self.b_dim = head_dim // c_dim  # feature size of the b factors (D, or d_b for third order)
         if self.b_dim % 2:
@@ -198,6 +231,15 @@ class TensorProductAttention(Attention):
                 spec[name] = self.factor_shapes[name]
         if self.share_kv_b and self.contextual_b:
             spec["b_kv"] = spec.pop("b_k")
+        return spec
+
+    def cache_storage(self) -> dict[str, tuple[int, ...]]:
+        """:meth:`cache_spec` with ``a_k``/``a_v`` as ``(R, ceil(H/M)*M)`` for ``M = cache_head_multiple``."""
+        spec, multiple = self.cache_spec(), self.cache_head_multiple
+        if multiple > 1:
+            for name in ("a_k", "a_v"):
+                rank, heads = spec[name]
+                spec[name] = (rank, -(-heads // multiple) * multiple)
         return spec
 
     def _activate(self, a: torch.Tensor) -> torch.Tensor:
@@ -296,8 +338,7 @@ class TensorProductAttention(Attention):
 
     def _use_decode_kernel(self, ctx: AttentionContext, new_tokens: int) -> bool:
         # the kernel reads the plain factor cache; other variants use the reference path
-        plain = self.order == 2 and self.contextual_a and self.contextual_b and not self.share_kv_b
-        return plain and self.attn_impl == "sdpa" and self.decode_kernel_applies(ctx, new_tokens)
+        return self.kernel_layout and self.decode_kernel_applies(ctx, new_tokens)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         check_hidden(x, self.hidden_size, type(self).__name__)
@@ -315,7 +356,7 @@ class TensorProductAttention(Attention):
             buf = ctx.cache.buffer
             backend = "triton" if ctx.decode_impl == "kernel" else "auto"
             out = tpa_decode(a_q, b_q, buf("a_k"), buf("b_k"), buf("a_v"), buf("b_v"), ctx.step.kernel_seqlens,
-                             backend=backend)
+                             backend=backend, options=self.decode_options)
         else:
             a_k, b_k, a_v, b_v = self._key_value_factors(kv, bsz, length, ctx)
             if self.attn_impl == "factors" and ctx.attention_weights is None:

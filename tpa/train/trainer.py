@@ -39,8 +39,8 @@ from tpa.train.runlock import RunDirLocked, RunLock
 # T6Config fields that may differ between a checkpoint and the run that resumes it: how the same
 # model is computed (kernels, cache, MLA's absorbed form), the library version, and the
 # initialisation scale (a resumed model is not initialised). Every other field must agree.
-RUNTIME_MODEL_FIELDS = frozenset({"attn_impl", "decode_impl", "use_cache", "mla_absorb", "transformers_version",
-                                  "dtype", "torch_dtype", "initializer_range"})
+RUNTIME_MODEL_FIELDS = frozenset({"attn_impl", "decode_impl", "use_cache", "mla_absorb", "tpa_cache_head_multiple",
+                                  "transformers_version", "dtype", "torch_dtype", "initializer_range"})
 
 # Exit status of `tpa train` when SIGINT/SIGTERM stopped it (after writing a checkpoint): 128 + signal
 # number, as a shell reports a process killed by that signal (130 for SIGINT, 143 for SIGTERM).

@@ -65,7 +65,7 @@ class T6CacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         if not self.layer.owner.static:  # static buffers stay: captured graphs read their storage
-            self.layer.buffers.clear()
+            self.layer.clear()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:  # done once for all layers by T6Cache
         return None
@@ -76,6 +76,8 @@ class T6Cache(Cache):
 
     Args:
         specs: per-layer cache specs (``layer.cache_spec()``).
+        storage: optional per-layer allocated shapes (``layer.cache_storage()``: TPA's head factors
+            padded to ``tpa_cache_head_multiple`` heads); default: the specs' shapes.
         batch_size: sequences in the batch.
         capacity: initial slots per sequence (dynamic: grows by doubling; static: fixed, counted in
             input columns, padding included).
@@ -89,9 +91,9 @@ class T6Cache(Cache):
 
     def __init__(self, specs, batch_size: int, capacity: int = 256, max_length: int | None = None, *,
                  static: bool = False, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, storage=None):
         self.kv = KVCache(specs, batch_size=batch_size, capacity=capacity, max_length=max_length, static=static,
-                          dtype=dtype, device=device)
+                          dtype=dtype, device=device, storage=storage)
         super().__init__(layers=[T6CacheLayer(layer) for layer in self.kv.layers])
         on_cuda = static and torch.device(device).type == "cuda"
         if cuda_graphs and not static:
@@ -108,13 +110,16 @@ class T6Cache(Cache):
         dtype and device."""
         base = getattr(model, "model", model)  # T6ForCausalLM or T6Model
         specs = [block.self_attn.cache_spec() for block in base.layers]
+        storage = [block.self_attn.cache_storage() for block in base.layers]
         extra = dict(static=True, dtype=model.dtype, device=model.device, cuda_graphs=cuda_graphs) if static else \
             dict(cuda_graphs=cuda_graphs)
-        return cls(specs, batch_size, capacity=capacity, max_length=model.config.max_position_embeddings, **extra)
+        return cls(specs, batch_size, capacity=capacity, max_length=model.config.max_position_embeddings,
+                   storage=storage, **extra)
 
     def check_fits(self, model) -> None:
         """Raise ValueError unless this cache was shaped for ``model`` (T6Model): one layer cache per
-        layer, each caching the tensors (names and per-token shapes) that layer's attention caches."""
+        layer, each caching the tensors (names and per-token shapes) that layer's attention caches, in
+        the (padded) storage that layer's decode reads."""
         blocks = model.layers
         if len(self.kv.layers) != len(blocks):
             raise ValueError(f"the cache has {len(self.kv.layers)} layers, the model {len(blocks)}: it was built "
@@ -125,6 +130,11 @@ class T6Cache(Cache):
                 raise ValueError(f"the cache's layer {i} holds {layer.spec}, the model's layer {i} "
                                  f"({type(block.self_attn).__name__}) caches {want}: it was built for another "
                                  "model; make one with T6Cache.for_model(model, batch_size)")
+            want = {name: tuple(shape) for name, shape in block.self_attn.cache_storage().items()}
+            if {name: tuple(shape) for name, shape in layer.storage.items()} != want:
+                raise ValueError(f"the cache's layer {i} stores {layer.storage} per token, the model's layer {i} "
+                                 f"reads {want} (tpa_cache_head_multiple pads the head factors): make the cache "
+                                 "with T6Cache.for_model(model, batch_size)")
 
     @property
     def static(self) -> bool:
@@ -138,11 +148,21 @@ class T6Cache(Cache):
         return self.kv.num_columns
 
     def elements_per_token(self) -> list[int]:
-        """Cached numbers per token for each layer, measured on the tensors the cache holds."""
+        """Cached numbers per token for each layer (Table 1), measured on the views the cache's readers
+        get (``tpa_cache_head_multiple``'s padding left out: :meth:`stored_elements_per_token`)."""
+        return self._measured("views", [layer.elements_per_token() for layer in self.kv.layers])
+
+    def stored_elements_per_token(self) -> list[int]:
+        """Numbers per token each layer's buffers hold, the head factors' padding included."""
+        return self._measured("buffers", self.kv.stored_elements_per_token())
+
+    def _measured(self, attribute: str, predicted: list[int]) -> list[int]:
+        """Per layer, the numbers per token of ``layer.<attribute>``'s tensors, or ``predicted``
+        for a layer that holds none yet."""
         out = []
-        for layer in self.kv.layers:
-            total = sum(buf[0, 0].numel() for buf in layer.buffers.values()) if layer.buffers else None
-            out.append(total if total is not None else layer.elements_per_token())
+        for layer, guess in zip(self.kv.layers, predicted):
+            tensors = getattr(layer, attribute)
+            out.append(sum(buf[0, 0].numel() for buf in tensors.values()) if tensors else guess)
         return out
 
     def reset(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+from tpa.layers.tpa import check_cache_head_multiple, decode_kernel_blockers
 from tpa.models.presets import (  # noqa: F401  (re-exported: the names T6Config is built from)
     _SIZES, _TABLE10_HEADS, ATTENTION_TYPES, PRESETS, _swiglu_width, attention_parameters, matched_heads,
 )
@@ -28,6 +29,15 @@ class T6Config(PreTrainedConfig):
         kv_lora_rank, q_lora_rank, qk_rope_head_dim: MLA's d_c, d'_c and d_R.
         tpa_contextual_a, tpa_contextual_b, tpa_share_kv_b, tpa_head_activation, tpa_order, tpa_c_dim:
             TPA variants (see :mod:`tpa.layers.tpa`).
+        tpa_cache_head_multiple: M >= 1 (TPA and TPA-KVonly with the plain factor cache): the cached
+            head factors ``a_k``/``a_v`` are stored padded with zeros to ``ceil(H/M)*M`` heads and the
+            FlashTPA decode kernel reads the padded rows (``DecodeLaunchOptions(a_head_pad=M)``).
+            Costs memory: those parts grow from ``R*H`` to ``R*ceil(H/M)*M`` numbers per token, +14%
+            of the whole cache at ``small``'s H=34 with R_k=R_v=2 and M=16 (448 instead of 392 per
+            token per layer). Buys kernel time at H not divisible by 16: at H=34 in CUDA-graph replay
+            (H200, bf16, 2026-12-02, kernel level only, not measured end to end) B=16, 512K tokens,
+            ranks (16,1,1) 1563 -> 958 us, (6,2,2) 2802 -> 2196 us; B=8 (16,1,1) 791 -> 491 us.
+            1 (default): unpadded. Readers other than the kernel always see ``[R, H]``.
         attention_output_gate: sigmoid output gate on the attention output (any attention type).
         attn_impl: ``"sdpa"`` (materialise Q, K, V and call SDPA) or ``"factors"`` (TPA only, Algorithm 1).
         decode_impl: ``"auto"`` (the FlashTPA kernel for TPA, TPA-KVonly, GQA and MQA decoding on CUDA; see
@@ -76,6 +86,7 @@ class T6Config(PreTrainedConfig):
         tpa_head_activation: str = "none",
         tpa_order: int = 2,
         tpa_c_dim: int = 1,
+        tpa_cache_head_multiple: int = 1,
         attention_output_gate: bool = False,
         attn_impl: str = "sdpa",
         decode_impl: str = "auto",
@@ -118,6 +129,7 @@ class T6Config(PreTrainedConfig):
         self.tpa_contextual_a, self.tpa_contextual_b = tpa_contextual_a, tpa_contextual_b
         self.tpa_share_kv_b, self.tpa_head_activation = tpa_share_kv_b, tpa_head_activation
         self.tpa_order, self.tpa_c_dim = tpa_order, tpa_c_dim
+        self.tpa_cache_head_multiple = tpa_cache_head_multiple
         self.attention_output_gate = attention_output_gate
         self.attn_impl, self.decode_impl = attn_impl, decode_impl
         self.mla_latent_norm, self.mla_absorb = mla_latent_norm, mla_absorb
@@ -187,10 +199,19 @@ class T6Config(PreTrainedConfig):
         if factor != 1 and (self.attention_type == "mla" or self.tpa_order == 3):
             raise ValueError("rope_partial_factor applies to TPA (second order), TPA-KVonly, MHA, GQA and MQA; "
                              "MLA's rotated part is set by qk_rope_head_dim")
+        self._check_cache_head_multiple()
         for name in ("rms_norm_eps", "attention_head_norm_eps", "mla_latent_norm_eps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+    def _check_cache_head_multiple(self) -> None:
+        multiple = self.tpa_cache_head_multiple
+        if self.attention_type in ("tpa", "tpa_kvonly"):
+            check_cache_head_multiple(multiple, decode_kernel_blockers(
+                self.tpa_order, self.tpa_contextual_a, self.tpa_contextual_b, self.tpa_share_kv_b, self.attn_impl))
+        elif multiple != 1:
+            raise ValueError(f"tpa_cache_head_multiple is a TPA option; {self.attention_type} needs 1, got {multiple!r}")
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -248,6 +269,12 @@ class T6Config(PreTrainedConfig):
         if t == "mla":
             return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.num_key_value_heads * d
+
+    def kv_cache_stored_elements_per_token(self) -> int:
+        """Numbers per token per layer the cache's buffers hold: :meth:`kv_cache_elements_per_token`
+        with the head factors padded to ``tpa_cache_head_multiple`` heads."""
+        h, multiple = self.num_attention_heads, self.tpa_cache_head_multiple
+        return self.kv_cache_elements_per_token() + (self.k_rank + self.v_rank) * (-(-h // multiple) * multiple - h)
 
     def attention_parameters_per_layer(self) -> int:
         """Table 1's attention parameter count for this configuration (plain TPA variants only), plus the

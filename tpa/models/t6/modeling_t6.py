@@ -46,6 +46,7 @@ def build_attention(config: T6Config, out_init_std: float) -> nn.Module:
             output_gate=config.attention_output_gate,
             attn_impl=config.attn_impl,
             rope_partial_factor=config.rope_partial_factor,
+            cache_head_multiple=config.tpa_cache_head_multiple,
             **common,
         )
     if t in ("mha", "gqa", "mqa"):
