@@ -164,8 +164,8 @@ class DecodeLaunchOptions:
             triggers the merge kernel's launch as it starts, instead of as its programs finish.
         poison_buffers: test hook; fill every buffer the op allocates (output, lse, split partials)
             with NaN before the kernels run, so an element a kernel fails to write shows up as NaN.
-        a_head_pad: benchmark hook for caches whose head-factor rows are padded (``tpa bench decode
-            --pad-a-heads``): with M > 1 the loads of ``a_k_cache`` and ``a_v_cache`` read
+        a_head_pad: for caches whose head-factor rows are padded (a T6 model's with
+            ``tpa_cache_head_multiple=M``; ``tpa bench decode --pad-a-heads``): with M > 1 the loads of ``a_k_cache`` and ``a_v_cache`` read
             ``ceil(H / M) * M`` heads per row (the extra heads are discarded), so that their mask
             does not split vectors; every call's A caches must then be views ``buf[..., :H]`` of
             buffers with at least that many heads and unit head stride (checked when a call's plan
