@@ -173,3 +173,34 @@ def test_default_layout_is_unpadded():
     assert cfg.tpa_cache_head_multiple == 1 and attn.decode_options is None
     assert attn.cache_storage() == attn.cache_spec()
     assert cfg.kv_cache_stored_elements_per_token() == cfg.kv_cache_elements_per_token()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-cuda-graphs"])
+def test_padded_cache_on_cuda_generates_like_unpadded(static):
+    """On CUDA (decode_impl="auto": the kernel; a static cache replays CUDA graphs), at small's H=34."""
+    plain, padded = (m.cuda() for m in pair(34, (6, 2, 2)))
+    ids = torch.randint(1, VOCAB, (3, 40), device="cuda")
+    kw = dict(GREEDY, max_new_tokens=8, cache_implementation="static" if static else None)
+    with torch.no_grad():
+        ref, out = plain.generate(ids, **kw), padded.generate(ids, **kw)
+    assert_same(ref, out)
+    assert_padding_zero(output_cache(out), 34)
+
+
+@pytest.mark.gpu
+def test_compiled_padded_step_equals_eager():
+    """Under torch.compile the kernel (torch.ops.tpa.decode) still reads views of the padded buffers."""
+    _, model = pair(34, (2, 2, 2))
+    model.cuda()
+    ids = torch.randint(1, VOCAB, (2, 9), device="cuda")
+    caches = [T6Cache.for_model(model, 2, capacity=16, static=True, cuda_graphs=False) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, cache=cache, use_cache=True)
+        want = model(ids[:, :1], cache=caches[0], use_cache=True).logits
+        step = torch.compile(lambda x: model(x, cache=caches[1], use_cache=True).logits, fullgraph=True)
+        got = step(ids[:, :1])
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_padding_zero(caches[1], 34)

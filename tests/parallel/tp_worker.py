@@ -19,6 +19,9 @@ VOCAB = 67
 CASES = {
     "tpa": dict(attention_type="tpa", attention_head_norm=True, rope_partial_factor=0.5, attention_output_gate=True,
                 tpa_head_activation="sigmoid", num_attention_heads=6, q_rank=5, k_rank=3, v_rank=1),
+    # head factors cached padded to 16 heads (3 per rank: 16 stored)
+    "tpa-padded-cache": dict(attention_type="tpa", num_attention_heads=6, k_rank=3, v_rank=1,
+                             tpa_cache_head_multiple=16),
     "tpa-factors-share-kv-b": dict(attention_type="tpa", attn_impl="factors", tpa_share_kv_b=True),
     "tpa-order3": dict(attention_type="tpa", tpa_order=3, tpa_c_dim=2),
     "tpa_kvonly": dict(attention_type="tpa_kvonly", attention_head_norm=True),
@@ -249,6 +252,9 @@ def check_cache_size(name: str, config: T6Config, ref_cache: T6Cache, cache: T6C
         ranks = config.k_rank + config.v_rank
         assert want == [ranks * (h + d)] * config.num_hidden_layers, want
         assert got == [ranks * (h // n + d)] * config.num_hidden_layers, (name, got)
+        multiple = config.tpa_cache_head_multiple
+        stored = [ranks * (-(-(h // n) // multiple) * multiple + d)] * config.num_hidden_layers
+        assert cache.stored_elements_per_token() == stored, (name, cache.stored_elements_per_token())
     elif config.attention_type in ("mha", "gqa", "mqa"):
         g = config.num_key_value_heads
         local = g // n if g % n == 0 else 1
