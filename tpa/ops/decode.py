@@ -165,11 +165,12 @@ class DecodeLaunchOptions:
         poison_buffers: test hook; fill every buffer the op allocates (output, lse, split partials)
             with NaN before the kernels run, so an element a kernel fails to write shows up as NaN.
         a_head_pad: for caches whose head-factor rows are padded (a T6 model's with
-            ``tpa_cache_head_multiple=M``; ``tpa bench decode --pad-a-heads``): with M > 1 the loads of ``a_k_cache`` and ``a_v_cache`` read
-            ``ceil(H / M) * M`` heads per row (the extra heads are discarded), so that their mask
-            does not split vectors; every call's A caches must then be views ``buf[..., :H]`` of
-            buffers with at least that many heads and unit head stride (checked when a call's plan
-            is built, from strides and storage size). 1 (default): the loads read H heads.
+            ``tpa_cache_head_multiple=M``; ``tpa bench decode --pad-a-heads``): with M > 1 the loads
+            of ``a_k_cache`` and ``a_v_cache`` read ``ceil(H / M) * M`` heads per row (the extra
+            heads are discarded), so that their mask does not split vectors; every call's A caches
+            must then be views ``buf[..., :H]`` of buffers with at least that many heads and unit
+            head stride (checked when a call's plan is built, from strides and storage size).
+            1 (default): the loads read H heads.
         heads_inner: launch order of the split kernel's grid: the head/query tiles of one split side by
             side (grid ``(tiles, splits, B)``), so that tiles reading the same tokens' head-shared
             factors run together and can share them through L2; False (default): ``(splits, tiles, B)``.

@@ -211,7 +211,8 @@ class T6Config(PreTrainedConfig):
             check_cache_head_multiple(multiple, decode_kernel_blockers(
                 self.tpa_order, self.tpa_contextual_a, self.tpa_contextual_b, self.tpa_share_kv_b, self.attn_impl))
         elif multiple != 1:
-            raise ValueError(f"tpa_cache_head_multiple is a TPA option; {self.attention_type} needs 1, got {multiple!r}")
+            raise ValueError(f"tpa_cache_head_multiple is a TPA option; {self.attention_type} needs 1, "
+                             f"got {multiple!r}")
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
