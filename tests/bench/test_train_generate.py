@@ -127,6 +127,34 @@ def test_bench_generate_tiny(tmp_path, capsys):
     assert (out / "generate.csv").is_file() and "| llama |" in (out / "generate.md").read_text()
 
 
+def test_bench_generate_padded_cache_rows(tmp_path, capsys):
+    """--cache-head-multiple 1 8: a tpa-pad8 row beside tpa, its cache holding the padded head factors
+    (tiny's TPA heads are not a multiple of 8) and generating the same tokens."""
+    from tpa import T6Config
+
+    out = tmp_path / "gen"
+    rc = main(["bench", "generate", "--preset", "tiny", "--types", "tpa", "mha", "--cache-head-multiple", "1", "8",
+               "--contexts", "12", "--batch-sizes", "2", "--new-tokens", "3", "--short-tokens", "1",
+               "--device", "cpu", "--output", str(out)])
+    assert rc == 0
+    rows = {r["attention_type"]: r for r in json.loads((out / "generate.json").read_text())["rows"]}
+    assert list(rows) == ["tpa", "tpa-pad8", "mha"] and all(r["status"] == "ok" for r in rows.values())
+    cfg = T6Config.from_preset("tiny", "tpa")
+    assert cfg.num_attention_heads % 8  # else the padded row pads nothing
+    extra = (cfg.k_rank + cfg.v_rank) * (-(-cfg.num_attention_heads // 8) * 8 - cfg.num_attention_heads)
+    tokens = 2 * (12 + 3)
+    assert rows["tpa-pad8"]["kv_cache_bytes"] - rows["tpa"]["kv_cache_bytes"] == (
+        extra * cfg.num_hidden_layers * 4 * tokens)  # float32 on the CPU
+    assert rows["tpa-pad8"]["predicted_kv_cache_bytes"] == rows["tpa-pad8"]["kv_cache_bytes"]
+    assert "| tpa-pad8 |" in (out / "generate.md").read_text()
+    assert main(["bench", "generate", "--preset", "tiny", "--types", "mha", "--cache-head-multiple", "16",
+                 "--device", "cpu", "--output", str(out)]) == 2
+    assert "--types has neither" in capsys.readouterr().err
+    assert main(["bench", "generate", "--preset", "tiny", "--types", "tpa", "--cache-head-multiple", "0",
+                 "--device", "cpu", "--output", str(out)]) == 2
+    assert "integers >= 1" in capsys.readouterr().err
+
+
 def test_bench_generate_time_budget_and_errors(tmp_path, capsys):
     out = tmp_path / "gen"
     assert main(["bench", "generate", "--preset", "tiny", "--types", "mqa", "--contexts", "8", "--batch-sizes", "1",

@@ -147,6 +147,9 @@ def _register_generate(subparsers) -> None:
                    help="decode steps as CUDA-graph replays over a static cache (default: on with CUDA, off on CPU)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="skip points whose batch x context exceeds this (bounds the prefill time)")
+    p.add_argument("--cache-head-multiple", type=int, nargs="+", default=None, metavar="M",
+                   help="TPA types: also a TYPE-padM row per M > 1, its A-factor caches padded to a multiple of M "
+                        "heads (T6Config.tpa_cache_head_multiple; 1 keeps the plain row, e.g. 1 16)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later points are skipped")
     add_output_argument(p, default="runs/bench/generate", help="output folder")
 

@@ -242,8 +242,36 @@ def _plan(args) -> _Plan:
     graphs = device.type == "cuda" if args.cuda_graphs is None else args.cuda_graphs
     if graphs and device.type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA device, got {device}")
+    types = _with_padded_caches(types, getattr(args, "cache_head_multiple", None) or [1])
     return _Plan(types=types, contexts=contexts, batches=batches, short_tokens=short_tokens, device=device,
                  dtype=dtype, graphs=graphs, capacity=_device_memory(device))
+
+
+PAD_SUFFIX = "-pad"
+PADDABLE = ("tpa", "tpa_kvonly")
+
+
+def _with_padded_caches(types: list[str], multiples: list[int]) -> list[str]:
+    """``types`` with, after each TPA type, one ``TYPE-padM`` row per multiple M > 1 of
+    ``--cache-head-multiple`` (``T6Config.tpa_cache_head_multiple``: the A caches padded to a multiple
+    of M heads); a multiple of 1 keeps the plain row, and leaving 1 out drops it."""
+    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in multiples):
+        raise UsageError(f"--cache-head-multiple takes integers >= 1, got {multiples}")
+    if multiples != [1] and not any(t in PADDABLE for t in types):
+        raise UsageError(f"--cache-head-multiple pads the caches of {' and '.join(PADDABLE)}; --types has neither")
+    out = []
+    for t in types:
+        if t not in PADDABLE:
+            out.append(t)
+            continue
+        out += [t if m == 1 else f"{t}{PAD_SUFFIX}{m}" for m in dict.fromkeys(multiples)]
+    return out
+
+
+def _base_type(kind: str) -> tuple[str, int]:
+    """``("tpa", 16)`` for ``tpa-pad16``; ``(kind, 1)`` otherwise."""
+    base, sep, multiple = kind.rpartition(PAD_SUFFIX)
+    return (base, int(multiple)) if sep and base in PADDABLE and multiple.isdigit() else (kind, 1)
 
 
 def _add_configs(plan: _Plan, args) -> None:
@@ -253,8 +281,8 @@ def _add_configs(plan: _Plan, args) -> None:
     from tpa.bench.memory import model_parameters
 
     max_len = max(plan.contexts) + args.new_tokens
-    plan.configs = {t: T6Config.from_preset(args.preset, t, max_position_embeddings=max_len,
-                                            decode_impl=args.decode_impl)
+    plan.configs = {t: T6Config.from_preset(args.preset, _base_type(t)[0], max_position_embeddings=max_len,
+                                            decode_impl=args.decode_impl, tpa_cache_head_multiple=_base_type(t)[1])
                     for t in plan.types if t != LLAMA_TYPE}
     plan.params = {t: model_parameters(cfg) for t, cfg in plan.configs.items()}
     if LLAMA_TYPE in plan.types:  # matched to the preset's GQA
@@ -272,7 +300,7 @@ def _point_row(plan: _Plan, args, kind: str, batch: int, context: int) -> dict:
         per_token = kv_bytes_per_token(cfg, itemsize)
         mode = "static cache, transformers auto-compile" if plan.graphs else "eager"
     else:
-        per_token = cfg.kv_cache_elements_per_token() * cfg.num_hidden_layers * itemsize
+        per_token = cfg.kv_cache_stored_elements_per_token() * cfg.num_hidden_layers * itemsize
         mode = plan.decode_mode
     return {"attention_type": kind, "parameters": plan.params[kind], "heads": cfg.num_attention_heads,
             "kv_heads": getattr(cfg, "num_key_value_heads", None), "batch": batch, "context": context,
