@@ -21,6 +21,11 @@
 #   train-trainer  tpa bench train, our trainer (compiled blocks) for every type
 #   official       benchmarks/dev/official_train.py: the paper's official T6 and LLaMA-MHA in the same loop
 #                  (needs OFFICIAL=DIR, a checkout of tensorgi/T6; default .official/T6)
+#   official-decode benchmarks/dev/official_decode.py: the official FlashTPA decode kernel (tensorgi/T6,
+#                  tpa_decode_parallel_bn_triton) beside tpa_decode on the same inputs, per point of the Figure 5
+#                  grid: both outputs against the reference twin, plain launches, do_bench, graph replay, eager host
+#                  time (needs OFFICIAL=DIR; OFFDEC_ARGS, default "--d-model 2048", picks the part of the grid;
+#                  OFFDEC_BUDGET, default 140 s, ends it before the stage's T_OFFICIAL_DECODE, default 170 s)
 #   profile-train  tpa train --profile-steps 3, small preset, micro-batch 16 x 1,024, compiled blocks, for
 #                  PROFILE_TYPES (default "tpa mha"): RUN_DIR/profile.txt, kernels by GPU time (issue 13)
 #   convert        tpa bench convert, mini preset, ranks 1 and 2
@@ -73,6 +78,9 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
                 --compile on --types all --time-budget "${TRAIN_BUDGET:-400}" --output "$R/train-trainer" ;;
       official) stage official "${T_OFFICIAL:-160}" $PY benchmarks/dev/official_train.py --official-dir "$OFFICIAL" \
                 --micro-batch 16 --seq-len 1024 --steps 20 --warmup 5 --out "$R/official" ${PROFILE:+--profile} ;;
+      official-decode) stage official-decode "${T_OFFICIAL_DECODE:-170}" $PY benchmarks/dev/official_decode.py \
+                --official-dir "$OFFICIAL" ${OFFDEC_ARGS:---d-model 2048} --time-budget "${OFFDEC_BUDGET:-140}" \
+                --out "$R/official-decode" ;;
       profile-train) for t in ${PROFILE_TYPES:-tpa mha}; do
                 stage profile-train-$t "${T_PROFILE:-150}" $PY -m tpa.cli train --preset small --attention-type $t \
                   --data-dir "$DATA" --vocab-size 50304 --global-batch-size 16 --micro-batch-size 16 --seq-len 1024 --max-steps 16 \

@@ -103,16 +103,22 @@ def eager_host_us(torch, fn, n=300):
     return (t1 - t0) / n * 1e6
 
 
-def graph_replay_us(torch, timer, fn, reps):
-    """GPU microseconds of one call replayed from a CUDA graph (``timer``: L2 flushed), or None
-    where the call cannot be captured."""
+def graph_replay(torch, timer, fn, reps):
+    """``(us, None)``: GPU microseconds of one call replayed from a CUDA graph (``timer``: L2 flushed);
+    ``(None, why)`` where the call cannot be captured (the exception's type and message)."""
     try:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-    except RuntimeError:
-        return None
-    return timer.time(graph.replay, reps=reps)
+    except Exception as exc:  # noqa: BLE001  # a capture failure is a result, not a crash
+        return None, f"{type(exc).__name__}: {exc}"
+    return timer.time(graph.replay, reps=reps), None
+
+
+def graph_replay_us(torch, timer, fn, reps):
+    """GPU microseconds of one call replayed from a CUDA graph (``timer``: L2 flushed), or None
+    where the call cannot be captured."""
+    return graph_replay(torch, timer, fn, reps)[0]
 
 
 def copy_bandwidth(torch, nbytes=1 << 30, reps=20):
