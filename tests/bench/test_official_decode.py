@@ -300,3 +300,19 @@ def test_the_run_with_the_official_kernels_under_the_interpreter(tmp_path, monke
     meta = json.loads((out / "official_decode.json").read_text())
     assert rc == 0 and [r["status"] for r in meta["rows"]] == ["ok", "ok"], meta["rows"]
     assert all(r["official_err"] < 1e-3 and r["ours_err"] < 1e-3 for r in meta["rows"])
+
+
+@pytest.mark.gpu
+@needs_official
+def test_the_run_on_a_gpu_checks_times_and_captures_both(tmp_path):
+    """One Figure 5 point per KV-rank file on the GPU: outputs agree, every timer gives a figure,
+    and a graph replay or the reason its capture failed (no speed is asserted)."""
+    out = tmp_path / "out"
+    rc = od.main(["--official-dir", str(OFFICIAL), "--out", str(out), "--d-model", "2048", "--batch", "2",
+                  "--lengths", "4096", "--ranks", "16,1,1", "6,2,2", "--reps", "5"])
+    meta = json.loads((out / "official_decode.json").read_text())
+    assert rc == 0 and [r["status"] for r in meta["rows"]] == ["ok", "ok"], meta["rows"]
+    for r in meta["rows"]:
+        for impl in od.IMPLS:
+            assert r[f"{impl}_us"] > 0 and r[f"{impl}_do_bench_us"] > 0 and r[f"{impl}_host_us"] > 0
+            assert (r[f"{impl}_graph_us"] or 0) > 0 or r[f"{impl}_graph_note"]
