@@ -13,8 +13,9 @@ https://github.com/tensorgi/T6, whose files are imported from there, unchanged:
 
 Why ``bn`` (split over the sequence, then a log-sum-exp reduction): the checkout has no benchmark
 script and its README names no variant (each file's ``__main__`` calls ``b``, ``bh`` and ``bn``); the
-decode benchmark of the kernels' own library (Doraemonzzz/xopes, whose ``tpa_decode_triton`` these
-files match) times ``tpa_decode_parallel_bn_triton`` beside FlashAttention and FlashMLA.
+TPA decode benchmark of Doraemonzzz/xopes (a kernel library by one of the paper's authors, whose
+``xopes.ops.flash_attn.tpa.tpa_decode_triton`` has these functions under the same names) times
+``tpa_decode_parallel_bn_triton`` beside FlashAttention and FlashMLA, at the paper's kind of grid.
 ``--variant b`` (one program per sequence) or ``bh`` (per sequence and head) times the others.
 
 Layouts (the official functions take contiguous tensors, ours any strides; one storage serves both):
@@ -37,16 +38,18 @@ All sequences have the full length M (the official functions take no lengths; ou
 
 Agreement: batch rows 0 and B-1 of both outputs against :func:`tpa.ops.naive.tpa_decode_reference` on
 the same inputs upcast to float32; error = max |out - ref| / max |ref|, within 4 epsilons of the dtype
-(bf16: 0.031; the official ``bn`` keeps its partial outputs and log-sum-exps in the input dtype). A
-point that fails is timed all the same and marked MISMATCH in ``status``; the script then exits 1.
+(bf16: 0.031; the official ``bn`` keeps its partial outputs and log-sum-exps in the input dtype). An
+output that disagrees is timed all the same and its row marked ``MISMATCH``; a call that raises is
+recorded (``FAILED``, its error) and the other side still timed; the script then exits 1.
 
 Timings, the same for both, after the first call (which autotunes the official kernels: they tune
 and compile per batch, heads and cache length):
 
 - ``us``: plain launches, :class:`tpa.bench.timing.Timer` (CUDA events, L2 flushed before each call,
   the stream held ~300 us so that the host's launch work is hidden: GPU time), as ``tpa bench decode``;
-- ``do_bench_us``: ``triton.testing.do_bench(fn, warmup=25, rep=100)`` (its default mean, L2 cleared
-  before each call, host launch work not hidden), the timer of the official benchmark and of issue 12;
+- ``do_bench_us``: ``triton.testing.do_bench(fn, warmup=25, rep=100)`` (its default mean; L2 cleared
+  before each call; the host's launch work hidden only as far as the clear's GPU time covers it), the
+  timer of the xopes benchmark and of issue 12's figures;
 - ``host_us``: eager host time of one call, 300 calls without a sync (:func:`tpa.bench.timing.eager_host_us`);
 - ``graph_us``: one call replayed from a CUDA graph (:func:`tpa.bench.timing.graph_replay`; where the
   capture fails, ``graph_note`` says why).
