@@ -71,6 +71,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 FILES = {"single": "decode/flashtpa_decode_triton.py", "multi": "decode/flashtpa_decode_triton_multi_kvrank.py"}
@@ -460,7 +461,8 @@ def main(argv=None, device: str = "cuda") -> int:
 
 
 def _point_row(torch, args, point, modules, timing, device) -> dict:
-    """:func:`run_point`, or a ``skipped`` row where the point does not fit in free memory or runs out of it."""
+    """:func:`run_point`; a ``skipped`` row where the point does not fit in free memory or runs out of
+    it, a ``FAILED`` one (with the error; the traceback printed) where anything else raised."""
     skipped = {k: v for k, v in point.items() if k in FIELDS}
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info()
@@ -471,6 +473,9 @@ def _point_row(torch, args, point, modules, timing, device) -> dict:
         return run_point(torch, args, point, official, timing, device)
     except torch.cuda.OutOfMemoryError:
         return {**skipped, "status": "skipped: out of memory"}
+    except Exception as exc:  # noqa: BLE001  # a timer or the check failed: keep the grid going
+        traceback.print_exc()
+        return {**skipped, "status": f"FAILED: {type(exc).__name__}: {exc}"[:300]}
     finally:
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -202,6 +202,22 @@ def test_a_failing_official_call_is_recorded_and_ours_still_timed(tmp_path, monk
     assert all("no kernel today" in r["official_error"] and r["ours_us"] and not r["official_us"] for r in rows)
 
 
+def test_a_timer_that_raises_fails_only_its_point(tmp_path, monkeypatch, capsys):
+    class Broken(FakeTiming):
+        def measure(self, fn):
+            raise RuntimeError("timer broke")
+
+    fake = SimpleNamespace(tpa_decode_parallel_bn_triton=_official_like)
+    monkeypatch.setattr(od, "load_official", lambda _dir: ({"single": fake, "multi": fake}, []))
+    monkeypatch.setattr(od, "make_timing", lambda _torch, _reps: Broken())
+    out = tmp_path / "out"
+    rc = od.main(["--official-dir", str(_fake_checkout(tmp_path)), "--out", str(out), "--d-model", "128",
+                  "--lengths", "40", "--batch", "1", "2"], device="cpu")
+    rows = json.loads((out / "official_decode.json").read_text())["rows"]
+    assert rc == 1 and [r["status"] for r in rows] == ["FAILED: RuntimeError: timer broke"] * 2
+    assert "timer broke" in capsys.readouterr().err  # the traceback
+
+
 def test_the_time_budget_stops_new_points_and_the_files_say_so(tmp_path, monkeypatch):
     rc, rows, meta, md = _run(tmp_path, monkeypatch, _official_like, ["--time-budget", "1e-9"])
     assert rc == 0 and rows == [] and meta["stopped_at_budget"] and meta["points_done"] == 0
