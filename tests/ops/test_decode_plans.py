@@ -357,6 +357,37 @@ def test_plan_table_is_bounded(monkeypatch):
     assert len(decode_launch.PLANS) == 2
 
 
+def test_int64_offsets_follow_the_largest_offset_within_a_sequence():
+    """OFFS_64 whenever an element of one sequence lies 2^31 elements or more past its start: a long
+    token-major cache, and also a rank-major view whose rank stride (M * X) is the large one."""
+    def cache(size, stride):
+        return torch.empty_strided(size, stride, device="meta")
+
+    m = 2**20
+    token_major = cache((2, m, 2, 98), (m * 196, 196, 98, 1))  # 2^20 * 196 elements per sequence
+    assert not decode_launch.needs_int64_offsets([token_major], m)
+    long_token_major = cache((1, 16 * m, 2, 98), (16 * m * 196, 196, 98, 1))
+    assert decode_launch.needs_int64_offsets([long_token_major], 16 * m)
+    rank_major = cache((1, 12 * m, 2, 98), (2 * 12 * m * 98, 98, 12 * m * 98, 1))  # [B, R, M, X] storage
+    assert rank_major.stride(1) * 12 * m < 2**31  # the token offsets alone fit in int32
+    assert decode_launch.needs_int64_offsets([rank_major], 12 * m)
+
+
+@needs_kernel
+def test_int64_offsets_path_matches_truth(monkeypatch):
+    """The kernel's int64 offset path (token and rank offsets widened), forced on small inputs, on a
+    rank-major view of the caches."""
+    monkeypatch.setattr(decode_launch, "needs_int64_offsets", lambda caches, capacity: True)
+    inputs = make_inputs(lengths=[5, 33], n=2, h=34, d=64, e=64, ranks=(2, 3, 2), dtype=torch.float32,
+                         capacity=40, seed=31)
+    rank_major = [c.transpose(1, 2).contiguous().transpose(1, 2) for c in inputs[2:6]]
+    inputs = (*inputs[:2], *rank_major, *inputs[6:])
+    assert rank_major[0].stride(2) == 40 * 34
+    out, lse = _call(inputs)
+    assert _plans()[0].split_constexprs["OFFS_64"]
+    assert_close_to_truth(out, lse, inputs)
+
+
 def test_plans_in_fresh_process():
     rerun_with_interpreter(__file__, "plan or workspace or handle or triton_op")
 

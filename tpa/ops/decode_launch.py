@@ -144,7 +144,7 @@ class DecodePlan:
             # float32 on operands already rounded to the cache dtype (its bf16 dot is broken), which
             # equals a tensor-core dot with float32 accumulation up to summation order.
             WRITE_LSE=return_lse, IEEE_DOT=interpret or b_k.dtype == torch.float32, FIX_BF16=fix_bf16,
-            OFFS_64=(not paged) and capacity * max(abs(c.stride(1)) for c in caches) >= 2**31,
+            OFFS_64=(not paged) and needs_int64_offsets(caches, capacity),
             EARLY_LAUNCH=early, A_HEADS=_readable_heads(h, options.a_head_pad, a_k, a_v),
             HEADS_INNER=options.heads_inner,
         )
@@ -233,6 +233,18 @@ class DecodePlan:
             if keep and hasattr(compiled, "packed_metadata"):
                 self.merge_handle = compiled
         return (out, lse) if self.return_lse else out
+
+
+def needs_int64_offsets(caches, capacity: int) -> bool:
+    """Whether an element of one sequence of a contiguous (unpaged) cache ``[B, M, R, X]`` (any strides:
+    token-major buffers, rank-major views) can lie 2^31 or more elements past the sequence's start, so
+    the kernel must form its token and rank offsets in int64 (``OFFS_64``)."""
+    for c in caches:
+        extent = (capacity - 1) * abs(c.stride(1)) + sum((size - 1) * abs(stride)
+                                                        for size, stride in zip(c.shape[2:], c.stride()[2:]))
+        if extent >= 2**31 - 1:
+            return True
+    return False
 
 
 def _readable_heads(h: int, pad: int, *a_caches) -> int:

@@ -143,6 +143,11 @@ def tpa_decode_split_kernel(
         bk_base = BK + b64 * s_bk_b
         av_base = AV + b64 * s_av_b
         bv_base = BV + b64 * s_bv_b
+        if OFFS_64:  # rank offsets too: a rank-major view ([B, R, M, X] storage) strides ranks by M * X
+            s_ak_r = s_ak_r.to(tl.int64)
+            s_bk_r = s_bk_r.to(tl.int64)
+            s_av_r = s_av_r.to(tl.int64)
+            s_bv_r = s_bv_r.to(tl.int64)
 
     for start in range(lo, hi, BLOCK_M):
         tok = start + offs_m
