@@ -3,7 +3,8 @@ gradient accumulation: 4 micro-batches in one process, 2 per rank), on two ranks
 simulated nodes (two torchrun launchers, LOCAL_RANK 0 on both, RANK 0 and 1), and an FSDP2 (DCP)
 checkpoint resumes under torchrun and loads in one process. Spawned gloo ranks check how the wrappers
 are set up: DDP's options and one all-reduce per bucket per optimizer step, FSDP2's resharding,
-prefetching and mixed precision."""
+prefetching and mixed precision. The runs compared with one process start in few launches (train.multi_run):
+starting the ranks costs more than training the tiny models."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from _helpers import REPO, subprocess_env
-from train import dp_worker
+from train import dp_worker, multi_run
 from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.models.presets import ATTENTION_TYPES
 from tpa.train.trainer import train
@@ -29,11 +30,16 @@ COMMON = dict(global_batch_size=8, micro_batch_size=2, max_steps=STEPS, eval_eve
 
 
 
-def _train_args(data_dir: Path, run: Path, parallel: str, *extra: str) -> list[str]:
-    return ["-m", "tpa.cli", "train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir", str(run),
-            "--parallel", parallel, "--seq-len", "32", "--warmup-steps", "4", "--lr", "3e-3", "--min-lr", "3e-4",
-            "--eval-sequences", "16", "--log-every", "1", "--no-tensorboard", "--progress", "false", "--device", "cpu",
+def _cli_args(data_dir: Path, run: Path, parallel: str, *extra: str) -> list[str]:
+    """The `tpa train` arguments of the runs compared with one process (``tpa.cli.main``'s argv)."""
+    return ["train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir", str(run), "--parallel", parallel,
+            "--seq-len", "32", "--warmup-steps", "4", "--lr", "3e-3", "--min-lr", "3e-4", "--eval-sequences", "16",
+            "--log-every", "1", "--no-tensorboard", "--progress", "false", "--device", "cpu",
             *[str(a) for kv in COMMON.items() for a in ("--" + kv[0].replace("_", "-"), kv[1])], *extra]
+
+
+def _train_args(data_dir: Path, run: Path, parallel: str, *extra: str) -> list[str]:
+    return ["-m", "tpa.cli", *_cli_args(data_dir, run, parallel, *extra)]
 
 
 def _torchrun(data_dir: Path, run: Path, parallel: str, *extra: str) -> None:
@@ -48,31 +54,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _torchrun_two_nodes(data_dir: Path, run: Path, parallel: str, logs: Path, *extra: str) -> None:
-    """Two torchrun launchers of one process each, as on two nodes (static rendezvous on 127.0.0.1):
-    node_rank 0 and 1 give RANK 0 and 1 with LOCAL_RANK 0 on both; the run directory is shared."""
-    port = _free_port()
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    try:
-        for node in (0, 1):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                   *_train_args(data_dir, run, parallel, *extra)]
-            out = open(logs / f"node{node}.log", "w")
-            procs.append((subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=out,
-                                           stderr=subprocess.STDOUT), out))
-        codes = [p.wait(timeout=300) for p, _ in procs]
-    finally:
-        for p, out in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            out.close()
-    assert codes == [0, 0], "\n".join(f"--- node {n} (exit {c}):\n" + (logs / f"node{n}.log").read_text()[-4000:]
-                                      for n, c in enumerate(codes))
 
 
 @pytest.fixture(scope="module")
@@ -98,17 +79,30 @@ def _compare(run: Path, ref: Path, rtol: float) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("parallel,extra", [
-    ("ddp", ()),
+# the two-rank runs, all in one torchrun launch (train.multi_run): name -> (parallel, extra arguments)
+TWO_RANK_RUNS = {
+    "ddp": ("ddp", ()),
     # no accumulation on the ranks (4 sequences each): DDP's static graph, and many small buckets
-    ("ddp", ("--micro-batch-size", "4", "--ddp-bucket-mb", "0.01")),
-    ("fsdp", ()),
-    ("fsdp", ("--fsdp-prefetch", "0")),  # FSDP2's implicit prefetching only
-], ids=["ddp", "ddp-static-graph-small-buckets", "fsdp", "fsdp-implicit-prefetch"])
-def test_two_ranks_match_one_process(parallel, extra, single_run, data_dir, tmp_path):
-    run = tmp_path / "run"
-    _torchrun(data_dir, run, parallel, *extra)
-    _compare(run, single_run, rtol=1e-5)
+    "ddp-static-graph-small-buckets": ("ddp", ("--micro-batch-size", "4", "--ddp-bucket-mb", "0.01")),
+    "fsdp": ("fsdp", ()),
+    "fsdp-implicit-prefetch": ("fsdp", ("--fsdp-prefetch", "0")),  # FSDP2's implicit prefetching only
+    "fsdp-halted": ("fsdp", ("--halt-at-step", "3")),  # resumed by test_fsdp_checkpoint_resumes_and_reshards
+}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(data_dir, tmp_path_factory) -> tuple[Path, multi_run.Launch]:
+    folder = tmp_path_factory.mktemp("two_ranks")
+    runs = {name: _cli_args(data_dir, folder / name, parallel, *extra)
+            for name, (parallel, extra) in TWO_RANK_RUNS.items()}
+    return folder, multi_run.launch(runs, folder)
+
+
+@pytest.mark.parametrize("name", [n for n in TWO_RANK_RUNS if n != "fsdp-halted"])
+def test_two_ranks_match_one_process(name, two_rank_runs, single_run):
+    folder, launched = two_rank_runs
+    launched.check(name)
+    _compare(folder / name, single_run, rtol=1e-5)
 
 
 def _spawn(fn, *args) -> None:
@@ -162,13 +156,22 @@ def test_bad_data_parallel_options(field, value, data_dir, tmp_path):
         tiny_config(data_dir, tmp_path / "run", **{field: value}).validate()
 
 
+@pytest.fixture(scope="module")
+def two_node_runs(data_dir, tmp_path_factory) -> tuple[Path, multi_run.Launch]:
+    """DDP and FSDP2 on two simulated nodes of one rank each (in one launch of two torchrun launchers)."""
+    folder = tmp_path_factory.mktemp("two_nodes")
+    runs = {parallel: _cli_args(data_dir, folder / parallel, parallel) for parallel in ("ddp", "fsdp")}
+    return folder, multi_run.launch_two_nodes(runs, folder)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_nodes_match_one_process(parallel, single_run, data_dir, tmp_path):
+def test_two_nodes_match_one_process(parallel, two_node_runs, single_run):
     """Two simulated nodes of one rank each (LOCAL_RANK 0, RANK 0 and 1): the global rank shards the data
     (else both ranks would train on the same half and the losses would differ), only RANK 0 writes metrics,
     run files and the export (metrics.jsonl has each step once), and each rank saves its own RNG state."""
-    run = tmp_path / "run"
-    _torchrun_two_nodes(data_dir, run, parallel, tmp_path / "logs")
+    folder, launched = two_node_runs
+    launched.check(parallel)
+    run = folder / parallel
     _compare(run, single_run, rtol=1e-5)
     steps = [r["step"] for r in read_metrics(run)]
     assert steps == sorted(set(steps)) == list(range(STEPS + 1))
@@ -178,10 +181,11 @@ def test_two_nodes_match_one_process(parallel, single_run, data_dir, tmp_path):
     assert len(info) == 1 and info[0]["world_size"] == 2 and info[0]["parallel"] == parallel
 
 
-def test_fsdp_checkpoint_resumes_and_reshards(single_run, data_dir, tmp_path):
+def test_fsdp_checkpoint_resumes_and_reshards(single_run, two_rank_runs, data_dir, tmp_path):
     """An FSDP2 run halted at step 3 resumes under torchrun, and its DCP checkpoint loads in one process."""
-    run = tmp_path / "run"
-    _torchrun(data_dir, run, "fsdp", "--halt-at-step", "3")
+    folder, launched = two_rank_runs
+    launched.check("fsdp-halted")
+    run = folder / "fsdp-halted"
     assert sorted(p.name for p in (run / "checkpoints" / "step_00000003" / "rng").iterdir()) == \
         ["rank_00000.safetensors", "rank_00001.safetensors"]
     _torchrun(data_dir, run, "fsdp", "--resume")
