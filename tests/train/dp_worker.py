@@ -62,7 +62,6 @@ def ddp_allreduces(rank: int, world_size: int, port: int, data_dir: str, run_dir
         # all the gradients, until DDP builds its buckets from the order the gradients became ready)
         assert all(set(counts.values()) == {1} for counts in per_step), (accum, per_step)
         assert len(per_step[0]) == 1 and len(per_step[-1]) > 1 and per_step[-2] == per_step[-1], (accum, per_step)
-    teardown_distributed()
 
 
 def _reductions_per_step(trainer: Trainer) -> list[int]:
@@ -99,25 +98,31 @@ def fsdp_settings(rank: int, world_size: int, port: int, data_dir: str, run_dir:
 
     trainer = _trainer(rank, world_size, port, data_dir, run_dir, parallel="fsdp", micro_batch_size=1,
                        model_overrides={"num_hidden_layers": 3})
+    assert trainer.accum == 4
+    assert _reductions_per_step(trainer) == [4] * STEPS  # 3 blocks and the root, in the last micro-batch
+    layers = list(trainer.model.model.layers)
+    states = [layer._get_fsdp_state() for layer in layers]
+    assert all(isinstance(layer, FSDPModule) for layer in layers) and isinstance(trainer.model, FSDPModule)
+    assert [s._fsdp_param_group.post_forward_mesh_info is not None for s in states] == [True, True, False]
+    if hasattr(FSDPModule, "set_modules_to_forward_prefetch"):
+        assert [s._states_to_forward_prefetch for s in states] == [[states[1]], [states[2]], []]
+        assert [s._states_to_backward_prefetch for s in states] == [[], [states[0]], [states[1]]]
+    for state in states:
+        assert state._mp_policy.param_dtype is None and state._mp_policy.reduce_dtype == torch.float32
+    # the same wrapping of a fresh model with bf16 and two blocks of prefetch
+    model = type(trainer.model)(trainer.mconfig)
+    apply_fsdp(model, list(model.model.layers), None, True, DataParallelOptions(fsdp_prefetch=2))
+    first = model.model.layers[0]._get_fsdp_state()
+    assert first._mp_policy.param_dtype == torch.bfloat16 and first._mp_policy.reduce_dtype == torch.float32
+    if hasattr(FSDPModule, "set_modules_to_forward_prefetch"):
+        assert first._states_to_forward_prefetch == [layer._get_fsdp_state() for layer in model.model.layers[1:3]]
+    dist.barrier()
+
+
+def wrapper_settings(rank: int, world_size: int, port: int, data_dir: str, run_dir: str) -> None:
+    """:func:`ddp_allreduces` then :func:`fsdp_settings`, in one process group (one spawn of the ranks)."""
     try:
-        assert trainer.accum == 4
-        assert _reductions_per_step(trainer) == [4] * STEPS  # 3 blocks and the root, in the last micro-batch
-        layers = list(trainer.model.model.layers)
-        states = [layer._get_fsdp_state() for layer in layers]
-        assert all(isinstance(layer, FSDPModule) for layer in layers) and isinstance(trainer.model, FSDPModule)
-        assert [s._fsdp_param_group.post_forward_mesh_info is not None for s in states] == [True, True, False]
-        if hasattr(FSDPModule, "set_modules_to_forward_prefetch"):
-            assert [s._states_to_forward_prefetch for s in states] == [[states[1]], [states[2]], []]
-            assert [s._states_to_backward_prefetch for s in states] == [[], [states[0]], [states[1]]]
-        for state in states:
-            assert state._mp_policy.param_dtype is None and state._mp_policy.reduce_dtype == torch.float32
-        # the same wrapping of a fresh model with bf16 and two blocks of prefetch
-        model = type(trainer.model)(trainer.mconfig)
-        apply_fsdp(model, list(model.model.layers), None, True, DataParallelOptions(fsdp_prefetch=2))
-        first = model.model.layers[0]._get_fsdp_state()
-        assert first._mp_policy.param_dtype == torch.bfloat16 and first._mp_policy.reduce_dtype == torch.float32
-        if hasattr(FSDPModule, "set_modules_to_forward_prefetch"):
-            assert first._states_to_forward_prefetch == [layer._get_fsdp_state() for layer in model.model.layers[1:3]]
-        dist.barrier()
+        ddp_allreduces(rank, world_size, port, data_dir, f"{run_dir}-ddp")
+        fsdp_settings(rank, world_size, port, data_dir, f"{run_dir}-fsdp")
     finally:
         teardown_distributed()

@@ -109,15 +109,13 @@ def _spawn(fn, *args) -> None:
     torch.multiprocessing.spawn(fn, args=(2, _free_port(), *[str(a) for a in args]), nprocs=2, join=True)
 
 
-def test_ddp_allreduces_each_bucket_once_per_optimizer_step(data_dir, tmp_path):
-    """Gradient accumulation over 4 micro-batches all-reduces in the last one only (``no_sync`` before):
+def test_ddp_and_fsdp_wrappers_are_set_up_as_asked(data_dir, tmp_path):
+    """DDP: gradient accumulation over 4 micro-batches all-reduces in the last one only (``no_sync`` before):
     a comm hook sees each bucket once per optimizer step, not once per micro-batch; and the bucket size,
-    bucket views and static graph (without accumulation only) reach the DDP wrapper."""
-    _spawn(dp_worker.ddp_allreduces, data_dir, tmp_path / "run")
-
-
-def test_fsdp_reshards_prefetches_and_mixed_precision(data_dir, tmp_path):
-    _spawn(dp_worker.fsdp_settings, data_dir, tmp_path / "run")
+    bucket views and static graph (without accumulation only) reach the DDP wrapper. FSDP2: one reduction
+    per unit per optimizer step, resharding, prefetching and mixed precision (dp_worker.fsdp_settings).
+    Both in one spawn of two gloo ranks."""
+    _spawn(dp_worker.wrapper_settings, data_dir, tmp_path / "run")
 
 
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
