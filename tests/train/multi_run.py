@@ -5,10 +5,12 @@ that compare several runs with one process launch once (:func:`launch`); the ran
 arguments of :func:`tpa.cli.main`.
 
 Rank 0 records each finished run's exit status in ``RUNS.status.json``; a run that raises stops the launch
-(its traceback is in the launch's log) and the runs after it have no status."""
+(its traceback is in the launch's log) and the runs after it have no status. What a run prints goes to
+``NAME.rankR.out`` next to RUNS.json (:meth:`Launch.stdout`: all ranks' output, as one launch's stdout)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -21,11 +23,16 @@ from _helpers import REPO, subprocess_env
 
 @dataclass
 class Launch:
+    folder: Path
     status: dict[str, int]  # run name -> exit status of `tpa.cli.main`, for the runs that finished
     log: str  # the end of the launch's output, for failure messages
 
     def check(self, name: str) -> None:
         assert self.status.get(name) == 0, f"run {name!r}: status {self.status.get(name)}\n{self.log}"
+
+    def stdout(self, name: str) -> str:
+        """What run ``name`` printed, rank 0's output first."""
+        return "".join(p.read_text() for p in sorted(self.folder.glob(f"{name}.rank*.out")))
 
 
 def _write_runs(runs: dict[str, list[str]], folder: Path) -> Path:
@@ -47,7 +54,8 @@ def launch(runs: dict[str, list[str]], folder: Path, nproc: int = 2, timeout: fl
            "-m", "train.multi_run", str(runs_file)]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=timeout)
-    return Launch(_status(runs_file), f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    log = f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return Launch(folder, _status(runs_file), log)
 
 
 def launch_two_nodes(runs: dict[str, list[str]], folder: Path, timeout: float = 600) -> Launch:
@@ -75,7 +83,7 @@ def launch_two_nodes(runs: dict[str, list[str]], folder: Path, timeout: float = 
             out.close()
     log = "\n".join(f"--- node {n} (exit {c}):\n" + (folder / f"node{n}.log").read_text()[-4000:]
                     for n, c in enumerate(codes))
-    return Launch(_status(runs_file), log)
+    return Launch(folder, _status(runs_file), log)
 
 
 def run_all(runs_file: Path) -> None:
@@ -91,7 +99,8 @@ def run_all(runs_file: Path) -> None:
     try:
         for name, argv in runs.items():
             print(f"=== {name}: tpa {' '.join(argv)}", flush=True)
-            status[name] = main(argv)
+            with open(runs_file.parent / f"{name}.rank{world.rank}.out", "w") as out, contextlib.redirect_stdout(out):
+                status[name] = main(argv)
             if world.is_main:
                 runs_file.with_suffix(".status.json").write_text(json.dumps(status))
             dist.barrier()
