@@ -4,15 +4,13 @@ given weights, resume is exact, DDP and FSDP2 (two CPU ranks) reproduce one proc
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from _helpers import REPO, subprocess_env
+from train import multi_run
 from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.convert.llama import ConvertOptions, convert
 from tpa.train.distill import distill_kl
@@ -104,20 +102,25 @@ def test_distillation_resumes_exactly(distill_run, student, teacher, data_dir, t
 
 
 
+@pytest.fixture(scope="module")
+def two_rank_distill_runs(student, teacher, data_dir, tmp_path_factory) -> tuple[Path, multi_run.Launch]:
+    """Distillation under DDP and under FSDP2, in one torchrun launch of two ranks (train.multi_run)."""
+    folder = tmp_path_factory.mktemp("two_rank_distill")
+    runs = {}
+    for parallel in ("ddp", "fsdp"):
+        args = ["train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir", str(folder / parallel),
+                "--parallel", parallel, "--seq-len", "32", "--warmup-steps", "4", "--lr", "3e-3", "--min-lr", "3e-4",
+                "--eval-sequences", "16", "--log-every", "1", "--no-tensorboard", "--progress", "false",
+                "--device", "cpu", "--init-from", str(student), "--distill-from", str(teacher)]
+        runs[parallel] = args + [a for k, v in DISTILL.items() for a in ("--" + k.replace("_", "-"), str(v))]
+    return folder, multi_run.launch(runs, folder)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_distil_like_one_process(parallel, distill_run, student, teacher, data_dir, tmp_path):
-    run = tmp_path / "run"
-    args = ["--preset", "tiny", "--data-dir", str(data_dir), "--run-dir", str(run), "--parallel", parallel,
-            "--seq-len", "32", "--warmup-steps", "4", "--lr", "3e-3", "--min-lr", "3e-4", "--eval-sequences", "16",
-            "--log-every", "1", "--no-tensorboard", "--progress", "false", "--device", "cpu",
-            "--init-from", str(student), "--distill-from", str(teacher)]
-    args += [a for k, v in DISTILL.items() for a in ("--" + k.replace("_", "-"), str(v))]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tpa.cli",
-           "train", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    got, want = train_losses(run), train_losses(distill_run)
+def test_two_ranks_distil_like_one_process(parallel, two_rank_distill_runs, distill_run):
+    folder, launched = two_rank_distill_runs
+    launched.check(parallel)
+    got, want = train_losses(folder / parallel), train_losses(distill_run)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0), (step, got[step], want[step])
