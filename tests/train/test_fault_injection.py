@@ -172,8 +172,11 @@ def test_every_checkpoint_corrupt_stops_with_a_message(halted, data_dir, tmp_pat
 # ---- two trainers at once
 
 
-def test_two_trainers_on_one_run_directory(reference, data_dir, tmp_path):
-    """The first trainer waits at its first checkpoint until the second has tried (and been refused)."""
+def test_two_trainers_on_one_run_directory(reference, data_dir, tmp_path, capsys):
+    """The first trainer (a process) waits at its first checkpoint until the second (`tpa train` in this
+    process) has tried, and been refused."""
+    from tpa.cli import main
+
     run = tmp_path / "run"
     release = tmp_path / "release"
     script = ("import time\nfrom pathlib import Path\nfrom tpa.train import checkpoint\n"
@@ -188,16 +191,18 @@ def test_two_trainers_on_one_run_directory(reference, data_dir, tmp_path):
     while not list(run.glob("checkpoints/.step_*.tmp/manifest.json")) and time.time() < deadline \
             and first.poll() is None:
         time.sleep(0.05)
-    cli = [sys.executable, "-m", "tpa.cli", "train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir",
+    cli = ["train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir",
            str(run), "--resume", "--seq-len", "32", "--global-batch-size", "8", "--micro-batch-size", "4",
            "--max-steps", "12", "--no-tensorboard"]
+    capsys.readouterr()
     try:
-        second = subprocess.run(cli, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        second = main(cli)
     finally:
         release.write_text("go")
+    second_err = capsys.readouterr().err
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
-    assert second.returncode == 2 and f"in use by another run (process {first.pid} on" in second.stderr, second.stderr
+    assert second == 2 and f"in use by another run (process {first.pid} on" in second_err, second_err
     _assert_equal_runs(run, reference)
 
 
