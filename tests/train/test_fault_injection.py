@@ -1,5 +1,6 @@
 """Fault injection: the trainer killed at random points, corrupt checkpoint files, two trainers on one
-run directory, a full disk. After each fault a resumed run must equal an uninterrupted one bit for
+run directory, a full disk. The trainers to kill run in processes forked from a server that has imported
+torch and transformers (_helpers.ForkedPython), so they start in a fraction of a second. After each fault a resumed run must equal an uninterrupted one bit for
 bit (fp32 on a CPU is deterministic), or the fault must be refused with a clear message.
 
 CI runs a few seeds; ``python -m pytest -m slow tests/train/test_fault_injection.py`` runs a longer loop.
@@ -19,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _helpers import REPO, subprocess_env
+from _helpers import REPO, ForkedPython, subprocess_env
 from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.train import checkpoint as ckpt
 from tpa.train.trainer import train
@@ -53,9 +54,8 @@ def _kill_and_resume(data_dir: Path, run: Path, seed: int, kills: int) -> list[s
     ``kills`` times; then let it finish. Returns where each kill landed (for the failure message)."""
     rng = random.Random(seed)
     landed = []
-    for _ in range(kills):
-        proc = subprocess.Popen([sys.executable, "-c", _trainer_script(data_dir, run)], cwd=REPO, env=subprocess_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for kill in range(kills):
+        proc = ForkedPython(_trainer_script(data_dir, run), run.parent / f"trainer-{kill}.log")
         logged = len(read_metrics(run)) if (run / "metrics.jsonl").is_file() else 0
         target = logged + rng.randint(1, 4)
         deadline = time.time() + 180
@@ -101,9 +101,8 @@ def test_killed_while_rotating_checkpoints(reference, data_dir, tmp_path):
               "        os.kill(os.getpid(), signal.SIGKILL)\n"
               "    return real(path, *a, **k)\n"
               "checkpoint.shutil.rmtree = die\n") + _trainer_script(data_dir, run)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    proc = ForkedPython(script, tmp_path / "trainer.log")
+    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.output()[-2000:]
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [".step_00000002.old", "step_00000004", "step_00000006"]
     train(tiny_config(data_dir, run, resume=True, **STEPS))
@@ -185,8 +184,7 @@ def test_two_trainers_on_one_run_directory(reference, data_dir, tmp_path, capsys
               f"    while not Path({str(release)!r}).exists() and time.time() < deadline:\n"
               "        time.sleep(0.05)\n"
               "checkpoint._before_publish = wait\n") + _trainer_script(data_dir, run)
-    first = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = ForkedPython(script, tmp_path / "first.log")
     deadline = time.time() + 180
     while not list(run.glob("checkpoints/.step_*.tmp/manifest.json")) and time.time() < deadline \
             and first.poll() is None:
@@ -200,8 +198,7 @@ def test_two_trainers_on_one_run_directory(reference, data_dir, tmp_path, capsys
     finally:
         release.write_text("go")
     second_err = capsys.readouterr().err
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
+    assert first.wait(timeout=300) == 0, first.output()[-2000:]
     assert second == 2 and f"in use by another run (process {first.pid} on" in second_err, second_err
     _assert_equal_runs(run, reference)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _helpers import REPO, subprocess_env
+from _helpers import REPO, ForkedPython, subprocess_env
 from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.train import checkpoint as ckpt
 from tpa.train.trainer import NonFiniteLoss, train
@@ -113,9 +113,8 @@ def die_half_way(tmp):
 checkpoint._before_publish = die_half_way
 train(tiny_config(Path({str(data_dir)!r}), Path({str(run)!r}), checkpoint_every=5))
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    proc = ForkedPython(script, tmp_path / "trainer.log")
+    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.output()[-3000:]
     half = run / "checkpoints" / ".step_00000010.tmp"
     assert (half / "state").is_dir() and (half / "manifest.json").is_file()  # written, never published
     assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [5]
