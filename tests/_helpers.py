@@ -24,35 +24,38 @@ def subprocess_env(*, import_tests: bool = True, **variables: str) -> dict[str, 
 FORKSERVER_PRELOAD = ["tpa.train.trainer", "tpa.models.t6.modeling_t6", "tpa.data.prepare"]
 
 
-def _run_script(script: str, log: str) -> None:
-    """The child of :class:`ForkedPython`: ``script`` as ``__main__``, its stdout and stderr to ``log``."""
-    import sys
-
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    sys.stdout.flush()
+def _run_script(script: str, stdout: str, stderr: str) -> None:
+    """The child of :class:`ForkedPython`: ``script`` as ``__main__``, its output to the files named."""
+    for path, target in ((stdout, 1), (stderr, 2)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, target)
+        os.close(fd)
     exec(compile(script, "<script>", "exec"), {"__name__": "__main__"})
 
 
 class ForkedPython:
     """A Python script in a process of its own (its own pid and memory: it can be killed at any point),
     forked from a server that has imported :data:`FORKSERVER_PRELOAD` once, so that it starts in a
-    fraction of a second rather than the seconds ``python -c SCRIPT`` spends importing. The same
-    interface as the ``subprocess.Popen`` it replaces: ``pid``, ``poll()``, ``wait(timeout)``,
-    ``returncode`` (negative: killed by that signal), ``send_signal(sig)``; ``output()`` is what it
-    printed (stdout and stderr, in ``log``). Its environment and ``sys.path`` are this process's, as
-    when the fork server started (with tests/ on the path, as :func:`subprocess_env` gives)."""
+    fraction of a second rather than the seconds ``python -c SCRIPT`` spends importing. The interface of
+    the ``subprocess.Popen`` it replaces: ``pid``, ``poll()``, ``wait(timeout)``, ``returncode``
+    (negative: killed by that signal; ``sys.exit(n)`` gives n), ``send_signal(sig)``; ``stdout()`` and
+    ``stderr()`` are what it wrote there (to ``LOG.out`` and ``LOG.err``). Its environment, working
+    folder and ``sys.path`` are this process's when the fork server started (tests/ on the path, as with
+    :func:`subprocess_env`)."""
 
     def __init__(self, script: str, log: Path):
         import multiprocessing
 
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(FORKSERVER_PRELOAD)
-        self.log = Path(log)
-        self._process = context.Process(target=_run_script, args=(script, str(self.log)))
+        self._out, self._err = Path(f"{log}.out"), Path(f"{log}.err")
+        self._process = context.Process(target=_run_script, args=(script, str(self._out), str(self._err)))
         self._process.start()
+
+    @classmethod
+    def cli(cls, argv: list[str], log: Path) -> ForkedPython:
+        """``tpa ARGV`` (:func:`tpa.cli.main`; its return value is the exit status)."""
+        return cls(f"import sys\nfrom tpa.cli import main\nsys.exit(main({[str(a) for a in argv]!r}))\n", log)
 
     @property
     def pid(self) -> int:
@@ -70,7 +73,7 @@ class ForkedPython:
 
         self._process.join(timeout)
         if self._process.exitcode is None:
-            raise subprocess.TimeoutExpired(f"script of {self.log}", timeout)
+            raise subprocess.TimeoutExpired(f"script logging to {self._err}", timeout)
         return self._process.exitcode
 
     def send_signal(self, signum: int) -> None:
@@ -79,5 +82,8 @@ class ForkedPython:
     def kill(self) -> None:
         self._process.kill()
 
-    def output(self) -> str:
-        return self.log.read_text() if self.log.is_file() else ""
+    def stdout(self) -> str:
+        return self._out.read_text() if self._out.is_file() else ""
+
+    def stderr(self) -> str:
+        return self._err.read_text() if self._err.is_file() else ""

@@ -12,7 +12,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _helpers import REPO, ForkedPython, subprocess_env
+from _helpers import ForkedPython
 from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.train import checkpoint as ckpt
 from tpa.train.trainer import train
@@ -55,7 +54,7 @@ def _kill_and_resume(data_dir: Path, run: Path, seed: int, kills: int) -> list[s
     rng = random.Random(seed)
     landed = []
     for kill in range(kills):
-        proc = ForkedPython(_trainer_script(data_dir, run), run.parent / f"trainer-{kill}.log")
+        proc = ForkedPython(_trainer_script(data_dir, run), run.parent / f"trainer-{kill}")
         logged = len(read_metrics(run)) if (run / "metrics.jsonl").is_file() else 0
         target = logged + rng.randint(1, 4)
         deadline = time.time() + 180
@@ -101,8 +100,8 @@ def test_killed_while_rotating_checkpoints(reference, data_dir, tmp_path):
               "        os.kill(os.getpid(), signal.SIGKILL)\n"
               "    return real(path, *a, **k)\n"
               "checkpoint.shutil.rmtree = die\n") + _trainer_script(data_dir, run)
-    proc = ForkedPython(script, tmp_path / "trainer.log")
-    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.output()[-2000:]
+    proc = ForkedPython(script, tmp_path / "trainer")
+    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.stderr()[-2000:]
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [".step_00000002.old", "step_00000004", "step_00000006"]
     train(tiny_config(data_dir, run, resume=True, **STEPS))
@@ -184,7 +183,7 @@ def test_two_trainers_on_one_run_directory(reference, data_dir, tmp_path, capsys
               f"    while not Path({str(release)!r}).exists() and time.time() < deadline:\n"
               "        time.sleep(0.05)\n"
               "checkpoint._before_publish = wait\n") + _trainer_script(data_dir, run)
-    first = ForkedPython(script, tmp_path / "first.log")
+    first = ForkedPython(script, tmp_path / "first")
     deadline = time.time() + 180
     while not list(run.glob("checkpoints/.step_*.tmp/manifest.json")) and time.time() < deadline \
             and first.poll() is None:
@@ -198,7 +197,7 @@ def test_two_trainers_on_one_run_directory(reference, data_dir, tmp_path, capsys
     finally:
         release.write_text("go")
     second_err = capsys.readouterr().err
-    assert first.wait(timeout=300) == 0, first.output()[-2000:]
+    assert first.wait(timeout=300) == 0, first.stderr()[-2000:]
     assert second == 2 and f"in use by another run (process {first.pid} on" in second_err, second_err
     _assert_equal_runs(run, reference)
 
@@ -227,15 +226,16 @@ def small_disk(tmp_path):
         subprocess.run([*prefix, "umount", str(mount)], capture_output=True, timeout=30)
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(small_disk, data_dir):
+def test_a_full_disk_keeps_the_previous_checkpoint(small_disk, data_dir, tmp_path):
     run = small_disk / "run"
-    cli = [sys.executable, "-m", "tpa.cli", "train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir",
+    cli = ["train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir",
            str(run), "--seq-len", "32", "--global-batch-size", "8", "--micro-batch-size", "4", "--max-steps", "12",
            "--checkpoint-every", "2", "--eval-every", "6", "--no-tensorboard", "--progress", "false"]
-    proc = subprocess.run(cli, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+    proc = ForkedPython.cli(cli, tmp_path / "trainer")  # its output beside the small disk, not on it
+    assert proc.wait(timeout=300) == 1, proc.stderr()[-2000:]
+    stderr = proc.stderr()
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in stderr and len(errors) == 1, stderr
     assert "could not write checkpoint step_00000004" in errors[0] and "MB free" in errors[0], errors
     [(step, path)] = ckpt.list_checkpoints(run / "checkpoints")
     ckpt.verify_checkpoint(path)

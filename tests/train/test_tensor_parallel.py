@@ -134,6 +134,6 @@ def test_generate_tp2_writes_the_one_process_text(tp_runs, single_tpa_run, capsy
     capsys.readouterr()
     assert main([*GENERATE, "--model", str(single_tpa_run / "final")]) == 0
     one = capsys.readouterr().out
-    folder, launched = tp_runs
+    _, launched = tp_runs
     launched.check("generate")
     assert launched.stdout("generate") == one and one.strip()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _helpers import REPO, ForkedPython, subprocess_env
+from _helpers import ForkedPython
 from train.conftest import read_metrics, tiny_config, train_losses
 from tpa.train import checkpoint as ckpt
 from tpa.train.trainer import NonFiniteLoss, train
@@ -113,8 +111,8 @@ def die_half_way(tmp):
 checkpoint._before_publish = die_half_way
 train(tiny_config(Path({str(data_dir)!r}), Path({str(run)!r}), checkpoint_every=5))
 """
-    proc = ForkedPython(script, tmp_path / "trainer.log")
-    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.output()[-3000:]
+    proc = ForkedPython(script, tmp_path / "trainer")
+    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.stderr()[-3000:]
     half = run / "checkpoints" / ".step_00000010.tmp"
     assert (half / "state").is_dir() and (half / "manifest.json").is_file()  # written, never published
     assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [5]
@@ -130,11 +128,10 @@ train(tiny_config(Path({str(data_dir)!r}), Path({str(run)!r}), checkpoint_every=
 
 def test_sigterm_writes_a_checkpoint_and_exits_128_plus_the_signal(data_dir, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tpa.cli", "train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir",
+    cmd = ["train", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir",
            str(run), "--seq-len", "32", "--global-batch-size", "8", "--micro-batch-size", "4", "--max-steps", "100000",
            "--checkpoint-every", "100000", "--eval-every", "100000", "--log-every", "1", "--no-tensorboard"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = ForkedPython.cli(cmd, tmp_path / "trainer")
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -144,12 +141,12 @@ def test_sigterm_writes_a_checkpoint_and_exits_128_plus_the_signal(data_dir, tmp
         else:
             pytest.fail("training did not start")
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]  # 143: a scheduler sees the run did not finish
-    assert "stopped by a signal" in out
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr()[-3000:]  # 143: a scheduler sees it did not finish
+    assert "stopped by a signal" in proc.stdout()
     steps = [r["step"] for r in read_metrics(run) if r.get("loss") is not None]
     saved = ckpt.list_checkpoints(run / "checkpoints")
     assert [s for s, _ in saved] == [steps[-1]]
