@@ -24,12 +24,19 @@ def subprocess_env(*, import_tests: bool = True, **variables: str) -> dict[str, 
 FORKSERVER_PRELOAD = ["tpa.train.trainer", "tpa.models.t6.modeling_t6", "tpa.data.prepare"]
 
 
-def _run_script(script: str, stdout: str, stderr: str) -> None:
-    """The child of :class:`ForkedPython`: ``script`` as ``__main__``, its output to the files named."""
+def _run_script(script: str, stdout: str, stderr: str, argv: list[str], env: dict[str, str] | None) -> None:
+    """The child of :class:`ForkedPython`: ``script`` as ``__main__`` with ``sys.argv[1:] = argv`` (and
+    ``env`` as its whole environment, if given), its output to the files named."""
+    import sys
+
     for path, target in ((stdout, 1), (stderr, 2)):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, target)
         os.close(fd)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    sys.argv = ["-c", *argv]
     exec(compile(script, "<script>", "exec"), {"__name__": "__main__"})
 
 
@@ -39,23 +46,24 @@ class ForkedPython:
     fraction of a second rather than the seconds ``python -c SCRIPT`` spends importing. The interface of
     the ``subprocess.Popen`` it replaces: ``pid``, ``poll()``, ``wait(timeout)``, ``returncode``
     (negative: killed by that signal; ``sys.exit(n)`` gives n), ``send_signal(sig)``; ``stdout()`` and
-    ``stderr()`` are what it wrote there (to ``LOG.out`` and ``LOG.err``). Its environment, working
-    folder and ``sys.path`` are this process's when the fork server started (tests/ on the path, as with
-    :func:`subprocess_env`)."""
+    ``stderr()`` are what it wrote there (to ``LOG.out`` and ``LOG.err``). Its working folder and
+    ``sys.path`` are this process's when the fork server started (tests/ on the path, as with
+    :func:`subprocess_env`), and so is its environment unless ``env`` gives another."""
 
-    def __init__(self, script: str, log: Path):
+    def __init__(self, script: str, log: Path, argv: list[str] = (), env: dict[str, str] | None = None):
         import multiprocessing
 
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(FORKSERVER_PRELOAD)
         self._out, self._err = Path(f"{log}.out"), Path(f"{log}.err")
-        self._process = context.Process(target=_run_script, args=(script, str(self._out), str(self._err)))
+        args = (script, str(self._out), str(self._err), [str(a) for a in argv], env)
+        self._process = context.Process(target=_run_script, args=args)
         self._process.start()
 
     @classmethod
-    def cli(cls, argv: list[str], log: Path) -> ForkedPython:
+    def cli(cls, argv: list[str], log: Path, env: dict[str, str] | None = None) -> ForkedPython:
         """``tpa ARGV`` (:func:`tpa.cli.main`; its return value is the exit status)."""
-        return cls(f"import sys\nfrom tpa.cli import main\nsys.exit(main({[str(a) for a in argv]!r}))\n", log)
+        return cls("import sys\nfrom tpa.cli import main\nsys.exit(main(sys.argv[1:]))\n", log, argv, env)
 
     @property
     def pid(self) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _helpers import REPO, subprocess_env
+from _helpers import ForkedPython, subprocess_env
 from train.conftest import read_metrics
 
 PROJECT = "tpa-test"
@@ -111,12 +110,11 @@ def test_wandb_offline_records_metrics_config_and_one_run_across_resume(data_dir
     pytest.importorskip("wandb")
     run = tmp_path / "run"
     env = _wandb_env(tmp_path)
-    first = subprocess.run([sys.executable, "-c", POISONED_TRAIN, *_train_args(data_dir, run)], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 1 and "loss is nan at step 3" in first.stderr, first.stdout + first.stderr[-5000:]
-    second = subprocess.run([sys.executable, "-m", "tpa.cli", *_train_args(data_dir, run, "--resume")], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stdout + second.stderr[-5000:]
+    first = ForkedPython(POISONED_TRAIN, tmp_path / "first", _train_args(data_dir, run), env=env)
+    assert first.wait(timeout=300) == 1 and "loss is nan at step 3" in first.stderr(), \
+        first.stdout() + first.stderr()[-5000:]
+    second = ForkedPython.cli(_train_args(data_dir, run, "--resume"), tmp_path / "second", env=env)
+    assert second.wait(timeout=300) == 0, second.stdout() + second.stderr()[-5000:]
 
     dirs = sorted((run / "wandb").glob("offline-run-*"))  # offline-run-DATE_TIME-ID: oldest first
     assert len(dirs) == 2, dirs
