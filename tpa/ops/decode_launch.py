@@ -40,6 +40,7 @@ import math
 from collections import OrderedDict
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from tpa.ops.triton_support import HAVE_TRITON, launch_hooks_active, next_pow2
 
@@ -250,13 +251,16 @@ def needs_int64_offsets(caches, capacity: int) -> bool:
 def _readable_heads(h: int, pad: int, *a_caches) -> int:
     """Heads per row the kernel's loads of the A caches may read: ``h``, or with ``pad`` > 1
     ``ceil(h / pad) * pad`` once every cache has unit head stride and storage for that many heads in
-    its last row (a view ``buf[..., :h]`` of a wider buffer). Raises ValueError otherwise."""
+    its last row (a view ``buf[..., :h]`` of a wider buffer). Raises ValueError otherwise.
+
+    Under ``torch.compile`` the op is traced with fake tensors, whose storage is sized to the view
+    alone: there only the strides are checked (the last row's room is not known until run time)."""
     if pad == 1:
         return h
     heads = -(-h // pad) * pad
     for name, t in zip(("a_k_cache", "a_v_cache"), a_caches):
         last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-        room = t.untyped_storage().nbytes() // t.element_size() - last
+        room = heads if is_fake(t) else t.untyped_storage().nbytes() // t.element_size() - last
         if t.stride(3) != 1 or room < heads - (h - 1) or (t.shape[2] > 1 and t.stride(2) < heads):
             raise ValueError(
                 f"tpa_decode: a_head_pad={pad} reads {heads} heads per row of {name}, which must then be a view "
