@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tpa.cache import CacheStep, KVCache, LayerCache, elements_per_token
 from tpa.modules.norm import RMSNorm
 from tpa.modules.rotary import apply_rotary
+from tpa.ops.step_write import Segment, step_write
 
 
 # With a cache the key length changes at every call; cuDNN attention builds a new plan per shape
@@ -212,6 +213,23 @@ class Attention(nn.Module):
         if ctx.decode_impl == "auto" and ctx.cos.device.type != "cuda":
             return False
         return ctx.step.kernel_seqlens is not None
+
+    def fused_step_applies(self, ctx: AttentionContext, new_tokens: int) -> bool:
+        """Whether this call is a static cache's one-token step on the kernel path, whose RoPE and cache
+        write go through :meth:`static_step_write` (one launch instead of about twenty small kernels)."""
+        return (new_tokens == 1 and ctx.step is not None and ctx.step.fixed_shapes
+                and Attention.decode_kernel_applies(self, ctx, new_tokens))
+
+    @staticmethod
+    def static_step_write(projected: torch.Tensor, ctx: AttentionContext, query: Segment, writes) -> torch.Tensor:
+        """:func:`tpa.ops.step_write.step_write` of the step's projection ``[B, 1, P]``: writes each
+        ``(segment, cache name)`` of ``writes`` into this layer's cache, returns the query part ``[B, 1, rows, width]``."""
+        bsz = projected.shape[0]
+        caches = [(seg, ctx.cache.buffer(name)) for seg, name in writes]
+        backend = "triton" if ctx.decode_impl == "kernel" else "auto"
+        rotated = step_write(projected.reshape(bsz, -1), ctx.cos.reshape(bsz, -1), ctx.sin.reshape(bsz, -1),
+                             ctx.step.slots.reshape(bsz), query, caches, backend=backend)
+        return rotated[:, None]
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         """Per-token shapes of the tensors this layer caches."""

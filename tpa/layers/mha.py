@@ -8,6 +8,7 @@ from torch import nn
 from tpa.layers.base import (Attention, AttentionContext, apply_partial_rotary, attend, check_hidden, check_positive,
                              partial_rotary_dim, scaled_normal_)
 from tpa.ops.grouped_decode import grouped_decode
+from tpa.ops.step_write import Segment
 from tpa.ops.grouped_decode import supports as grouped_decode_supports
 
 
@@ -74,18 +75,30 @@ class MultiHeadAttention(Attention):
         return grouped_decode_supports(self.num_heads, self.num_kv_heads, self.head_dim) \
             and self.decode_kernel_applies(ctx, new_tokens)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        check_hidden(x, self.hidden_size, type(self).__name__)
+    def _cached_qkv(self, x: torch.Tensor, ctx: AttentionContext):
+        """``q [B, T, H, D]`` rotated, the keys and values attention reads (the cache's, after writing the
+        new ones, or the new ones), the mask and whether the shapes are fixed (a static step)."""
         bsz, seq, _ = x.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([h * d, g * d, g * d], dim=-1)
         q = apply_partial_rotary(q.reshape(bsz, seq, h, d), ctx.cos, ctx.sin)
         k = apply_partial_rotary(k.reshape(bsz, seq, g, d), ctx.cos, ctx.sin)
         v = v.reshape(bsz, seq, g, d)
-        mask, fixed = ctx.mask, False
-        if ctx.cache is not None:
-            kv = ctx.cache.update(ctx.step, k=k, v=v)
-            k, v, mask, fixed = kv["k"], kv["v"], ctx.step.mask, ctx.step.fixed_shapes
+        if ctx.cache is None:
+            return q, k, v, ctx.mask, False
+        kv = ctx.cache.update(ctx.step, k=k, v=v)
+        return q, kv["k"], kv["v"], ctx.step.mask, ctx.step.fixed_shapes
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        check_hidden(x, self.hidden_size, type(self).__name__)
+        bsz, seq, _ = x.shape
+        h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.fused_step_applies(ctx, seq):  # a static one-token step: RoPE and cache write in one launch
+            writes = [(Segment(h * d, g, d, rotate=True), "k"), (Segment((h + g) * d, g, d, rotate=False), "v")]
+            q = self.static_step_write(self.qkv_proj(x), ctx, Segment(0, h, d, rotate=True), writes)
+            k, v, mask, fixed = ctx.cache.buffer("k"), ctx.cache.buffer("v"), ctx.step.mask, True
+        else:
+            q, k, v, mask, fixed = self._cached_qkv(x, ctx)
         if self._use_decode_kernel(ctx, seq):
             backend = "triton" if ctx.decode_impl == "kernel" else "auto"
             out = grouped_decode(q, ctx.cache.buffer("k"), ctx.cache.buffer("v"), ctx.step.kernel_seqlens,

@@ -38,6 +38,7 @@ from tpa.layers.base import (Attention, AttentionContext, apply_partial_rotary, 
 from tpa.ops.decode import DecodeLaunchOptions, tpa_decode
 from tpa.ops.fused_materialize import tpa_materialize_many
 from tpa.ops.naive import tpa_attention_factors
+from tpa.ops.step_write import Segment
 
 HEAD_ACTIVATIONS = ("none", "sigmoid", "softmax")
 ATTN_IMPLS = ("sdpa", "factors")
@@ -340,16 +341,43 @@ class TensorProductAttention(Attention):
         # the kernel reads the plain factor cache; other variants use the reference path
         return self.kernel_layout and self.decode_kernel_applies(ctx, new_tokens)
 
+    def _segment(self, name: str, rotate: bool = False) -> Segment:
+        """Where ``name`` (a contextual factor, ``q`` or ``gate``) lies in a row of ``proj``'s output."""
+        offset = 0
+        for part, size in self.segments:
+            if part == name:
+                break
+            offset += size
+        rows, width = self.factor_shapes.get(name, (self.num_heads, self.value_dim if name == "gate" else self.head_dim))
+        return Segment(offset, rows, width, rotate)
+
+    def _static_step_factors(self, x: torch.Tensor, ctx: AttentionContext) -> dict[str, torch.Tensor]:
+        """:meth:`factors` and the cache write of a static one-token step, RoPE and write in one launch
+        (:meth:`static_step_write`): the query factors (``a_q`` and ``b_q``, or ``q``) and ``gate``, ``[B, 1, rows, width]``."""
+        bsz = x.shape[0]
+        projected = self.proj(x)
+        query = "b_q" if self.factorize_q else "q"
+        writes = [(self._segment(name, rotate=name == "b_k"), name) for name in ("a_k", "b_k", "a_v", "b_v")]
+        f = {query: self.static_step_write(projected, ctx, self._segment(query, rotate=True), writes)}
+        for name in ("a_q", "gate"):
+            if name == "a_q" and self.factorize_q or name == "gate" and self.output_gate:
+                seg = self._segment(name)
+                f[name] = projected[..., seg.offset: seg.offset + seg.size].reshape(bsz, 1, seg.rows, seg.width)
+        return f
+
+    def _fused_step(self, ctx: AttentionContext, new_tokens: int) -> bool:
+        """A static one-token step the decode kernel attends (plain layout, no head activation)."""
+        return self.kernel_layout and self.head_activation == "none" and self.fused_step_applies(ctx, new_tokens)
+
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         check_hidden(x, self.hidden_size, type(self).__name__)
         bsz, seq, _ = x.shape
-        f = self.factors(x, ctx.cos, ctx.sin)
-        if ctx.cache is not None:
-            kv = ctx.cache.update(ctx.step, **{name: f[name] for name in self.cache_spec()})
-            length, mask = ctx.step.kv_len, ctx.step.mask
+        if self._fused_step(ctx, seq):  # the cache is written here, for the decode kernel below
+            f = self._static_step_factors(x, ctx)
         else:
-            kv = {name: f[name] for name in self.cache_spec()}
-            length, mask = seq, ctx.mask
+            f = self.factors(x, ctx.cos, ctx.sin)
+            new = {name: f[name] for name in self.cache_spec()}
+            kv = new if ctx.cache is None else ctx.cache.update(ctx.step, **new)
 
         if self._use_decode_kernel(ctx, seq):
             a_q, b_q = self._query_factors(f)
@@ -358,6 +386,7 @@ class TensorProductAttention(Attention):
             out = tpa_decode(a_q, b_q, buf("a_k"), buf("b_k"), buf("a_v"), buf("b_v"), ctx.step.kernel_seqlens,
                              backend=backend, options=self.decode_options)
         else:
+            length, mask = (seq, ctx.mask) if ctx.cache is None else (ctx.step.kv_len, ctx.step.mask)
             a_k, b_k, a_v, b_v = self._key_value_factors(kv, bsz, length, ctx)
             if self.attn_impl == "factors" and ctx.attention_weights is None:
                 a_q, b_q = self._query_factors(f)
@@ -368,6 +397,10 @@ class TensorProductAttention(Attention):
                 pairs = [(f["a_q"], f["b_q"])] if self.factorize_q else []
                 *q, k, v = tpa_materialize_many(pairs + [(a_k, b_k), (a_v, b_v)])
                 out = attend(q[0] if q else f["q"], k, v, mask, weights_out=ctx.attention_weights)
+        return self._output(out, f, bsz, seq)
+
+    def _output(self, out: torch.Tensor, f: dict[str, torch.Tensor], bsz: int, seq: int) -> torch.Tensor:
+        """Attention output ``[B, T, H, E]`` -> ``[B, T, C]``: head norm, gate, output projection."""
         out = self.norm_heads(out)
         if self.output_gate:
             out = out * torch.sigmoid(f["gate"])
