@@ -310,6 +310,39 @@ def test_replayed_steps_do_not_walk_the_parameters(monkeypatch):
     assert len(walks) == 2 and cache.decode_graph.captures == 2 and cache.decode_graph.replays == 6
 
 
+def test_generate_checks_the_model_once_per_call(monkeypatch):
+    """Inside generate() (model_unchanged) the graph checks the model at its first step only; a new
+    generate() call, or a step outside one, checks again and sees a change made in between."""
+    from tpa.models.t6.decode_graph import model_unchanged
+
+    model = tiny("tpa")
+    ids = torch.randint(1, VOCAB, (1, 4))
+    cache = with_eager_replay(model, 1, capacity=40)
+    checks = []
+    check = DecodeGraph._check_model
+    monkeypatch.setattr(DecodeGraph, "_check_model", lambda self, m: checks.append(1) or check(self, m))
+    kw = dict(max_new_tokens=6, do_sample=False, **cache_kwargs(cache))
+    first = model.generate(ids, **kw)
+    assert len(checks) == 1 and cache.decode_graph.replays == 5
+    cache.reset()
+    _scale_parameter(model)  # between two calls: the next call's first step sees it
+    second = model.generate(ids, **kw)
+    assert len(checks) == 2 and cache.decode_graph.captures == 2
+    cache.reset()
+    want = model.generate(ids, max_new_tokens=6, do_sample=False)  # a dynamic cache: no graph
+    assert torch.equal(second, want) and not torch.equal(first, second)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        with model_unchanged(model):
+            with model_unchanged(model):  # nested blocks: the inner one checks once
+                model(ids[:, :1], cache=cache, use_cache=True)
+                model(ids[:, 1:2], cache=cache, use_cache=True)
+            model(ids[:, 2:3], cache=cache, use_cache=True)  # the outer block's first step
+        model(ids[:, 3:4], cache=cache, use_cache=True)  # outside any block: every step
+        model(ids[:, :1], cache=cache, use_cache=True)
+    assert len(checks) == 2 + 4
+
+
 # ------------------------------------------------------------------------------------- graph safety
 
 

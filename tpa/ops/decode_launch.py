@@ -253,14 +253,16 @@ def _readable_heads(h: int, pad: int, *a_caches) -> int:
     ``ceil(h / pad) * pad`` once every cache has unit head stride and storage for that many heads in
     its last row (a view ``buf[..., :h]`` of a wider buffer). Raises ValueError otherwise.
 
-    Under ``torch.compile`` the op is traced with fake tensors, whose storage is sized to the view
-    alone: there only the strides are checked (the last row's room is not known until run time)."""
-    if pad == 1:
+    Under ``torch.compile`` the op is traced with fake tensors, and the tensors the compiled graph
+    passes at run time need not be views of the padded buffers (functionalisation of the cache
+    write may hand the op a copy of the view, rows ``h`` apart): there the loads read ``h`` heads,
+    right for any layout (a padded read of such a copy read the next row's heads on an H200)."""
+    if pad == 1 or any(map(is_fake, a_caches)):
         return h
     heads = -(-h // pad) * pad
     for name, t in zip(("a_k_cache", "a_v_cache"), a_caches):
         last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-        room = heads if is_fake(t) else t.untyped_storage().nbytes() // t.element_size() - last
+        room = t.untyped_storage().nbytes() // t.element_size() - last
         if t.stride(3) != 1 or room < heads - (h - 1) or (t.shape[2] > 1 and t.stride(2) < heads):
             raise ValueError(
                 f"tpa_decode: a_head_pad={pad} reads {heads} heads per row of {name}, which must then be a view "

@@ -20,6 +20,7 @@ from tpa.layers import AttentionContext, MultiHeadAttention, MultiHeadLatentAtte
 from tpa.layers.base import scaled_normal_
 from tpa.models.t6.cache_t6 import T6Cache
 from tpa.models.t6.configuration_t6 import T6Config
+from tpa.models.t6.decode_graph import model_unchanged
 from tpa.models.t6.hf_compat import CACHE_NAME, cache_kwargs, pick_cache
 from tpa.models.t6.quantization import check_quantized_layers
 from tpa.modules import RMSNorm, RotaryEmbedding, SwiGLU
@@ -449,6 +450,13 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                       attentions=out.attentions, **cache_kwargs(getattr(out, CACHE_NAME)))
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``GenerationMixin.generate`` (same arguments and result). Its steps over a static
+        cache on CUDA replay a captured graph that checks the model's weights once per call, at the
+        first step, rather than at every step (:func:`tpa.models.t6.decode_graph.model_unchanged`)."""
+        with model_unchanged(self):
+            return super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
