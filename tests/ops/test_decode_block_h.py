@@ -199,10 +199,9 @@ def test_block_h_in_fresh_process():
 
 
 def test_padded_loads_off_under_tracing():
-    """Under torch.compile the op sees fake tensors, and at run time the compiled graph may pass a copy
-    of the padded view rather than the view (the compiled padded-cache step read the next row's heads
-    on the H200, 2026-12-02): traced calls read H heads whatever the strides; a real tensor without
-    the room behind its last head is still refused, and a real padded view gets the padded loads."""
+    """Under torch.compile the op sees fake tensors, which hold the view alone (the room behind the last
+    head is unknown): traced calls read H heads whatever the strides; a real tensor without the room
+    behind its last head is still refused, and a real padded view gets the padded loads."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from tpa.ops.decode_launch import _readable_heads

@@ -276,6 +276,34 @@ def test_triton_op_matches_the_eager_call():
     assert op_lse.numel() == 0
 
 
+@pytest.mark.parametrize("splits, return_lse", [(1, False), (1, True), (2, False)])
+def test_triton_op_passes_every_pointer_its_own_tensor(splits, return_lse, monkeypatch):
+    """The launches the triton_op traces give each pointer argument its own storage: the functional
+    form of a wrap_triton launch copies mutated arguments one by one, so one tensor passed as both the
+    output and an unused workspace was written through one copy and read through another (a compiled
+    one-split step read zeros on the H200, 2026-12-02)."""
+    import torch.library
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append([a for a in args if isinstance(a, torch.Tensor)])
+
+    monkeypatch.setattr(torch.library, "wrap_triton", Recorder)
+    inputs = make_inputs([4, 29], 1, 34, 64, 64, (2, 2, 2), torch.float32, capacity=32, seed=3)
+    cfg = decode_launch.config_to_list(DecodeConfig(block_m=16, num_splits=splits), DecodeLaunchOptions())
+    decode_launch._op_body(*inputs[:7], None, 64 ** -0.5, return_lse, cfg)
+    assert len(launches) == (2 if splits > 1 else 1)
+    inputs_ptrs = {t.untyped_storage().data_ptr() for t in inputs[:7]}
+    for tensors in launches:
+        written = [t for t in tensors if t.untyped_storage().data_ptr() not in inputs_ptrs]
+        assert len({t.untyped_storage().data_ptr() for t in written}) == len(written), "a buffer passed twice"
+
+
 class _Proxy:
     """Not a tensor, but forwards every attribute to one (what a repeat's key reads included)."""
 
@@ -412,3 +440,9 @@ def test_gpu_handles_graph_capture_and_compile():
     torch.testing.assert_close(static_out, first, rtol=0, atol=0)
     compiled = torch.compile(lambda *x: tpa_decode(*x), fullgraph=True)
     torch.testing.assert_close(compiled(*inputs[:7]), first, rtol=0, atol=0)
+    # one split (a short cache): the kernel writes the output itself, its workspace arguments unused
+    short = make_inputs([3, 40], 1, 34, 64, 64, (2, 2, 2), torch.bfloat16, capacity=48, seed=13)
+    want = tpa_decode(*short[:7])
+    assert _plans()[-1].num_splits == 1
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled(*short[:7]), want, rtol=0, atol=0)

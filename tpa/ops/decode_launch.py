@@ -253,10 +253,9 @@ def _readable_heads(h: int, pad: int, *a_caches) -> int:
     ``ceil(h / pad) * pad`` once every cache has unit head stride and storage for that many heads in
     its last row (a view ``buf[..., :h]`` of a wider buffer). Raises ValueError otherwise.
 
-    Under ``torch.compile`` the op is traced with fake tensors, and the tensors the compiled graph
-    passes at run time need not be views of the padded buffers (functionalisation of the cache
-    write may hand the op a copy of the view, rows ``h`` apart): there the loads read ``h`` heads,
-    right for any layout (a padded read of such a copy read the next row's heads on an H200)."""
+    Under ``torch.compile`` the op is traced with fake tensors, which hold the view alone: the room
+    behind a view's last head cannot be checked there, so traced calls read ``h`` heads (right for
+    any layout); the padded reads serve eager calls and CUDA-graph replays."""
     if pad == 1 or any(map(is_fake, a_caches)):
         return h
     heads = -(-h // pad) * pad
@@ -404,12 +403,16 @@ def _op_body(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, softmax_s
     if plan.poison:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
+    # every pointer argument its own tensor: the functional form of a wrap_triton launch copies each
+    # mutated argument apart, so a tensor passed twice (the output as its own unused workspace) would
+    # be written through one copy and read back through another (a compiled step read zeros)
+    unused = functools.partial(torch.empty, 1, dtype=torch.float32, device=plan.device)
     if plan.num_splits > 1:
         o_part = torch.empty(plan.workspace_shapes[0], dtype=torch.float32, device=plan.device)
         lse_part = torch.empty(plan.workspace_shapes[1], dtype=torch.float32, device=plan.device)
     else:
-        o_part = lse_part = out
-    lse_arg = lse if return_lse else out
+        o_part, lse_part = unused(), unused()
+    lse_arg = lse if return_lse else unused()
     bt = cache_seqlens if block_table is None else block_table
     wrap_triton(split_kernel)[plan.split_grid](
         a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, bt, out, lse_arg, o_part, lse_part,
