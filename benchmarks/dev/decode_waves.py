@@ -1,0 +1,102 @@
+"""How many programs the split-KV decode kernel should launch: the split count and warps around the
+points where the default launch slows down (issue 12).
+
+On the H200 the default launch of ranks (16,1,1), H = 32, got slower per byte at B x L = 64K tokens
+(B=2 at 32K, B=4 at 16K, B=8 at 8K: 25.1, 22.9, 21.6 us, against 16.2, 14.6, 14.2 us at half the
+length), where the heuristic's target of 4 programs per SM makes 512 programs of two cache blocks
+each. This script times, at each point, the default configuration and explicit split counts whose
+total programs are 1, 2, 3 or 4 per SM (each with the default warps and with 2, 4 and 8), plain
+launches under the CUDA-event timer with the L2 flushed (:class:`tpa.bench.timing.Timer`), and
+prints the compiled split kernel's shared memory and registers per program (what bounds how many
+programs an SM holds at once). It also covers the ``small`` preset's decode shape (H = 34, ranks
+(6,2,2)) at B = 1 and 8, 32K tokens, which ``generate()`` runs.
+
+    python benchmarks/dev/decode_waves.py --out $OUT/waves
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from tpa.bench.decode.inputs import tpa_bytes, tpa_inputs
+from tpa.bench.timing import Timer
+from tpa.ops import decode_launch
+from tpa.ops.decode import DecodeConfig, default_config, tpa_decode
+
+POINTS = [  # (B, L, H, ranks)
+    (1, 32768, 32, (16, 1, 1)), (2, 16384, 32, (16, 1, 1)), (2, 32768, 32, (16, 1, 1)), (2, 65536, 32, (16, 1, 1)),
+    (4, 8192, 32, (16, 1, 1)), (4, 16384, 32, (16, 1, 1)), (4, 32768, 32, (16, 1, 1)),
+    (8, 4096, 32, (16, 1, 1)), (8, 8192, 32, (16, 1, 1)), (8, 16384, 32, (16, 1, 1)), (16, 8192, 32, (16, 1, 1)),
+    (1, 32768, 34, (6, 2, 2)), (8, 32768, 34, (6, 2, 2)),
+]
+
+
+def _kernel_resources(plan) -> dict:
+    handle = plan.split_handle
+    meta = getattr(handle, "metadata", None)
+    return {"shared": getattr(meta, "shared", None), "n_regs": getattr(handle, "n_regs", None)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/decode_waves")))
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    sms = props.multi_processor_count
+    smem = getattr(props, "shared_memory_per_multiprocessor", None)
+    print(f"{props.name}: {sms} SMs, shared memory per SM {smem}, registers per SM "
+          f"{getattr(props, 'regs_per_multiprocessor', None)}")
+    timer = Timer(torch)
+    rows = []
+    for bsz, length, h, ranks in POINTS:
+        inputs = tpa_inputs(torch, bsz, length, h, 64, ranks, torch.bfloat16)
+        out = torch.empty(bsz, 1, h, 64, dtype=torch.bfloat16, device="cuda")
+        default = default_config(bsz, 1, h, 64, 64, length, sms, 2, None, ranks[1], ranks[2])
+        base = bsz * math.ceil(h / default.block_h)
+        blocks = math.ceil(length / default.block_m)
+        ideal_us = tpa_bytes(bsz, length, h, 64, ranks, 2) / 4.28e6
+        configs = [("default", None)]
+        for per_sm in (1, 2, 3, 4, 6):
+            splits = max(1, min(256, blocks, per_sm * sms // base))
+            splits = math.ceil(blocks / math.ceil(blocks / splits))
+            for warps in (None, 2, 4, 8):
+                configs.append((f"{per_sm}/SM", DecodeConfig(num_splits=splits, num_warps=warps)))
+        seen = set()
+        for label, cfg in configs:
+            resolved = default_config(bsz, 1, h, 64, 64, length, sms, 2, cfg, ranks[1], ranks[2])
+            if resolved in seen:
+                continue
+            seen.add(resolved)
+            decode_launch.clear_plans()
+            us = timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg), reps=args.reps)
+            plans = [getattr(entry, "plan", None) for entry in decode_launch.PLANS.values()]
+            res = _kernel_resources(plans[0]) if plans and plans[0] is not None else {}
+            row = dict(B=bsz, L=length, H=h, ranks=",".join(map(str, ranks)), label=label,
+                       splits=resolved.num_splits, programs=base * resolved.num_splits,
+                       blocks_per_split=math.ceil(blocks / resolved.num_splits), warps=resolved.num_warps,
+                       block_m=resolved.block_m, stages=resolved.num_stages, us=round(us, 2),
+                       copy_fraction=round(ideal_us / us, 3), **res)
+            rows.append(row)
+            print(json.dumps(row))
+        inputs = out = None
+        torch.cuda.empty_cache()
+    with open(args.out / "waves.csv", "w", newline="") as f:
+        names = list(dict.fromkeys(k for r in rows for k in r))
+        w = csv.DictWriter(f, fieldnames=names)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in w.fieldnames})
+    print(f"wrote {args.out / 'waves.csv'}")
+
+
+if __name__ == "__main__":
+    main()
