@@ -48,7 +48,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/decode_waves")))
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--pipeline", action="store_true",
+                   help="instead: pipeline depth, block and warps at the small preset's decode shapes (H = 34, "
+                        "(6,2,2), 32K + 64 slots, B = 1 and 8), A caches padded to 48 heads")
     args = p.parse_args()
+    if args.pipeline:
+        return pipeline(args)
     args.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
@@ -96,6 +101,47 @@ def main() -> None:
         for r in rows:
             w.writerow({k: r.get(k) for k in w.fieldnames})
     print(f"wrote {args.out / 'waves.csv'}")
+
+
+def pipeline(args) -> None:
+    """Stages x block x warps of the split kernel where ``generate()`` of the ``small`` preset decodes:
+    the heuristic's shared-memory estimate keeps it at 2 stages there."""
+    from tpa.ops.decode import DecodeLaunchOptions
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    timer = Timer(torch)
+    options = DecodeLaunchOptions(a_head_pad=16)
+    rows = []
+    for bsz in (1, 8):
+        length, capacity, h, ranks = 32768, 32768 + 64, 34, (6, 2, 2)
+        inputs = tpa_inputs(torch, bsz, length, h, 64, ranks, torch.bfloat16, capacity=capacity, a_heads=48)
+        out = torch.empty(bsz, 1, h, 64, dtype=torch.bfloat16, device="cuda")
+        ideal_us = tpa_bytes(bsz, length, h, 64, ranks, 2) / 4.28e6
+        configs = [None] + [DecodeConfig(num_stages=st, block_m=bm, num_warps=w)
+                            for st in (2, 3, 4) for bm in (32, 64) for w in (4, 8)]
+        for cfg in configs:
+            resolved = default_config(bsz, 1, h, 64, 64, capacity, sms, 2, cfg, ranks[1], ranks[2])
+            decode_launch.clear_plans()
+            try:
+                us = timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg, options=options), reps=args.reps)
+            except Exception as err:  # noqa: BLE001  # a configuration that does not compile (shared memory)
+                us = float("nan")
+                print(f"  {resolved} failed: {type(err).__name__}: {str(err)[:120]}")
+            plans = [getattr(entry, "plan", None) for entry in decode_launch.PLANS.values()]
+            res = _kernel_resources(plans[0]) if plans and plans[0] is not None else {}
+            row = dict(B=bsz, L=length, H=h, ranks="6,2,2", label="default" if cfg is None else "explicit",
+                       splits=resolved.num_splits, warps=resolved.num_warps, block_m=resolved.block_m,
+                       stages=resolved.num_stages, us=round(us, 2), copy_fraction=round(ideal_us / us, 3), **res)
+            rows.append(row)
+            print(json.dumps(row))
+        inputs = out = None
+        torch.cuda.empty_cache()
+    with open(args.out / "pipeline.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in w.fieldnames})
+    print(f"wrote {args.out / 'pipeline.csv'}")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,29 @@ def test_default_config_depends_on_shapes_only():
     assert wide.block_h * wide.block_n * 256 <= 16384
 
 
+# (B, capacity, H, ranks) -> (splits, warps): the H200 sweep of benchmarks/dev/decode_waves.py
+# (2026-12-02, BENCHMARKS.md "one wave of latency-bound programs"): the default launch and, where the
+# old one made 512 programs of two blocks, the 256 programs of four blocks that beat it
+WAVE_CASES = {
+    (1, 32768, 32, (16, 1, 1)): (256, 4), (2, 16384, 32, (16, 1, 1)): (128, 4),
+    (2, 32768, 32, (16, 1, 1)): (128, 2), (4, 16384, 32, (16, 1, 1)): (64, 2), (8, 8192, 32, (16, 1, 1)): (32, 2),
+    (2, 65536, 32, (16, 1, 1)): (256, 2), (8, 16384, 32, (16, 1, 1)): (64, 2), (16, 8192, 32, (16, 1, 1)): (32, 2),
+    (1, 32768, 34, (6, 2, 2)): (256, 4), (8, 32768, 34, (6, 2, 2)): (64, 4),
+}
+
+
+@pytest.mark.parametrize("point", list(WAVE_CASES), ids=str)
+def test_latency_bound_grids_fit_one_wave(point):
+    """Programs of at most two cache blocks (4 warps, two per SM at a time) fill at most 2 x 132 SMs;
+    longer programs keep the target of 4 per SM."""
+    bsz, capacity, h, (_, r_k, r_v) = point
+    cfg = default_config(bsz, 1, h, 64, 64, capacity, 132, 2, None, r_k, r_v)
+    assert (cfg.num_splits, cfg.num_warps) == WAVE_CASES[point]
+    programs = bsz * cfg.num_splits * -(-h // cfg.block_h)
+    blocks = -(-capacity // cfg.block_m)
+    assert blocks > 2 * cfg.num_splits or programs <= 2 * 132
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------

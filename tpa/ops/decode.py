@@ -193,6 +193,15 @@ class DecodeLaunchOptions:
 DEFAULT_LAUNCH_OPTIONS = DecodeLaunchOptions()
 
 
+# programs of a latency-bound grid (at most two cache blocks each, 4 warps) one SM runs at once
+_LATENCY_BOUND_PROGRAMS_PER_SM = 2
+
+
+def _whole_block_splits(blocks: int, splits: int) -> int:
+    """As many splits as it takes to cover ``blocks`` in equal whole blocks (no empty split)."""
+    return math.ceil(blocks / math.ceil(blocks / splits))
+
+
 def default_config(
     batch: int,
     num_queries: int,
@@ -259,9 +268,13 @@ def default_config(
     else:
         target = tune.programs_per_sm * num_sms
         most = max(1, blocks // tune.min_split_blocks)
-        num_splits = max(1, min(math.ceil(target / max(base, 1)), most, _MAX_SPLITS))
-        # as many splits as it takes to cover the capacity in equal whole blocks: no empty split
-        num_splits = math.ceil(blocks / math.ceil(blocks / num_splits))
+        num_splits = _whole_block_splits(blocks, max(1, min(math.ceil(target / max(base, 1)), most, _MAX_SPLITS)))
+        if blocks <= 2 * num_splits and base * num_splits > _LATENCY_BOUND_PROGRAMS_PER_SM * num_sms:
+            # programs of at most two blocks get 4 warps (below), of which an SM holds two at a time
+            # (registers): a grid of more waits for a second wave (H200, 2026-12-02, B=2 at 32K tokens:
+            # 512 programs 25.2 us, 256 programs of four blocks 20.9 us)
+            fit = math.ceil(_LATENCY_BOUND_PROGRAMS_PER_SM * num_sms / max(base, 1))
+            num_splits = _whole_block_splits(blocks, max(1, min(fit, most, _MAX_SPLITS)))
     latency_bound = blocks <= 2 * num_splits  # each program streams at most two blocks
     if o.num_warps is not None:
         num_warps = o.num_warps
@@ -671,8 +684,10 @@ def _decode_traced(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, sof
     scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
     if not (_use_triton(backend, a_q.device, d, e) and a_q.shape[0] > 0):
         return _decode_reference(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, scale, return_lse, out)
-    o, lse = decode_launch.DECODE_OP(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, scale, return_lse,
-                                     decode_launch.config_to_list(config or DecodeConfig(), options))
+    dense = all(t.is_contiguous() for t in (a_q, b_q, a_k, b_k, a_v, b_v))
+    op = decode_launch.DECODE_OP if dense else decode_launch.DECODE_STRIDED_OP  # see _register_strided_op
+    o, lse = op(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, scale, return_lse,
+                decode_launch.config_to_list(config or DecodeConfig(), options))
     if out is not None:
         out.copy_(o)
         o = out

@@ -260,15 +260,31 @@ def _readable_heads(h: int, pad: int, *a_caches) -> int:
         return h
     heads = -(-h // pad) * pad
     for name, t in zip(("a_k_cache", "a_v_cache"), a_caches):
-        last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-        room = t.untyped_storage().nbytes() // t.element_size() - last
-        if t.stride(3) != 1 or room < heads - (h - 1) or (t.shape[2] > 1 and t.stride(2) < heads):
+        room = _room(t)
+        if not _padded_view(t, h, heads):
             raise ValueError(
                 f"tpa_decode: a_head_pad={pad} reads {heads} heads per row of {name}, which must then be a view "
                 f"buf[..., :{h}] of a buffer of at least {heads} heads (unit head stride); got shape "
                 f"{tuple(t.shape)}, strides {t.stride()}, {room} elements of storage from its last head on"
             )
     return heads
+
+
+def _room(t: torch.Tensor) -> int:
+    """Elements of ``t``'s storage from its last element on."""
+    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.untyped_storage().nbytes() // t.element_size() - last
+
+
+def _padded_view(t: torch.Tensor, h: int, heads: int) -> bool:
+    """Whether ``t [.., R, h]`` has unit head stride and ``heads`` readable heads in every row."""
+    return t.stride(3) == 1 and _room(t) >= heads - (h - 1) and (t.shape[2] == 1 or t.stride(2) >= heads)
+
+
+def padded_reads_possible(h: int, pad: int, *a_caches: torch.Tensor) -> bool:
+    """Whether :func:`_readable_heads` accepts ``a_head_pad=pad`` for these (real) A caches."""
+    heads = -(-h // pad) * pad
+    return pad == 1 or all(_padded_view(t, h, heads) for t in a_caches)
 
 
 def _new_workspace(shapes, device, poison, store, stream) -> tuple:
@@ -374,17 +390,29 @@ def config_to_list(cfg, options) -> list[int]:
             h.min_split_blocks, options.a_head_pad, int(options.heads_inner), int(h.head_blocks == "least_padding")]
 
 
-def _plan_from_list(a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, return_lse, config) -> DecodePlan:
-    """The plan of an op call (launch parameters chosen here, from shapes: the op's body is traced
-    by inductor as plain Python, where dynamo would have to trace the heuristic)."""
-    from tpa.ops.decode import DecodeConfig, DecodeHeuristic, DecodeLaunchOptions, _num_sms, default_config
+@functools.lru_cache(maxsize=64)
+def _config_from_list(config: tuple[int, ...], launched_by_inductor: bool):
+    """``(DecodeConfig, DecodeLaunchOptions)`` of an op's ``config`` list (one object per distinct list:
+    the eager op keys its plans by the options' identity). Inductor's launches use no programmatic
+    dependent launch."""
+    from tpa.ops.decode import DecodeConfig, DecodeHeuristic, DecodeLaunchOptions
 
     fixed = DecodeConfig(*(None if v < 0 else v for v in config[:6]))
     heuristic = DecodeHeuristic("rows" if config[7] else "fixed", *config[8:12],
                                 head_blocks="least_padding" if config[14] else "pow2")
-    options = DecodeLaunchOptions(heuristic=heuristic, use_pdl=False, early_launch=False,
-                                  poison_buffers=bool(config[6]), a_head_pad=config[12],
-                                  heads_inner=bool(config[13]))
+    pdl = {"use_pdl": False, "early_launch": False} if launched_by_inductor else {}
+    options = DecodeLaunchOptions(heuristic=heuristic, poison_buffers=bool(config[6]), a_head_pad=config[12],
+                                  heads_inner=bool(config[13]), **pdl)
+    return fixed, options
+
+
+def _plan_from_list(a_q, b_q, a_k, b_k, a_v, b_v, block_table, softmax_scale, return_lse, config) -> DecodePlan:
+    """The plan of an op call (launch parameters chosen here, from shapes: the op's body is traced
+    by inductor as plain Python, where dynamo would have to trace the heuristic)."""
+    from tpa.ops.decode import _num_sms, default_config
+
+    fixed, options = _config_from_list(tuple(config), True)
+    heuristic = options.heuristic
     bsz, n, _, h = a_q.shape
     capacity = block_table.shape[1] * a_k.shape[1] if block_table is not None else a_k.shape[1]
     cfg = default_config(bsz, n, h, b_q.shape[-1], b_v.shape[-1], capacity, _num_sms(a_q.device), b_k.element_size(),
@@ -439,4 +467,40 @@ def _register_op():
     return decode_op
 
 
+def _register_strided_op():
+    """``tpa::decode_strided``, an opaque ``custom_op`` for calls with a non-contiguous input (views of
+    a projection's output, padded or expanded caches). A ``triton_op``'s launch arguments, strides
+    included, are fixed when inductor traces it, and inductor may hand the compiled kernel a tensor
+    laid out otherwise (it keeps the order of the strides, not their values: a padded view's copy, or
+    a materialised stride-0 view). This op's implementation is the eager call, which reads the strides
+    of the tensors it gets. Returns the op."""
+    from torch.library import custom_op
+
+    @custom_op("tpa::decode_strided", mutates_args=())
+    def decode_strided(
+        a_q: torch.Tensor, b_q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch.Tensor,
+        b_v: torch.Tensor, cache_seqlens: torch.Tensor, block_table: torch.Tensor | None, softmax_scale: float,
+        return_lse: bool, config: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from tpa.ops.decode import tpa_decode
+
+        if config[12] > 1 and not padded_reads_possible(a_q.shape[-1], config[12], a_k, a_v):
+            config = [*config[:12], 1, *config[13:]]  # inductor passed a copy of a padded view: read H heads
+        fixed, options = _config_from_list(tuple(config), False)
+        out, lse = tpa_decode(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table=block_table,
+                              softmax_scale=softmax_scale, return_lse=True, backend="triton", check_lengths=False,
+                              config=fixed, options=options)
+        return out, (lse if return_lse else lse.new_empty(0))
+
+    @decode_strided.register_fake
+    def _(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, softmax_scale, return_lse, config):
+        bsz, n, _, h = a_q.shape
+        out = b_q.new_empty(bsz, n, h, b_v.shape[-1])
+        lse = a_q.new_empty((bsz, n, h) if return_lse else (0,), dtype=torch.float32)
+        return out, lse
+
+    return decode_strided
+
+
 DECODE_OP = _register_op() if HAVE_TRITON else None
+DECODE_STRIDED_OP = _register_strided_op() if HAVE_TRITON else None

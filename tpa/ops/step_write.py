@@ -12,9 +12,9 @@ than the bytes they move. :func:`step_write` does it in one Triton launch (:mod:
 The projection row holds the parts as contiguous segments ``[offset, offset + rows * width)``,
 row-major (the layers' ``split`` of their fused projection). :class:`Segment` names one.
 
-With ``backend="auto"`` the kernel runs on CUDA tensors (not float64, not while ``torch.compile``
-traces: Inductor fuses the twin's ops itself) and the twin everywhere else; ``backend="triton"``
-forces the kernel (on the CPU through Triton's interpreter, ``TRITON_INTERPRET=1``).
+While ``torch.compile`` traces, the twin runs whatever the backend (Inductor fuses its ops itself).
+Otherwise ``backend="auto"`` runs the kernel on CUDA tensors (not float64) and the twin elsewhere;
+``backend="triton"`` forces the kernel (on the CPU through Triton's interpreter, ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -97,15 +97,14 @@ def _check(projected, cos, sin, slots, query: Segment, writes) -> None:
 
 
 def _use_triton(backend: str, projected: torch.Tensor) -> bool:
-    if backend == "reference":
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"step_write: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend == "reference" or torch.compiler.is_compiling():  # traced: Inductor fuses the twin's ops
         return False
     if backend == "triton":
         require_runnable("step_write", projected.device.type)
         return True
-    if backend != "auto":
-        raise ValueError(f"step_write: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    return (HAVE_TRITON and projected.is_cuda and projected.dtype != torch.float64
-            and not torch.compiler.is_compiling())
+    return HAVE_TRITON and projected.is_cuda and projected.dtype != torch.float64
 
 
 def _launch(projected, cos, sin, slots, query: Segment, writes) -> torch.Tensor:
