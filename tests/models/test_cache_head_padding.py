@@ -6,6 +6,7 @@ search; readers see H heads, the padding stays zero, bad values are refused, the
 import pytest
 import torch
 
+from tests.ops.kernels import needs_cpu_kernels
 from tpa import T6Cache, T6Config, T6ForCausalLM
 from tpa.cache import KVCache
 from tpa.layers import TensorProductAttention
@@ -61,6 +62,7 @@ def test_padded_cache_generates_like_unpadded(heads, ranks, static):
         (ranks[1] + ranks[2]) * (-(-heads // 16) * 16 - heads)
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("attention_type,heads,ranks", [("tpa", 34, (1, 1, 1)), ("tpa", 5, (3, 2, 3)),
                                                          ("tpa_kvonly", 5, (1, 2, 1))])

@@ -4,10 +4,12 @@ reference path, for TPA and TPA-KVonly, and for GQA and MQA (tpa.ops.grouped_dec
 import pytest
 import torch
 
+from tests.ops.kernels import needs_cpu_kernels
 from tpa import T6Config, T6ForCausalLM
 from tpa.models.t6.hf_compat import output_cache
 
 pytest.importorskip("triton")
+pytestmark = needs_cpu_kernels  # the models are built on the CPU
 VOCAB = 89
 
 

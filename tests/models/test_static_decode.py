@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tpa
+from tests.ops.kernels import needs_cpu_kernels
 from tpa import T6Cache, T6Config, T6ForCausalLM
 from tpa.models.t6.decode_graph import DecodeGraph
 from tpa.models.t6.hf_compat import cache_kwargs, output_cache
@@ -99,6 +100,7 @@ def test_graph_replay_generate_equals_dynamic(attention_type):
     assert cache.kv.num_columns == 7 + 7 and cache.kv.seqlens.tolist() == [3 + 7, 7 + 7]
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("attention_type", ["tpa", "tpa_kvonly"])
 def test_static_decode_kernel_path_equals_dynamic(attention_type, monkeypatch):
     """TPA's FlashTPA kernel (Triton, interpreted on the CPU) reads the static cache with device lengths."""

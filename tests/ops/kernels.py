@@ -38,6 +38,24 @@ def _kernels_runnable() -> bool:
 KERNELS_RUNNABLE = _kernels_runnable()
 
 
+def _cpu_kernels_runnable() -> bool:
+    if not HAVE_TRITON:
+        return False
+    from tpa.ops.decode import triton_interpreter_active
+
+    return triton_interpreter_active()
+
+
+# Kernels on CPU tensors (models built on the CPU with decode_impl="kernel"): only under Triton's
+# interpreter, which is off on a machine with CUDA (there the GPU tests run the kernels compiled)
+CPU_KERNELS_RUNNABLE = _cpu_kernels_runnable()
+needs_cpu_kernels = pytest.mark.skipif(
+    not CPU_KERNELS_RUNNABLE,
+    reason="runs Triton kernels on CPU tensors: needs Triton's interpreter (TRITON_INTERPRET=1 before triton's "
+           "first import; tests/conftest.py sets it where there is no CUDA)",
+)
+
+
 def skip_unless_kernels(fresh_test: str):
     """Skip marker of a kernel test when kernels cannot run in this process; ``fresh_test`` names the
     test of the same file that reruns it through :func:`rerun_with_interpreter`."""
