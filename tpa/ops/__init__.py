@@ -2,7 +2,8 @@
 
 ``naive`` holds the einsum reference twins; ``decode`` the FlashTPA decoding op (``decode_launch``
 its host side: launch plans, kernel handles, the ``triton_op``); ``fused_materialize`` the fused op
-forming Q, K, V from their factors (training and prefill). The Triton kernels live in ``kernels``,
+forming Q, K, V from their factors (training and prefill); ``step_write`` RoPE and the cache write of a
+static one-token decode step in one launch. The Triton kernels live in ``kernels``,
 imported only where Triton is installed; ``triton_support`` holds what their host sides share.
 """
 
