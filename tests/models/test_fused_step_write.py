@@ -48,9 +48,9 @@ def _decode(model, ids, mask, impl):
 @pytest.mark.parametrize("attention_type, overrides, fused", CONFIGS)
 def test_fused_step_equals_reference(attention_type, overrides, fused, monkeypatch):
     torch.manual_seed(0)
-    config = T6Config.from_preset("tiny", attention_type, **overrides)
+    config = T6Config.from_preset("tiny", attention_type, num_hidden_layers=2, **overrides)
     model = T6ForCausalLM(config).to(DEVICE).eval()
-    ids = torch.randint(0, config.vocab_size, (3, 10), device=DEVICE)
+    ids = torch.randint(0, config.vocab_size, (3, 9), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding: a shorter sequence
     mask[2, :4] = 0
