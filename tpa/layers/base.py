@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tpa.cache import CacheStep, KVCache, LayerCache, elements_per_token
 from tpa.modules.norm import RMSNorm
-from tpa.modules.rotary import apply_rotary
+from tpa.modules.rotary import apply_partial_rotary, apply_rotary  # noqa: F401  # re-exported for the layers
 from tpa.ops.step_write import Segment, step_write
 
 
@@ -163,15 +163,6 @@ def partial_rotary_dim(feature_dim: int, factor: float) -> int:
     if dim < 2:
         raise ValueError(f"rope_partial_factor={factor} rotates {dim} of {feature_dim} features; RoPE needs at least 2")
     return dim
-
-
-def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on the first ``2 * cos.shape[-1]`` features of ``x [B, T, *, D]``; the rest pass unchanged."""
-    rotated = 2 * cos.shape[-1]
-    if rotated == x.shape[-1]:
-        return apply_rotary(x, cos, sin)
-    head, tail = x.split([rotated, x.shape[-1] - rotated], dim=-1)
-    return torch.cat([apply_rotary(head, cos, sin), tail], dim=-1)
 
 
 class Attention(nn.Module):

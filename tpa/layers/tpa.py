@@ -341,27 +341,30 @@ class TensorProductAttention(Attention):
         # the kernel reads the plain factor cache; other variants use the reference path
         return self.kernel_layout and self.decode_kernel_applies(ctx, new_tokens)
 
-    def _segment(self, name: str, rotate: bool = False) -> Segment:
-        """Where ``name`` (a contextual factor, ``q`` or ``gate``) lies in a row of ``proj``'s output."""
-        offset = 0
-        for part, size in self.segments:
-            if part == name:
-                break
+    def _segments_of_proj(self) -> dict[str, Segment]:
+        """Where each token-dependent part (contextual factors, ``q``, ``gate``) lies in a row of ``proj``'s
+        output; ``b_q``, ``q`` and ``b_k`` rotated (read per call: tensor parallelism narrows ``segments``)."""
+        where, offset = {}, 0
+        for name, size in self.segments:
+            plain = (self.num_heads, self.value_dim if name == "gate" else self.head_dim)  # q and gate
+            rows, width = self.factor_shapes.get(name, plain)
+            where[name] = Segment(offset, rows, width, rotate=name in ("b_q", "q", "b_k"))
             offset += size
-        rows, width = self.factor_shapes.get(name, (self.num_heads, self.value_dim if name == "gate" else self.head_dim))
-        return Segment(offset, rows, width, rotate)
+        return where
 
     def _static_step_factors(self, x: torch.Tensor, ctx: AttentionContext) -> dict[str, torch.Tensor]:
         """:meth:`factors` and the cache write of a static one-token step, RoPE and write in one launch
-        (:meth:`static_step_write`): the query factors (``a_q`` and ``b_q``, or ``q``) and ``gate``, ``[B, 1, rows, width]``."""
+        (:meth:`static_step_write`): the query factors (``a_q`` and ``b_q``, or ``q``) and ``gate``,
+        each ``[B, 1, rows, width]``."""
         bsz = x.shape[0]
         projected = self.proj(x)
+        where = self._segments_of_proj()
         query = "b_q" if self.factorize_q else "q"
-        writes = [(self._segment(name, rotate=name == "b_k"), name) for name in ("a_k", "b_k", "a_v", "b_v")]
-        f = {query: self.static_step_write(projected, ctx, self._segment(query, rotate=True), writes)}
+        writes = [(where[name], name) for name in ("a_k", "b_k", "a_v", "b_v")]
+        f = {query: self.static_step_write(projected, ctx, where[query], writes)}
         for name in ("a_q", "gate"):
-            if name == "a_q" and self.factorize_q or name == "gate" and self.output_gate:
-                seg = self._segment(name)
+            if name in where:
+                seg = where[name]
                 f[name] = projected[..., seg.offset: seg.offset + seg.size].reshape(bsz, 1, seg.rows, seg.width)
         return f
 

@@ -102,3 +102,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos, sin = cos.to(work), sin.to(work)
     x1, x2 = x.to(work).chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first ``2 * cos.shape[-1]`` features of ``x [B, T, *, D]``; the rest pass unchanged."""
+    rotated = 2 * cos.shape[-1]
+    if rotated == x.shape[-1]:
+        return apply_rotary(x, cos, sin)
+    head, tail = x.split([rotated, x.shape[-1] - rotated], dim=-1)
+    return torch.cat([apply_rotary(head, cos, sin), tail], dim=-1)

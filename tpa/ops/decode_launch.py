@@ -260,12 +260,11 @@ def _readable_heads(h: int, pad: int, *a_caches) -> int:
         return h
     heads = -(-h // pad) * pad
     for name, t in zip(("a_k_cache", "a_v_cache"), a_caches):
-        room = _room(t)
         if not _padded_view(t, h, heads):
             raise ValueError(
                 f"tpa_decode: a_head_pad={pad} reads {heads} heads per row of {name}, which must then be a view "
                 f"buf[..., :{h}] of a buffer of at least {heads} heads (unit head stride); got shape "
-                f"{tuple(t.shape)}, strides {t.stride()}, {room} elements of storage from its last head on"
+                f"{tuple(t.shape)}, strides {t.stride()}, {_room(t)} elements of storage from its last head on"
             )
     return heads
 
@@ -378,6 +377,9 @@ _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or tor
 # --------------------------------------------------------------------------------------------
 
 
+_A_HEAD_PAD_AT = 12  # the index of DecodeLaunchOptions.a_head_pad in config_to_list's list
+
+
 def config_to_list(cfg, options) -> list[int]:
     """The op's ``config`` argument: the launch parameters a caller fixed (``cfg``, a
     :class:`tpa.ops.decode.DecodeConfig`, -1 for a field left to the heuristic), the poison flag, the
@@ -401,7 +403,8 @@ def _config_from_list(config: tuple[int, ...], launched_by_inductor: bool):
     heuristic = DecodeHeuristic("rows" if config[7] else "fixed", *config[8:12],
                                 head_blocks="least_padding" if config[14] else "pow2")
     pdl = {"use_pdl": False, "early_launch": False} if launched_by_inductor else {}
-    options = DecodeLaunchOptions(heuristic=heuristic, poison_buffers=bool(config[6]), a_head_pad=config[12],
+    options = DecodeLaunchOptions(heuristic=heuristic, poison_buffers=bool(config[6]),
+                                  a_head_pad=config[_A_HEAD_PAD_AT],
                                   heads_inner=bool(config[13]), **pdl)
     return fixed, options
 
@@ -484,8 +487,9 @@ def _register_strided_op():
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from tpa.ops.decode import tpa_decode
 
-        if config[12] > 1 and not padded_reads_possible(a_q.shape[-1], config[12], a_k, a_v):
-            config = [*config[:12], 1, *config[13:]]  # inductor passed a copy of a padded view: read H heads
+        pad = config[_A_HEAD_PAD_AT]
+        if pad > 1 and not padded_reads_possible(a_q.shape[-1], pad, a_k, a_v):
+            config = [*config[:_A_HEAD_PAD_AT], 1, *config[_A_HEAD_PAD_AT + 1:]]  # inductor passed a copy: read H heads
         fixed, options = _config_from_list(tuple(config), False)
         out, lse = tpa_decode(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table=block_table,
                               softmax_scale=softmax_scale, return_lse=True, backend="triton", check_lengths=False,

@@ -7,7 +7,7 @@ is about twenty small kernels per layer (casts, four products, a sum, a differen
 per rotated part, one scatter per cached part), each a few microseconds of GPU time and far more
 than the bytes they move. :func:`step_write` does it in one Triton launch (:mod:`tpa.ops.kernels.step_write`);
 :func:`step_write_reference` is its twin in torch ops, the same arithmetic as the layers' own path
-(:func:`tpa.layers.base.apply_partial_rotary` in float32, then the static step's scatter).
+(:func:`tpa.modules.rotary.apply_partial_rotary` in float32, then the static step's scatter).
 
 The projection row holds the parts as contiguous segments ``[offset, offset + rows * width)``,
 row-major (the layers' ``split`` of their fused projection). :class:`Segment` names one.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tpa.modules.rotary import apply_rotary
+from tpa.modules.rotary import apply_partial_rotary
 from tpa.ops.triton_support import HAVE_TRITON, next_pow2, require_runnable, triton_interpreter_active
 
 __all__ = ["MAX_WRITES", "Segment", "step_write", "step_write_reference"]
@@ -48,10 +48,8 @@ class Segment:
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [B, rows, width]`` with its leading ``2 * half`` features rotated (``cos``/``sin [B, half]``)."""
-    turned = 2 * cos.shape[-1]
-    head = apply_rotary(x[..., :turned], cos[:, None], sin[:, None])
-    return head if turned == x.shape[-1] else torch.cat([head, x[..., turned:]], dim=-1)
+    """``x [B, rows, width]`` rotated as the layers rotate ``[B, 1, rows, width]`` (``cos``/``sin [B, half]``)."""
+    return apply_partial_rotary(x[:, None], cos[:, None], sin[:, None])[:, 0]
 
 
 def _part(projected: torch.Tensor, seg: Segment) -> torch.Tensor:
