@@ -446,3 +446,42 @@ def test_gpu_handles_graph_capture_and_compile():
     assert _plans()[-1].num_splits == 1
     torch._dynamo.reset()
     torch.testing.assert_close(compiled(*short[:7]), want, rtol=0, atol=0)
+
+
+def _row_starts(t: torch.Tensor) -> torch.Tensor:
+    """Element offsets of every head-factor row ``t[i, j, r, :]`` from ``t``'s first element."""
+    idx = [torch.arange(n) * s for n, s in zip(t.shape[:3], t.stride()[:3])]
+    return (idx[0][:, None, None] + idx[1][None, :, None] + idx[2][None, None, :]).flatten()
+
+
+@pytest.mark.parametrize(("shape", "stride", "expected"), [
+    ((2, 10, 2, 34), None, 2),  # small's TPA: rows of 34 heads
+    ((2, 10, 2, 35), None, 1),
+    ((2, 10, 2, 40), None, 8),
+    ((2, 10, 1, 32), None, 16),
+    ((2, 10, 2, 34), (10 * 96, 96, 48, 1), 16),  # buf[..., :34] of a buffer of 48 heads
+    ((2, 10, 2, 34), (10 * 96 + 3, 96, 48, 1), 1),  # an odd sequence stride
+    ((1, 10, 2, 34), (10 * 96 + 3, 96, 48, 1), 16),  # ... of a dimension of size 1, never stepped
+    ((3, 10, 2, 34), (2 * 10 * 34, 34, 10 * 34, 1), 2),  # a rank-major view
+    ((3, 10, 4, 64), (640, 64, 0, 1), 16),  # ranks expanded with stride 0
+    ((3, 10, 2, 34), (680, 68, 1, 34), 1),  # head stride not 1
+])
+def test_a_row_alignment_divides_every_row_start(shape, stride, expected):
+    """The split kernel's A_ALIGN hint: the largest power of two (to 16) that divides the offset of
+    every row start of both A caches, checked against the offsets themselves."""
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, stride or torch.empty(shape).stride()))
+    t = torch.empty(shape) if stride is None else torch.empty(size).as_strided(shape, stride)
+    align = decode_launch.a_row_alignment(t)
+    assert align == expected
+    if t.stride(3) == 1:
+        assert bool((_row_starts(t) % align == 0).all())
+        assert align == 16 or not bool((_row_starts(t) % (2 * align) == 0).all())
+    assert decode_launch.a_row_alignment(t, torch.empty(2, 10, 2, 34)) == min(align, 2)
+
+
+@needs_kernel
+def test_plans_pass_the_a_row_alignment_to_the_kernel():
+    inputs = make_inputs(lengths=[5, 9], n=1, h=34, d=32, e=32, ranks=(2, 2, 2), dtype=torch.float32, seed=3)
+    out, lse = _call(inputs)
+    assert _plans()[0].split_constexprs["A_ALIGN"] == 2
+    assert_close_to_truth(out, lse, inputs)

@@ -64,6 +64,40 @@ def test_decode_forced_head_blocks_and_padded_a_rows_match_truth(h, block_h, pad
     dec.assert_close_to_truth(out, lse, inputs)
 
 
+def _a_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t [B, M, R, H]`` with the same values in another layout of its head-factor rows."""
+    b, m, r, h = t.shape
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "wider":  # buf[..., :H] of rows of H + 6 heads
+        buf = torch.full((b, m, r, h + 6), float("nan"), dtype=t.dtype, device=t.device)
+        buf[..., :h] = t
+        return buf[..., :h]
+    if layout == "offset":  # one element past an aligned start: the base pointer is misaligned
+        flat = torch.full((t.numel() + 1,), float("nan"), dtype=t.dtype, device=t.device)
+        view = flat[1:].view(b, m, r, h)
+        view.copy_(t)
+        return view
+    assert layout == "rank_major"
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "wider", "offset", "rank_major"])
+@pytest.mark.parametrize("h", [34, 35, 40, 78])
+def test_decode_a_rows_of_any_alignment_match_truth(h, layout):
+    """Compiled: the A caches' row starts aligned to 1, 2, 8 or 16 elements (H and the layout set
+    it; the kernel's A_ALIGN hint widens its loads to match), and a misaligned base pointer."""
+    from tpa.ops import decode_launch
+
+    inputs = list(dec.make_inputs([5, 999, 3001], 1, h, 64, 64, (6, 2, 2), torch.bfloat16, capacity=3010,
+                                  seed=zlib.crc32(repr((h, layout)).encode())))
+    inputs[2], inputs[4] = _a_layout(inputs[2], layout), _a_layout(inputs[4], layout)
+    assert decode_launch.a_row_alignment(inputs[2], inputs[4]) >= 1
+    out = torch.full((3, 1, h, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    _, lse = tpa_decode(*inputs[:7], return_lse=True, backend="triton", out=out)
+    dec.assert_close_to_truth(out, lse, inputs)
+
+
 def test_decode_cuda_graph_replays_at_other_lengths():
     """A graph captured at one cache length replays correctly at others (the lengths live in a
     device buffer): bitwise the eager result."""

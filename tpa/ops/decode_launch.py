@@ -147,7 +147,7 @@ class DecodePlan:
             WRITE_LSE=return_lse, IEEE_DOT=interpret or b_k.dtype == torch.float32, FIX_BF16=fix_bf16,
             OFFS_64=(not paged) and needs_int64_offsets(caches, capacity),
             EARLY_LAUNCH=early, A_HEADS=_readable_heads(h, options.a_head_pad, a_k, a_v),
-            HEADS_INNER=options.heads_inner,
+            HEADS_INNER=options.heads_inner, A_ALIGN=a_row_alignment(a_k, a_v),
         )
         self.split_options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.merge_grid = (bsz * n * h,)
@@ -246,6 +246,30 @@ def needs_int64_offsets(caches, capacity: int) -> bool:
         if extent >= 2**31 - 1:
             return True
     return False
+
+
+_MAX_ROW_ALIGNMENT = 16  # elements; a load is at most 16 bytes wide
+
+
+def a_row_alignment(*a_caches: torch.Tensor) -> int:
+    """The largest power of two (at most 16) in elements dividing every offset between the starts of
+    the head-factor rows ``[..., R, H]`` of these caches (``[B, M, R, H]``, or paged
+    ``[blocks, block_size, R, H]``): the split kernel's ``A_ALIGN``. 1 unless the head stride is 1.
+
+    A contiguous cache's strides are all multiples of H, so H stands for them (under
+    ``torch.compile`` the capacity may be a symbolic size, and this needs no guard on it); otherwise
+    the strides of dimensions 0-2 of size > 1 count (one of size 1 is only indexed at 0)."""
+    align = _MAX_ROW_ALIGNMENT
+    for t in a_caches:
+        if t.stride(3) != 1:
+            return 1
+        if t.is_contiguous():
+            align = math.gcd(align, t.shape[3])
+            continue
+        for dim in (0, 1, 2):
+            if t.shape[dim] != 1:
+                align = math.gcd(align, t.stride(dim))
+    return align
 
 
 def _readable_heads(h: int, pad: int, *a_caches) -> int:

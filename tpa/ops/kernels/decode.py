@@ -36,7 +36,7 @@ def tpa_decode_split_kernel(
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, OFFS_64: tl.constexpr,
-    EARLY_LAUNCH: tl.constexpr, A_HEADS: tl.constexpr, HEADS_INNER: tl.constexpr,
+    EARLY_LAUNCH: tl.constexpr, A_HEADS: tl.constexpr, HEADS_INNER: tl.constexpr, A_ALIGN: tl.constexpr,
 ):
     """One (split, head/query tile, sequence). Rows of every tile are (query, head) pairs:
     row = n_local * BLOCK_H + h_local. For a contiguous cache the ``*_b`` strides step over
@@ -65,6 +65,11 @@ def tpa_decode_split_kernel(
     ``HEADS_INNER`` swaps the first two grid axes, so that the head blocks of one split, which read
     the same tokens' head-shared factors ``b_k`` and ``b_v``, run at the same time and can share them
     through L2 instead of each reading them from memory.
+
+    ``A_ALIGN`` is a power of two (elements) that divides every offset of an ``a_k``/``a_v`` row start
+    (the host's :func:`tpa.ops.decode_launch.a_row_alignment`): Triton infers the alignment of the
+    row starts only from strides divisible by 16, so at H = 34 (rows of 68 elements) it would load
+    the head factors one element at a time; with the hint it loads them as wide as the mask allows.
     """
     if EARLY_LAUNCH:  # let the merge kernel (launched with PDL) start now; it waits for our results
         tl.extra.cuda.gdc_launch_dependents()
@@ -139,9 +144,14 @@ def tpa_decode_split_kernel(
     l_i = tl.zeros([ROWS, 1], dtype=tl.float32)
 
     if not PAGED:
-        ak_base = AK + b64 * s_ak_b
+        ak_b = b64 * s_ak_b
+        av_b = b64 * s_av_b
+        if A_ALIGN > 1:
+            ak_b = tl.multiple_of(ak_b, A_ALIGN)
+            av_b = tl.multiple_of(av_b, A_ALIGN)
+        ak_base = AK + ak_b
         bk_base = BK + b64 * s_bk_b
-        av_base = AV + b64 * s_av_b
+        av_base = AV + av_b
         bv_base = BV + b64 * s_bv_b
         if OFFS_64:  # rank offsets too: a rank-major view ([B, R, M, X] storage) strides ranks by M * X
             s_ak_r = s_ak_r.to(tl.int64)
@@ -155,18 +165,28 @@ def tpa_decode_split_kernel(
         if PAGED:
             blk = tl.load(BLOCK_TABLE + b64 * s_bt_b + tok // PAGE_SIZE, mask=tok_ok, other=0).to(tl.int64)
             in_blk = tok % PAGE_SIZE
-            ak_tok = AK + blk * s_ak_b + in_blk * s_ak_m
+            ak_tok = AK
+            ak_row = blk * s_ak_b + in_blk * s_ak_m
             bk_tok = BK + blk * s_bk_b + in_blk * s_bk_m
-            av_tok = AV + blk * s_av_b + in_blk * s_av_m
+            av_tok = AV
+            av_row = blk * s_av_b + in_blk * s_av_m
+            if A_ALIGN > 1:
+                ak_row = tl.multiple_of(ak_row, [A_ALIGN])
+                av_row = tl.multiple_of(av_row, [A_ALIGN])
             bv_tok = BV + blk * s_bv_b + in_blk * s_bv_m
         else:
             if OFFS_64:  # token offsets beyond 2^31 elements in a huge cache
                 tok_o = tok.to(tl.int64)
             else:
                 tok_o = tok
-            ak_tok = ak_base + tok_o * s_ak_m
+            ak_tok = ak_base
+            ak_row = tok_o * s_ak_m
             bk_tok = bk_base + tok_o * s_bk_m
-            av_tok = av_base + tok_o * s_av_m
+            av_tok = av_base
+            av_row = tok_o * s_av_m
+            if A_ALIGN > 1:
+                ak_row = tl.multiple_of(ak_row, [A_ALIGN])
+                av_row = tl.multiple_of(av_row, [A_ALIGN])
             bv_tok = bv_base + tok_o * s_bv_m
 
         # (1)+(2) logits: per key rank, head-shared feature dots, then the per-head factor a_k.
@@ -178,7 +198,10 @@ def tpa_decode_split_kernel(
                 qk = tl.dot(q.to(tl.float32), k_t.to(tl.float32), input_precision="ieee")
             else:
                 qk = tl.dot(q, k_t)
-            a_k = tl.load(ak_tok[None, :] + rk * s_ak_r + r_h[:, None] * s_ak_h,
+            ak_rank = ak_row + rk * s_ak_r  # row starts of this rank's a_k
+            if A_ALIGN > 1:
+                ak_rank = tl.multiple_of(ak_rank, [A_ALIGN])
+            a_k = tl.load(ak_tok + ak_rank[None, :] + r_h[:, None] * s_ak_h,
                           mask=a_ok[:, None] & tok_ok[None, :], other=0.0)  # [ROWS, BLOCK_M]
             s += qk * a_k.to(tl.float32)
         visible = (tok[None, :] < limit[:, None]) & tok_ok[None, :]
@@ -194,7 +217,10 @@ def tpa_decode_split_kernel(
 
         # (4) values: per value rank, (p * a_v) B_v.
         for rv in tl.static_range(R_V):
-            a_v = tl.load(av_tok[None, :] + rv * s_av_r + r_h[:, None] * s_av_h,
+            av_rank = av_row + rv * s_av_r
+            if A_ALIGN > 1:
+                av_rank = tl.multiple_of(av_rank, [A_ALIGN])
+            a_v = tl.load(av_tok + av_rank[None, :] + r_h[:, None] * s_av_h,
                           mask=a_ok[:, None] & tok_ok[None, :], other=0.0)  # [ROWS, BLOCK_M]
             v = tl.load(bv_tok[:, None] + rv * s_bv_r + offs_e[None, :] * s_bv_e,
                         mask=tok_ok[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
