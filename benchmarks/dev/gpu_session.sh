@@ -11,8 +11,10 @@
 #                  unaligned A rows): decode-h34/blocks, H=32 (d_model 2048) then H=34 (2176) per head block
 #                  16/32/64 in both grid orders; decode-h34/pads, H=34 at head block 64 per A-cache pad 1/8/16,
 #                  the loads reading the padding or not
+#   decode-pads    decode-h34's second part alone: H=34 at head block 64 per A-cache pad 1/8/16
 #   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
-#                  (and tpa-pad16: T6Config.tpa_cache_head_multiple=16; GEN_PAD="1" leaves it out)
+#                  (GEN_TYPES picks the types), and tpa-pad16: T6Config.tpa_cache_head_multiple=16 (GEN_PAD, default
+#                  "1 16", lists the multiples)
 #   host-step      benchmarks/dev/host_step.py at 32K (real replays, then --replay fake: host work only), then
 #                  tpa bench generate at B=1 three times (TPA, MHA, MLA, Llama: the run-to-run spread; issue 12)
 #   train-compile  tpa bench train, the whole-model-compile loop for every type (TRAIN_TYPES), transformers'
@@ -64,8 +66,10 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
                   --head-order both --output '$R/decode-h34/blocks'
                 timeout -k 5 55 $PY -m tpa.cli bench decode --d-model 2176 $H34_GRID --block-h 64 \
                   --pad-a-heads 1 8 16 --pad-loads both --output '$R/decode-h34/pads'" ;;
+      decode-pads) stage decode-pads "${T_DECODE_PADS:-90}" $PY -m tpa.cli bench decode --d-model 2176 $H34_GRID \
+                --block-h 64 --pad-a-heads 1 8 16 --pad-loads both --output "$R/decode-pads" ;;
       generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
-                --types tpa mha gqa mla llama --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
+                --types ${GEN_TYPES:-tpa mha gqa mla llama} --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
                 --cache-head-multiple ${GEN_PAD:-1 16} --time-budget "${GEN_BUDGET:-170}" --output "$R/generate" ;;
       host-step) stage host-step "${T_HOSTSTEP:-240}" bash -c "$PY benchmarks/dev/host_step.py --context 32768 --repeats 3 \
                 --out $R/host_step && $PY benchmarks/dev/host_step.py --context 32768 --repeats 3 --replay fake --out $R/host_step_fake \
