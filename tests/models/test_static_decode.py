@@ -100,6 +100,44 @@ def test_graph_replay_generate_equals_dynamic(attention_type):
     assert cache.kv.num_columns == 7 + 7 and cache.kv.seqlens.tolist() == [3 + 7, 7 + 7]
 
 
+def test_graph_step_inputs_are_the_generic_ones(monkeypatch):
+    """T6's prepare_inputs_for_generation gives, at every step of a graph-decoded generate() (left
+    padding, so positions and mask matter), the inputs transformers' generic method gives; its short
+    path serves the one-token steps where transformers passes next_sequence_length=1."""
+    import inspect
+
+    from transformers import GenerationMixin
+
+    model = tiny("tpa")
+    ids, mask = left_padded((3, 7))
+    generic = GenerationMixin.prepare_inputs_for_generation
+    ours = T6ForCausalLM.prepare_inputs_for_generation
+    steps = []
+
+    def compare(self, input_ids, **kwargs):
+        got = ours(self, input_ids, **kwargs)
+        want = generic(self, input_ids, **kwargs)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(got[key], value), key
+            else:
+                assert got[key] is value or got[key] == value, key
+        steps.append(got["input_ids"]._base is not None)  # the short path hands on a view
+        return got
+
+    monkeypatch.setattr(T6ForCausalLM, "prepare_inputs_for_generation", compare)
+    monkeypatch.setattr(T6ForCausalLM.prepare_inputs_for_generation, "__signature__", inspect.signature(ours),
+                        raising=False)
+    ref = model.generate(ids, attention_mask=mask, **GREEDY)
+    cache = with_eager_replay(model, 2, capacity=7 + 8)
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), **GREEDY)
+    assert_same_generation(ref, out)
+    if "next_sequence_length" in inspect.signature(generic).parameters:
+        assert steps.count(True) == 7  # the 7 one-token steps of the graph-decoded call
+    assert cache.decode_graph.replays == 7
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("attention_type", ["tpa", "tpa_kvonly"])
 def test_static_decode_kernel_path_equals_dynamic(attention_type, monkeypatch):

@@ -289,7 +289,7 @@ class DecodeGraph:
         if attention_mask is None:
             self.valid.fill_(True)
         else:
-            self.valid.copy_(attention_mask[:, -1:] != 0)
+            torch.ne(attention_mask[:, -1:], 0, out=self.valid)
         if explicit:
             self.position_ids.copy_(position_ids.expand(bsz, 1))
         if explicit not in self._graphs:

@@ -358,6 +358,11 @@ class T6Model(T6PreTrainedModel):
         )
 
 
+# keywords of prepare_inputs_for_generation that are not passed on to forward (transformers' generic method)
+_NOT_FORWARDED_IN_A_STEP = frozenset({"labels", "next_sequence_length", "is_first_iteration", "position_ids"})
+_FORWARDED_UNLESS_NONE = frozenset({"attention_mask", "token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids"})
+
+
 class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
     """T6 with an LM head.
 
@@ -457,6 +462,33 @@ class T6ForCausalLM(T6PreTrainedModel, GenerationMixin):
         first step, rather than at every step (:func:`tpa.models.t6.decode_graph.model_unchanged`)."""
         with model_unchanged(self):
             return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor | None = None,
+                                      **kwargs) -> dict:
+        """transformers' ``prepare_inputs_for_generation`` (same arguments and result), with a short path
+        for a one-token step over a cache whose steps replay a CUDA graph.
+
+        That path runs on the host between one step's stopping check, which waits for the GPU, and the
+        next replay, while the GPU is idle. It returns what the generic method does (the last token,
+        the last position, the mask, the cache and the other keywords forwarded to ``forward``) as views
+        rather than copies (the graph step copies them into its static inputs) and without the
+        generic method's device queries. Other calls, and transformers versions that do not pass
+        ``next_sequence_length=1`` for a decode step, take the generic method.
+        """
+        cache = kwargs.get(CACHE_NAME)
+        graph = getattr(cache, "decode_graph", None)
+        if (graph is None or kwargs.get("next_sequence_length") != 1 or inputs_embeds is not None
+                or kwargs.get("is_first_iteration") or input_ids.device != graph.device):
+            return super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        model_inputs = {"input_ids": input_ids[:, -1:], CACHE_NAME: cache}
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            model_inputs["position_ids"] = position_ids[..., -1:]
+        for key, value in kwargs.items():
+            if key not in model_inputs and key not in _NOT_FORWARDED_IN_A_STEP and (
+                    value is not None or key not in _FORWARDED_UNLESS_NONE):
+                model_inputs[key] = value
+        return model_inputs
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
