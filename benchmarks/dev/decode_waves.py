@@ -49,8 +49,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/decode_waves")))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--pipeline", action="store_true",
-                   help="instead: pipeline depth, block and warps at the small preset's decode shapes (H = 34, "
-                        "(6,2,2), 32K + 64 slots, B = 1 and 8), A caches padded to 48 heads")
+                   help="instead: pipeline depth, block, warps and head blocks at the small preset's decode shapes "
+                        "(H = 34, (6,2,2), 32K + 64 slots, B = 1 and 8), A caches of 34, 40 and 48 heads")
     args = p.parse_args()
     if args.pipeline:
         return pipeline(args)
@@ -104,38 +104,47 @@ def main() -> None:
 
 
 def pipeline(args) -> None:
-    """Stages x block x warps of the split kernel where ``generate()`` of the ``small`` preset decodes:
-    the heuristic's shared-memory estimate keeps it at 2 stages there."""
+    """Stages x block x warps, and head blocks in both grid orders, of the split kernel where
+    ``generate()`` of the ``small`` preset decodes (H = 34, (6,2,2), 32K tokens, B = 1 and 8), for
+    A caches of 34 heads (rows aligned to 2 elements) and padded to 40 (``tpa_cache_head_multiple=8``,
+    16-byte rows) and 48 heads, each read as wide as its padding (``a_head_pad``)."""
     from tpa.ops.decode import DecodeLaunchOptions
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     timer = Timer(torch)
-    options = DecodeLaunchOptions(a_head_pad=16)
     rows = []
+    configs = [(None, False)] + [(DecodeConfig(num_stages=st, block_m=bm, num_warps=w), False)
+                                 for st in (2, 3) for bm in (32, 64) for w in (4, 8)]
+    configs += [(DecodeConfig(block_h=bh), inner) for bh in (16, 32) for inner in (False, True)]
     for bsz in (1, 8):
         length, capacity, h, ranks = 32768, 32768 + 64, 34, (6, 2, 2)
-        inputs = tpa_inputs(torch, bsz, length, h, 64, ranks, torch.bfloat16, capacity=capacity, a_heads=48)
-        out = torch.empty(bsz, 1, h, 64, dtype=torch.bfloat16, device="cuda")
         ideal_us = tpa_bytes(bsz, length, h, 64, ranks, 2) / 4.28e6
-        configs = [None] + [DecodeConfig(num_stages=st, block_m=bm, num_warps=w)
-                            for st in (2, 3, 4) for bm in (32, 64) for w in (4, 8)]
-        for cfg in configs:
-            resolved = default_config(bsz, 1, h, 64, 64, capacity, sms, 2, cfg, ranks[1], ranks[2])
-            decode_launch.clear_plans()
-            try:
-                us = timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg, options=options), reps=args.reps)
-            except Exception as err:  # noqa: BLE001  # a configuration that does not compile (shared memory)
-                us = float("nan")
-                print(f"  {resolved} failed: {type(err).__name__}: {str(err)[:120]}")
-            plans = [getattr(entry, "plan", None) for entry in decode_launch.PLANS.values()]
-            res = _kernel_resources(plans[0]) if plans and plans[0] is not None else {}
-            row = dict(B=bsz, L=length, H=h, ranks="6,2,2", label="default" if cfg is None else "explicit",
-                       splits=resolved.num_splits, warps=resolved.num_warps, block_m=resolved.block_m,
-                       stages=resolved.num_stages, us=round(us, 2), copy_fraction=round(ideal_us / us, 3), **res)
-            rows.append(row)
-            print(json.dumps(row))
-        inputs = out = None
-        torch.cuda.empty_cache()
+        out = torch.empty(bsz, 1, h, 64, dtype=torch.bfloat16, device="cuda")
+        for pad in (1, 8, 16):
+            heads = -(-h // pad) * pad
+            inputs = tpa_inputs(torch, bsz, length, h, 64, ranks, torch.bfloat16, capacity=capacity, a_heads=heads)
+            for cfg, inner in configs:
+                options = DecodeLaunchOptions(a_head_pad=pad, heads_inner=inner)
+                resolved = default_config(bsz, 1, h, 64, 64, capacity, sms, 2, cfg, ranks[1], ranks[2])
+                decode_launch.clear_plans()
+                try:
+                    us = timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg, options=options),
+                                    reps=args.reps)
+                except Exception as err:  # noqa: BLE001  # a configuration that does not compile (shared memory)
+                    us = float("nan")
+                    print(f"  {resolved} failed: {type(err).__name__}: {str(err)[:120]}")
+                plans = [getattr(entry, "plan", None) for entry in decode_launch.PLANS.values()]
+                res = _kernel_resources(plans[0]) if plans and plans[0] is not None else {}
+                row = dict(B=bsz, L=length, H=h, ranks="6,2,2", a_heads=heads,
+                           label="default" if cfg is None else "explicit", splits=resolved.num_splits,
+                           block_h=resolved.block_h, heads_inner=inner, warps=resolved.num_warps,
+                           block_m=resolved.block_m, stages=resolved.num_stages, us=round(us, 2),
+                           copy_fraction=round(ideal_us / us, 3), **res)
+                rows.append(row)
+                print(json.dumps(row))
+            inputs = None
+            torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "pipeline.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()

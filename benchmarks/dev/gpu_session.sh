@@ -12,6 +12,8 @@
 #                  16/32/64 in both grid orders; decode-h34/pads, H=34 at head block 64 per A-cache pad 1/8/16,
 #                  the loads reading the padding or not
 #   decode-pads    decode-h34's second part alone: H=34 at head block 64 per A-cache pad 1/8/16
+#   waves          benchmarks/dev/decode_waves.py (WAVES_ARGS="--pipeline": the small preset's decode shapes)
+#   host-parts     benchmarks/dev/decode_host_parts.py: an eager tpa_decode call's host time, part by part
 #   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
 #                  (GEN_TYPES picks the types), and tpa-pad16: T6Config.tpa_cache_head_multiple=16 (GEN_PAD, default
 #                  "1 16", lists the multiples)
@@ -68,6 +70,8 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
                   --pad-a-heads 1 8 16 --pad-loads both --output '$R/decode-h34/pads'" ;;
       decode-pads) stage decode-pads "${T_DECODE_PADS:-90}" $PY -m tpa.cli bench decode --d-model 2176 $H34_GRID \
                 --block-h 64 --pad-a-heads 1 8 16 --pad-loads both --output "$R/decode-pads" ;;
+      waves) stage waves "${T_WAVES:-200}" $PY benchmarks/dev/decode_waves.py ${WAVES_ARGS:-} --out "$R/waves" ;;
+      host-parts) stage host-parts "${T_HOST_PARTS:-90}" $PY benchmarks/dev/decode_host_parts.py --out "$R/host-parts" ;;
       generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
                 --types ${GEN_TYPES:-tpa mha gqa mla llama} --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
                 --cache-head-multiple ${GEN_PAD:-1 16} --time-budget "${GEN_BUDGET:-170}" --output "$R/generate" ;;
