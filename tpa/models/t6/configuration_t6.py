@@ -32,11 +32,13 @@ class T6Config(PreTrainedConfig):
         tpa_cache_head_multiple: M >= 1 (TPA and TPA-KVonly with the plain factor cache): the cached
             head factors ``a_k``/``a_v`` are stored padded with zeros to ``ceil(H/M)*M`` heads and the
             FlashTPA decode kernel reads the padded rows (``DecodeLaunchOptions(a_head_pad=M)``).
-            Costs memory: those parts grow from ``R*H`` to ``R*ceil(H/M)*M`` numbers per token, +14%
-            of the whole cache at ``small``'s H=34 with R_k=R_v=2 and M=16 (448 instead of 392 per
-            token per layer). Buys kernel time at H not divisible by 16: at H=34 in CUDA-graph replay
-            (H200, bf16, 2026-12-02, kernel level only, not measured end to end) B=16, 512K tokens,
-            ranks (16,1,1) 1563 -> 958 us, (6,2,2) 2802 -> 2196 us; B=8 (16,1,1) 791 -> 491 us.
+            Costs memory: those parts grow from ``R*H`` to ``R*ceil(H/M)*M`` numbers per token, at
+            ``small``'s H=34 with R_k=R_v=2 +6% of the whole cache with M=8 (416 instead of 392 per token
+            per layer), +14% with M=16 (448). Buys kernel time where the rows of H heads are not 16
+            bytes long: at H=34 in CUDA-graph replay (H200, bf16, 2026-12-02, BENCHMARKS.md "the
+            head-factor rows aligned") B=16, 512K tokens, ranks (16,1,1) 1015 -> 920 us (M=8), (6,2,2)
+            2197 -> 2081 us; ``generate()`` of ``small`` at a 32K prompt 4,422 -> 4,543 tokens/s at
+            B=8, 961 -> 1,037 at B=1.
             1 (default): unpadded. Readers other than the kernel always see ``[R, H]``.
         attention_output_gate: sigmoid output gate on the attention output (any attention type).
         attn_impl: ``"sdpa"`` (materialise Q, K, V and call SDPA) or ``"factors"`` (TPA only, Algorithm 1).
