@@ -10,8 +10,8 @@ calls back to back, no sync inside the timed span), as the median of ``--repeats
 - ``launches``: the compiled handles' launches alone, with their arguments prebuilt (Triton's launcher
   and the driver: what no Python of ours can remove);
 - ``empty``: one ``torch.empty`` of the output's shape (what ``call_no_out`` adds);
-- ``sdpa``: PyTorch's SDPA decode call at the same B, H, L with d_h = 64 (GQA-4 caches), the
-  reference the issue names.
+- ``sdpa``: PyTorch's SDPA decode call at the same B, H, L with d_h = 64 and gcd(H, 8) KV heads
+  (GQA-4 at H = 32), the reference the issue names.
 
     python benchmarks/dev/decode_host_parts.py --out $OUT/host_parts
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -71,7 +72,7 @@ def parts(bsz, length, h, ranks, calls, repeats) -> dict:
     row["empty_us"] = median_host_us(lambda: torch.empty(bsz, 1, h, 64, dtype=torch.bfloat16, device="cuda"),
                                      calls, repeats)
     q = torch.randn(bsz, h, 1, 64, dtype=torch.bfloat16, device="cuda")
-    k = torch.randn(bsz, h // 4, length, 64, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(bsz, math.gcd(h, 8), length, 64, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     row["sdpa_us"] = median_host_us(lambda: sdpa(q, k, v, enable_gqa=True), calls, repeats)

@@ -260,6 +260,22 @@ def test_latency_bound_grids_fit_one_wave(point):
     assert blocks > 2 * cfg.num_splits or programs <= 2 * 132
 
 
+@pytest.mark.parametrize(("h", "ranks", "element_size", "block_m", "stages"), [
+    (34, (2, 2), 2, 32, 3),  # small's TPA: 64-row tiles; 3 stages of 64 tokens do not fit
+    (78, (2, 2), 2, 32, 3),
+    (78, (2, 2), 4, 16, 2),  # float32: 3 stages do not fit even at 32 tokens
+    (32, (2, 2), 2, 64, 3),  # fits as it is
+    (32, (1, 1), 2, 64, 3),
+])
+def test_shared_memory_keeps_three_stages_of_half_blocks(h, ranks, element_size, block_m, stages):
+    """Where the staged tiles overflow shared memory, the pipeline keeps 3 stages with blocks of 32
+    tokens before it drops to 2 stages; the staged tiles then fit the 160 KB budget."""
+    cfg = default_config(8, 1, h, 64, 64, 32768, 132, element_size, None, *ranks)
+    assert (cfg.block_m, cfg.num_stages) == (block_m, stages)
+    rows = cfg.block_h * cfg.block_n
+    assert cfg.num_stages * cfg.block_m * sum(r * (64 + rows) for r in ranks) * element_size <= 160 * 1024
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------

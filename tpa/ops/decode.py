@@ -220,7 +220,8 @@ def default_config(
 
     Heads and queries of one program share every cache byte it loads, so a program takes all heads
     when its tiles stay small (rows x max(D, E) <= 8K elements; more head blocks otherwise). The
-    cache block and pipeline depth shrink until the staged tiles fit in shared memory. The number
+    pipeline depth and then the cache block shrink until the staged tiles fit in shared memory, to
+    3 stages of 32 tokens before 2 stages (and blocks down to 16). The number
     of splits aims at about ``programs_per_sm * num_sms`` programs (``heuristic``, default :class:`DecodeHeuristic`), with at least
     ``min_split_blocks`` blocks of capacity per split, at most 256 splits, and no empty split when
     the cache is full. Programs that stream at most two blocks are bound by memory latency, not
@@ -255,12 +256,15 @@ def default_config(
         return stages * bm * (k_rank * (block_d + rows) + v_rank * (block_e + rows)) * element_size
 
     budget = 160 * 1024
-    if o.num_stages is None:
-        while staged_bytes(block_m, num_stages) > budget and num_stages > 2:
-            num_stages -= 1
-    if o.block_m is None:
-        while staged_bytes(block_m, num_stages) > budget and block_m > 16:
-            block_m //= 2
+    # three stages of half the block before two of the whole one (H200, 2026-12-02, H = 34, ranks
+    # (6,2,2), 32K tokens: B=8 87.3 -> 81.7 us, B=1 23.7 -> 23.0 us; BENCHMARKS.md, "the pipeline")
+    for floor_stages, floor_block in ((3, 32), (2, 16)):
+        if o.num_stages is None:
+            while staged_bytes(block_m, num_stages) > budget and num_stages > floor_stages:
+                num_stages -= 1
+        if o.block_m is None:
+            while staged_bytes(block_m, num_stages) > budget and block_m > floor_block:
+                block_m //= 2
     base = batch * math.ceil(num_queries / block_n) * math.ceil(num_heads / block_h)
     blocks = math.ceil(capacity / block_m)
     if o.num_splits is not None:
