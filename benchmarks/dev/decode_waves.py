@@ -51,9 +51,14 @@ def main() -> None:
     p.add_argument("--pipeline", action="store_true",
                    help="instead: pipeline depth, block, warps and head blocks at the small preset's decode shapes "
                         "(H = 34, (6,2,2), 32K + 64 slots, B = 1 and 8), A caches of 34, 40 and 48 heads")
+    p.add_argument("--registers", action="store_true",
+                   help="instead: a register cap (DecodeConfig.max_registers) and the split count at the small "
+                        "preset's decode shapes, A caches of 34 and 40 heads")
     args = p.parse_args()
     if args.pipeline:
         return pipeline(args)
+    if args.registers:
+        return registers(args)
     args.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
@@ -151,6 +156,51 @@ def pipeline(args) -> None:
         for r in rows:
             w.writerow({k: r.get(k) for k in w.fieldnames})
     print(f"wrote {args.out / 'pipeline.csv'}")
+
+
+def registers(args) -> None:
+    """The split kernel at the ``small`` preset's decode shapes (H = 34, (6,2,2), 32K tokens) with its
+    registers per thread capped (Triton's ``maxnreg``: at 168 or fewer, three 4-warp programs fit on
+    an SM instead of two) and with 2 or 3 programs per SM's worth of splits, A caches of 34 and 40
+    heads, each printed with its registers and shared memory."""
+    from tpa.ops.decode import DecodeLaunchOptions
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    timer = Timer(torch)
+    rows = []
+    for bsz in (1, 8):
+        length, capacity, h, ranks = 32768, 32768 + 64, 34, (6, 2, 2)
+        ideal_us = tpa_bytes(bsz, length, h, 64, ranks, 2) / 4.28e6
+        out = torch.empty(bsz, 1, h, 64, dtype=torch.bfloat16, device="cuda")
+        split_choices = [None] if bsz == 1 else [None, 2 * sms // bsz, 3 * sms // bsz]
+        for pad in (1, 8):
+            heads = -(-h // pad) * pad
+            inputs = tpa_inputs(torch, bsz, length, h, 64, ranks, torch.bfloat16, capacity=capacity, a_heads=heads)
+            options = DecodeLaunchOptions(a_head_pad=pad)
+            for cap in (None, 168, 128):
+                for splits in split_choices:
+                    cfg = DecodeConfig(num_splits=splits, max_registers=cap)
+                    resolved = default_config(bsz, 1, h, 64, 64, capacity, sms, 2, cfg, ranks[1], ranks[2])
+                    decode_launch.clear_plans()
+                    us = timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg, options=options),
+                                    reps=args.reps)
+                    plans = [getattr(entry, "plan", None) for entry in decode_launch.PLANS.values()]
+                    res = _kernel_resources(plans[0]) if plans and plans[0] is not None else {}
+                    row = dict(B=bsz, L=length, H=h, ranks="6,2,2", a_heads=heads, max_registers=cap,
+                               splits=resolved.num_splits, block_m=resolved.block_m, stages=resolved.num_stages,
+                               warps=resolved.num_warps, us=round(us, 2), copy_fraction=round(ideal_us / us, 3),
+                               **res)
+                    rows.append(row)
+                    print(json.dumps(row))
+            inputs = None
+            torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "registers.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in w.fieldnames})
+    print(f"wrote {args.out / 'registers.csv'}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
 #                  16/32/64 in both grid orders; decode-h34/pads, H=34 at head block 64 per A-cache pad 1/8/16,
 #                  the loads reading the padding or not
 #   decode-pads    decode-h34's second part alone: H=34 at head block 64 per A-cache pad 1/8/16
-#   waves          benchmarks/dev/decode_waves.py (WAVES_ARGS="--pipeline": the small preset's decode shapes)
+#   waves          benchmarks/dev/decode_waves.py (WAVES_ARGS="--pipeline" or "--registers": the small preset's
+#                  decode shapes)
 #   host-parts     benchmarks/dev/decode_host_parts.py: an eager tpa_decode call's host time, part by part
 #   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
 #                  (GEN_TYPES picks the types), and tpa-pad16: T6Config.tpa_cache_head_multiple=16 (GEN_PAD, default

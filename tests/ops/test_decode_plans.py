@@ -485,3 +485,20 @@ def test_plans_pass_the_a_row_alignment_to_the_kernel():
     out, lse = _call(inputs)
     assert _plans()[0].split_constexprs["A_ALIGN"] == 2
     assert_close_to_truth(out, lse, inputs)
+
+
+def test_a_register_cap_reaches_the_launch_and_the_op_config():
+    """DecodeConfig.max_registers becomes the split kernel's ``maxnreg`` option, and survives the
+    triton_op's config list; none by default."""
+    inputs = make_inputs(lengths=[5], n=1, h=4, d=32, e=32, ranks=(1, 1, 1), dtype=torch.float32, seed=5)
+    cfg = decode.default_config(1, 1, 4, 32, 32, 5, 4, 4, DecodeConfig(max_registers=168))
+    plan = decode_launch.DecodePlan(*inputs[:6], None, 1.0, False, cfg, DecodeLaunchOptions())
+    assert plan.split_options["maxnreg"] == 168
+    default = decode_launch.DecodePlan(*inputs[:6], None, 1.0, False, decode.default_config(1, 1, 4, 32, 32, 5, 4),
+                                       DecodeLaunchOptions())
+    assert "maxnreg" not in default.split_options
+    for capped in (DecodeConfig(max_registers=168), DecodeConfig()):
+        as_list = decode_launch.config_to_list(capped, DecodeLaunchOptions())
+        assert decode_launch._config_from_list(tuple(as_list), False)[0] == capped
+    with pytest.raises(ValueError, match="max_registers"):
+        DecodeConfig(max_registers=0)

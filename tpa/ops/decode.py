@@ -92,6 +92,8 @@ class DecodeConfig:
         num_splits: KV splits per (sequence, head/query tile); 1 writes the output directly and
             skips the merge kernel.
         num_warps, num_stages: Triton launch options of the split kernel.
+        max_registers: registers per thread the split kernel may use (Triton's ``maxnreg``; more
+            programs fit on an SM, at the risk of spills); None: the compiler's choice.
     """
 
     block_m: int | None = None
@@ -100,10 +102,11 @@ class DecodeConfig:
     num_splits: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
         """Reject values the kernel cannot be built with, naming the field and what it accepts."""
-        for name in ("block_m", "block_h", "block_n", "num_splits", "num_warps", "num_stages"):
+        for name in ("block_m", "block_h", "block_n", "num_splits", "num_warps", "num_stages", "max_registers"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"DecodeConfig: {name} must be a positive int or None, got {value!r}")
@@ -286,7 +289,7 @@ def default_config(
         num_warps = 4 if latency_bound and rows <= 64 else min(8, max(2, rows // 16))
     else:
         num_warps = 4 if rows * max(block_d, block_e) <= 4096 else 8
-    return DecodeConfig(block_m, block_h, block_n, num_splits, num_warps, num_stages)
+    return DecodeConfig(block_m, block_h, block_n, num_splits, num_warps, num_stages, o.max_registers)
 
 
 # --------------------------------------------------------------------------------------------

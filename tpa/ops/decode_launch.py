@@ -150,6 +150,8 @@ class DecodePlan:
             HEADS_INNER=options.heads_inner, A_ALIGN=a_row_alignment(a_k, a_v),
         )
         self.split_options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.max_registers is not None:
+            self.split_options["maxnreg"] = cfg.max_registers
         self.merge_grid = (bsz * n * h,)
         block_s = next_pow2(s)
         self.merge_scalars = (s, 1.0 / r_v)
@@ -402,18 +404,20 @@ _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or tor
 
 
 _A_HEAD_PAD_AT = 12  # the index of DecodeLaunchOptions.a_head_pad in config_to_list's list
+_MAX_REGISTERS_AT = 15  # ... and of DecodeConfig.max_registers
 
 
 def config_to_list(cfg, options) -> list[int]:
     """The op's ``config`` argument: the launch parameters a caller fixed (``cfg``, a
     :class:`tpa.ops.decode.DecodeConfig`, -1 for a field left to the heuristic), the poison flag, the
     heuristic's constants, the A rows' padding and the grid order (``options``, a
-    :class:`tpa.ops.decode.DecodeLaunchOptions`)."""
+    :class:`tpa.ops.decode.DecodeLaunchOptions`), then the register cap (-1: none)."""
     fixed = [-1 if v is None else v for v in (cfg.block_m, cfg.block_h, cfg.block_n, cfg.num_splits, cfg.num_warps,
                                               cfg.num_stages)]
     h = options.heuristic
     return [*fixed, int(options.poison_buffers), int(h.warps == "rows"), h.block_m, h.num_stages, h.programs_per_sm,
-            h.min_split_blocks, options.a_head_pad, int(options.heads_inner), int(h.head_blocks == "least_padding")]
+            h.min_split_blocks, options.a_head_pad, int(options.heads_inner), int(h.head_blocks == "least_padding"),
+            -1 if cfg.max_registers is None else cfg.max_registers]
 
 
 @functools.lru_cache(maxsize=64)
@@ -423,7 +427,7 @@ def _config_from_list(config: tuple[int, ...], launched_by_inductor: bool):
     dependent launch."""
     from tpa.ops.decode import DecodeConfig, DecodeHeuristic, DecodeLaunchOptions
 
-    fixed = DecodeConfig(*(None if v < 0 else v for v in config[:6]))
+    fixed = DecodeConfig(*(None if v < 0 else v for v in (*config[:6], config[_MAX_REGISTERS_AT])))
     heuristic = DecodeHeuristic("rows" if config[7] else "fixed", *config[8:12],
                                 head_blocks="least_padding" if config[14] else "pow2")
     pdl = {"use_pdl": False, "early_launch": False} if launched_by_inductor else {}
