@@ -327,8 +327,14 @@ def test_the_run_on_a_gpu_checks_times_and_captures_both(tmp_path):
     rc = od.main(["--official-dir", str(OFFICIAL), "--out", str(out), "--d-model", "2048", "--batch", "2",
                   "--lengths", "4096", "--ranks", "16,1,1", "6,2,2", "--reps", "5"])
     meta = json.loads((out / "official_decode.json").read_text())
-    assert rc == 0 and [r["status"] for r in meta["rows"]] == ["ok", "ok"], meta["rows"]
+    single, multi = meta["rows"]
+    assert rc == 0 and single["status"] == "ok", single
+    # the official multi-KV-rank kernel does not compile under every Triton (3.6, on the H200 of
+    # 2026-12-02: a masked load through a block pointer); the run then records a FAILED row and
+    # times ours alone
+    assert multi["status"] == "ok" or (multi["status"] == "FAILED: official"
+                                       and multi["official_error"].startswith("CompilationError")), multi
     for r in meta["rows"]:
-        for impl in od.IMPLS:
+        for impl in od.IMPLS if r["status"] == "ok" else ("ours",):
             assert r[f"{impl}_us"] > 0 and r[f"{impl}_do_bench_us"] > 0 and r[f"{impl}_host_us"] > 0
             assert (r[f"{impl}_graph_us"] or 0) > 0 or r[f"{impl}_graph_note"]
