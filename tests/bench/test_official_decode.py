@@ -328,12 +328,13 @@ def test_the_run_on_a_gpu_checks_times_and_captures_both(tmp_path):
                   "--lengths", "4096", "--ranks", "16,1,1", "6,2,2", "--reps", "5"])
     meta = json.loads((out / "official_decode.json").read_text())
     single, multi = meta["rows"]
-    assert rc == 0 and single["status"] == "ok", single
+    assert single["status"] == "ok", single
     # the official multi-KV-rank kernel does not compile under every Triton (3.6, on the H200 of
-    # 2026-12-02: a masked load through a block pointer); the run then records a FAILED row and
-    # times ours alone
+    # 2026-12-02: a masked load through a block pointer); the run then records a FAILED row, times
+    # ours alone and exits 1
     assert multi["status"] == "ok" or (multi["status"] == "FAILED: official"
                                        and multi["official_error"].startswith("CompilationError")), multi
+    assert rc == (0 if multi["status"] == "ok" else 1)
     for r in meta["rows"]:
         for impl in od.IMPLS if r["status"] == "ok" else ("ours",):
             assert r[f"{impl}_us"] > 0 and r[f"{impl}_do_bench_us"] > 0 and r[f"{impl}_host_us"] > 0
