@@ -4,7 +4,8 @@ Each part is timed as ``tpa bench decode`` times ``host_us`` (:func:`tpa.bench.t
 calls back to back, no sync inside the timed span), as the median of ``--repeats`` repeats of
 ``--calls`` calls, so that one noisy repeat does not make the figure:
 
-- ``call``: ``tpa_decode(..., out=out)``, what ``tpa bench decode`` and the official comparison time;
+- ``call``: ``tpa_decode(..., out=out)``, what ``tpa bench decode`` and the official comparison time
+  (contiguous caches, and paged ones of 256-token pages at the last two points);
 - ``call_no_out``: the same without ``out`` (the output allocated per call);
 - ``entry_run``: the plan's launch closure alone (key, lookup and checks skipped);
 - ``launches``: the compiled handles' launches alone, with their arguments prebuilt (Triton's launcher
@@ -31,9 +32,10 @@ from tpa.bench.decode.inputs import tpa_inputs
 from tpa.bench.timing import eager_host_us
 from tpa.ops import decode_launch, tpa_decode
 
-POINTS = [  # (B, L, H, ranks)
-    (1, 4096, 32, (16, 1, 1)), (2, 32768, 32, (16, 1, 1)), (8, 32768, 32, (16, 1, 1)), (16, 16384, 32, (16, 1, 1)),
-    (1, 32768, 34, (6, 2, 2)), (8, 32768, 34, (6, 2, 2)), (16, 65536, 32, (16, 2, 2)),
+POINTS = [  # (B, L, H, ranks, page size or None)
+    (1, 4096, 32, (16, 1, 1), None), (2, 32768, 32, (16, 1, 1), None), (8, 32768, 32, (16, 1, 1), None),
+    (16, 16384, 32, (16, 1, 1), None), (1, 32768, 34, (6, 2, 2), None), (8, 32768, 34, (6, 2, 2), None),
+    (16, 65536, 32, (16, 2, 2), None), (8, 32768, 32, (16, 1, 1), 256), (8, 32768, 34, (6, 2, 2), 256),
 ]
 
 
@@ -41,18 +43,19 @@ def median_host_us(fn, calls: int, repeats: int) -> float:
     return statistics.median(eager_host_us(torch, fn, n=calls) for _ in range(repeats))
 
 
-def parts(bsz, length, h, ranks, calls, repeats) -> dict:
-    inputs = tpa_inputs(torch, bsz, length, h, 64, ranks, torch.bfloat16)
+def parts(bsz, length, h, ranks, page, calls, repeats) -> dict:
+    inputs = tpa_inputs(torch, bsz, length, h, 64, ranks, torch.bfloat16, paged_block=page)
+    table = inputs[7]
     out = torch.empty(bsz, 1, h, 64, dtype=torch.bfloat16, device="cuda")
     decode_launch.clear_plans()
-    row = {"B": bsz, "L": length, "H": h, "ranks": ",".join(map(str, ranks))}
-    row["call_us"] = median_host_us(lambda: tpa_decode(*inputs[:7], out=out), calls, repeats)
-    row["call_no_out_us"] = median_host_us(lambda: tpa_decode(*inputs[:7]), calls, repeats)
+    row = {"B": bsz, "L": length, "H": h, "ranks": ",".join(map(str, ranks)), "page": page}
+    row["call_us"] = median_host_us(lambda: tpa_decode(*inputs[:7], block_table=table, out=out), calls, repeats)
+    row["call_no_out_us"] = median_host_us(lambda: tpa_decode(*inputs[:7], block_table=table), calls, repeats)
     (entry,) = [e for e in decode_launch.PLANS.values() if e.plan is not None and e.plan.fast_run is not None][:1]
     plan = entry.plan
     row["splits"] = plan.num_splits
-    ptrs = tuple(t.data_ptr() for t in inputs[:7]) + (inputs[6].data_ptr(),)
-    args = (entry, *inputs[:7], None, out, ptrs, out.data_ptr())
+    ptrs = tuple(t.data_ptr() for t in inputs[:7]) + ((inputs[6] if table is None else table).data_ptr(),)
+    args = (entry, *inputs[:7], table, out, ptrs, out.data_ptr())
     row["entry_run_us"] = median_host_us(lambda: entry.run(*args), calls, repeats)
     stream = torch.cuda.current_stream().cuda_stream
     split, merge = plan.split_handle, plan.merge_handle
@@ -87,8 +90,8 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for bsz, length, h, ranks in POINTS:
-        row = parts(bsz, length, h, ranks, args.calls, args.repeats)
+    for bsz, length, h, ranks, page in POINTS:
+        row = parts(bsz, length, h, ranks, page, args.calls, args.repeats)
         rows.append({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
