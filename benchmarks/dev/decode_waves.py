@@ -44,6 +44,16 @@ def _kernel_resources(plan) -> dict:
     return {"shared": getattr(meta, "shared", None), "n_regs": getattr(handle, "n_regs", None)}
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` as a CSV at ``path`` (columns: every key, in first-seen order)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in w.fieldnames})
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/decode_waves")))
@@ -99,13 +109,7 @@ def main() -> None:
             print(json.dumps(row))
         inputs = out = None
         torch.cuda.empty_cache()
-    with open(args.out / "waves.csv", "w", newline="") as f:
-        names = list(dict.fromkeys(k for r in rows for k in r))
-        w = csv.DictWriter(f, fieldnames=names)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in w.fieldnames})
-    print(f"wrote {args.out / 'waves.csv'}")
+    write_csv(args.out / "waves.csv", rows)
 
 
 def pipeline(args) -> None:
@@ -150,12 +154,7 @@ def pipeline(args) -> None:
             inputs = None
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "pipeline.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in w.fieldnames})
-    print(f"wrote {args.out / 'pipeline.csv'}")
+    write_csv(args.out / "pipeline.csv", rows)
 
 
 def registers(args) -> None:
@@ -195,12 +194,7 @@ def registers(args) -> None:
             inputs = None
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "registers.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in w.fieldnames})
-    print(f"wrote {args.out / 'registers.csv'}")
+    write_csv(args.out / "registers.csv", rows)
 
 
 if __name__ == "__main__":
