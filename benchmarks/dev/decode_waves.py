@@ -64,7 +64,13 @@ def main() -> None:
     p.add_argument("--registers", action="store_true",
                    help="instead: a register cap (DecodeConfig.max_registers) and the split count at the small "
                         "preset's decode shapes, A caches of 34 and 40 heads")
+    p.add_argument("--occupancy", action="store_true",
+                   help="instead: the default split count against whole waves of resident programs (1, 2, 3 per "
+                        "SM's worth of what fits at once), B 1-16 x L 32K-512K x H 32, 34 x ranks (16,1,1), "
+                        "(6,2,2), (16,2,2)")
     args = p.parse_args()
+    if args.occupancy:
+        return occupancy(args)
     if args.pipeline:
         return pipeline(args)
     if args.registers:
@@ -195,6 +201,72 @@ def registers(args) -> None:
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "registers.csv", rows)
+
+
+def resident_programs(props, shared: int, n_regs: int, warps: int) -> int:
+    """Programs of one kernel an SM holds at once: the least of the shared-memory, register, warp and
+    block limits (registers are allocated per warp in units of 256; each block reserves 1 KB of
+    shared memory)."""
+    smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    regs = getattr(props, "regs_per_multiprocessor", 65536)
+    by_smem = smem // (shared + 1024) if shared else 32
+    by_regs = regs // (warps * math.ceil(n_regs * 32 / 256) * 256) if n_regs else 32
+    return max(1, min(32, 64 // warps, by_smem, by_regs))
+
+
+def occupancy(args) -> None:
+    """At each point, the default launch and split counts that fill whole waves of the programs an SM
+    holds at once (:func:`resident_programs` of the default kernel): 1, 2 and 3 waves, each rounded
+    to whole cache blocks per split. Plain launches, L2 flushed (GPU time; at these sizes a call's
+    host time is hidden)."""
+    props = torch.cuda.get_device_properties(0)
+    sms = props.multi_processor_count
+    timer = Timer(torch)
+    rows = []
+    for h in (32, 34):
+        for ranks in ((16, 1, 1), (6, 2, 2), (16, 2, 2)):
+            for bsz in (1, 2, 4, 8, 16):
+                for length in (32768, 131072, 524288):
+                    rows += _occupancy_point(args, timer, props, sms, bsz, length, h, ranks)
+                    torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "occupancy.csv", rows)
+
+
+def _occupancy_point(args, timer, props, sms, bsz, length, h, ranks) -> list[dict]:
+    inputs = tpa_inputs(torch, bsz, length, h, 64, ranks, torch.bfloat16)
+    out = torch.empty(bsz, 1, h, 64, dtype=torch.bfloat16, device="cuda")
+    default = default_config(bsz, 1, h, 64, 64, length, sms, 2, None, ranks[1], ranks[2])
+    base = bsz * math.ceil(h / default.block_h)
+    blocks = math.ceil(length / default.block_m)
+    ideal_us = tpa_bytes(bsz, length, h, 64, ranks, 2) / 4.28e6
+    rows, resident, seen = [], None, set()
+    for waves in (None, 1, 2, 3):
+        if waves is None:
+            cfg = None
+        else:
+            splits = max(1, min(256, blocks, waves * resident * sms // base))
+            cfg = DecodeConfig(num_splits=math.ceil(blocks / math.ceil(blocks / splits)), num_warps=default.num_warps)
+        resolved = default_config(bsz, 1, h, 64, 64, length, sms, 2, cfg, ranks[1], ranks[2])
+        if resolved in seen:
+            continue
+        seen.add(resolved)
+        decode_launch.clear_plans()
+        us = timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg), reps=args.reps)
+        plans = [getattr(entry, "plan", None) for entry in decode_launch.PLANS.values()]
+        res = _kernel_resources(plans[0]) if plans and plans[0] is not None else {}
+        if waves is None:
+            resident = resident_programs(props, res.get("shared") or 0, res.get("n_regs") or 0, default.num_warps)
+        programs = base * resolved.num_splits
+        row = dict(B=bsz, L=length, H=h, ranks=",".join(map(str, ranks)),
+                   label="default" if waves is None else f"{waves} wave(s)", splits=resolved.num_splits,
+                   programs=programs, resident_per_sm=resident, waves=round(programs / (resident * sms), 2),
+                   blocks_per_split=math.ceil(blocks / resolved.num_splits), warps=resolved.num_warps,
+                   block_m=resolved.block_m, stages=resolved.num_stages, us=round(us, 2),
+                   copy_fraction=round(ideal_us / us, 3), **res)
+        rows.append(row)
+        print(json.dumps(row))
+    return rows
 
 
 if __name__ == "__main__":
