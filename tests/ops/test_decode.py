@@ -18,7 +18,8 @@ import torch
 
 from tests.ops.kernels import DEVICE, rerun_with_interpreter, skip_unless_kernels
 from tpa.ops import tpa_decode, tpa_decode_reference
-from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions, check_cache_seqlens, default_config
+from tpa.ops.decode import (DecodeConfig, DecodeHeuristic, DecodeLaunchOptions, check_cache_seqlens, default_config,
+                            resident_programs)
 from tpa.ops.naive import gather_paged
 
 # NaN in every buffer the op allocates (output, lse, split partials), so an unwritten element shows
@@ -244,7 +245,7 @@ WAVE_CASES = {
     (1, 32768, 32, (16, 1, 1)): (256, 4), (2, 16384, 32, (16, 1, 1)): (128, 4),
     (2, 32768, 32, (16, 1, 1)): (128, 2), (4, 16384, 32, (16, 1, 1)): (64, 2), (8, 8192, 32, (16, 1, 1)): (32, 2),
     (2, 65536, 32, (16, 1, 1)): (256, 2), (8, 16384, 32, (16, 1, 1)): (64, 2), (16, 8192, 32, (16, 1, 1)): (32, 2),
-    (1, 32768, 34, (6, 2, 2)): (256, 4), (8, 32768, 34, (6, 2, 2)): (64, 4),
+    (1, 32768, 34, (6, 2, 2)): (256, 4), (8, 32768, 34, (6, 2, 2)): (32, 4),
 }
 
 
@@ -258,6 +259,38 @@ def test_latency_bound_grids_fit_one_wave(point):
     programs = bsz * cfg.num_splits * -(-h // cfg.block_h)
     blocks = -(-capacity // cfg.block_m)
     assert blocks > 2 * cfg.num_splits or programs <= 2 * 132
+
+
+# (B, capacity, H, ranks) -> splits: the fastest of the default's, one wave's, two waves' and three
+# waves' split counts in the H200 sweep `decode_waves.py --occupancy` (2026-12-02, BENCHMARKS.md "whole
+# waves"), where the choice mattered by more than 1%; 4-warp programs (two per SM) and 2-warp ones (four)
+MEASURED_BEST_SPLITS = {
+    (8, 32768, 34, (6, 2, 2)): 32, (8, 131072, 34, (6, 2, 2)): 33, (16, 32768, 34, (6, 2, 2)): 16,
+    (16, 524288, 34, (6, 2, 2)): 33, (2, 131072, 32, (6, 2, 2)): 128, (4, 32768, 32, (16, 2, 2)): 64,
+    (4, 131072, 34, (16, 1, 1)): 64, (2, 524288, 34, (16, 1, 1)): 131, (16, 524288, 34, (16, 1, 1)): 33,
+    (8, 32768, 32, (16, 1, 1)): 64, (4, 131072, 32, (16, 1, 1)): 128, (16, 32768, 32, (16, 1, 1)): 32,
+}
+
+
+@pytest.mark.parametrize("point", list(MEASURED_BEST_SPLITS), ids=str)
+def test_splits_fill_whole_waves_of_resident_programs(point):
+    """The split count fills one wave of the programs the SMs hold at once (two waves where one would
+    leave more slots idle), the fastest measured; the old rule (4 programs per SM) stays selectable."""
+    bsz, capacity, h, (_, r_k, r_v) = point
+    cfg = default_config(bsz, 1, h, 64, 64, capacity, 132, 2, None, r_k, r_v)
+    assert cfg.num_splits == MEASURED_BEST_SPLITS[point]
+    slots = resident_programs(cfg.num_warps) * 132
+    assert bsz * cfg.num_splits * -(-h // cfg.block_h) <= 2 * slots
+
+
+def test_the_old_split_rule_stays_selectable():
+    """``splits="programs"`` aims at ``programs_per_sm`` programs per SM, as before (the sweep's old
+    default at the small preset's decode shape: 64 splits of 8 sequences, two waves)."""
+    old = DecodeHeuristic(splits="programs")
+    assert default_config(8, 1, 34, 64, 64, 32768, 132, 2, None, 2, 2, heuristic=old).num_splits == 64
+    assert default_config(8, 1, 34, 64, 64, 32768, 132, 2, None, 2, 2).num_splits == 32
+    with pytest.raises(ValueError, match="splits must be"):
+        DecodeHeuristic(splits="many")
 
 
 @pytest.mark.parametrize(("h", "ranks", "element_size", "block_m", "stages"), [

@@ -16,7 +16,7 @@ import torch
 from tests.ops.kernels import DEVICE, rerun_with_interpreter, skip_unless_kernels
 from tests.ops.test_decode import POISON, assert_close_to_truth, make_inputs
 from tpa.ops import decode, decode_launch, tpa_decode, triton_support
-from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions
+from tpa.ops.decode import DecodeConfig, DecodeHeuristic, DecodeLaunchOptions
 
 needs_kernel = skip_unless_kernels("test_plans_in_fresh_process")
 
@@ -502,3 +502,11 @@ def test_a_register_cap_reaches_the_launch_and_the_op_config():
         assert decode_launch._config_from_list(tuple(as_list), False)[0] == capped
     with pytest.raises(ValueError, match="max_registers"):
         DecodeConfig(max_registers=0)
+
+
+def test_the_split_rule_reaches_the_op_config():
+    """The heuristic's split rule and wave-fill margin survive the op's config list (the traced op
+    plans its launch from that list)."""
+    for heuristic in (DecodeHeuristic(), DecodeHeuristic(splits="programs", programs_per_sm=3, wave_fill_margin=0.05)):
+        as_list = decode_launch.config_to_list(DecodeConfig(), DecodeLaunchOptions(heuristic=heuristic))
+        assert decode_launch._config_from_list(tuple(as_list), False)[1].heuristic == heuristic

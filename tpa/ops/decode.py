@@ -133,7 +133,15 @@ class DecodeHeuristic:
             spill); ``"fixed"`` uses 4 warps (8 for large tiles).
         block_m: cache tokens per block for 16-bit caches (float32 uses half).
         num_stages: software pipeline depth (reduced until the staged tiles fit shared memory).
-        programs_per_sm: the split count aims at this many programs per SM.
+        splits: how the split count is chosen. ``"waves"`` (default): the count whose grid fills
+            whole waves of the programs an SM holds at once best (:func:`resident_programs`), one
+            wave unless two fill the SMs at least ``wave_fill_margin`` better (H200, 2026-12-02:
+            one wave of two 4-warp programs per SM ran up to 23% faster than the two waves of
+            ``programs_per_sm=4``, at 90 points of B 1-16, 32K-512K tokens, H 32 and 34; BENCHMARKS.md,
+            "whole waves"). ``"programs"``: about ``programs_per_sm`` programs per SM.
+        programs_per_sm: the split count's target with ``splits="programs"``.
+        wave_fill_margin: with ``splits="waves"``, how much better (as a fraction of the SMs'
+            program slots) two waves must fill them to be chosen over one.
         min_split_blocks: each split covers at least this many blocks of capacity.
         head_blocks: ``"pow2"`` (default) gives a program all heads, ``next_pow2(H)`` rows, while the
             tile stays small; ``"least_padding"`` picks the head block of 16 rows or more (up to that)
@@ -147,8 +155,12 @@ class DecodeHeuristic:
     programs_per_sm: int = 4
     min_split_blocks: int = 2
     head_blocks: str = "pow2"
+    splits: str = "waves"
+    wave_fill_margin: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.splits not in ("waves", "programs"):
+            raise ValueError(f"DecodeHeuristic: splits must be 'waves' or 'programs', got {self.splits!r}")
         if self.head_blocks not in ("pow2", "least_padding"):
             raise ValueError(
                 f"DecodeHeuristic: head_blocks must be 'pow2' or 'least_padding', got {self.head_blocks!r}"
@@ -205,6 +217,32 @@ def _whole_block_splits(blocks: int, splits: int) -> int:
     return math.ceil(blocks / math.ceil(blocks / splits))
 
 
+_REGISTERS_PER_SM = 65536  # every NVIDIA GPU since Kepler
+_KERNEL_REGISTERS = 256  # per thread: the split kernel uses 176-255 (sm_90, H200, 2026-12-02), allocated per warp in units of 256
+
+
+def resident_programs(num_warps: int) -> int:
+    """Programs of the split kernel one SM holds at once: what its register file allows for programs
+    of ``num_warps`` warps at up to 256 registers per thread (4 warps: 2, 2 warps: 4). Shared memory
+    is not the limit on Hopper for the tiles :func:`default_config` picks (40-74 KB per program, of
+    228 KB), nor warps (at most 64 per SM)."""
+    return max(1, _REGISTERS_PER_SM // (num_warps * 32 * _KERNEL_REGISTERS))
+
+
+def _wave_splits(base: int, blocks: int, slots: int, most: int, margin: float) -> int:
+    """The split count (whole blocks each, at most ``most`` and 256) whose ``base * splits`` programs
+    fill whole waves of ``slots`` (programs resident on all SMs at once) best: one wave, or two when
+    their fill (programs over the slots of the waves they take) is more than ``margin`` higher."""
+    best_fill, best = -1.0, 1
+    for waves in (1, 2):
+        splits = _whole_block_splits(blocks, max(1, min(waves * slots // max(base, 1), most, _MAX_SPLITS)))
+        programs = base * splits
+        fill = programs / (math.ceil(programs / slots) * slots)
+        if fill > best_fill + (margin if waves > 1 else 0.0):
+            best_fill, best = fill, splits
+    return best
+
+
 def default_config(
     batch: int,
     num_queries: int,
@@ -225,9 +263,9 @@ def default_config(
     when its tiles stay small (rows x max(D, E) <= 8K elements; more head blocks otherwise). The
     pipeline depth and then the cache block shrink until the staged tiles fit in shared memory, to
     3 stages of 32 tokens before 2 stages (and blocks down to 16). The number
-    of splits aims at about ``programs_per_sm * num_sms`` programs (``heuristic``, default :class:`DecodeHeuristic`), with at least
-    ``min_split_blocks`` blocks of capacity per split, at most 256 splits, and no empty split when
-    the cache is full. Programs that stream at most two blocks are bound by memory latency, not
+    of splits fills whole waves of the programs the SMs hold at once (``heuristic.splits``, default
+    :class:`DecodeHeuristic`), with at least ``min_split_blocks`` blocks of capacity per split, at
+    most 256 splits, and no empty split when the cache is full. Programs that stream at most two blocks are bound by memory latency, not
     bandwidth, and get 4 warps.
     """
     o = override or DecodeConfig()
@@ -270,25 +308,32 @@ def default_config(
                 block_m //= 2
     base = batch * math.ceil(num_queries / block_n) * math.ceil(num_heads / block_h)
     blocks = math.ceil(capacity / block_m)
+    rows_warps = tune.warps == "rows" and max(block_d, block_e) <= 128 and (k_rank + v_rank) * block_m <= 128
+
+    def warps_for(latency_bound: bool) -> int:
+        if o.num_warps is not None:
+            return o.num_warps
+        if rows_warps:
+            return 4 if latency_bound and rows <= 64 else min(8, max(2, rows // 16))
+        return 4 if rows * max(block_d, block_e) <= 4096 else 8
+
     if o.num_splits is not None:
         num_splits = o.num_splits
     else:
-        target = tune.programs_per_sm * num_sms
         most = max(1, blocks // tune.min_split_blocks)
-        num_splits = _whole_block_splits(blocks, max(1, min(math.ceil(target / max(base, 1)), most, _MAX_SPLITS)))
+        if tune.splits == "waves":
+            slots = resident_programs(warps_for(False)) * num_sms
+            num_splits = _wave_splits(base, blocks, slots, most, tune.wave_fill_margin)
+        else:
+            target = tune.programs_per_sm * num_sms
+            num_splits = _whole_block_splits(blocks, max(1, min(math.ceil(target / max(base, 1)), most, _MAX_SPLITS)))
         if blocks <= 2 * num_splits and base * num_splits > _LATENCY_BOUND_PROGRAMS_PER_SM * num_sms:
             # programs of at most two blocks get 4 warps (below), of which an SM holds two at a time
             # (registers): a grid of more waits for a second wave (H200, 2026-12-02, B=2 at 32K tokens:
             # 512 programs 25.2 us, 256 programs of four blocks 20.9 us)
             fit = math.ceil(_LATENCY_BOUND_PROGRAMS_PER_SM * num_sms / max(base, 1))
             num_splits = _whole_block_splits(blocks, max(1, min(fit, most, _MAX_SPLITS)))
-    latency_bound = blocks <= 2 * num_splits  # each program streams at most two blocks
-    if o.num_warps is not None:
-        num_warps = o.num_warps
-    elif tune.warps == "rows" and max(block_d, block_e) <= 128 and (k_rank + v_rank) * block_m <= 128:
-        num_warps = 4 if latency_bound and rows <= 64 else min(8, max(2, rows // 16))
-    else:
-        num_warps = 4 if rows * max(block_d, block_e) <= 4096 else 8
+    num_warps = warps_for(blocks <= 2 * num_splits)  # latency-bound: each program streams at most two blocks
     return DecodeConfig(block_m, block_h, block_n, num_splits, num_warps, num_stages, o.max_registers)
 
 

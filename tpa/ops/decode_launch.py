@@ -405,19 +405,22 @@ _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or tor
 
 _A_HEAD_PAD_AT = 12  # the index of DecodeLaunchOptions.a_head_pad in config_to_list's list
 _MAX_REGISTERS_AT = 15  # ... and of DecodeConfig.max_registers
+_SPLITS_AT = 16  # ... and of DecodeHeuristic.splits (1: "waves") and wave_fill_margin (in 1/10000)
 
 
 def config_to_list(cfg, options) -> list[int]:
     """The op's ``config`` argument: the launch parameters a caller fixed (``cfg``, a
     :class:`tpa.ops.decode.DecodeConfig`, -1 for a field left to the heuristic), the poison flag, the
     heuristic's constants, the A rows' padding and the grid order (``options``, a
-    :class:`tpa.ops.decode.DecodeLaunchOptions`), then the register cap (-1: none)."""
+    :class:`tpa.ops.decode.DecodeLaunchOptions`), then the register cap (-1: none), then the split
+    rule and its wave-fill margin (in units of 1/10000)."""
     fixed = [-1 if v is None else v for v in (cfg.block_m, cfg.block_h, cfg.block_n, cfg.num_splits, cfg.num_warps,
                                               cfg.num_stages)]
     h = options.heuristic
     return [*fixed, int(options.poison_buffers), int(h.warps == "rows"), h.block_m, h.num_stages, h.programs_per_sm,
             h.min_split_blocks, options.a_head_pad, int(options.heads_inner), int(h.head_blocks == "least_padding"),
-            -1 if cfg.max_registers is None else cfg.max_registers]
+            -1 if cfg.max_registers is None else cfg.max_registers, int(h.splits == "waves"),
+            round(h.wave_fill_margin * 10000)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -429,7 +432,9 @@ def _config_from_list(config: tuple[int, ...], launched_by_inductor: bool):
 
     fixed = DecodeConfig(*(None if v < 0 else v for v in (*config[:6], config[_MAX_REGISTERS_AT])))
     heuristic = DecodeHeuristic("rows" if config[7] else "fixed", *config[8:12],
-                                head_blocks="least_padding" if config[14] else "pow2")
+                                head_blocks="least_padding" if config[14] else "pow2",
+                                splits="waves" if config[_SPLITS_AT] else "programs",
+                                wave_fill_margin=config[_SPLITS_AT + 1] / 10000)
     pdl = {"use_pdl": False, "early_launch": False} if launched_by_inductor else {}
     options = DecodeLaunchOptions(heuristic=heuristic, poison_buffers=bool(config[6]),
                                   a_head_pad=config[_A_HEAD_PAD_AT],

@@ -86,8 +86,9 @@ def sweep(torch, timer, decode_mod, dtype, elt, bw, out_dir, log):
 
 
 TUNE_CANDIDATES = [
-    {"warps": w, "block_m": bm, "num_stages": 3, "programs_per_sm": p}
-    for w in ("fixed", "rows") for bm in (32, 64) for p in (2, 4, 8)
+    {"warps": w, "block_m": bm, "num_stages": 3, **split_rule}
+    for w in ("fixed", "rows") for bm in (32, 64)
+    for split_rule in ({"splits": "waves"}, *({"splits": "programs", "programs_per_sm": p} for p in (2, 4, 8)))
 ]
 
 
