@@ -18,6 +18,8 @@
 #   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
 #                  (GEN_TYPES picks the types), and tpa-pad16: T6Config.tpa_cache_head_multiple=16 (GEN_PAD, default
 #                  "1 16", lists the multiples)
+#   profile-generate benchmarks/dev/profile_generate.py: where a generate() decode step goes (torch.profiler),
+#                  small preset, 32K prompt, B 1 and 8, for PROF_GEN_TYPES (default "tpa")
 #   host-step      benchmarks/dev/host_step.py at 32K (real replays, then --replay fake: host work only), then
 #                  tpa bench generate at B=1 three times (TPA, MHA, MLA, Llama: the run-to-run spread; issue 12)
 #   train-compile  tpa bench train, the whole-model-compile loop for every type (TRAIN_TYPES), transformers'
@@ -76,6 +78,8 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
       generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
                 --types ${GEN_TYPES:-tpa mha gqa mla llama} --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
                 --cache-head-multiple ${GEN_PAD:-1 16} --time-budget "${GEN_BUDGET:-170}" --output "$R/generate" ;;
+      profile-generate) stage profile-generate "${T_PROF_GEN:-120}" $PY benchmarks/dev/profile_generate.py \
+                --types ${PROF_GEN_TYPES:-tpa} --context 32768 --batch 1 8 --top 12 --out "$R/profile-generate" ;;
       host-step) stage host-step "${T_HOSTSTEP:-240}" bash -c "$PY benchmarks/dev/host_step.py --context 32768 --repeats 3 \
                 --out $R/host_step && $PY benchmarks/dev/host_step.py --context 32768 --repeats 3 --replay fake --out $R/host_step_fake \
                 && for i in 1 2 3; do $PY -m tpa.cli bench generate --preset small --types tpa mha mla llama --contexts 32K \
