@@ -217,7 +217,8 @@ def resident_programs(props, shared: int, n_regs: int, warps: int) -> int:
 def occupancy(args) -> None:
     """At each point, the default launch and split counts that fill whole waves of the programs an SM
     holds at once (:func:`resident_programs` of the default kernel): 1, 2 and 3 waves, each rounded
-    to whole cache blocks per split. Plain launches, L2 flushed (GPU time; at these sizes a call's
+    to whole cache blocks per split, at most 256 splits (the heuristic's ``max_splits``), and one wave
+    of up to 1024 splits (at least two blocks each), where that takes more than 256. Plain launches, L2 flushed (GPU time; at these sizes a call's
     host time is hidden)."""
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
@@ -241,11 +242,12 @@ def _occupancy_point(args, timer, props, sms, bsz, length, h, ranks) -> list[dic
     blocks = math.ceil(length / default.block_m)
     ideal_us = tpa_bytes(bsz, length, h, 64, ranks, 2) / 4.28e6
     rows, resident, seen = [], None, set()
-    for waves in (None, 1, 2, 3):
+    for waves in (None, 1, 2, 3, "1, uncapped"):
         if waves is None:
             cfg = None
         else:
-            splits = max(1, min(256, blocks, waves * resident * sms // base))
+            cap = 1024 if waves == "1, uncapped" else 256  # beyond the heuristic's max_splits (B = 1 and 2)
+            splits = max(1, min(cap, blocks // 2, (1 if cap > 256 else waves) * resident * sms // base))
             cfg = DecodeConfig(num_splits=math.ceil(blocks / math.ceil(blocks / splits)), num_warps=default.num_warps)
         resolved = default_config(bsz, 1, h, 64, 64, length, sms, 2, cfg, ranks[1], ranks[2])
         if resolved in seen:

@@ -5,7 +5,8 @@
 # Stages:
 #   tests          python -m pytest -m gpu (the GPU correctness tests; TESTS="FILE ..." limits it to those files)
 #   decode         tpa bench decode at d_model 2048 (H=32, d_h=64; DECODE_DMODEL="2048 2176" adds H=34), ranks
-#                  (16,1,1) (6,2,2) (16,2,2), B 1 4 16
+#                  (16,1,1) (6,2,2) (16,2,2), B 1 4 16 (DECODE_BATCH), lengths 4K-512K or DECODE_LENGTHS, baselines
+#                  gqa4 mqa mla (DECODE_BASELINES; empty: none), DECODE_EXTRA (e.g. --grid-only) passed on
 #   decode-h34     tpa bench decode, B 16 8 1, L 512K 128K 32K, ranks (16,1,1) (6,2,2), graph replay and plain
 #                  launches of each point per variant (the suspects of H=34's slowness: masked head rows or
 #                  unaligned A rows): decode-h34/blocks, H=32 (d_model 2048) then H=34 (2176) per head block
@@ -64,8 +65,10 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
     case $s in
       tests) stage tests "${T_TESTS:-170}" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider --continue-on-collection-errors \
                 ${TESTS:-} ;;
-      decode) stage decode "${T_DECODE:-170}" $PY -m tpa.cli bench decode --d-model ${DECODE_DMODEL:-2048} --batch 1 4 16 \
-                --ranks 16,1,1 6,2,2 16,2,2 --baselines gqa4 mqa mla --reference-max-len 0 --output "$R/decode" ;;
+      decode) stage decode "${T_DECODE:-170}" $PY -m tpa.cli bench decode --d-model ${DECODE_DMODEL:-2048} \
+                --batch ${DECODE_BATCH:-1 4 16} ${DECODE_LENGTHS:+--lengths $DECODE_LENGTHS} ${DECODE_EXTRA:-} \
+                --ranks 16,1,1 6,2,2 16,2,2 --baselines ${DECODE_BASELINES-gqa4 mqa mla} --reference-max-len 0 \
+                --output "$R/decode" ;;
       decode-h34) stage decode-h34 "${T_DECODE_H34:-160}" bash -c "
                 timeout -k 5 95 $PY -m tpa.cli bench decode --d-model 2048 2176 $H34_GRID --block-h 16 32 64 \
                   --head-order both --output '$R/decode-h34/blocks'

@@ -203,6 +203,20 @@ def test_split_count_does_not_change_the_result():
         torch.testing.assert_close(l, outs[0][1], rtol=1e-5, atol=1e-6)
 
 
+@needs_kernel
+def test_more_than_256_splits_merge_exactly():
+    """300 splits (a merge block of 512, beyond the heuristic's default cap): the output as close to
+    the float64 truth as PyTorch's float32 is (FlashAttention's rule); the log-sum-exp, merged from
+    300 float32 partials in the log2 domain, within 8 float32 ulps of its largest magnitude (PyTorch's
+    single-pass logsumexp is within 1). The empty splits of the shorter sequence merge to nothing."""
+    inputs = make_inputs([4800, 700], 1, 16, 32, 32, (1, 1, 1), torch.float32, seed=6)
+    out, lse = tpa_decode(*inputs, return_lse=True, backend="triton", config=DecodeConfig(block_m=16, num_splits=300))
+    ref_out, ref_lse = reference_f64(*inputs)
+    pt_out, _ = torch_same_dtype(*inputs)
+    assert max_err(out, ref_out) <= 2 * max_err(pt_out, ref_out) + FLOOR[torch.float32]
+    assert max_err(lse, ref_lse) <= 8 * torch.finfo(torch.float32).eps * ref_lse.abs().max().item()
+
+
 def test_kernels_in_fresh_process():
     """When triton was imported (by another test module) before TRITON_INTERPRET=1 could be set,
     the kernel tests above are skipped here and run in a fresh interpreter process instead."""

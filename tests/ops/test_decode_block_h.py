@@ -143,7 +143,7 @@ def test_a_head_pad_needs_a_padded_layout():
         (dict(block_n=3), "block_n must be a power of two"),
         (dict(num_warps=3), "num_warps must be a power of two"),
         (dict(num_warps=64), "num_warps must be at most 32"),
-        (dict(num_splits=257), "num_splits must be at most 256"),
+        (dict(num_splits=1025), "num_splits must be at most 1024"),
         (dict(num_stages=-1), "num_stages must be a positive int"),
     ],
 )

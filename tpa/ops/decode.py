@@ -71,7 +71,7 @@ _is_compiling = torch.compiler.is_compiling
 _PLANS = decode_launch.PLANS  # never rebound (decode_launch.clear_plans empties it)
 _PLANS_GET = _PLANS.get  # bound once: it runs on every call
 _MAX_FEATURE_DIM = 256  # D and E the kernel is built and tested for
-_MAX_SPLITS = 256
+_MAX_SPLITS = 1024  # what DecodeConfig accepts (the merge kernel's BLOCK_S); the heuristic's cap is DecodeHeuristic.max_splits
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,6 +142,8 @@ class DecodeHeuristic:
         programs_per_sm: the split count's target with ``splits="programs"``.
         wave_fill_margin: with ``splits="waves"``, how much better (as a fraction of the SMs'
             program slots) two waves must fill them to be chosen over one.
+        max_splits: the most splits the heuristic picks (``DecodeConfig.num_splits`` accepts up to
+            1024): at batch 1 a wave of 2-warp programs would take 528 splits on 132 SMs.
         min_split_blocks: each split covers at least this many blocks of capacity.
         head_blocks: ``"pow2"`` (default) gives a program all heads, ``next_pow2(H)`` rows, while the
             tile stays small; ``"least_padding"`` picks the head block of 16 rows or more (up to that)
@@ -157,10 +159,13 @@ class DecodeHeuristic:
     head_blocks: str = "pow2"
     splits: str = "waves"
     wave_fill_margin: float = 0.02
+    max_splits: int = 256
 
     def __post_init__(self) -> None:
         if self.splits not in ("waves", "programs"):
             raise ValueError(f"DecodeHeuristic: splits must be 'waves' or 'programs', got {self.splits!r}")
+        if isinstance(self.max_splits, bool) or not isinstance(self.max_splits, int) or not 1 <= self.max_splits <= _MAX_SPLITS:
+            raise ValueError(f"DecodeHeuristic: max_splits must be an int in [1, {_MAX_SPLITS}], got {self.max_splits!r}")
         if self.head_blocks not in ("pow2", "least_padding"):
             raise ValueError(
                 f"DecodeHeuristic: head_blocks must be 'pow2' or 'least_padding', got {self.head_blocks!r}"
@@ -230,12 +235,12 @@ def resident_programs(num_warps: int) -> int:
 
 
 def _wave_splits(base: int, blocks: int, slots: int, most: int, margin: float) -> int:
-    """The split count (whole blocks each, at most ``most`` and 256) whose ``base * splits`` programs
+    """The split count (whole blocks each, at most ``most``) whose ``base * splits`` programs
     fill whole waves of ``slots`` (programs resident on all SMs at once) best: one wave, or two when
     their fill (programs over the slots of the waves they take) is more than ``margin`` higher."""
     best_fill, best = -1.0, 1
     for waves in (1, 2):
-        splits = _whole_block_splits(blocks, max(1, min(waves * slots // max(base, 1), most, _MAX_SPLITS)))
+        splits = _whole_block_splits(blocks, max(1, min(waves * slots // max(base, 1), most)))
         programs = base * splits
         fill = programs / (math.ceil(programs / slots) * slots)
         if fill > best_fill + (margin if waves > 1 else 0.0):
@@ -265,7 +270,7 @@ def default_config(
     3 stages of 32 tokens before 2 stages (and blocks down to 16). The number
     of splits fills whole waves of the programs the SMs hold at once (``heuristic.splits``, default
     :class:`DecodeHeuristic`), with at least ``min_split_blocks`` blocks of capacity per split, at
-    most 256 splits, and no empty split when the cache is full. Programs that stream at most two blocks are bound by memory latency, not
+    most ``max_splits`` (256) splits, and no empty split when the cache is full. Programs that stream at most two blocks are bound by memory latency, not
     bandwidth, and get 4 warps.
     """
     o = override or DecodeConfig()
@@ -320,19 +325,19 @@ def default_config(
     if o.num_splits is not None:
         num_splits = o.num_splits
     else:
-        most = max(1, blocks // tune.min_split_blocks)
+        most = max(1, min(blocks // tune.min_split_blocks, tune.max_splits))
         if tune.splits == "waves":
             slots = resident_programs(warps_for(False)) * num_sms
             num_splits = _wave_splits(base, blocks, slots, most, tune.wave_fill_margin)
         else:
             target = tune.programs_per_sm * num_sms
-            num_splits = _whole_block_splits(blocks, max(1, min(math.ceil(target / max(base, 1)), most, _MAX_SPLITS)))
+            num_splits = _whole_block_splits(blocks, max(1, min(math.ceil(target / max(base, 1)), most)))
         if blocks <= 2 * num_splits and base * num_splits > _LATENCY_BOUND_PROGRAMS_PER_SM * num_sms:
             # programs of at most two blocks get 4 warps (below), of which an SM holds two at a time
             # (registers): a grid of more waits for a second wave (H200, 2026-12-02, B=2 at 32K tokens:
             # 512 programs 25.2 us, 256 programs of four blocks 20.9 us)
             fit = math.ceil(_LATENCY_BOUND_PROGRAMS_PER_SM * num_sms / max(base, 1))
-            num_splits = _whole_block_splits(blocks, max(1, min(fit, most, _MAX_SPLITS)))
+            num_splits = _whole_block_splits(blocks, max(1, min(fit, most)))
     num_warps = warps_for(blocks <= 2 * num_splits)  # latency-bound: each program streams at most two blocks
     return DecodeConfig(block_m, block_h, block_n, num_splits, num_warps, num_stages, o.max_registers)
 
