@@ -297,6 +297,20 @@ def test_splits_fill_whole_waves_of_resident_programs(point):
     assert bsz * cfg.num_splits * -(-h // cfg.block_h) <= 2 * slots
 
 
+@pytest.mark.parametrize(("capacity", "h", "ranks", "splits"), [
+    (524288, 32, (1, 1), 512),  # 16 blocks each: one wave of 2-warp programs at batch 1 (66.8 against 77.0 us)
+    (131072, 32, (1, 1), 256),  # 4 blocks each would be slower (31.4 against 30.3 us): the cap holds
+    (524288, 34, (2, 2), 261),  # one wave of 4-warp programs, 63 blocks each
+    (32832, 34, (2, 2), 206),  # generate()'s decode shape at batch 1 (5 blocks each: unchanged)
+])
+def test_long_splits_go_past_the_cap_at_batch_one(capacity, h, ranks, splits):
+    """Beyond 256 splits only where each keeps 16 blocks (H200 sweep, 2026-12-02)."""
+    cfg = default_config(1, 1, h, 64, 64, capacity, 132, 2, None, *ranks)
+    assert cfg.num_splits == splits
+    with pytest.raises(ValueError, match="long_split_blocks"):
+        DecodeHeuristic(long_split_blocks=0)
+
+
 def test_the_old_split_rule_stays_selectable():
     """``splits="programs"`` aims at ``programs_per_sm`` programs per SM, as before (the sweep's old
     default at the small preset's decode shape: 64 splits of 8 sequences, two waves)."""

@@ -507,6 +507,7 @@ def test_a_register_cap_reaches_the_launch_and_the_op_config():
 def test_the_split_rule_reaches_the_op_config():
     """The heuristic's split rule and wave-fill margin survive the op's config list (the traced op
     plans its launch from that list)."""
-    for heuristic in (DecodeHeuristic(), DecodeHeuristic(splits="programs", programs_per_sm=3, wave_fill_margin=0.05, max_splits=600)):
+    for heuristic in (DecodeHeuristic(), DecodeHeuristic(splits="programs", programs_per_sm=3, wave_fill_margin=0.05, max_splits=600,
+                                                     long_split_blocks=9)):
         as_list = decode_launch.config_to_list(DecodeConfig(), DecodeLaunchOptions(heuristic=heuristic))
         assert decode_launch._config_from_list(tuple(as_list), False)[1].heuristic == heuristic
