@@ -16,6 +16,8 @@
 #   waves          benchmarks/dev/decode_waves.py (WAVES_ARGS="--pipeline" or "--registers": the small preset's
 #                  decode shapes)
 #   host-parts     benchmarks/dev/decode_host_parts.py: an eager tpa_decode call's host time, part by part
+#   step-kernels   benchmarks/dev/step_kernels.py: the small preset's TPA projection into aligned rows and the
+#                  residual add + RMSNorm in one launch, each beside the plain ops, B 1 and 8, graph replay
 #   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
 #                  (GEN_TYPES picks the types), and tpa-pad16: T6Config.tpa_cache_head_multiple=16 (GEN_PAD, default
 #                  "1 16", lists the multiples)
@@ -77,6 +79,7 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
       decode-pads) stage decode-pads "${T_DECODE_PADS:-90}" $PY -m tpa.cli bench decode --d-model 2176 $H34_GRID \
                 --block-h 64 --pad-a-heads 1 8 16 --pad-loads both --output "$R/decode-pads" ;;
       waves) stage waves "${T_WAVES:-200}" $PY benchmarks/dev/decode_waves.py ${WAVES_ARGS:-} --out "$R/waves" ;;
+      step-kernels) stage step-kernels "${T_STEP_KERNELS:-90}" $PY benchmarks/dev/step_kernels.py --out "$R/step-kernels" ;;
       host-parts) stage host-parts "${T_HOST_PARTS:-90}" $PY benchmarks/dev/decode_host_parts.py --out "$R/host-parts" ;;
       generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
                 --types ${GEN_TYPES:-tpa mha gqa mla llama} --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \

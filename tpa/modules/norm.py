@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tpa.ops.add_norm import add_rms_norm, rms_norm
+
 
 class RMSNorm(nn.Module):
     """``y = x / rms(x) * weight``, computed in float32 (float64 for float64 input) and cast back to the input dtype.
@@ -20,7 +22,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype == self.weight.dtype:  # the fused CUDA kernel accumulates in float32
-            return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        work = torch.promote_types(x.dtype, torch.float32)
-        return torch.nn.functional.rms_norm(x.to(work), (x.shape[-1],), self.weight.to(work), self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor | None, *,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, self(x + delta))`` (``delta`` None: ``(x, self(x))``), on CUDA in one launch
+        (:func:`tpa.ops.add_norm.add_rms_norm`; ``backend`` as there). A module with forward hooks
+        (tensor parallelism's replicated norms, for one) is called as a module, so that they run."""
+        if self._forward_hooks or self._forward_pre_hooks or type(self.weight) is not nn.Parameter:
+            total = x if delta is None else x + delta
+            return total, self(total)
+        return add_rms_norm(x, delta, self.weight, self.eps, backend=backend)
