@@ -16,8 +16,8 @@
 #   waves          benchmarks/dev/decode_waves.py (WAVES_ARGS="--pipeline" or "--registers": the small preset's
 #                  decode shapes)
 #   host-parts     benchmarks/dev/decode_host_parts.py: an eager tpa_decode call's host time, part by part
-#   step-kernels   benchmarks/dev/step_kernels.py: the small preset's TPA projection into aligned rows and the
-#                  residual add + RMSNorm in one launch, each beside the plain ops, B 1 and 8, graph replay
+#   step-kernels   benchmarks/dev/step_kernels.py: the small preset's residual add + RMSNorm and SwiGLU activation
+#                  in one launch each, beside the torch ops, and the TPA projection's GEMM; B 1 and 8, graph replay
 #   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
 #                  (GEN_TYPES picks the types), and tpa-pad16: T6Config.tpa_cache_head_multiple=16 (GEN_PAD, default
 #                  "1 16", lists the multiples)

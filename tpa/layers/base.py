@@ -36,9 +36,10 @@ class AttentionContext:
         decode_impl: ``"auto"`` (FlashTPA kernel on CUDA where it applies), ``"kernel"`` or ``"reference"``.
         attention_weights: a list to append this layer's softmax weights ``[B, H, T, L]`` to
             (``output_attentions=True``); the layer then attends through :func:`attend_explicit`.
-        fused_norms: the block adds each sublayer's output to the residual stream in the next norm's
-            launch (:meth:`tpa.modules.RMSNorm.add_and_norm`): the model sets it for static one-token
-            steps on the kernel path, whose host time a CUDA graph replay hides.
+        fused_step: the block runs the one-token step's fused launches: each sublayer's output added to
+            the residual stream in the next norm's launch (:meth:`tpa.modules.RMSNorm.add_and_norm`) and
+            SwiGLU's activation in one (:func:`tpa.ops.swiglu.silu_mul`). The model sets it for static
+            one-token steps on the kernel path, whose host time a CUDA graph replay hides.
     """
 
     cos: torch.Tensor
@@ -50,7 +51,7 @@ class AttentionContext:
     rotary: nn.Module | None = None
     decode_impl: str = "auto"
     attention_weights: list[torch.Tensor] | None = None
-    fused_norms: bool = False
+    fused_step: bool = False
 
 
 def check_positive(**values: int) -> None:
@@ -150,35 +151,6 @@ def attend(
         with sdpa_kernel(_CACHE_BACKENDS):
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
-
-
-ROW_ALIGN = 8  # elements: 16 bytes of bfloat16, the alignment cuBLAS's Hopper kernels want of an output row
-
-
-def mm_into_aligned_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [..., C] @ weight[N, C]^T`` -> ``[..., N]``, a view whose rows start every
-    ``ceil(N / ROW_ALIGN) * ROW_ALIGN`` elements of a fresh buffer (no gradient)."""
-    n = weight.shape[0]
-    rows = x.reshape(-1, x.shape[-1])
-    out = x.new_empty(rows.shape[0], -(-n // ROW_ALIGN) * ROW_ALIGN)
-    torch.mm(rows, weight.t(), out=out[:, :n])
-    return out[:, :n].view(*x.shape[:-1], n)
-
-
-def linear_aligned_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``; on CUDA without gradients, for a plain bias-free ``nn.Linear`` whose output width
-    is not a multiple of ``ROW_ALIGN``, computed into rows padded to one (:func:`mm_into_aligned_rows`).
-
-    cuBLAS picks its kernel by the alignment of the output's row stride: at 980 outputs (the small
-    preset's TPA projection) it falls back to a kernel for 2-element alignment. Wrapped layers
-    (PEFT's, quantized ones, tensor-parallel ones, any with hooks) are called as they are."""
-    weight = getattr(linear, "weight", None)
-    if (type(linear) is not nn.Linear or type(weight) is not nn.Parameter or linear.bias is not None
-            or weight.shape[0] % ROW_ALIGN == 0 or not x.is_cuda or x.dtype != weight.dtype
-            or linear._forward_hooks or linear._forward_pre_hooks or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return linear(x)
-    return mm_into_aligned_rows(x, weight)
 
 
 def scaled_normal_(weight: torch.Tensor, std: float) -> None:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from tpa.layers.base import (Attention, AttentionContext, apply_partial_rotary, attend, check_hidden, check_positive,
-                             linear_aligned_rows, partial_rotary_dim, scaled_normal_)
+                             partial_rotary_dim, scaled_normal_)
 from tpa.ops.decode import DecodeLaunchOptions, tpa_decode
 from tpa.ops.fused_materialize import tpa_materialize_many
 from tpa.ops.naive import tpa_attention_factors
@@ -357,7 +357,7 @@ class TensorProductAttention(Attention):
         (:meth:`static_step_write`): the query factors (``a_q`` and ``b_q``, or ``q``) and ``gate``,
         each ``[B, 1, rows, width]``."""
         bsz = x.shape[0]
-        projected = linear_aligned_rows(self.proj, x)
+        projected = self.proj(x)
         where = self._segments_of_proj()
         query = "b_q" if self.factorize_q else "q"
         writes = [(where[name], name) for name in ("a_k", "b_k", "a_v", "b_v")]

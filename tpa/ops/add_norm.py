@@ -53,8 +53,8 @@ def _check(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) ->
 def _use_triton(backend: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"add_rms_norm: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    if backend == "reference" or torch.compiler.is_compiling():  # traced: Inductor fuses the twin's ops
-        return False
+    if backend == "reference" or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return False  # traced (Inductor fuses the twin's ops), or a tensor subclass (a DTensor)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # the kernel has no backward
         return False
     if backend == "triton":

@@ -114,10 +114,11 @@ class T6DecoderLayer(GradientCheckpointingLayer):
     """One pre-norm block. ``forward(x [B, T, C], ctx) -> [B, T, C]``; checkpointed (recomputed in the
     backward pass) after ``model.gradient_checkpointing_enable()``.
 
-    With ``ctx.fused_norms`` the block leaves its last residual add to the next norm's launch:
+    With ``ctx.fused_step`` the block leaves its last residual add to the next norm's launch:
     ``forward(x, ctx, pending)`` adds ``pending`` (the previous block's MLP output, or None) to ``x``
     in its first norm's kernel and returns ``(x + pending + attention, mlp output)``; the caller adds
-    the last block's MLP output in the final norm's kernel. The sums are the unfused block's."""
+    the last block's MLP output in the final norm's kernel; SwiGLU's activation is one launch too. The
+    numbers are the unfused block's."""
 
     def __init__(self, config: T6Config, out_init_std: float):
         super().__init__()
@@ -127,11 +128,11 @@ class T6DecoderLayer(GradientCheckpointingLayer):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, pending: torch.Tensor | None = None):
-        if ctx.fused_norms:
+        if ctx.fused_step:
             backend = "triton" if ctx.decode_impl == "kernel" else "auto"
             x, h = self.input_layernorm.add_and_norm(x, pending, backend=backend)
             x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(h, ctx), backend=backend)
-            return x, self.mlp(h)
+            return x, self.mlp(h, fused_backend=backend)
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -350,15 +351,15 @@ class T6Model(T6PreTrainedModel):
             step.key_cos, step.key_sin = self.rotary(step.key_positions, dtype=rope_dtype)
         all_hidden, weights = [], [] if output_attentions else None
         # a static one-token step adds each block's output in the next norm's launch (T6DecoderLayer)
-        fused_norms = static_step and not output_hidden_states and self.config.decode_impl != "reference"
+        fused_step = static_step and not output_hidden_states and self.config.decode_impl != "reference"
         pending = None
         for block, layer_cache in zip(self.layers, layer_caches):
             ctx = AttentionContext(cos=cos, sin=sin, mask=mask, cache=layer_cache, step=step, kv_cache=kv,
                                    rotary=self.rotary, decode_impl=self.config.decode_impl, attention_weights=weights,
-                                   fused_norms=fused_norms)
+                                   fused_step=fused_step)
             if output_hidden_states:
                 all_hidden.append(hidden)
-            if fused_norms:
+            if fused_step:
                 hidden, pending = block(hidden, ctx, pending)
             else:
                 hidden = block(hidden, ctx)
@@ -366,7 +367,7 @@ class T6Model(T6PreTrainedModel):
             if output_attentions:
                 weights = weights_by_column(weights, kv, step)
             kv.commit(step)
-        if fused_norms:
+        if fused_step:
             _, hidden = self.norm.add_and_norm(hidden, pending,
                                                backend="triton" if self.config.decode_impl == "kernel" else "auto")
         else:

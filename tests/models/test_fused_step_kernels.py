@@ -1,7 +1,8 @@
 """A static cache's one-token step adds each sublayer's output to the residual stream in the next
-RMSNorm's launch (tpa.ops.add_norm): 2L + 1 launches per step for L blocks, for every attention type,
-with the unfused step's numbers. Other calls (prefill, dynamic caches, hidden states requested,
-``decode_impl="reference"``) keep the separate adds and norms.
+RMSNorm's launch (tpa.ops.add_norm) and runs SwiGLU's activation in one (tpa.ops.swiglu): 2L + 1 and L
+launches per step for L blocks, for every attention type, with the unfused step's numbers. Other
+calls (prefill, dynamic caches, hidden states requested, ``decode_impl="reference"``) keep the
+separate ops.
 
 ``decode_impl="kernel"`` runs the Triton kernels (the interpreter on the CPU: ``TRITON_INTERPRET=1``
 from ``tests/conftest.py``); float32, batch 3 with left-padded prompts.
@@ -14,6 +15,7 @@ import torch
 
 import tpa
 import tpa.ops.add_norm as add_norm_module
+import tpa.ops.swiglu as swiglu_module
 from tests.ops.kernels import KERNELS_RUNNABLE
 from tpa import T6Cache, T6Config, T6ForCausalLM
 
@@ -56,8 +58,9 @@ def _decode(model, impl, static=True, **options):
 @pytest.fixture
 def launches(monkeypatch):
     counted = []
-    launch = add_norm_module._launch
-    monkeypatch.setattr(add_norm_module, "_launch", lambda *a: (counted.append(1), launch(*a))[1])
+    for module, kind in ((add_norm_module, "norm"), (swiglu_module, "swiglu")):
+        launch = module._launch
+        monkeypatch.setattr(module, "_launch", lambda *a, launch=launch, kind=kind: (counted.append(kind), launch(*a))[1])
     return counted
 
 
@@ -66,7 +69,8 @@ def test_static_steps_fuse_adds_and_norms(attention_type, launches):
     model = _model(attention_type)
     fused, _ = _decode(model, "kernel")
     steps = _inputs(model)[0].shape[1] - PROMPT
-    assert len(launches) == (2 * model.config.num_hidden_layers + 1) * steps
+    layers = model.config.num_hidden_layers
+    assert launches.count("norm") == (2 * layers + 1) * steps and launches.count("swiglu") == layers * steps
     reference, _ = _decode(model, "reference")
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
 
@@ -88,6 +92,7 @@ def test_fused_and_unfused_static_steps_agree_exactly_with_the_twin(monkeypatch)
     """With the twin (torch ops) behind the fused calls, a fused step is the unfused step, bit for bit."""
     model = _model("tpa")
     monkeypatch.setattr(add_norm_module, "_use_triton", lambda backend, x, weight: False)
+    monkeypatch.setattr(swiglu_module, "_use_triton", lambda backend, gate_up: False)
     fused, _ = _decode(model, "auto")
     unfused, _ = _decode(model, "auto", output_hidden_states=True)
     assert torch.equal(fused, unfused)
