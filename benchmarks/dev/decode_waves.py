@@ -68,7 +68,13 @@ def main() -> None:
                    help="instead: the default split count against whole waves of resident programs (1, 2, 3 per "
                         "SM's worth of what fits at once), B 1-16 x L 32K-512K x H 32, 34 x ranks (16,1,1), "
                         "(6,2,2), (16,2,2)")
+    p.add_argument("--small-heads", action="store_true",
+                   help="instead: split count x block x warps x stages at H = 16 (d_model 1024), B = 1 and 2, "
+                        "32K-256K tokens, ranks (16,1,1), and H = 32 at B = 1, 128K (the Figure 5 points where "
+                        "the official kernel came closest)")
     args = p.parse_args()
+    if args.small_heads:
+        return small_heads(args)
     if args.occupancy:
         return occupancy(args)
     if args.pipeline:
@@ -201,6 +207,48 @@ def registers(args) -> None:
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "registers.csv", rows)
+
+
+SMALL_HEAD_POINTS = [(1, 32768, 16), (1, 65536, 16), (1, 131072, 16), (1, 262144, 16), (2, 131072, 16),
+                     (1, 131072, 32)]  # (B, L, H), ranks (16,1,1)
+
+
+def small_heads(args) -> None:
+    """Every combination of split count (the default's and 128-1024), block of 32-128 tokens, 1-4
+    warps and 2-4 stages at :data:`SMALL_HEAD_POINTS`: plain launches, L2 flushed, GPU time. A
+    configuration that does not compile (shared memory) is recorded as NaN."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    timer = Timer(torch)
+    rows = []
+    for bsz, length, h in SMALL_HEAD_POINTS:
+        ranks = (16, 1, 1)
+        inputs = tpa_inputs(torch, bsz, length, h, 64, ranks, torch.bfloat16)
+        out = torch.empty(bsz, 1, h, 64, dtype=torch.bfloat16, device="cuda")
+        ideal_us = tpa_bytes(bsz, length, h, 64, ranks, 2) / 4.28e6
+        default = default_config(bsz, 1, h, 64, 64, length, sms, 2, None, ranks[1], ranks[2])
+        configs = [("default", None)] + [
+            ("explicit", DecodeConfig(num_splits=sp, block_m=bm, num_warps=w, num_stages=st))
+            for sp in (None, 128, 256, 512, 1024) for bm in (32, 64, 128) for w in (1, 2, 4) for st in (2, 3, 4)]
+        for label, cfg in configs:
+            resolved = default_config(bsz, 1, h, 64, 64, length, sms, 2, cfg, ranks[1], ranks[2])
+            decode_launch.clear_plans()
+            try:
+                us = timer.time(lambda: tpa_decode(*inputs[:7], out=out, config=cfg), reps=args.reps)
+            except Exception as err:  # noqa: BLE001  # a configuration that does not compile
+                us = float("nan")
+                print(f"  {resolved} failed: {type(err).__name__}: {str(err)[:120]}")
+            row = dict(B=bsz, L=length, H=h, label=label, splits=resolved.num_splits, block_m=resolved.block_m,
+                       warps=resolved.num_warps, stages=resolved.num_stages, us=round(us, 2),
+                       copy_fraction=round(ideal_us / us, 3), default_us=None)
+            rows.append(row)
+        base = next(r["us"] for r in rows if r["label"] == "default" and (r["B"], r["L"], r["H"]) == (bsz, length, h))
+        here = [r for r in rows if (r["B"], r["L"], r["H"]) == (bsz, length, h) and r["us"] == r["us"]]
+        for r in sorted(here, key=lambda r: r["us"])[:5]:
+            print(json.dumps({**r, "default_us": base, "default": str(default)}))
+        inputs = out = None
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "small_heads.csv", rows)
 
 
 def resident_programs(props, shared: int, n_regs: int, warps: int) -> int:

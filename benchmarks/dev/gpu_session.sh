@@ -14,7 +14,7 @@
 #                  the loads reading the padding or not
 #   decode-pads    decode-h34's second part alone: H=34 at head block 64 per A-cache pad 1/8/16
 #   waves          benchmarks/dev/decode_waves.py (WAVES_ARGS="--pipeline" or "--registers": the small preset's
-#                  decode shapes)
+#                  decode shapes; "--small-heads": H = 16 at B = 1 and 2, the launch configurations)
 #   host-parts     benchmarks/dev/decode_host_parts.py: an eager tpa_decode call's host time, part by part
 #   step-kernels   benchmarks/dev/step_kernels.py: the small preset's residual add + RMSNorm and SwiGLU activation
 #                  in one launch each, beside the torch ops, and the TPA projection's GEMM; B 1 and 8, graph replay
