@@ -311,6 +311,21 @@ def test_long_splits_go_past_the_cap_at_batch_one(capacity, h, ranks, splits):
         DecodeHeuristic(long_split_blocks=0)
 
 
+@pytest.mark.parametrize(("bsz", "capacity", "h", "warps", "splits"), [
+    (1, 65536, 16, 4, 256),  # H200, 2026-12-03: 4 warps faster than 2 at the same split count
+    (1, 131072, 16, 4, 256),
+    (1, 262144, 16, 4, 256),
+    (1, 524288, 16, 2, 512),  # two waves of 4-warp programs: as before (not measured)
+    (2, 131072, 16, 2, 256),  # 4 warps slower here (39.8 against 34.3 us): as before
+    (1, 131072, 32, 2, 256),  # 32-row tiles: 2 and 4 warps within 0.5%; as before
+])
+def test_sixteen_row_tiles_of_one_sequence_get_four_warps(bsz, capacity, h, warps, splits):
+    cfg = default_config(bsz, 1, h, 64, 64, capacity, 132, 2, None, 1, 1)
+    assert (cfg.num_warps, cfg.num_splits) == (warps, splits)
+    explicit = default_config(1, 1, 16, 64, 64, 131072, 132, 2, DecodeConfig(num_warps=2), 1, 1)
+    assert explicit.num_warps == 2  # an explicit choice stands
+
+
 def test_the_old_split_rule_stays_selectable():
     """``splits="programs"`` aims at ``programs_per_sm`` programs per SM, as before (the sweep's old
     default at the small preset's decode shape: 64 splits of 8 sequences, two waves)."""

@@ -280,7 +280,7 @@ def default_config(
     :class:`DecodeHeuristic`), with at least ``min_split_blocks`` blocks of capacity per split, at
     most ``max_splits`` (256) splits unless each keeps ``long_split_blocks`` (16) blocks, and no
     empty split when the cache is full. Programs that stream at most two blocks are bound by memory latency, not
-    bandwidth, and get 4 warps.
+    bandwidth, and get 4 warps, as do the 16-row tiles of one sequence in one wave.
     """
     o = override or DecodeConfig()
     block_d, block_e = max(16, next_pow2(d)), max(16, next_pow2(e))
@@ -349,6 +349,12 @@ def default_config(
             fit = math.ceil(_LATENCY_BOUND_PROGRAMS_PER_SM * num_sms / max(base, 1))
             num_splits = _whole_block_splits(blocks, max(1, min(fit, most)))
     num_warps = warps_for(blocks <= 2 * num_splits)  # latency-bound: each program streams at most two blocks
+    if o.num_warps is None and rows_warps and rows <= 16 and base == 1 and num_splits <= resident_programs(4) * num_sms:
+        # one sequence of 16-row tiles (H <= 16) in one wave: 4 warps, not 2, at the same split count
+        # (H200, 2026-12-03, H = 16, (16,1,1), B = 1, 256 splits of 64-token blocks: 19.9 -> 19.3 us
+        # at 64K tokens, 26.3 -> 24.9 at 128K, 39.0 -> 36.8 at 256K; at B = 2 slower, 34.3 -> 39.8 at
+        # 128K; BENCHMARKS.md, "16-row tiles")
+        num_warps = 4
     return DecodeConfig(block_m, block_h, block_n, num_splits, num_warps, num_stages, o.max_registers)
 
 
