@@ -348,13 +348,12 @@ def default_config(
             # 512 programs 25.2 us, 256 programs of four blocks 20.9 us)
             fit = math.ceil(_LATENCY_BOUND_PROGRAMS_PER_SM * num_sms / max(base, 1))
             num_splits = _whole_block_splits(blocks, max(1, min(fit, most)))
-    num_warps = warps_for(blocks <= 2 * num_splits)  # latency-bound: each program streams at most two blocks
-    if o.num_warps is None and rows_warps and rows <= 16 and base == 1 and num_splits <= resident_programs(4) * num_sms:
-        # one sequence of 16-row tiles (H <= 16) in one wave: 4 warps, not 2, at the same split count
-        # (H200, 2026-12-03, H = 16, (16,1,1), B = 1, 256 splits of 64-token blocks: 19.9 -> 19.3 us
-        # at 64K tokens, 26.3 -> 24.9 at 128K, 39.0 -> 36.8 at 256K; at B = 2 slower, 34.3 -> 39.8 at
-        # 128K; BENCHMARKS.md, "16-row tiles")
-        num_warps = 4
+    # latency-bound: each program streams at most two blocks, or one sequence of 16-row tiles (H <= 16)
+    # fills at most one wave of 4-warp programs (H200, 2026-12-03, H = 16, (16,1,1), B = 1, 256 splits
+    # of 64-token blocks, 2 -> 4 warps: 19.9 -> 19.3 us at 64K tokens, 26.3 -> 24.9 at 128K, 39.0 -> 36.8
+    # at 256K; at B = 2 slower, 34.3 -> 39.8 at 128K; BENCHMARKS.md, "16-row tiles")
+    one_wave_sequence = rows <= 16 and base == 1 and num_splits <= resident_programs(4) * num_sms
+    num_warps = warps_for(blocks <= 2 * num_splits or one_wave_sequence)
     return DecodeConfig(block_m, block_h, block_n, num_splits, num_warps, num_stages, o.max_registers)
 
 
