@@ -62,8 +62,8 @@ def parts(bsz, length, h, ranks, page, calls, repeats) -> dict:
     g0, g1, g2 = plan.split_grid
     ws = plan.workspace(stream) if plan.num_splits > 1 else (out, out, out.data_ptr(), out.data_ptr())
     split_args = (g0, g1, g2, stream, split.function, split.packed_metadata, None, None, None, *ptrs,
-                  out.data_ptr(), out.data_ptr(), ws[2], ws[3], *plan.split_tail)
-    merge_args = (plan.merge_grid[0], 1, 1, stream, merge.function, merge.packed_metadata, None, None, None,
+                  out.data_ptr(), out.data_ptr(), ws[2], ws[3], ws[3], *plan.split_tail)
+    merge_args = (*plan.merge_grid, 1, stream, merge.function, merge.packed_metadata, None, None, None,
                   ws[2], ws[3], out.data_ptr(), out.data_ptr(), *plan.merge_tail)
 
     def launches():

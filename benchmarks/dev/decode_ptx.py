@@ -29,7 +29,8 @@ from tpa.bench.decode.inputs import tpa_inputs
 from tpa.ops import decode_launch
 from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions, default_config
 
-_POINTER_TYPES = {"SEQLENS": "*i32", "BLOCK_TABLE": "*i32", "LSE": "*fp32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
+_POINTER_TYPES = {"SEQLENS": "*i32", "BLOCK_TABLE": "*i32", "LSE": "*fp32", "O_PART": "*fp32", "LSE_PART": "*fp32",
+                  "TIMES": "*i64"}
 _TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 _UNSPECIALISED = ("N", "capacity", "num_splits")  # the kernel's do_not_specialize
 
@@ -42,11 +43,12 @@ def compile_split(plan, dtype, sm: int = 90, max_registers: int | None = None):
 
     kernel = decode_launch._kernels()[0]
     names = kernel.arg_names
+    n_ptr = names.index("N")  # the pointers come first
     signature, constants, attrs = {}, {}, {}
-    for i, name in enumerate(names[:12]):
+    for i, name in enumerate(names[:n_ptr]):
         signature[name] = _POINTER_TYPES.get(name, _TRITON_TYPES[dtype])
         attrs[(i,)] = [["tt.divisibility", 16]]
-    for i, (name, value) in enumerate(zip(names[12:], plan.split_scalars), start=12):
+    for i, (name, value) in enumerate(zip(names[n_ptr:], plan.split_scalars), start=n_ptr):
         if isinstance(value, float):
             signature[name] = "fp32"
         elif value == 1 and name not in _UNSPECIALISED:

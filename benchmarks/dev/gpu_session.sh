@@ -15,6 +15,8 @@
 #   decode-pads    decode-h34's second part alone: H=34 at head block 64 per A-cache pad 1/8/16
 #   waves          benchmarks/dev/decode_waves.py (WAVES_ARGS="--pipeline" or "--registers": the small preset's
 #                  decode shapes; "--small-heads": H = 16 at B = 1 and 2, the launch configurations)
+#   gap            benchmarks/dev/decode_gap.py: where a decode call of 200-800 MB spends its time (isolated and
+#                  back-to-back graph replay, split and merge kernels, the plain-read roofline; GAP_ARGS passed on)
 #   host-parts     benchmarks/dev/decode_host_parts.py: an eager tpa_decode call's host time, part by part
 #   step-kernels   benchmarks/dev/step_kernels.py: the small preset's residual add + RMSNorm and SwiGLU activation
 #                  in one launch each, beside the torch ops, and the TPA projection's GEMM; B 1 and 8, graph replay
@@ -80,6 +82,7 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
                 --block-h 64 --pad-a-heads 1 8 16 --pad-loads both --output "$R/decode-pads" ;;
       waves) stage waves "${T_WAVES:-200}" $PY benchmarks/dev/decode_waves.py ${WAVES_ARGS:-} --out "$R/waves" ;;
       step-kernels) stage step-kernels "${T_STEP_KERNELS:-90}" $PY benchmarks/dev/step_kernels.py --out "$R/step-kernels" ;;
+      gap) stage gap "${T_GAP:-240}" $PY benchmarks/dev/decode_gap.py ${GAP_ARGS:-} --out "$R/gap" ;;
       host-parts) stage host-parts "${T_HOST_PARTS:-90}" $PY benchmarks/dev/decode_host_parts.py --out "$R/host-parts" ;;
       generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
                 --types ${GEN_TYPES:-tpa mha gqa mla llama} --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.ops.kernels import DEVICE, rerun_with_interpreter, skip_unless_kernels
-from tpa.ops import tpa_decode, tpa_decode_reference
+from tpa.ops import decode_launch, tpa_decode, tpa_decode_reference
 from tpa.ops.decode import (DecodeConfig, DecodeHeuristic, DecodeLaunchOptions, check_cache_seqlens, default_config,
                             resident_programs)
 from tpa.ops.naive import gather_paged
@@ -215,6 +215,37 @@ def test_more_than_256_splits_merge_exactly():
     pt_out, _ = torch_same_dtype(*inputs)
     assert max_err(out, ref_out) <= 2 * max_err(pt_out, ref_out) + FLOOR[torch.float32]
     assert max_err(lse, ref_lse) <= 8 * torch.finfo(torch.float32).eps * ref_lse.abs().max().item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("program_bytes", [64, 2048, 1 << 30], ids=["slabs-of-16", "slabs-of-64", "whole-rows"])
+def test_split_merge_in_column_slabs_matches_the_truth(program_bytes):
+    """The merge of a row by several programs, each a slab of its columns
+    (``DecodeHeuristic.merge_program_bytes``): E = 80 in a 128-column block, so slabs of 16 leave the
+    last three past E, and of 64 one half past it; ragged lengths with empty splits, the log-sum-exp
+    written by the first slab only; every element written (poisoned buffers), as exact as whole rows."""
+    inputs = make_inputs([1, 37, 100], 1, 34, 64, 80, (2, 1, 2), torch.float32, seed=11)
+    options = DecodeLaunchOptions(heuristic=DecodeHeuristic(merge_program_bytes=program_bytes), poison_buffers=True)
+    out, lse = tpa_decode(*inputs, return_lse=True, backend="triton", config=DecodeConfig(block_m=16, num_splits=5),
+                          options=options)
+    assert_close_to_truth(out, lse, inputs)
+
+
+@needs_kernel
+def test_timeline_needs_cuda_tensors():
+    """The profiling hook reads the GPU's clock: on CPU tensors (the interpreter) it is refused."""
+    inputs = [t if t is None else t.cpu() for t in make_inputs([5, 9], 1, 16, 32, 32, (1, 1, 1), torch.float32)]
+    with pytest.raises(ValueError, match="timeline.*CUDA"):
+        tpa_decode(*inputs, backend="triton", options=DecodeLaunchOptions(timeline=True))
+
+
+@pytest.mark.parametrize(("block_e", "splits", "slab"), [
+    (64, 128, 64), (64, 129, 32), (64, 256, 32), (64, 512, 16), (64, 1024, 16), (128, 64, 128), (128, 65, 64),
+    (16, 1024, 16), (256, 1, 256),
+])
+def test_merge_slabs_keep_each_program_within_its_bytes(block_e, splits, slab):
+    """32 KB of float32 partials per merge program at most, down to slabs of 16 columns."""
+    assert decode_launch.merge_slab(block_e, splits, DecodeHeuristic().merge_program_bytes) == slab
 
 
 def test_kernels_in_fresh_process():

@@ -64,6 +64,28 @@ def test_decode_forced_head_blocks_and_padded_a_rows_match_truth(h, block_h, pad
     dec.assert_close_to_truth(out, lse, inputs)
 
 
+@pytest.mark.parametrize("inner", [False, True], ids=["splits-outer", "heads-inner"])
+def test_decode_timeline_records_every_program_and_changes_nothing(inner):
+    """The profiling hook (DecodeLaunchOptions.timeline): the output still matches the truth, and
+    every program of the split grid stored its clock in order (start <= queries <= loop <= end, all
+    set) and an SM of this GPU."""
+    from tpa.ops import decode_launch
+    from tpa.ops.decode import DecodeConfig, DecodeLaunchOptions
+
+    inputs = dec.make_inputs([5, 999, 3001], 1, 34, 64, 64, (6, 2, 2), torch.bfloat16, seed=21)
+    decode_launch.clear_plans()
+    options = DecodeLaunchOptions(poison_buffers=True, timeline=True, heads_inner=inner)
+    out, lse = tpa_decode(*inputs[:7], return_lse=True, backend="triton", config=DecodeConfig(block_h=16, num_splits=7),
+                          options=options)
+    dec.assert_close_to_truth(out, lse, inputs[:7])
+    (entry,) = decode_launch.PLANS.values()
+    times = entry.plan.times.cpu()
+    assert times.shape == (3 * 3 * 7, 5)  # 3 head blocks x 3 sequences x 7 splits
+    assert (times[:, 0] > 0).all() and (times[:, :4].diff(dim=1) >= 0).all()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert ((times[:, 4] >= 0) & (times[:, 4] < sms)).all()
+
+
 def _a_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """``t [B, M, R, H]`` with the same values in another layout of its head-factor rows."""
     b, m, r, h = t.shape

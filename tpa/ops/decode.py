@@ -150,6 +150,9 @@ class DecodeHeuristic:
             at 128K).
         long_split_blocks: see ``max_splits``.
         min_split_blocks: each split covers at least this many blocks of capacity.
+        merge_program_bytes: the most bytes of partial outputs one program of the merge kernel reads;
+            a row of more is merged by several programs, each a slab of its columns
+            (:func:`tpa.ops.decode_launch.merge_slab`).
         head_blocks: ``"pow2"`` (default) gives a program all heads, ``next_pow2(H)`` rows, while the
             tile stays small; ``"least_padding"`` picks the head block of 16 rows or more (up to that)
             with the fewest masked rows, the largest among equals: at H = 34, three blocks of 16
@@ -166,12 +169,16 @@ class DecodeHeuristic:
     wave_fill_margin: float = 0.02
     max_splits: int = 256
     long_split_blocks: int = 16
+    merge_program_bytes: int = 32768
 
     def __post_init__(self) -> None:
         if self.splits not in ("waves", "programs"):
             raise ValueError(f"DecodeHeuristic: splits must be 'waves' or 'programs', got {self.splits!r}")
         if isinstance(self.max_splits, bool) or not isinstance(self.max_splits, int) or not 1 <= self.max_splits <= _MAX_SPLITS:
             raise ValueError(f"DecodeHeuristic: max_splits must be an int in [1, {_MAX_SPLITS}], got {self.max_splits!r}")
+        if isinstance(self.merge_program_bytes, bool) or not isinstance(self.merge_program_bytes, int) or \
+                self.merge_program_bytes < 1:
+            raise ValueError(f"DecodeHeuristic: merge_program_bytes must be a positive int, got {self.merge_program_bytes!r}")
         if isinstance(self.long_split_blocks, bool) or not isinstance(self.long_split_blocks, int) or self.long_split_blocks < 1:
             raise ValueError(f"DecodeHeuristic: long_split_blocks must be a positive int, got {self.long_split_blocks!r}")
         if self.head_blocks not in ("pow2", "least_padding"):
@@ -203,6 +210,9 @@ class DecodeLaunchOptions:
             side (grid ``(tiles, splits, B)``), so that tiles reading the same tokens' head-shared
             factors run together and can share them through L2; False (default): ``(splits, tiles, B)``.
             It matters only with several head blocks (``DecodeConfig.block_h`` below H).
+        timeline: profiling hook (CUDA only); the split kernel stores each program's clock at its
+            start, after its queries, after its loop and at its end, and its SM, in the plan's
+            ``times`` (int64 ``[programs, 5]``, nanoseconds; ``benchmarks/dev/decode_gap.py --timeline``).
     """
 
     heuristic: DecodeHeuristic = field(default_factory=DecodeHeuristic)
@@ -211,6 +221,7 @@ class DecodeLaunchOptions:
     poison_buffers: bool = False
     a_head_pad: int = 1
     heads_inner: bool = False
+    timeline: bool = False
 
     def __post_init__(self) -> None:
         pad = self.a_head_pad

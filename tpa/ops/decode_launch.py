@@ -147,16 +147,22 @@ class DecodePlan:
             WRITE_LSE=return_lse, IEEE_DOT=interpret or b_k.dtype == torch.float32, FIX_BF16=fix_bf16,
             OFFS_64=(not paged) and needs_int64_offsets(caches, capacity),
             EARLY_LAUNCH=early, A_HEADS=_readable_heads(h, options.a_head_pad, a_k, a_v),
-            HEADS_INNER=options.heads_inner, A_ALIGN=a_row_alignment(a_k, a_v),
+            HEADS_INNER=options.heads_inner, A_ALIGN=a_row_alignment(a_k, a_v), TIMELINE=options.timeline,
         )
+        self.times = None  # with options.timeline: int64 [programs, 5] (see the split kernel), rewritten per call
+        if options.timeline:
+            if interpret:
+                raise ValueError("DecodeLaunchOptions.timeline reads the GPU's clock: it needs CUDA tensors")
+            self.times = torch.zeros(math.prod(self.split_grid), 5, dtype=torch.int64, device=self.device)
         self.split_options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.max_registers is not None:
             self.split_options["maxnreg"] = cfg.max_registers
-        self.merge_grid = (bsz * n * h,)
+        slab = merge_slab(block_e, s, options.heuristic.merge_program_bytes)
+        self.merge_grid = (bsz * n * h, block_e // slab)
         block_s = next_pow2(s)
         self.merge_scalars = (s, 1.0 / r_v)
         self.merge_constexprs = dict(
-            E=e, BLOCK_S=block_s, CHUNK_S=max(1, min(block_s, 4096 // block_e)), BLOCK_E=block_e,
+            E=e, BLOCK_S=block_s, CHUNK_S=max(1, min(block_s, 4096 // slab)), BLOCK_E=slab,
             WRITE_LSE=return_lse, FIX_BF16=fix_bf16, PDL=self.pdl,
         )
         self.merge_options = dict(num_warps=4, **({"launch_pdl": True} if self.pdl else {}))
@@ -190,7 +196,7 @@ class DecodePlan:
 
     def _update_fast_run(self) -> None:
         ready = self._split_handle is not None and (self.num_splits == 1 or self._merge_handle is not None)
-        self.fast_run = _fast_runner(self) if ready and not self.poison else None
+        self.fast_run = _fast_runner(self) if ready and not (self.poison or self.times is not None) else None
 
     def workspace(self, stream: int) -> tuple:
         """``(O_part, LSE_part, O_part.data_ptr(), LSE_part.data_ptr())`` for a call on ``stream``: the
@@ -225,8 +231,10 @@ class DecodePlan:
         lse_arg = out if lse is None else lse  # unused when not WRITE_LSE
         bt = lens if table is None else table  # unused when not PAGED
         split_kernel, merge_kernel = _kernels()
+        times = lse_part if self.times is None else self.times  # unused when not TIMELINE
         compiled = split_kernel[self.split_grid](a_q, b_q, a_k, b_k, a_v, b_v, lens, bt, out, lse_arg, o_part, lse_part,
-                                                 *self.split_scalars, **self.split_constexprs, **self.split_options)
+                                                 times, *self.split_scalars, **self.split_constexprs,
+                                                 **self.split_options)
         keep = self.compiled and _handles_supported()
         if keep and hasattr(compiled, "packed_metadata"):
             self.split_handle = compiled
@@ -312,6 +320,18 @@ def padded_reads_possible(h: int, pad: int, *a_caches: torch.Tensor) -> bool:
     return pad == 1 or all(_padded_view(t, h, heads) for t in a_caches)
 
 
+def merge_slab(block_e: int, num_splits: int, program_bytes: int) -> int:
+    """Output columns per merge program: all ``block_e`` of a row, halved (down to 16) while one
+    program would read more than ``program_bytes`` of partial outputs (``num_splits`` float32 rows of
+    that many columns). A merge program is bound by memory latency, so a row of many splits is
+    merged faster by several programs side by side (H200, 2026-12-03, B=1, H=32, 512 splits: one
+    program per row 8.5 us; BENCHMARKS.md, "the merge in slabs")."""
+    slab = block_e
+    while slab > 16 and num_splits * slab * 4 > program_bytes:
+        slab //= 2
+    return slab
+
+
 def _new_workspace(shapes, device, poison, store, stream) -> tuple:
     """A fresh ``(O_part, LSE_part, O_part.data_ptr(), LSE_part.data_ptr())`` of ``shapes``, float32,
     NaN-filled with ``poison``, kept in ``store[stream]`` unless ``store`` is None."""
@@ -345,7 +365,7 @@ def _fast_runner(plan: DecodePlan):
     merge_launch = merge_handle.run if merged else None
     merge_fixed = (merge_handle.function, merge_handle.packed_metadata, None, None, None) if merged else None
     g0, g1, g2 = plan.split_grid
-    m0 = plan.merge_grid[0]
+    m0, m1 = plan.merge_grid
     split_tail, merge_tail = plan.split_tail, plan.merge_tail
     out_shape, lse_shape, dtype, device = plan.out_shape, plan.lse_shape, plan.dtype, plan.device
     return_lse, compiled, device_index = plan.return_lse, plan.compiled, plan.device_index
@@ -373,10 +393,11 @@ def _fast_runner(plan: DecodePlan):
             if ws is None:
                 ws = _new_workspace(ws_shapes, device, False, None if capturing else workspaces, stream)
             o_ptr, l_ptr = ws[2], ws[3]
-            split_launch(g0, g1, g2, stream, *split_fixed, *ptrs, out_ptr, lse_ptr, o_ptr, l_ptr, *split_tail)
-            merge_launch(m0, 1, 1, stream, *merge_fixed, o_ptr, l_ptr, out_ptr, lse_ptr, *merge_tail)
+            split_launch(g0, g1, g2, stream, *split_fixed, *ptrs, out_ptr, lse_ptr, o_ptr, l_ptr, l_ptr, *split_tail)
+            merge_launch(m0, m1, 1, stream, *merge_fixed, o_ptr, l_ptr, out_ptr, lse_ptr, *merge_tail)
         else:
-            split_launch(g0, g1, g2, stream, *split_fixed, *ptrs, out_ptr, lse_ptr, out_ptr, out_ptr, *split_tail)
+            split_launch(g0, g1, g2, stream, *split_fixed, *ptrs, out_ptr, lse_ptr, out_ptr, out_ptr, out_ptr,
+                         *split_tail)
         return (out, lse) if return_lse else out
 
     return run
@@ -406,7 +427,7 @@ _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or tor
 _A_HEAD_PAD_AT = 12  # the index of DecodeLaunchOptions.a_head_pad in config_to_list's list
 _MAX_REGISTERS_AT = 15  # ... and of DecodeConfig.max_registers
 _SPLITS_AT = 16  # ... and of DecodeHeuristic.splits (1: "waves"), wave_fill_margin (in 1/10000), max_splits,
-#   long_split_blocks
+#   long_split_blocks, merge_program_bytes
 
 
 def config_to_list(cfg, options) -> list[int]:
@@ -414,15 +435,15 @@ def config_to_list(cfg, options) -> list[int]:
     :class:`tpa.ops.decode.DecodeConfig`, -1 for a field left to the heuristic), the poison flag, the
     heuristic's constants, the A rows' padding and the grid order (``options``, a
     :class:`tpa.ops.decode.DecodeLaunchOptions`), then the register cap (-1: none), then the split
-    rule, its wave-fill margin (in units of 1/10000), the heuristic's most splits and the split
-    length past which it may take more."""
+    rule, its wave-fill margin (in units of 1/10000), the heuristic's most splits, the split
+    length past which it may take more and the merge program's most bytes."""
     fixed = [-1 if v is None else v for v in (cfg.block_m, cfg.block_h, cfg.block_n, cfg.num_splits, cfg.num_warps,
                                               cfg.num_stages)]
     h = options.heuristic
     return [*fixed, int(options.poison_buffers), int(h.warps == "rows"), h.block_m, h.num_stages, h.programs_per_sm,
             h.min_split_blocks, options.a_head_pad, int(options.heads_inner), int(h.head_blocks == "least_padding"),
             -1 if cfg.max_registers is None else cfg.max_registers, int(h.splits == "waves"),
-            round(h.wave_fill_margin * 10000), h.max_splits, h.long_split_blocks]
+            round(h.wave_fill_margin * 10000), h.max_splits, h.long_split_blocks, h.merge_program_bytes]
 
 
 @functools.lru_cache(maxsize=64)
@@ -437,7 +458,7 @@ def _config_from_list(config: tuple[int, ...], launched_by_inductor: bool):
                                 head_blocks="least_padding" if config[14] else "pow2",
                                 splits="waves" if config[_SPLITS_AT] else "programs",
                                 wave_fill_margin=config[_SPLITS_AT + 1] / 10000, max_splits=config[_SPLITS_AT + 2],
-                                long_split_blocks=config[_SPLITS_AT + 3])
+                                long_split_blocks=config[_SPLITS_AT + 3], merge_program_bytes=config[_SPLITS_AT + 4])
     pdl = {"use_pdl": False, "early_launch": False} if launched_by_inductor else {}
     options = DecodeLaunchOptions(heuristic=heuristic, poison_buffers=bool(config[6]),
                                   a_head_pad=config[_A_HEAD_PAD_AT],
@@ -482,7 +503,7 @@ def _op_body(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, softmax_s
     lse_arg = lse if return_lse else unused()
     bt = cache_seqlens if block_table is None else block_table
     wrap_triton(split_kernel)[plan.split_grid](
-        a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, bt, out, lse_arg, o_part, lse_part,
+        a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, bt, out, lse_arg, o_part, lse_part, unused(),
         *plan.split_scalars, **plan.split_constexprs, **plan.split_options)
     if plan.num_splits > 1:
         wrap_triton(merge_kernel)[plan.merge_grid](

@@ -21,7 +21,7 @@ __all__ = ["tpa_decode_merge_kernel", "tpa_decode_split_kernel"]
 @triton.jit(do_not_specialize=["N", "capacity", "num_splits"])
 def tpa_decode_split_kernel(
     AQ, BQ, AK, BK, AV, BV, SEQLENS, BLOCK_TABLE,
-    OUT, LSE, O_PART, LSE_PART,
+    OUT, LSE, O_PART, LSE_PART, TIMES,
     N, capacity, num_splits, scale_log2, out_scale,
     s_aq_b, s_aq_n, s_aq_r, s_aq_h,
     s_bq_b, s_bq_n, s_bq_r, s_bq_d,
@@ -37,6 +37,7 @@ def tpa_decode_split_kernel(
     SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, OFFS_64: tl.constexpr,
     EARLY_LAUNCH: tl.constexpr, A_HEADS: tl.constexpr, HEADS_INNER: tl.constexpr, A_ALIGN: tl.constexpr,
+    TIMELINE: tl.constexpr,
 ):
     """One (split, head/query tile, sequence). Rows of every tile are (query, head) pairs:
     row = n_local * BLOCK_H + h_local. For a contiguous cache the ``*_b`` strides step over
@@ -70,7 +71,13 @@ def tpa_decode_split_kernel(
     (the host's :func:`tpa.ops.decode_launch.a_row_alignment`): Triton infers the alignment of the
     row starts only from strides divisible by 16, so at H = 34 (rows of 68 elements) it would load
     the head factors one element at a time; with the hint it loads them as wide as the mask allows.
+
+    ``TIMELINE`` (a profiling hook, :attr:`tpa.ops.decode.DecodeLaunchOptions.timeline`) stores, per
+    program, the GPU's nanosecond clock at its start, after its queries, after its loop and at its
+    end, and its SM, in ``TIMES`` (int64 ``[programs, 5]``, programs in launch order).
     """
+    if TIMELINE:
+        t_start = tl.extra.cuda.globaltimer()
     if EARLY_LAUNCH:  # let the merge kernel (launched with PDL) start now; it waits for our results
         tl.extra.cuda.gdc_launch_dependents()
     # float scalars arrive as fp64 when inductor launches the kernel (torch.ops.tpa.decode under
@@ -138,6 +145,8 @@ def tpa_decode_split_kernel(
         q = tl.dot(a_q, b_q)
     kv_dtype = BK.dtype.element_ty
     q = round_bf16(q, FIX_BF16).to(kv_dtype)
+    if TIMELINE:
+        t_query = tl.extra.cuda.globaltimer()
 
     acc = tl.zeros([ROWS, BLOCK_E], dtype=tl.float32)
     m_i = tl.full([ROWS, 1], -3.0e38, dtype=tl.float32)
@@ -231,6 +240,8 @@ def tpa_decode_split_kernel(
                 acc += tl.dot(w, v)
         m_i = m_new
 
+    if TIMELINE:
+        t_loop = tl.extra.cuda.globaltimer()
     m_i = tl.reshape(m_i, [ROWS])
     l_i = tl.reshape(l_i, [ROWS])
     has = l_i > 0.0
@@ -248,6 +259,18 @@ def tpa_decode_split_kernel(
         part = row_bnh * num_splits + pid_s
         tl.store(O_PART + part[:, None] * E + offs_e[None, :], o, mask=row_ok[:, None] & e_ok[None, :])
         tl.store(LSE_PART + part, lse2, mask=row_ok)
+    if TIMELINE:
+        t_end = tl.extra.cuda.globaltimer()
+        if HEADS_INNER:
+            program = pid_hq + tl.num_programs(0) * (pid_s + tl.num_programs(1) * b64)
+        else:
+            program = pid_s + tl.num_programs(0) * (pid_hq + tl.num_programs(1) * b64)
+        times = TIMES + program * 5
+        tl.store(times, t_start)
+        tl.store(times + 1, t_query)
+        tl.store(times + 2, t_loop)
+        tl.store(times + 3, t_end)
+        tl.store(times + 4, tl.extra.cuda.smid().to(tl.int64))
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -257,7 +280,9 @@ def tpa_decode_merge_kernel(
     E: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     WRITE_LSE: tl.constexpr, FIX_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Merge the splits of one (b, n, h) row with a float32 log-sum-exp.
+    """Merge the splits of one (b, n, h) row with a float32 log-sum-exp: program (row, slab) writes
+    the row's output columns ``[slab * BLOCK_E, (slab + 1) * BLOCK_E)`` (a row of many splits is
+    merged by several programs, each reading its slab of every split's partial output).
 
     All loads are independent of each other (the split loop is unrolled in chunks of CHUNK_S), so
     the row costs about one memory round trip, not one per split. With PDL the kernel is launched
@@ -267,12 +292,13 @@ def tpa_decode_merge_kernel(
     if PDL:
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
+    slab = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     l = tl.sum(tl.math.exp2(lse - m_use), axis=0)
-    offs_e = tl.arange(0, BLOCK_E)
+    offs_e = slab * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = offs_e < E
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
     for c in tl.static_range(0, BLOCK_S, CHUNK_S):
@@ -287,4 +313,5 @@ def tpa_decode_merge_kernel(
     out = acc * (out_scale / l_safe)
     tl.store(OUT + row * E + offs_e, round_bf16(out, FIX_BF16).to(OUT.dtype.element_ty), mask=e_ok)
     if WRITE_LSE:
-        tl.store(LSE + row, tl.where(has, m_use + tl.math.log2(l_safe), float("-inf")) * 0.6931471805599453)
+        if slab == 0:
+            tl.store(LSE + row, tl.where(has, m_use + tl.math.log2(l_safe), float("-inf")) * 0.6931471805599453)
