@@ -320,9 +320,11 @@ MEASURED_BEST_SPLITS = {
 @pytest.mark.parametrize("point", list(MEASURED_BEST_SPLITS), ids=str)
 def test_splits_fill_whole_waves_of_resident_programs(point):
     """The split count fills one wave of the programs the SMs hold at once (two waves where one would
-    leave more slots idle), the fastest measured; the old rule (4 programs per SM) stays selectable."""
+    leave more slots idle), the fastest measured; the old rule (4 programs per SM) stays selectable.
+    The split counts were measured with the blocks of before the rank-4 half blocks (2026-12-02)."""
     bsz, capacity, h, (_, r_k, r_v) = point
-    cfg = default_config(bsz, 1, h, 64, 64, capacity, 132, 2, None, r_k, r_v)
+    blocks_then = DecodeHeuristic(rank_four_half_blocks=False)
+    cfg = default_config(bsz, 1, h, 64, 64, capacity, 132, 2, None, r_k, r_v, heuristic=blocks_then)
     assert cfg.num_splits == MEASURED_BEST_SPLITS[point]
     slots = resident_programs(cfg.num_warps) * 132
     assert bsz * cfg.num_splits * -(-h // cfg.block_h) <= 2 * slots
@@ -357,6 +359,25 @@ def test_sixteen_row_tiles_of_one_sequence_get_four_warps(bsz, capacity, h, warp
     assert explicit.num_warps == 2  # an explicit choice stands
 
 
+@pytest.mark.parametrize(("bsz", "capacity", "h", "ranks", "launch"), [
+    (2, 131072, 32, (6, 2, 2), (32, 2, 256)),  # H200, 2026-12-03: 65.3 -> 61.7 us back to back
+    (8, 32768, 32, (16, 2, 2), (32, 2, 64)),
+    (16, 524288, 32, (6, 2, 2), (32, 2, 33)),
+    (1, 131072, 32, (6, 2, 2), (64, 4, 256)),  # one sequence: half blocks slower (42.9 against 37.6 us)
+    (4, 4096, 32, (6, 2, 2), (64, 4, 32)),  # short caches: as before
+    (8, 32768, 32, (16, 1, 1), (64, 2, 64)),  # rank 2: as before
+    (8, 32768, 32, (6, 2, 1), (64, 4, 32)),  # rank 3: not measured, as before
+    (8, 32768, 34, (6, 2, 2), (32, 4, 32)),  # 64-row tiles: 32-token blocks from shared memory already
+])
+def test_rank_four_caches_of_thirty_two_rows_take_half_blocks(bsz, capacity, h, ranks, launch):
+    cfg = default_config(bsz, 1, h, 64, 64, capacity, 132, 2, None, ranks[1], ranks[2])
+    assert (cfg.block_m, cfg.num_warps, cfg.num_splits) == launch
+    off = DecodeHeuristic(rank_four_half_blocks=False)
+    assert default_config(2, 1, 32, 64, 64, 131072, 132, 2, None, 2, 2, heuristic=off).block_m == 64
+    explicit = default_config(2, 1, 32, 64, 64, 131072, 132, 2, DecodeConfig(block_m=64), 2, 2)
+    assert (explicit.block_m, explicit.num_warps) == (64, 4)  # an explicit block stands
+
+
 def test_the_old_split_rule_stays_selectable():
     """``splits="programs"`` aims at ``programs_per_sm`` programs per SM, as before (the sweep's old
     default at the small preset's decode shape: 64 splits of 8 sequences, two waves)."""
@@ -371,7 +392,7 @@ def test_the_old_split_rule_stays_selectable():
     (34, (2, 2), 2, 32, 3),  # small's TPA: 64-row tiles; 3 stages of 64 tokens do not fit
     (78, (2, 2), 2, 32, 3),
     (78, (2, 2), 4, 16, 2),  # float32: 3 stages do not fit even at 32 tokens
-    (32, (2, 2), 2, 64, 3),  # fits as it is
+    (32, (2, 2), 2, 32, 3),  # 64 tokens would fit; the rank-4 half blocks (above) take 32
     (32, (1, 1), 2, 64, 3),
 ])
 def test_shared_memory_keeps_three_stages_of_half_blocks(h, ranks, element_size, block_m, stages):

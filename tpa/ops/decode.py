@@ -150,6 +150,8 @@ class DecodeHeuristic:
             at 128K).
         long_split_blocks: see ``max_splits``.
         min_split_blocks: each split covers at least this many blocks of capacity.
+        rank_four_half_blocks: caches of rank 4 (``R_k + R_v``) in tiles of 17-32 rows, two or more tiles
+            and 32K tokens of capacity or more, take half the block (:func:`default_config`).
         merge_program_bytes: the most bytes of partial outputs one program of the merge kernel reads;
             a row of more is merged by several programs, each a slab of its columns
             (:func:`tpa.ops.decode_launch.merge_slab`).
@@ -170,6 +172,7 @@ class DecodeHeuristic:
     max_splits: int = 256
     long_split_blocks: int = 16
     merge_program_bytes: int = 32768
+    rank_four_half_blocks: bool = True
 
     def __post_init__(self) -> None:
         if self.splits not in ("waves", "programs"):
@@ -315,7 +318,16 @@ def default_config(
             )
         block_h = max(block_h, 16 // block_n)
     rows = block_h * block_n
+    base = batch * math.ceil(num_queries / block_n) * math.ceil(num_heads / block_h)
     block_m = o.block_m if o.block_m is not None else (tune.block_m if element_size <= 2 else tune.block_m // 2)
+    if (o.block_m is None and tune.rank_four_half_blocks and k_rank + v_rank == 4 and 16 < rows <= 32 and base >= 2
+            and capacity >= 32768 and block_m >= 64):
+        # rank-4 caches (k + v) in tiles of 17-32 rows, two or more tiles: half the block, which the rows rule
+        # runs with 2 warps, four programs an SM instead of two (H200, 2026-12-03, H = 32, ranks (6,2,2) and
+        # (16,2,2), B 2-16 at 32K-512K tokens, back-to-back graph replay: faster at 22 of 24 points, by up
+        # to 8.2% (B=2 128K 65.3 -> 61.7 us), 1.4% slower at worst (B=4 32K); at B=1 slower, 37.6 -> 42.9 us
+        # at 128K; BENCHMARKS.md, "half blocks for rank-4 caches")
+        block_m //= 2
     num_stages = o.num_stages if o.num_stages is not None else tune.num_stages
 
     def staged_bytes(bm: int, stages: int) -> int:  # upper estimate of the pipelined tiles
@@ -331,7 +343,6 @@ def default_config(
         if o.block_m is None:
             while staged_bytes(block_m, num_stages) > budget and block_m > floor_block:
                 block_m //= 2
-    base = batch * math.ceil(num_queries / block_n) * math.ceil(num_heads / block_h)
     blocks = math.ceil(capacity / block_m)
     rows_warps = tune.warps == "rows" and max(block_d, block_e) <= 128 and (k_rank + v_rank) * block_m <= 128
 

@@ -427,7 +427,7 @@ _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or tor
 _A_HEAD_PAD_AT = 12  # the index of DecodeLaunchOptions.a_head_pad in config_to_list's list
 _MAX_REGISTERS_AT = 15  # ... and of DecodeConfig.max_registers
 _SPLITS_AT = 16  # ... and of DecodeHeuristic.splits (1: "waves"), wave_fill_margin (in 1/10000), max_splits,
-#   long_split_blocks, merge_program_bytes
+#   long_split_blocks, merge_program_bytes, rank_four_half_blocks
 
 
 def config_to_list(cfg, options) -> list[int]:
@@ -436,14 +436,15 @@ def config_to_list(cfg, options) -> list[int]:
     heuristic's constants, the A rows' padding and the grid order (``options``, a
     :class:`tpa.ops.decode.DecodeLaunchOptions`), then the register cap (-1: none), then the split
     rule, its wave-fill margin (in units of 1/10000), the heuristic's most splits, the split
-    length past which it may take more and the merge program's most bytes."""
+    length past which it may take more, the merge program's most bytes and the rank-4 half-block flag."""
     fixed = [-1 if v is None else v for v in (cfg.block_m, cfg.block_h, cfg.block_n, cfg.num_splits, cfg.num_warps,
                                               cfg.num_stages)]
     h = options.heuristic
     return [*fixed, int(options.poison_buffers), int(h.warps == "rows"), h.block_m, h.num_stages, h.programs_per_sm,
             h.min_split_blocks, options.a_head_pad, int(options.heads_inner), int(h.head_blocks == "least_padding"),
             -1 if cfg.max_registers is None else cfg.max_registers, int(h.splits == "waves"),
-            round(h.wave_fill_margin * 10000), h.max_splits, h.long_split_blocks, h.merge_program_bytes]
+            round(h.wave_fill_margin * 10000), h.max_splits, h.long_split_blocks, h.merge_program_bytes,
+            int(h.rank_four_half_blocks)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -458,7 +459,8 @@ def _config_from_list(config: tuple[int, ...], launched_by_inductor: bool):
                                 head_blocks="least_padding" if config[14] else "pow2",
                                 splits="waves" if config[_SPLITS_AT] else "programs",
                                 wave_fill_margin=config[_SPLITS_AT + 1] / 10000, max_splits=config[_SPLITS_AT + 2],
-                                long_split_blocks=config[_SPLITS_AT + 3], merge_program_bytes=config[_SPLITS_AT + 4])
+                                long_split_blocks=config[_SPLITS_AT + 3], merge_program_bytes=config[_SPLITS_AT + 4],
+                                rank_four_half_blocks=bool(config[_SPLITS_AT + 5]))
     pdl = {"use_pdl": False, "early_launch": False} if launched_by_inductor else {}
     options = DecodeLaunchOptions(heuristic=heuristic, poison_buffers=bool(config[6]),
                                   a_head_pad=config[_A_HEAD_PAD_AT],
