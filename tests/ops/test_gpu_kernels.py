@@ -19,12 +19,12 @@ from tpa.ops.naive import materialize as materialize_reference
 
 pytestmark = pytest.mark.gpu
 
-# (lengths, N, H, D, ranks, dtype, page size or None): caches up to 40,000 tokens, odd head counts and
+# (lengths, N, H, D, ranks, dtype, page size or None): caches up to 33,000 tokens, odd head counts and
 # feature sizes, N > 1 queries, paged caches; these were the checks of `tpa bench decode`.
 DECODE_CASES = [
     ([1, 37, 1000, 4096], 1, 32, 64, (16, 1, 1), torch.bfloat16, None),
     ([1, 37, 1000, 4096], 1, 32, 64, (6, 2, 2), torch.bfloat16, None),
-    ([1, 999, 40000], 1, 32, 64, (6, 2, 2), torch.bfloat16, None),  # rank-4 half blocks (capacity >= 32K)
+    ([1, 999, 33000], 1, 32, 64, (6, 2, 2), torch.bfloat16, None),  # rank-4 half blocks (capacity >= 32K)
     ([5, 999, 3001], 1, 34, 80, (3, 2, 3), torch.float16, None),
     ([5, 999, 3001], 4, 78, 64, (2, 1, 2), torch.bfloat16, 16),
     ([7, 1500], 1, 78, 256, (1, 2, 1), torch.bfloat16, None),
