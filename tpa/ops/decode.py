@@ -11,7 +11,8 @@ The stack, bottom to top:
   probabilities ``p * a_v`` times ``B_v`` (a second matrix product). Accumulation, running max and
   running sum are float32. With one split it writes the final output; otherwise it writes a
   float32 partial output and log-sum-exp per split, which ``tpa_decode_merge_kernel`` merges with
-  a float32 log-sum-exp (flash-decoding).
+  a float32 log-sum-exp (flash-decoding), one program per output row, or per slab of a row's
+  columns where the row has many splits (:func:`tpa.ops.decode_launch.merge_slab`).
 - :mod:`tpa.ops.decode_launch`: the host side. A :class:`~tpa.ops.decode_launch.DecodePlan` per
   launch configuration (launch parameters, grids, scalar arguments, compiled kernel handles, the
   split workspace), and ``torch.ops.tpa.decode``, the ``triton_op`` that ``torch.compile`` traces.
