@@ -149,6 +149,20 @@ def variants(default: DecodeConfig, sweep: bool) -> list[tuple[str, DecodeConfig
     return out
 
 
+def decode_calls(sets, out, cfg, options, calls: int) -> list:
+    """``calls`` decode calls over the cache ``sets`` in turn, all writing ``out``."""
+    def call(s):
+        return lambda: tpa_decode(*s[:7], out=out, config=cfg, options=options)
+
+    return [call(sets[i % len(sets)]) for i in range(calls)]
+
+
+def isolated_and_back_to_back_us(timer, fns, reps: int) -> tuple[float, float]:
+    """``(isolated, back to back)`` GPU microseconds per call: one call replayed from a graph with the
+    L2 flushed before it, and one call of a graph of all ``fns``."""
+    return timer.time(graph_of(fns[:1]).replay, reps=reps), back_to_back_us(fns, reps)
+
+
 def decode_point(timer, ranks, bsz, length, calls, reps, sms, sweep=False) -> list[dict]:
     """The rows of one point: per launch variant, isolated and back-to-back graph replay and kernel times."""
     sets = [tpa_inputs(torch, bsz, length, 32, 64, ranks, torch.bfloat16) for _ in range(2)]
@@ -161,13 +175,12 @@ def decode_point(timer, ranks, bsz, length, calls, reps, sms, sweep=False) -> li
             continue
         seen.add((resolved, options))
         decode_launch.clear_plans()
-        fns = [lambda s=sets[i % 2]: tpa_decode(*s[:7], out=out, config=cfg, options=options) for i in range(calls)]
+        fns = decode_calls(sets, out, cfg, options, calls)
         try:
-            iso = timer.time(graph_of(fns[:1]).replay, reps=reps)
+            iso, b2b = isolated_and_back_to_back_us(timer, fns, reps)
         except Exception as exc:  # noqa: BLE001  # a configuration that does not compile is a result
             print(json.dumps({"label": label, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}), flush=True)
             continue
-        b2b = back_to_back_us(fns, reps)
         kernels = kernel_times(torch, fns[0], calls=5)
         split_us = sum(v for k, v in kernels.items() if "split" in k)
         merge_us = sum(v for k, v in kernels.items() if "merge" in k)
@@ -222,11 +235,11 @@ def compare_blocks(args, timer, sms) -> None:
                     for tag, cfg in (("default", None), ("block", DecodeConfig(block_m=args.compare_block_m))):
                         resolved = default_config(bsz, 1, h, 64, 64, length, sms, 2, cfg, ranks[1], ranks[2])
                         decode_launch.clear_plans()
-                        fns = [lambda s=sets[i % 2]: tpa_decode(*s[:7], out=out, config=cfg) for i in range(args.calls)]
+                        fns = decode_calls(sets, out, cfg, None, args.calls)
                         row[f"{tag}_launch"] = (f"m{resolved.block_m} w{resolved.num_warps} s{resolved.num_stages} "
                                                 f"x{resolved.num_splits}")
-                        row[f"{tag}_iso_us"] = round(timer.time(graph_of(fns[:1]).replay, reps=args.reps), 2)
-                        row[f"{tag}_b2b_us"] = round(back_to_back_us(fns, args.reps), 2)
+                        iso, b2b = isolated_and_back_to_back_us(timer, fns, args.reps)
+                        row[f"{tag}_iso_us"], row[f"{tag}_b2b_us"] = round(iso, 2), round(b2b, 2)
                     row["b2b_ratio"] = round(row["default_b2b_us"] / row["block_b2b_us"], 3)
                     row["iso_ratio"] = round(row["default_iso_us"] / row["block_iso_us"], 3)
                     rows.append(row)

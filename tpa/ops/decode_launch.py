@@ -324,8 +324,8 @@ def merge_slab(block_e: int, num_splits: int, program_bytes: int) -> int:
     """Output columns per merge program: all ``block_e`` of a row, halved (down to 16) while one
     program would read more than ``program_bytes`` of partial outputs (``num_splits`` float32 rows of
     that many columns). A merge program is bound by memory latency, so a row of many splits is
-    merged faster by several programs side by side (H200, 2026-12-03, B=1, H=32, 512 splits: one
-    program per row 8.5 us; BENCHMARKS.md, "the merge in slabs")."""
+    merged faster by several programs side by side (H200, 2026-12-03, B=1, H=32, 512 splits: 8.3 us
+    with one program per row, 3.2 us in slabs of 16; BENCHMARKS.md, "the merge in slabs")."""
     slab = block_e
     while slab > 16 and num_splits * slab * 4 > program_bytes:
         slab //= 2
