@@ -17,6 +17,8 @@
 #                  decode shapes; "--small-heads": H = 16 at B = 1 and 2, the launch configurations)
 #   gap            benchmarks/dev/decode_gap.py: where a decode call of 200-800 MB spends its time (isolated and
 #                  back-to-back graph replay, split and merge kernels, the plain-read roofline; GAP_ARGS passed on)
+#   ncu            benchmarks/dev/decode_ncu.py: Nsight Compute's counters (ncu --set full) of the split kernel at
+#                  201 and 805 MB beside a plain read of 201 MB (NCU_ARGS passed on, e.g. "--points r16-b1-512k")
 #   host-parts     benchmarks/dev/decode_host_parts.py: an eager tpa_decode call's host time, part by part
 #   step-kernels   benchmarks/dev/step_kernels.py: the small preset's residual add + RMSNorm and SwiGLU activation
 #                  in one launch each, beside the torch ops, and the TPA projection's GEMM; B 1 and 8, graph replay
@@ -83,6 +85,7 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
       waves) stage waves "${T_WAVES:-200}" $PY benchmarks/dev/decode_waves.py ${WAVES_ARGS:-} --out "$R/waves" ;;
       step-kernels) stage step-kernels "${T_STEP_KERNELS:-90}" $PY benchmarks/dev/step_kernels.py --out "$R/step-kernels" ;;
       gap) stage gap "${T_GAP:-240}" $PY benchmarks/dev/decode_gap.py ${GAP_ARGS:-} --out "$R/gap" ;;
+      ncu) stage ncu "${T_NCU:-240}" $PY benchmarks/dev/decode_ncu.py ${NCU_ARGS:-} --out "$R/ncu" ;;
       host-parts) stage host-parts "${T_HOST_PARTS:-90}" $PY benchmarks/dev/decode_host_parts.py --out "$R/host-parts" ;;
       generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
                 --types ${GEN_TYPES:-tpa mha gqa mla llama} --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
