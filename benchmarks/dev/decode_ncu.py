@@ -33,9 +33,10 @@ POINTS = {  # name: (what, ranks, B, L, config overrides)
     "r16-b4-512k": ("decode", (16, 1, 1), 4, 512 * KB, {}),
     "read-201mb": ("read", None, 201_326_592, 4, {}),  # bytes, programs per SM
 }
-SUMMARY = {  # label: raw metric name
+SUMMARY = {  # label: raw metric name (or names: the first one present)
     "time_us": "gpu__time_duration.sum",
-    "dram_pct_peak": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "dram_pct_peak": ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+                      "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
     "dram_read_MB": "dram__bytes_read.sum",
     "registers": "launch__registers_per_thread",
     "shared_per_block_B": "launch__shared_mem_per_block",
@@ -48,6 +49,10 @@ SUMMARY = {  # label: raw metric name
     "inst_executed": "smsp__inst_executed.sum",
     "l1tex_pct_peak": "l1tex__throughput.avg.pct_of_peak_sustained_active",
     "lts_pct_peak": "lts__throughput.avg.pct_of_peak_sustained_elapsed",
+}
+TO_UNIT = {  # label: (unit it is reported in, factors from ncu's units to it)
+    "time_us": {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6},
+    "dram_read_MB": {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3, "Tbyte": 1e6},
 }
 STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 STALL_SUFFIX = "_per_issue_active.ratio"
@@ -104,17 +109,19 @@ def number(value: str) -> float | None:
 
 
 def summarise(raw: list[dict]) -> list[dict]:
-    """Per profiled kernel: the metrics of SUMMARY and the five largest stall reasons."""
+    """Per profiled kernel: the metrics of SUMMARY (in the units its labels name, converted from the
+    units row that follows the raw page's header) and the six largest stall reasons."""
+    units = next((r for r in raw if number(r.get("ID", "")) is None), {})
     kernels = []
-    for row in (r for r in raw if number(r.get("ID", "")) is not None):  # skips the units row
-        name = row.get("Kernel Name", "")
-        entry = {"kernel": name.split("(")[0][:60]}
-        for label, metric in SUMMARY.items():
-            entry[label] = number(row.get(metric, ""))
-        if entry["dram_read_MB"] is not None:
-            entry["dram_read_MB"] = round(entry["dram_read_MB"] / 1e6, 2)  # ncu reports bytes here
-        if entry["time_us"] is not None:
-            entry["time_us"] = round(entry["time_us"] / 1e3, 2)  # ns
+    for row in (r for r in raw if number(r.get("ID", "")) is not None):
+        entry = {"kernel": row.get("Kernel Name", "").split("(")[0][:60]}
+        for label, metrics in SUMMARY.items():
+            metric = next((m for m in (metrics if isinstance(metrics, tuple) else (metrics,)) if m in row), None)
+            value = number(row.get(metric, "")) if metric else None
+            if value is not None and label in TO_UNIT:
+                factor = TO_UNIT[label].get(units.get(metric, "").strip())
+                value = round(value * factor, 2) if factor is not None else None
+            entry[label] = value
         stalls = {k[len(STALL_PREFIX):-len(STALL_SUFFIX)]: number(v) for k, v in row.items()
                   if k.startswith(STALL_PREFIX) and k.endswith(STALL_SUFFIX) and "not_issued" not in k}
         top = sorted(((v, k) for k, v in stalls.items() if v), reverse=True)[:6]
