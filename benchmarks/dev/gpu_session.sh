@@ -43,6 +43,9 @@
 #   profile-train  tpa train --profile-steps 3, small preset, micro-batch 16 x 1,024, compiled blocks, for
 #                  PROFILE_TYPES (default "tpa mha"): RUN_DIR/profile.txt, kernels by GPU time (issue 13)
 #   convert        tpa bench convert, mini preset, ranks 1 and 2
+# BASE=DIR: the gap and ncu stages run first with DIR ahead on PYTHONPATH (a copy of an earlier `tpa` package, e.g.
+# `mkdir -p .baseline && git archive HEAD tpa | tar -x -C .baseline`, carried), into gap-base and ncu-base: the
+# earlier kernels and the tree's in one call (GAP_BASE_ARGS, default GAP_ARGS, for the first).
 # Run from the repository root with the package importable (PYTHONPATH=$PWD). DATA: token shards of
 # `tpa data prepare shakespeare` (default .carry/shakespeare). Logs and results go under $OUT: log.txt
 # and results.tar.gz, rewritten after every stage, so that a stage cut by its timeout keeps what came before.
@@ -84,8 +87,12 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
                 --block-h 64 --pad-a-heads 1 8 16 --pad-loads both --output "$R/decode-pads" ;;
       waves) stage waves "${T_WAVES:-200}" $PY benchmarks/dev/decode_waves.py ${WAVES_ARGS:-} --out "$R/waves" ;;
       step-kernels) stage step-kernels "${T_STEP_KERNELS:-90}" $PY benchmarks/dev/step_kernels.py --out "$R/step-kernels" ;;
-      gap) stage gap "${T_GAP:-240}" $PY benchmarks/dev/decode_gap.py ${GAP_ARGS:-} --out "$R/gap" ;;
-      ncu) stage ncu "${T_NCU:-240}" $PY benchmarks/dev/decode_ncu.py ${NCU_ARGS:-} --out "$R/ncu" ;;
+      gap) [ -n "${BASE:-}" ] && PYTHONPATH="$BASE:$PYTHONPATH" stage gap-base "${T_GAP:-240}" $PY \
+                benchmarks/dev/decode_gap.py ${GAP_BASE_ARGS-${GAP_ARGS:-}} --out "$R/gap-base"
+           stage gap "${T_GAP:-240}" $PY benchmarks/dev/decode_gap.py ${GAP_ARGS:-} --out "$R/gap" ;;
+      ncu) [ -n "${BASE:-}" ] && PYTHONPATH="$BASE:$PYTHONPATH" stage ncu-base "${T_NCU:-240}" $PY \
+                benchmarks/dev/decode_ncu.py ${NCU_ARGS:-} --out "$R/ncu-base"
+           stage ncu "${T_NCU:-240}" $PY benchmarks/dev/decode_ncu.py ${NCU_ARGS:-} --out "$R/ncu" ;;
       host-parts) stage host-parts "${T_HOST_PARTS:-90}" $PY benchmarks/dev/decode_host_parts.py --out "$R/host-parts" ;;
       generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
                 --types ${GEN_TYPES:-tpa mha gqa mla llama} --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
