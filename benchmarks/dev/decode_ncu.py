@@ -51,8 +51,9 @@ SUMMARY = {  # label: raw metric name (or names: the first one present)
     "lts_pct_peak": "lts__throughput.avg.pct_of_peak_sustained_elapsed",
 }
 TO_UNIT = {  # label: (unit it is reported in, factors from ncu's units to it)
-    "time_us": {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6},
-    "dram_read_MB": {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3, "Tbyte": 1e6},
+    "time_us": {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6,
+                "second": 1e6},
+    "dram_read_MB": {"byte": 1e-6, "Kbyte": 1e-3, "KB": 1e-3, "Mbyte": 1.0, "MB": 1.0, "Gbyte": 1e3, "GB": 1e3},
 }
 STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 STALL_SUFFIX = "_per_issue_active.ratio"
@@ -120,8 +121,8 @@ def summarise(raw: list[dict]) -> list[dict]:
             value = number(row.get(metric, "")) if metric else None
             if value is not None and label in TO_UNIT:
                 factor = TO_UNIT[label].get(units.get(metric, "").strip())
-                value = round(value * factor, 2) if factor is not None else None
-            entry[label] = value
+                value = value * factor if factor is not None else None
+            entry[label] = round(value, 2) if value is not None else None
         stalls = {k[len(STALL_PREFIX):-len(STALL_SUFFIX)]: number(v) for k, v in row.items()
                   if k.startswith(STALL_PREFIX) and k.endswith(STALL_SUFFIX) and "not_issued" not in k}
         top = sorted(((v, k) for k, v in stalls.items() if v), reverse=True)[:6]
@@ -182,10 +183,24 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs")) / "ncu")
     p.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS))
     p.add_argument("--child", choices=list(POINTS), help=argparse.SUPPRESS)
+    p.add_argument("--from-raw", action="store_true",
+                   help="rebuild ncu.json and ncu.md in --out from its POINT.raw.csv.gz files (no GPU, no profiling)")
     args = p.parse_args()
     if args.child:
         return child(args.child)
+    if args.from_raw:
+        return from_raw(args.out)
     parent(args)
+
+
+def from_raw(out: Path) -> None:
+    """The summary of the raw pages kept in ``out`` (the points in POINTS order)."""
+    results = {}
+    for name in (n for n in POINTS if (out / f"{n}.raw.csv.gz").exists()):
+        with gzip.open(out / f"{name}.raw.csv.gz", "rt") as f:
+            results[name] = summarise(list(csv.DictReader(f)))
+    (out / "ncu.json").write_text(json.dumps(results, indent=1))
+    write_table(out / "ncu.md", results)
 
 
 if __name__ == "__main__":

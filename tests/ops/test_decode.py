@@ -194,12 +194,11 @@ def test_kernel_strided_views_scale_and_no_lse():
 @pytest.mark.parametrize(("scale", "dtype"), [(-12.0, torch.bfloat16), (-0.4, torch.float32), (0.0, torch.float32),
                                             (0.7, torch.float32)], ids=["-12-bf16", "-0.4", "0", "0.7"])
 @pytest.mark.parametrize(("lengths", "n", "splits"), [([16, 47, 96], 3, 2), ([64, 33, 80], 1, 3)])
-def test_full_blocks_and_masked_tails_at_any_scale(scale, dtype, lengths, n, splits):
-    """The loop over whole blocks (no token masks, the scale in the exponent) and the masked loop after
-    it: splits that end in a whole block, in a partial one, and at the causal limits of 3 queries, with a
-    negative scale (the block's minimum becomes its maximum; at -12 the scaled logits of a block span
-    more than float32's exponent range, so a wrong maximum overflows exp2), zero (uniform weights) and
-    a positive one. The logits of scale -12 are checked in bfloat16, whose error bounds allow for their size."""
+def test_split_ends_and_causal_limits_at_any_scale(scale, dtype, lengths, n, splits):
+    """Splits that end in a whole block, in a partial one, and at the causal limits of 3 queries, with a
+    negative scale (at -12 the scaled logits of a block span more than float32's exponent range, so a
+    running maximum taken on the wrong side overflows exp2), zero (uniform weights) and a positive one.
+    The logits of scale -12 are checked in bfloat16, whose error bounds allow for their size."""
     inputs = make_inputs(lengths, n, 34, 64, 64, (2, 2, 1), dtype, capacity=96, seed=int(scale * 10) + n)
     out, lse = tpa_decode(*inputs, softmax_scale=scale, return_lse=True, backend="triton",
                           config=DecodeConfig(block_m=16, num_splits=splits), options=POISON)

@@ -148,7 +148,6 @@ class DecodePlan:
             OFFS_64=(not paged) and needs_int64_offsets(caches, capacity),
             EARLY_LAUNCH=early, A_HEADS=_readable_heads(h, options.a_head_pad, a_k, a_v),
             HEADS_INNER=options.heads_inner, A_ALIGN=a_row_alignment(a_k, a_v), TIMELINE=options.timeline,
-            POS_SCALE=softmax_scale >= 0,
         )
         self.times = None  # with options.timeline: int64 [programs, 5] (see the split kernel), rewritten per call
         if options.timeline:

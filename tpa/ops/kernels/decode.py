@@ -17,104 +17,6 @@ from tpa.ops.kernels.common import round_bf16
 __all__ = ["tpa_decode_merge_kernel", "tpa_decode_split_kernel"]
 
 
-@triton.jit
-def _attend_block(
-    start, hi, limit, q, m_i, l_i, acc, scale_log2, r_h, a_ok, offs_m, offs_d, d_ok, offs_e, e_ok,
-    AK, BK, AV, BV, BLOCK_TABLE, b64, ak_base, bk_base, av_base, bv_base,
-    s_ak_b, s_ak_m, s_ak_r, s_ak_h, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
-    s_av_b, s_av_m, s_av_r, s_av_h, s_bv_b, s_bv_m, s_bv_r, s_bv_e, s_bt_b,
-    R_K: tl.constexpr, R_V: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, OFFS_64: tl.constexpr,
-    A_ALIGN: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, POS_SCALE: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-):
-    """Algorithm 2's steps (1)-(4) over the ``BLOCK_M`` cache tokens from ``start``: returns the running
-    ``(m_i [ROWS, 1], l_i [ROWS, 1], acc [ROWS, BLOCK_E])`` after them (``m_i`` in the base-2 scaled domain).
-
-    ``MASKED`` false: every token of the block is below ``hi`` and every row's causal ``limit``, so no
-    token mask is built, and the scale goes into the exponent as one fused multiply-add
-    (``exp2(s * c - m)``, with the block's maximum taken before scaling: its minimum when ``POS_SCALE``
-    is false). ``MASKED`` true: tokens at or past ``hi`` are not loaded and invisible tokens get
-    ``-inf`` logits (p = 0)."""
-    tok = start + offs_m
-    if MASKED:
-        tok_ok = tok < hi
-        k_mask = d_ok[:, None] & tok_ok[None, :]
-        a_mask = a_ok[:, None] & tok_ok[None, :]
-        v_mask = tok_ok[:, None] & e_ok[None, :]
-    else:
-        k_mask = d_ok[:, None]
-        a_mask = a_ok[:, None]
-        v_mask = e_ok[None, :]
-    if PAGED:
-        if MASKED:
-            blk = tl.load(BLOCK_TABLE + b64 * s_bt_b + tok // PAGE_SIZE, mask=tok_ok, other=0).to(tl.int64)
-        else:
-            blk = tl.load(BLOCK_TABLE + b64 * s_bt_b + tok // PAGE_SIZE).to(tl.int64)
-        in_blk = tok % PAGE_SIZE
-        ak_row = blk * s_ak_b + in_blk * s_ak_m
-        bk_tok = BK + blk * s_bk_b + in_blk * s_bk_m
-        av_row = blk * s_av_b + in_blk * s_av_m
-        bv_tok = BV + blk * s_bv_b + in_blk * s_bv_m
-    else:
-        if OFFS_64:  # token offsets beyond 2^31 elements in a huge cache
-            tok_o = tok.to(tl.int64)
-        else:
-            tok_o = tok
-        ak_row = tok_o * s_ak_m
-        bk_tok = bk_base + tok_o * s_bk_m
-        av_row = tok_o * s_av_m
-        bv_tok = bv_base + tok_o * s_bv_m
-    if A_ALIGN > 1:
-        ak_row = tl.multiple_of(ak_row, [A_ALIGN])
-        av_row = tl.multiple_of(av_row, [A_ALIGN])
-
-    # (1)+(2) logits: per key rank, head-shared feature dots, then the per-head factor a_k.
-    s = tl.zeros([ROWS, BLOCK_M], dtype=tl.float32)
-    for rk in tl.static_range(R_K):
-        k_t = tl.load(bk_tok[None, :] + rk * s_bk_r + offs_d[:, None] * s_bk_d, mask=k_mask, other=0.0)  # [BLOCK_D, BLOCK_M]
-        if IEEE_DOT:
-            qk = tl.dot(q.to(tl.float32), k_t.to(tl.float32), input_precision="ieee")
-        else:
-            qk = tl.dot(q, k_t)
-        ak_rank = ak_row + rk * s_ak_r  # row starts of this rank's a_k
-        if A_ALIGN > 1:
-            ak_rank = tl.multiple_of(ak_rank, [A_ALIGN])
-        a_k = tl.load(ak_base + ak_rank[None, :] + r_h[:, None] * s_ak_h, mask=a_mask, other=0.0)  # [ROWS, BLOCK_M]
-        s += qk * a_k.to(tl.float32)
-
-    # (3) online softmax, base 2. m_i starts at a finite floor, so a row that sees nothing yet
-    # gets p = 0 and alpha = 1 instead of NaN.
-    if MASKED:
-        visible = (tok[None, :] < limit[:, None]) & tok_ok[None, :]
-        s = tl.where(visible, s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1, keep_dims=True))
-        p = tl.math.exp2(s - m_new)
-    else:
-        if POS_SCALE:
-            m_blk = tl.max(s, axis=1, keep_dims=True) * scale_log2
-        else:
-            m_blk = tl.min(s, axis=1, keep_dims=True) * scale_log2
-        m_new = tl.maximum(m_i, m_blk)
-        p = tl.math.exp2(s * scale_log2 - m_new)
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1, keep_dims=True)
-    acc = acc * alpha
-
-    # (4) values: per value rank, (p * a_v) B_v.
-    for rv in tl.static_range(R_V):
-        av_rank = av_row + rv * s_av_r
-        if A_ALIGN > 1:
-            av_rank = tl.multiple_of(av_rank, [A_ALIGN])
-        a_v = tl.load(av_base + av_rank[None, :] + r_h[:, None] * s_av_h, mask=a_mask, other=0.0)  # [ROWS, BLOCK_M]
-        v = tl.load(bv_tok[:, None] + rv * s_bv_r + offs_e[None, :] * s_bv_e, mask=v_mask, other=0.0)  # [BLOCK_M, BLOCK_E]
-        w = round_bf16(p * a_v.to(tl.float32), FIX_BF16).to(v.dtype)
-        if IEEE_DOT:
-            acc += tl.dot(w.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(w, v)
-    return m_new, l_i, acc
-
-
 # ``capacity`` and ``N`` vary at run time without changing the code: never specialise on them.
 @triton.jit(do_not_specialize=["N", "capacity", "num_splits"])
 def tpa_decode_split_kernel(
@@ -135,28 +37,26 @@ def tpa_decode_split_kernel(
     SPLIT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, OFFS_64: tl.constexpr,
     EARLY_LAUNCH: tl.constexpr, A_HEADS: tl.constexpr, HEADS_INNER: tl.constexpr, A_ALIGN: tl.constexpr,
-    TIMELINE: tl.constexpr, POS_SCALE: tl.constexpr,
+    TIMELINE: tl.constexpr,
 ):
     """One (split, head/query tile, sequence). Rows of every tile are (query, head) pairs:
     row = n_local * BLOCK_H + h_local. For a contiguous cache the ``*_b`` strides step over
     sequences and ``*_m`` over tokens; for a paged cache ``*_b`` steps over physical blocks and
     ``*_m`` over tokens within a block.
 
-    Its sections, in order:
+    Why it is one long function: a Triton kernel is one program per grid cell; a helper
+    ``@triton.jit`` function is inlined anyway, and the sections share the tile's row/column
+    indices, masks and running softmax state (``m_i``, ``l_i``, ``acc``), which a split would pass
+    around as a dozen tensors. Its sections, in order:
 
     1. the program's tile: split, head block and query block from the grid; row/column offsets and masks;
     2. this split's token range ``[lo, hi)`` of the sequence (length clamped to ``capacity``) and the
        causal limit of each row;
     3. the tile's queries from their factors, ``q = A_q B_q`` as one block-diagonal ``tl.dot``;
-    4. two loops over ``BLOCK_M`` tokens, each block one :func:`_attend_block` (Algorithm 2's steps
-       (1)-(4)): first the blocks every row sees whole, without token masks (at (16,1,1) and 64-token
-       blocks, 843 instead of 1,003 SASS instructions per warp and block for sm_90), software-pipelined;
-       then the one or two blocks at the split's end or the causal limits, masked and not pipelined;
+    4. the loop over ``BLOCK_M`` tokens: token addresses (paged or contiguous), then Algorithm 2's
+       steps (1)+(2) logits per key rank, (3) the base-2 online softmax, (4) values per value rank;
     5. the epilogue: the log-sum-exp, then either the final output (``SPLIT`` false) or this split's
        partial output and log-sum-exp for :func:`tpa_decode_merge_kernel`.
-
-    ``POS_SCALE`` is ``scale_log2 >= 0``: the unmasked blocks take their logits' maximum before scaling
-    (the minimum for a negative scale).
 
     ``A_HEADS`` (>= H) is the number of heads per row the loads of the cache's head factors ``a_k``
     and ``a_v`` may read: H, or the padded row width of a layout whose rows hold more (see
@@ -252,7 +152,6 @@ def tpa_decode_split_kernel(
     m_i = tl.full([ROWS, 1], -3.0e38, dtype=tl.float32)
     l_i = tl.zeros([ROWS, 1], dtype=tl.float32)
 
-    ak_base, bk_base, av_base, bv_base = AK, BK, AV, BV  # a paged cache addresses tokens from the block table
     if not PAGED:
         ak_b = b64 * s_ak_b
         av_b = b64 * s_av_b
@@ -269,25 +168,77 @@ def tpa_decode_split_kernel(
             s_av_r = s_av_r.to(tl.int64)
             s_bv_r = s_bv_r.to(tl.int64)
 
-    # Blocks that every row of the tile sees whole (below the causal limit of the tile's first query
-    # and the split's end) skip the token masks; the at most ceil(N / BLOCK_M) + 1 blocks after them keep them.
-    full_end = lo + tl.maximum(tl.minimum(hi, seqlen - N + 1 + qb * BLOCK_N) - lo, 0) // BLOCK_M * BLOCK_M
-    for start in range(lo, full_end, BLOCK_M):
-        m_i, l_i, acc = _attend_block(
-            start, hi, limit, q, m_i, l_i, acc, scale_log2, r_h, a_ok, offs_m, offs_d, d_ok, offs_e, e_ok,
-            AK, BK, AV, BV, BLOCK_TABLE, b64, ak_base, bk_base, av_base, bv_base,
-            s_ak_b, s_ak_m, s_ak_r, s_ak_h, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
-            s_av_b, s_av_m, s_av_r, s_av_h, s_bv_b, s_bv_m, s_bv_r, s_bv_e, s_bt_b,
-            R_K, R_V, PAGED, PAGE_SIZE, OFFS_64, A_ALIGN, IEEE_DOT, FIX_BF16, POS_SCALE, ROWS, BLOCK_M, False,
-        )
-    for start in tl.range(full_end, hi, BLOCK_M, num_stages=1):  # one or two blocks: not worth a pipeline
-        m_i, l_i, acc = _attend_block(
-            start, hi, limit, q, m_i, l_i, acc, scale_log2, r_h, a_ok, offs_m, offs_d, d_ok, offs_e, e_ok,
-            AK, BK, AV, BV, BLOCK_TABLE, b64, ak_base, bk_base, av_base, bv_base,
-            s_ak_b, s_ak_m, s_ak_r, s_ak_h, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
-            s_av_b, s_av_m, s_av_r, s_av_h, s_bv_b, s_bv_m, s_bv_r, s_bv_e, s_bt_b,
-            R_K, R_V, PAGED, PAGE_SIZE, OFFS_64, A_ALIGN, IEEE_DOT, FIX_BF16, POS_SCALE, ROWS, BLOCK_M, True,
-        )
+    for start in range(lo, hi, BLOCK_M):
+        tok = start + offs_m
+        tok_ok = tok < hi
+        if PAGED:
+            blk = tl.load(BLOCK_TABLE + b64 * s_bt_b + tok // PAGE_SIZE, mask=tok_ok, other=0).to(tl.int64)
+            in_blk = tok % PAGE_SIZE
+            ak_tok = AK
+            ak_row = blk * s_ak_b + in_blk * s_ak_m
+            bk_tok = BK + blk * s_bk_b + in_blk * s_bk_m
+            av_tok = AV
+            av_row = blk * s_av_b + in_blk * s_av_m
+            if A_ALIGN > 1:
+                ak_row = tl.multiple_of(ak_row, [A_ALIGN])
+                av_row = tl.multiple_of(av_row, [A_ALIGN])
+            bv_tok = BV + blk * s_bv_b + in_blk * s_bv_m
+        else:
+            if OFFS_64:  # token offsets beyond 2^31 elements in a huge cache
+                tok_o = tok.to(tl.int64)
+            else:
+                tok_o = tok
+            ak_tok = ak_base
+            ak_row = tok_o * s_ak_m
+            bk_tok = bk_base + tok_o * s_bk_m
+            av_tok = av_base
+            av_row = tok_o * s_av_m
+            if A_ALIGN > 1:
+                ak_row = tl.multiple_of(ak_row, [A_ALIGN])
+                av_row = tl.multiple_of(av_row, [A_ALIGN])
+            bv_tok = bv_base + tok_o * s_bv_m
+
+        # (1)+(2) logits: per key rank, head-shared feature dots, then the per-head factor a_k.
+        s = tl.zeros([ROWS, BLOCK_M], dtype=tl.float32)
+        for rk in tl.static_range(R_K):
+            k_t = tl.load(bk_tok[None, :] + rk * s_bk_r + offs_d[:, None] * s_bk_d,
+                          mask=d_ok[:, None] & tok_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_M]
+            if IEEE_DOT:
+                qk = tl.dot(q.to(tl.float32), k_t.to(tl.float32), input_precision="ieee")
+            else:
+                qk = tl.dot(q, k_t)
+            ak_rank = ak_row + rk * s_ak_r  # row starts of this rank's a_k
+            if A_ALIGN > 1:
+                ak_rank = tl.multiple_of(ak_rank, [A_ALIGN])
+            a_k = tl.load(ak_tok + ak_rank[None, :] + r_h[:, None] * s_ak_h,
+                          mask=a_ok[:, None] & tok_ok[None, :], other=0.0)  # [ROWS, BLOCK_M]
+            s += qk * a_k.to(tl.float32)
+        visible = (tok[None, :] < limit[:, None]) & tok_ok[None, :]
+        s = tl.where(visible, s * scale_log2, float("-inf"))
+
+        # (3) online softmax, base 2. m_i starts at a finite floor, so a row that sees nothing yet
+        # gets p = 0 and alpha = 1 instead of NaN.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1, keep_dims=True))
+        p = tl.math.exp2(s - m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1, keep_dims=True)
+        acc = acc * alpha
+
+        # (4) values: per value rank, (p * a_v) B_v.
+        for rv in tl.static_range(R_V):
+            av_rank = av_row + rv * s_av_r
+            if A_ALIGN > 1:
+                av_rank = tl.multiple_of(av_rank, [A_ALIGN])
+            a_v = tl.load(av_tok + av_rank[None, :] + r_h[:, None] * s_av_h,
+                          mask=a_ok[:, None] & tok_ok[None, :], other=0.0)  # [ROWS, BLOCK_M]
+            v = tl.load(bv_tok[:, None] + rv * s_bv_r + offs_e[None, :] * s_bv_e,
+                        mask=tok_ok[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
+            w = round_bf16(p * a_v.to(tl.float32), FIX_BF16).to(v.dtype)
+            if IEEE_DOT:
+                acc += tl.dot(w.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(w, v)
+        m_i = m_new
 
     if TIMELINE:
         t_loop = tl.extra.cuda.globaltimer()
