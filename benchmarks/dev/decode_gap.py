@@ -134,10 +134,39 @@ def read_roofline(timer, nbytes: int, calls: int, reps: int, sms: int) -> dict:
 WHOLE_ROWS = DecodeLaunchOptions(heuristic=DecodeHeuristic(merge_program_bytes=1 << 40))  # one merge program a row
 
 
-def variants(default: DecodeConfig, sweep: bool) -> list[tuple[str, DecodeConfig | None, DecodeLaunchOptions | None]]:
+A_DOT = DecodeLaunchOptions(a_dot=True)
+A_LOADS = DecodeLaunchOptions(a_dot=False)  # the head factors loaded into registers, as before a_dot
+
+
+def variants(default: DecodeConfig, sweep: bool, a_dot: bool = False
+             ) -> list[tuple[str, DecodeConfig | None, DecodeLaunchOptions | None]]:
     """(label, config, options) of the launches timed at a point: the default launch (merge in slabs),
     the same with one merge program per row (as before the slabs) and twice the splits; with
+    ``a_dot``, instead the default (head factors through ``tl.dot``, ``DecodeLaunchOptions.a_dot``)
+    against plain loads of them (``a_dot=False``) and against ``a_dot`` at 2 and 3 stages, 1x, 1.5x and
+    2x the splits; with
     ``sweep``, every stage count x block x warps too (the split count chosen for them)."""
+    if a_dot:
+        out = [("default", None, None), ("a loads", None, A_LOADS)]
+        for stages in (3, 2):
+            for factor in (1.0, 1.5, 2.0):
+                splits = min(1024, round(factor * default.num_splits))
+                out.append((f"a_dot s{stages} x{factor}", DecodeConfig(num_stages=stages, num_splits=splits), A_DOT))
+        if sweep:  # blocks x stages x warps x splits (1, 1.25, 1.5 times the default's), and a register cap
+            for block_m in (32, 64, 128):
+                for stages in (2, 3, 4):
+                    for warps in (2, 4):
+                        for factor in (1.0, 1.25, 1.5):
+                            splits = min(1024, round(factor * default.num_splits))
+                            out.append((f"a_dot m{block_m} s{stages} w{warps} x{factor}",
+                                        DecodeConfig(block_m=block_m, num_stages=stages, num_warps=warps,
+                                                     num_splits=splits), A_DOT))
+            for cap in (168, 128):
+                for factor in (1.5, 2.0):
+                    splits = min(1024, round(factor * default.num_splits))
+                    out.append((f"a_dot s2 r{cap} x{factor}",
+                                DecodeConfig(num_stages=2, num_splits=splits, max_registers=cap), A_DOT))
+        return out
     out = [("default", None, None), ("whole-row merge", None, WHOLE_ROWS),
            ("twice the splits", DecodeConfig(num_splits=min(1024, 2 * default.num_splits)), None)]
     if sweep:
@@ -163,14 +192,14 @@ def isolated_and_back_to_back_us(timer, fns, reps: int) -> tuple[float, float]:
     return timer.time(graph_of(fns[:1]).replay, reps=reps), back_to_back_us(fns, reps)
 
 
-def decode_point(timer, ranks, bsz, length, calls, reps, sms, sweep=False) -> list[dict]:
+def decode_point(timer, ranks, bsz, length, calls, reps, sms, sweep=False, a_dot=False, h=32) -> list[dict]:
     """The rows of one point: per launch variant, isolated and back-to-back graph replay and kernel times."""
-    sets = [tpa_inputs(torch, bsz, length, 32, 64, ranks, torch.bfloat16) for _ in range(2)]
-    out = torch.empty(bsz, 1, 32, 64, dtype=torch.bfloat16, device="cuda")
-    default = default_config(bsz, 1, 32, 64, 64, length, sms, 2, None, ranks[1], ranks[2])
+    sets = [tpa_inputs(torch, bsz, length, h, 64, ranks, torch.bfloat16) for _ in range(2)]
+    out = torch.empty(bsz, 1, h, 64, dtype=torch.bfloat16, device="cuda")
+    default = default_config(bsz, 1, h, 64, 64, length, sms, 2, None, ranks[1], ranks[2])
     rows, seen = [], set()
-    for label, cfg, options in variants(default, sweep):
-        resolved = default_config(bsz, 1, 32, 64, 64, length, sms, 2, cfg, ranks[1], ranks[2])
+    for label, cfg, options in variants(default, sweep, a_dot):
+        resolved = default_config(bsz, 1, h, 64, 64, length, sms, 2, cfg, ranks[1], ranks[2])
         if (resolved, options) in seen:
             continue
         seen.add((resolved, options))
@@ -182,13 +211,16 @@ def decode_point(timer, ranks, bsz, length, calls, reps, sms, sweep=False) -> li
             print(json.dumps({"label": label, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}), flush=True)
             continue
         kernels = kernel_times(torch, fns[0], calls=5)
+        handle = next(reversed(decode_launch.PLANS.values())).plan.split_handle
         split_us = sum(v for k, v in kernels.items() if "split" in k)
         merge_us = sum(v for k, v in kernels.items() if "merge" in k)
-        rows.append(dict(ranks=",".join(map(str, ranks)), B=bsz, L=length, label=label,
+        rows.append(dict(ranks=",".join(map(str, ranks)), H=h, B=bsz, L=length, label=label,
                          splits=resolved.num_splits, warps=resolved.num_warps, block_m=resolved.block_m,
-                         stages=resolved.num_stages, programs=bsz * resolved.num_splits * math.ceil(32 / resolved.block_h),
+                         stages=resolved.num_stages, programs=bsz * resolved.num_splits * math.ceil(h / resolved.block_h),
                          iso_us=round(iso, 2), b2b_us=round(b2b, 2), split_us=round(split_us, 2),
-                         merge_us=round(merge_us, 2)))
+                         merge_us=round(merge_us, 2), registers=getattr(handle, "n_regs", None),
+                         spills=getattr(handle, "n_spills", None),
+                         shared=getattr(getattr(handle, "metadata", None), "shared", None)))
     return rows
 
 
@@ -257,8 +289,8 @@ def shares(row: dict, nbytes: int, copy_gbps: float) -> dict:
 
 
 def write_table(path: Path, rows: list[dict], copy_gbps: float, floor_us: float) -> None:
-    cols = ("ranks", "B", "L", "MB", "label", "splits", "warps", "block_m", "stages", "iso_us", "iso_share", "b2b_us", "b2b_share",
-            "split_us", "split_share", "merge_us", "read_iso_us", "read_iso_share", "read_b2b_us", "read_b2b_share")
+    cols = ("ranks", "H", "B", "L", "MB", "label", "splits", "warps", "block_m", "stages", "iso_us", "iso_share", "b2b_us", "b2b_share",
+            "split_us", "split_share", "merge_us", "registers", "spills", "shared", "read_iso_us", "read_iso_share", "read_b2b_us", "read_b2b_share")
     lines = [f"copy bandwidth {copy_gbps:.0f} GB/s; isolated timer's floor (one-element kernel) {floor_us:.2f} us",
              "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
@@ -276,6 +308,9 @@ def main() -> None:
                         "(16,1,1) and (6,2,2)")
     p.add_argument("--timeline", action="store_true",
                    help="also the split kernel's per-program clock (DecodeLaunchOptions.timeline) at the 201 MB points")
+    p.add_argument("--heads", type=int, default=32, help="H of every point (the byte counts follow)")
+    p.add_argument("--a-dot", action="store_true",
+                   help="instead of the merge and split variants: the head factors through tl.dot (variants)")
     p.add_argument("--compare-block-m", type=int, default=None,
                    help="instead: the default launch against this block_m for rank-2 caches (compare_blocks)")
     args = p.parse_args()
@@ -292,13 +327,17 @@ def main() -> None:
     for spec in args.ranks:
         ranks = tuple(int(x) for x in spec.split(","))
         for i, (bsz, length) in enumerate(POINTS[ranks]):
-            nbytes = tpa_bytes(bsz, length, 32, 64, ranks, 2)
+            nbytes = tpa_bytes(bsz, length, args.heads, 64, ranks, 2)
             mb = round(nbytes / 1e6)
             if mb not in reads:
                 reads[mb] = read_roofline(timer, nbytes, args.calls, args.reps, sms)
                 print(json.dumps({"MB": mb, **reads[mb]}), flush=True)
-            sweep = args.sweep and i == 0 and spec != "16,2,2"
-            for row in decode_point(timer, ranks, bsz, length, args.calls, args.reps, sms, sweep):
+            if args.a_dot:  # the a_dot sweep: the first 201 MB point of (16,1,1) and (6,2,2), (6,2,2)'s B=1 403 MB one
+                sweep = args.sweep and spec != "16,2,2" and (i == 0 or (i == 2 and spec == "6,2,2"))
+            else:
+                sweep = args.sweep and i == 0 and spec != "16,2,2"
+            for row in decode_point(timer, ranks, bsz, length, args.calls, args.reps, sms, sweep, args.a_dot,
+                                    args.heads):
                 row.update(MB=mb, **reads[mb])
                 row.update(shares(row, nbytes, copy_gbps))
                 rows.append(row)

@@ -177,6 +177,25 @@ def test_kernel_matches_truth(case, paged, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_head_factors_through_dot_match_truth(case, paged, dtype):
+    """``DecodeLaunchOptions(a_dot=True)``: a_k and a_v reach each row through a one-hot ``tl.dot``
+    (head blocks below 16 heads included: H = 5 in blocks of 8 with 4 queries): the same values as
+    the loads give (the one-hot products are exact), and as close to the truth."""
+    lengths, n, h, d, e, ranks, cfg = case
+    seed = zlib.crc32(repr((lengths, n, h, d, e, ranks, paged, str(dtype))).encode())  # test_kernel_matches_truth's
+    inputs = make_inputs(lengths, n, h, d, e, ranks, dtype, paged=paged, capacity=103, seed=seed)
+    out, lse = tpa_decode(*inputs, return_lse=True, backend="triton", config=cfg,
+                          options=DecodeLaunchOptions(poison_buffers=True, a_dot=True))
+    loaded, loaded_lse = tpa_decode(*inputs, return_lse=True, backend="triton", config=cfg,
+                                    options=DecodeLaunchOptions(poison_buffers=True, a_dot=False))
+    assert torch.equal(out, loaded) and torch.equal(lse, loaded_lse)
+    assert_close_to_truth(out, lse, inputs)
+
+
+@needs_kernel
 def test_kernel_strided_views_scale_and_no_lse():
     """Caches that are slices of wider buffers, a permuted (non-contiguous) query, a custom scale,
     and return_lse=False with a kernel-allocated (poisoned) output."""

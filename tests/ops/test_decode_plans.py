@@ -512,3 +512,17 @@ def test_the_split_rule_reaches_the_op_config():
                                                      long_split_blocks=9)):
         as_list = decode_launch.config_to_list(DecodeConfig(), DecodeLaunchOptions(heuristic=heuristic))
         assert decode_launch._config_from_list(tuple(as_list), False)[1].heuristic == heuristic
+
+
+@pytest.mark.parametrize("a_dot", [False, True])
+def test_the_head_factor_path_reaches_the_op_config_and_the_kernel(a_dot):
+    """DecodeLaunchOptions.a_dot survives the op's config list, and becomes the split kernel's A_DOT
+    for 16-bit caches only (float32 caches keep plain loads)."""
+    options = DecodeLaunchOptions(a_dot=a_dot)
+    as_list = decode_launch.config_to_list(DecodeConfig(), options)
+    assert decode_launch._config_from_list(tuple(as_list), False)[1].a_dot is a_dot
+    for dtype, expected in ((torch.bfloat16, a_dot), (torch.float16, a_dot), (torch.float32, False)):
+        inputs = make_inputs(lengths=[5], n=1, h=4, d=32, e=32, ranks=(1, 1, 1), dtype=dtype, seed=5)
+        cfg = decode.default_config(1, 1, 4, 32, 32, 5, 4, inputs[0].element_size())
+        plan = decode_launch.DecodePlan(*inputs[:6], None, 1.0, False, cfg, options)
+        assert plan.split_constexprs["A_DOT"] is expected

@@ -35,19 +35,25 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"L{max(c[0])}-N{c[1]}-H{c[2]}-D{c[3]}-R{c[4]}-"
                                                             f"{str(c[5])[6:]}-paged{c[6]}")
-def test_decode_long_caches_match_truth(case):
+@pytest.mark.parametrize("a_dot", [False, True], ids=["a-loads", "a-dot"])
+def test_decode_long_caches_match_truth(case, a_dot):
+    """Also with the head factors through a one-hot ``tl.dot`` (``DecodeLaunchOptions.a_dot``)."""
+    from tpa.ops.decode import DecodeLaunchOptions
+
     lengths, n, h, d, ranks, dtype, page = case
     seed = zlib.crc32(repr(case).encode())
     inputs = dec.make_inputs(lengths, n, h, d, d, ranks, dtype, paged=page is not None, page_size=page or 16,
                              capacity=max(lengths) + 5, seed=seed)
     out = torch.full((len(lengths), n, h, d), float("nan"), dtype=dtype, device="cuda")
-    _, lse = tpa_decode(*inputs[:7], block_table=inputs[7], return_lse=True, backend="triton", out=out)
+    _, lse = tpa_decode(*inputs[:7], block_table=inputs[7], return_lse=True, backend="triton", out=out,
+                        options=DecodeLaunchOptions(a_dot=a_dot))
     dec.assert_close_to_truth(out, lse, inputs)
 
 
 @pytest.mark.parametrize(("h", "block_h", "pad", "inner"),
                          [(34, 16, 1, True), (34, 32, 16, False), (34, 64, 8, False), (78, 32, 16, True)])
-def test_decode_forced_head_blocks_and_padded_a_rows_match_truth(h, block_h, pad, inner):
+@pytest.mark.parametrize("a_dot", [False, True], ids=["a-loads", "a-dot"])
+def test_decode_forced_head_blocks_and_padded_a_rows_match_truth(h, block_h, pad, inner, a_dot):
     """Compiled: forced head blocks (the last one partly masked) and A caches padded to a multiple of
     ``pad`` heads, NaN in the padding, read by the loads (a_head_pad), at caches of thousands of
     tokens, in both grid orders (heads_inner)."""
@@ -59,7 +65,7 @@ def test_decode_forced_head_blocks_and_padded_a_rows_match_truth(h, block_h, pad
     heads = -(-h // pad) * pad
     padded = list(inputs)
     padded[2], padded[4] = _padded(inputs[2], heads, float("nan")), _padded(inputs[4], heads, float("nan"))
-    options = DecodeLaunchOptions(poison_buffers=True, a_head_pad=pad, heads_inner=inner)
+    options = DecodeLaunchOptions(poison_buffers=True, a_head_pad=pad, heads_inner=inner, a_dot=a_dot)
     out, lse = tpa_decode(*padded[:7], return_lse=True, backend="triton", config=DecodeConfig(block_h=block_h),
                           options=options)
     dec.assert_close_to_truth(out, lse, inputs)

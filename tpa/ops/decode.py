@@ -217,6 +217,14 @@ class DecodeLaunchOptions:
         timeline: profiling hook (CUDA only); the split kernel stores each program's clock at its
             start, after its queries, after its loop and at its end, and its SM, in the plan's
             ``times`` (int64 ``[programs, 5]``, nanoseconds; ``benchmarks/dev/decode_gap.py --timeline``).
+        a_dot: for 16-bit caches, the split kernel brings each block's head factors ``a_k`` and ``a_v``
+            (``[heads, tokens]`` tiles) to the tile's rows through a one-hot ``tl.dot`` (exact: one
+            product by 1, the others by 0), so that Triton's pipeline stages them in shared memory
+            with ``cp.async`` as it does the dot operands ``b_k`` and ``b_v``, instead of in registers
+            (H200, 2026-12-04: 2-9% less time at every point of 201-805 MB, BENCHMARKS.md). The loads
+            then read H heads per row (``a_head_pad`` does not apply), and a non-finite value among
+            the valid tokens of one head's factors turns every head of its tile to NaN, not only its own.
+            False: plain loads into registers (float32 caches always).
     """
 
     heuristic: DecodeHeuristic = field(default_factory=DecodeHeuristic)
@@ -226,6 +234,7 @@ class DecodeLaunchOptions:
     a_head_pad: int = 1
     heads_inner: bool = False
     timeline: bool = False
+    a_dot: bool = True
 
     def __post_init__(self) -> None:
         pad = self.a_head_pad

@@ -148,6 +148,7 @@ class DecodePlan:
             OFFS_64=(not paged) and needs_int64_offsets(caches, capacity),
             EARLY_LAUNCH=early, A_HEADS=_readable_heads(h, options.a_head_pad, a_k, a_v),
             HEADS_INNER=options.heads_inner, A_ALIGN=a_row_alignment(a_k, a_v), TIMELINE=options.timeline,
+            A_DOT=options.a_dot and b_k.element_size() == 2,
         )
         self.times = None  # with options.timeline: int64 [programs, 5] (see the split kernel), rewritten per call
         if options.timeline:
@@ -427,7 +428,7 @@ _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or tor
 _A_HEAD_PAD_AT = 12  # the index of DecodeLaunchOptions.a_head_pad in config_to_list's list
 _MAX_REGISTERS_AT = 15  # ... and of DecodeConfig.max_registers
 _SPLITS_AT = 16  # ... and of DecodeHeuristic.splits (1: "waves"), wave_fill_margin (in 1/10000), max_splits,
-#   long_split_blocks, merge_program_bytes, rank_four_half_blocks
+#   long_split_blocks, merge_program_bytes, rank_four_half_blocks, then DecodeLaunchOptions.a_dot
 
 
 def config_to_list(cfg, options) -> list[int]:
@@ -436,7 +437,8 @@ def config_to_list(cfg, options) -> list[int]:
     heuristic's constants, the A rows' padding and the grid order (``options``, a
     :class:`tpa.ops.decode.DecodeLaunchOptions`), then the register cap (-1: none), then the split
     rule, its wave-fill margin (in units of 1/10000), the heuristic's most splits, the split
-    length past which it may take more, the merge program's most bytes and the rank-4 half-block flag."""
+    length past which it may take more, the merge program's most bytes, the rank-4 half-block flag and
+    the head factors' path (``options.a_dot``)."""
     fixed = [-1 if v is None else v for v in (cfg.block_m, cfg.block_h, cfg.block_n, cfg.num_splits, cfg.num_warps,
                                               cfg.num_stages)]
     h = options.heuristic
@@ -444,7 +446,7 @@ def config_to_list(cfg, options) -> list[int]:
             h.min_split_blocks, options.a_head_pad, int(options.heads_inner), int(h.head_blocks == "least_padding"),
             -1 if cfg.max_registers is None else cfg.max_registers, int(h.splits == "waves"),
             round(h.wave_fill_margin * 10000), h.max_splits, h.long_split_blocks, h.merge_program_bytes,
-            int(h.rank_four_half_blocks)]
+            int(h.rank_four_half_blocks), int(options.a_dot)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -464,7 +466,7 @@ def _config_from_list(config: tuple[int, ...], launched_by_inductor: bool):
     pdl = {"use_pdl": False, "early_launch": False} if launched_by_inductor else {}
     options = DecodeLaunchOptions(heuristic=heuristic, poison_buffers=bool(config[6]),
                                   a_head_pad=config[_A_HEAD_PAD_AT],
-                                  heads_inner=bool(config[13]), **pdl)
+                                  heads_inner=bool(config[13]), a_dot=bool(config[_SPLITS_AT + 6]), **pdl)
     return fixed, options
 
 
