@@ -81,6 +81,11 @@ def tpa_decode_split_kernel(
     row starts only from strides divisible by 16, so at H = 34 (rows of 68 elements) it would load
     the head factors one element at a time; with the hint it loads them as wide as the mask allows.
 
+    ``A_DOT`` (:attr:`tpa.ops.decode.DecodeLaunchOptions.a_dot`) loads each rank's head factors as a
+    ``[A_COLS, BLOCK_M]`` tile of this block's heads (masked at H) and spreads them over the rows with a
+    one-hot ``tl.dot`` (``pick``, exact): a load that feeds a dot is software-pipelined through shared
+    memory, where a load used elementwise is staged in registers across the pipeline's stages.
+
     ``TIMELINE`` (a profiling hook, :attr:`tpa.ops.decode.DecodeLaunchOptions.timeline`) stores, per
     program, the GPU's nanosecond clock at its start, after its queries, after its loop and at its
     end, and its SM, in ``TIMES`` (int64 ``[programs, 5]``, programs in launch order).
