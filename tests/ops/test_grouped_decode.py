@@ -44,6 +44,19 @@ def test_grouped_decode_reads_the_cache_in_place_and_checks_shapes():
     assert not supports(78, 6, 64)   # the query tile would outgrow the kernel's registers
 
 
+def test_grouped_decode_loads_its_head_factors():
+    """GQA/MQA keep the plain loads of the head factors (the path their decode figures were measured
+    with): the plan of a bf16 call has A_DOT off, where a TPA call's default has it on."""
+    from tpa.ops import decode_launch
+
+    q = torch.randn(1, 1, 4, 16).bfloat16()
+    k = torch.randn(1, 8, 2, 16).bfloat16()
+    decode_launch.clear_plans()
+    grouped_decode(q, k, k, torch.tensor([5], dtype=torch.int32), backend="triton")
+    (entry,) = decode_launch.PLANS.values()
+    assert entry.plan.split_constexprs["A_DOT"] is False
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads,groups", [(22, 2), (34, 1), (32, 8)])
 def test_grouped_decode_on_gpu_long_ragged_caches(heads, groups):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tpa.ops.decode import tpa_decode
+from tpa.ops.decode import DecodeLaunchOptions, tpa_decode
 
 # The query's identity factorisation costs H x H per query head: beyond this many heads the kernel's
 # query tile outgrows its registers, and such models decode through SDPA.
@@ -20,6 +20,11 @@ MAX_HEADS = 64
 MAX_GROUPS = 8
 
 _FACTORS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+# The head factors by plain loads: a_dot (staging them in shared memory) was measured on TPA caches only
+# (BENCHMARKS.md, 2026-12-04); the one-hot group factors here are one [G, H] matrix read through a
+# stride-0 view, and the GQA/MQA decode figures were measured with plain loads.
+_OPTIONS = DecodeLaunchOptions(a_dot=False)
 
 
 def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
@@ -74,4 +79,4 @@ def grouped_decode(
     a_kv, a_q = _head_factors(heads, groups, q.dtype, q.device)
     a_kv = a_kv.to(k_cache.dtype).expand(bsz, capacity, groups, heads)
     return tpa_decode(a_q.expand(bsz, new, heads, heads), q, a_kv, k_cache, a_kv, v_cache, cache_seqlens,
-                      softmax_scale=softmax_scale, backend=backend)
+                      softmax_scale=softmax_scale, backend=backend, options=_OPTIONS)
