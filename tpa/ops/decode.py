@@ -8,7 +8,9 @@ The stack, bottom to top:
   streams its slice of the factor cache in blocks of ``BLOCK_M`` tokens, never materialising K or V:
   per key rank, head-shared feature dots ``Q B_k^T`` (one matrix product for all heads) times the
   per-head factor ``a_k``; an online softmax in float32 (base 2); per value rank, the head-weighted
-  probabilities ``p * a_v`` times ``B_v`` (a second matrix product). Accumulation, running max and
+  probabilities ``p * a_v`` times ``B_v`` (a second matrix product). For 16-bit caches ``a_k`` and
+  ``a_v`` reach the rows through a one-hot matrix product, which stages their loads in shared memory
+  (:attr:`DecodeLaunchOptions.a_dot`). Accumulation, running max and
   running sum are float32. With one split it writes the final output; otherwise it writes a
   float32 partial output and log-sum-exp per split, which ``tpa_decode_merge_kernel`` merges with
   a float32 log-sum-exp (flash-decoding), one program per output row, or per slab of a row's
