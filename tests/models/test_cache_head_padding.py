@@ -89,6 +89,7 @@ def test_kernel_reads_the_padded_rows(attention_type, heads, ranks, static, monk
     options = padded.model.layers[0].self_attn.decode_options
     assert len(calls) == 3 and all(c == (options, 48 if heads == 34 else 16, heads) for c in calls)
     assert options.a_head_pad == 16  # one object per layer, the same on every call
+    assert options.a_dot is False  # the padded rows by plain loads, the path this layout was measured with
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])

@@ -91,7 +91,8 @@ class TensorProductAttention(Attention):
         out_init_std: std of the output projection init (default ``init_std``).
         cache_head_multiple: M; the cached ``a_k``/``a_v`` rows are stored padded to ``ceil(H/M)*M``
             heads (zeros) and the decode kernel's loads read them whole (``DecodeLaunchOptions(
-            a_head_pad=M)``); readers still get ``[R, H]``. 1 (default): unpadded. Plain layout only.
+            a_head_pad=M, a_dot=False)``: plain loads, the path this layout was measured with); readers
+            still get ``[R, H]``. 1 (default): unpadded. Plain layout only.
 
     Shapes: ``forward(x [B, T, C], ctx) -> [B, T, C]``.
     """
@@ -157,7 +158,9 @@ class TensorProductAttention(Attention):
         self.kernel_layout = not blockers  # the FlashTPA decode kernel reads this layer's cache
         self.cache_head_multiple = cache_head_multiple
         # built once: the decode op keys its launch plans by the options' identity
-        self.decode_options = DecodeLaunchOptions(a_head_pad=cache_head_multiple) if cache_head_multiple > 1 else None
+        # (padded rows by plain loads, as measured: the default one-hot path, a_dot, reads H heads per row)
+        self.decode_options = (DecodeLaunchOptions(a_head_pad=cache_head_multiple, a_dot=False)
+                               if cache_head_multiple > 1 else None)
         self.out_init_std = init_std if out_init_std is None else out_init_std
         self.b_dim = head_dim // c_dim  # feature size of the b factors (D, or d_b for third order)
         if self.b_dim % 2:

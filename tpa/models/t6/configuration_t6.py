@@ -31,7 +31,8 @@ class T6Config(PreTrainedConfig):
             TPA variants (see :mod:`tpa.layers.tpa`).
         tpa_cache_head_multiple: M >= 1 (TPA and TPA-KVonly with the plain factor cache): the cached
             head factors ``a_k``/``a_v`` are stored padded with zeros to ``ceil(H/M)*M`` heads and the
-            FlashTPA decode kernel reads the padded rows (``DecodeLaunchOptions(a_head_pad=M)``).
+            FlashTPA decode kernel reads the padded rows with plain loads (``DecodeLaunchOptions(
+            a_head_pad=M, a_dot=False)``; unpadded caches take the default one-hot path, ``a_dot``).
             Costs memory: those parts grow from ``R*H`` to ``R*ceil(H/M)*M`` numbers per token, at
             ``small``'s H=34 with R_k=R_v=2 +6% of the whole cache with M=8 (416 instead of 392 per token
             per layer), +14% with M=16 (448). Buys kernel time where the rows of H heads are not 16
