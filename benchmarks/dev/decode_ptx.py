@@ -98,14 +98,15 @@ def main() -> None:
     p.add_argument("--stages", type=int, nargs="+", default=[None], help="DecodeConfig.num_stages")
     p.add_argument("--max-registers", type=int, nargs="+", default=[None])
     p.add_argument("--sm", type=int, default=90)
-    p.add_argument("--a-dot", action="store_true", help="DecodeLaunchOptions(a_dot=True): head factors through tl.dot")
+    p.add_argument("--a-loads", action="store_true",
+                   help="DecodeLaunchOptions(a_dot=False): the head factors by plain loads (default: through tl.dot)")
     args = p.parse_args()
     os.environ.setdefault("TRITON_INTERPRET", "0")
     ranks = tuple(int(r) for r in args.ranks.split(","))
     h, dtype = args.heads, torch.bfloat16
     for bsz in args.batch:
         for a_heads in args.a_heads:
-            options = DecodeLaunchOptions(a_head_pad=_pad_for(h, a_heads), a_dot=args.a_dot)
+            options = DecodeLaunchOptions(a_head_pad=_pad_for(h, a_heads), a_dot=not args.a_loads)
             inputs = tpa_inputs(torch, bsz, args.length, h, 64, ranks, dtype, capacity=args.length + 64,
                                 a_heads=a_heads, device="meta")
             for block_m in args.block_m:
