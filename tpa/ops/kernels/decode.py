@@ -18,12 +18,21 @@ __all__ = ["tpa_decode_merge_kernel", "tpa_decode_split_kernel"]
 
 
 @triton.jit
-def _pick_rows(pick, a_t, IEEE_DOT: tl.constexpr):
-    """``pick [ROWS, A_COLS] @ a_t [A_COLS, BLOCK_M]`` in float32: each row of the result is the row of
-    ``a_t`` its one-hot row of ``pick`` selects, exactly (one product by 1, the rest by 0)."""
-    if IEEE_DOT:
-        return tl.dot(pick.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
-    return tl.dot(pick, a_t)
+def _head_factor(base, row_starts, tok_ok, r_h, a_ok, a_h, a_col_ok, s_h, pick,
+                 A_DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """One rank's head factor of one block for every row of the tile, float32 ``[ROWS, BLOCK_M]``:
+    element (row, token) is the factor of the row's head ``r_h`` at that token (``base + row_starts``
+    are the tokens' row starts of this rank, ``s_h`` the head stride). ``A_DOT``: a ``[A_COLS, BLOCK_M]``
+    tile of the block's heads ``a_h`` spread over the rows by the one-hot ``pick [ROWS, A_COLS]``, exactly
+    (one product by 1, the rest by 0); otherwise one load per row."""
+    if A_DOT:
+        a_t = tl.load(base + row_starts[None, :] + a_h[:, None] * s_h,
+                      mask=a_col_ok[:, None] & tok_ok[None, :], other=0.0)
+        if IEEE_DOT:
+            return tl.dot(pick.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
+        return tl.dot(pick, a_t)
+    return tl.load(base + row_starts[None, :] + r_h[:, None] * s_h,
+                   mask=a_ok[:, None] & tok_ok[None, :], other=0.0).to(tl.float32)
 
 
 # ``capacity`` and ``N`` vary at run time without changing the code: never specialise on them.
@@ -162,13 +171,13 @@ def tpa_decode_split_kernel(
     if TIMELINE:
         t_query = tl.extra.cuda.globaltimer()
 
-    if A_DOT:  # the head factors arrive through tl.dot: pick[row, c] = 1 where column c is the row's head
-        A_COLS: tl.constexpr = BLOCK_H if BLOCK_H >= 16 else 16
-        offs_a = tl.arange(0, A_COLS)
-        a_h = hb * BLOCK_H + offs_a
-        a_col_ok = (offs_a < BLOCK_H) & (a_h < H)
-        # (through tl.where: the interpreter casts booleans to bfloat16 as 0)
-        pick = tl.where((rows % BLOCK_H)[:, None] == offs_a[None, :], 1.0, 0.0).to(kv_dtype)  # [ROWS, A_COLS]
+    # A_DOT's head columns and one-hot rows: pick[row, c] = 1 where column c is the row's head (unused,
+    # and compiled away, without A_DOT; through tl.where: the interpreter casts booleans to bfloat16 as 0)
+    A_COLS: tl.constexpr = BLOCK_H if BLOCK_H >= 16 else 16
+    offs_a = tl.arange(0, A_COLS)
+    a_h = hb * BLOCK_H + offs_a
+    a_col_ok = (offs_a < BLOCK_H) & (a_h < H)
+    pick = tl.where((rows % BLOCK_H)[:, None] == offs_a[None, :], 1.0, 0.0).to(kv_dtype)  # [ROWS, A_COLS]
 
     acc = tl.zeros([ROWS, BLOCK_E], dtype=tl.float32)
     m_i = tl.full([ROWS, 1], -3.0e38, dtype=tl.float32)
@@ -232,13 +241,8 @@ def tpa_decode_split_kernel(
             ak_rank = ak_row + rk * s_ak_r  # row starts of this rank's a_k
             if A_ALIGN > 1:
                 ak_rank = tl.multiple_of(ak_rank, [A_ALIGN])
-            if A_DOT:
-                a_k_t = tl.load(ak_tok + ak_rank[None, :] + a_h[:, None] * s_ak_h,
-                                mask=a_col_ok[:, None] & tok_ok[None, :], other=0.0)  # [A_COLS, BLOCK_M]
-                a_k = _pick_rows(pick, a_k_t, IEEE_DOT)
-            else:
-                a_k = tl.load(ak_tok + ak_rank[None, :] + r_h[:, None] * s_ak_h,
-                              mask=a_ok[:, None] & tok_ok[None, :], other=0.0).to(tl.float32)  # [ROWS, BLOCK_M]
+            a_k = _head_factor(ak_tok, ak_rank, tok_ok, r_h, a_ok, a_h, a_col_ok, s_ak_h, pick,
+                               A_DOT, IEEE_DOT)  # [ROWS, BLOCK_M]
             s += qk * a_k
         visible = (tok[None, :] < limit[:, None]) & tok_ok[None, :]
         s = tl.where(visible, s * scale_log2, float("-inf"))
@@ -256,13 +260,8 @@ def tpa_decode_split_kernel(
             av_rank = av_row + rv * s_av_r
             if A_ALIGN > 1:
                 av_rank = tl.multiple_of(av_rank, [A_ALIGN])
-            if A_DOT:
-                a_v_t = tl.load(av_tok + av_rank[None, :] + a_h[:, None] * s_av_h,
-                                mask=a_col_ok[:, None] & tok_ok[None, :], other=0.0)  # [A_COLS, BLOCK_M]
-                a_v = _pick_rows(pick, a_v_t, IEEE_DOT)
-            else:
-                a_v = tl.load(av_tok + av_rank[None, :] + r_h[:, None] * s_av_h,
-                              mask=a_ok[:, None] & tok_ok[None, :], other=0.0).to(tl.float32)  # [ROWS, BLOCK_M]
+            a_v = _head_factor(av_tok, av_rank, tok_ok, r_h, a_ok, a_h, a_col_ok, s_av_h, pick,
+                               A_DOT, IEEE_DOT)  # [ROWS, BLOCK_M]
             v = tl.load(bv_tok[:, None] + rv * s_bv_r + offs_e[None, :] * s_bv_e,
                         mask=tok_ok[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
             w = round_bf16(p * a_v, FIX_BF16).to(v.dtype)
