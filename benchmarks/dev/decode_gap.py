@@ -147,25 +147,26 @@ def variants(default: DecodeConfig, sweep: bool, a_dot: bool = False
     2x the splits; with
     ``sweep``, every stage count x block x warps too (the split count chosen for them)."""
     if a_dot:
+        def splits(factor: float) -> int:
+            return min(1024, round(factor * default.num_splits))
+
         out = [("default", None, None), ("a loads", None, A_LOADS)]
         for stages in (3, 2):
             for factor in (1.0, 1.5, 2.0):
-                splits = min(1024, round(factor * default.num_splits))
-                out.append((f"a_dot s{stages} x{factor}", DecodeConfig(num_stages=stages, num_splits=splits), A_DOT))
+                out.append((f"a_dot s{stages} x{factor}", DecodeConfig(num_stages=stages, num_splits=splits(factor)),
+                            A_DOT))
         if sweep:  # blocks x stages x warps x splits (1, 1.25, 1.5 times the default's), and a register cap
             for block_m in (32, 64, 128):
                 for stages in (2, 3, 4):
                     for warps in (2, 4):
                         for factor in (1.0, 1.25, 1.5):
-                            splits = min(1024, round(factor * default.num_splits))
                             out.append((f"a_dot m{block_m} s{stages} w{warps} x{factor}",
                                         DecodeConfig(block_m=block_m, num_stages=stages, num_warps=warps,
-                                                     num_splits=splits), A_DOT))
+                                                     num_splits=splits(factor)), A_DOT))
             for cap in (168, 128):
                 for factor in (1.5, 2.0):
-                    splits = min(1024, round(factor * default.num_splits))
                     out.append((f"a_dot s2 r{cap} x{factor}",
-                                DecodeConfig(num_stages=2, num_splits=splits, max_registers=cap), A_DOT))
+                                DecodeConfig(num_stages=2, num_splits=splits(factor), max_registers=cap), A_DOT))
         return out
     out = [("default", None, None), ("whole-row merge", None, WHOLE_ROWS),
            ("twice the splits", DecodeConfig(num_splits=min(1024, 2 * default.num_splits)), None)]
