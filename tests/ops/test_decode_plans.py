@@ -526,3 +526,106 @@ def test_the_head_factor_path_reaches_the_op_config_and_the_kernel(a_dot):
         cfg = decode.default_config(1, 1, 4, 32, 32, 5, 4, inputs[0].element_size())
         plan = decode_launch.DecodePlan(*inputs[:6], None, 1.0, False, cfg, options)
         assert plan.split_constexprs["A_DOT"] is expected
+
+
+def _count_keyed(monkeypatch):
+    keyed = []
+    keyed_entry = decode._keyed_entry
+    monkeypatch.setattr(decode, "_keyed_entry", lambda *args: keyed.append(1) or keyed_entry(*args))
+    return keyed
+
+
+@needs_kernel
+def test_a_repeat_of_the_last_call_skips_the_key_and_any_change_is_keyed(monkeypatch):
+    """A repeat of the last call (same classes, shapes, strides, dtypes, devices and arguments,
+    aligned pointers) is found through the recent entry's guard, without building the key; a call
+    differing in any of those goes through the key, and alternating shapes reuse their plans."""
+    keyed = _count_keyed(monkeypatch)
+    base = dict(lengths=[3, 40], n=1, h=34, d=64, e=64, ranks=(2, 1, 1), dtype=torch.float32, capacity=41)
+    first = make_inputs(**base, seed=1)
+    for seed in (1, 2, 3):  # new tensors and values, the same layout
+        inputs = make_inputs(**base, seed=seed)
+        assert_close_to_truth(*_call(inputs), inputs)
+    assert len(keyed) == 1 and len(_plans()) == 1
+    other = make_inputs(**{**base, "h": 5}, seed=4)
+    for inputs in (other, first, other, first):
+        assert_close_to_truth(*_call(inputs), inputs)
+    assert len(keyed) == 5 and len(_plans()) == 2, "alternating layouts should reuse their two plans"
+    changes = [
+        lambda x: [x[0].clone().requires_grad_(), *x[1:]],  # autograd state (a guard checks it)
+        lambda x: [torch.nn.Parameter(x[0].clone(), requires_grad=False), *x[1:]],  # another class
+        lambda x: [*x[:2], *make_inputs(**base, seed=5, strided=True)[2:6], *x[6:]],  # other strides
+    ]
+    for change in changes:
+        before = len(keyed)
+        inputs = change(list(first))
+        assert_close_to_truth(*_call(inputs), inputs)
+        assert len(keyed) == before + 1
+    before = len(keyed)
+    out = _call(first, softmax_scale=0.3)  # another argument
+    assert len(keyed) == before + 1
+    assert_close_to_truth(*out, first, softmax_scale=0.3)
+    paged = make_inputs(**{**base, "paged": True, "capacity": 48}, seed=6)
+    out = torch.full((2, 1, 34, 64), float("nan"), device=paged[0].device)
+    for _ in range(2):  # a block table and an output buffer are guarded too
+        assert_close_to_truth(*_call(paged, out=out), paged)
+    assert len(keyed) == before + 2
+    _call(paged, out=out.clone())
+    assert len(keyed) == before + 2, "another output buffer of the same layout is a repeat"
+    _call(paged)
+    assert len(keyed) == before + 3
+
+
+@needs_kernel
+def test_tensors_changed_in_place_are_keyed_again(monkeypatch):
+    """The guard reads each call's tensors, so a tensor object whose shape or strides change in place
+    between two calls (set_, resize_) is keyed and planned again, and the result is right."""
+    keyed = _count_keyed(monkeypatch)
+    base = dict(lengths=[6, 21], n=1, h=34, d=64, e=64, ranks=(2, 1, 1), dtype=torch.float32, capacity=24)
+    inputs = list(make_inputs(**base, seed=40))
+    assert_close_to_truth(*_call(inputs), inputs)
+    a_k = inputs[2]
+    wide = torch.randn(2, 31, 2, 34, dtype=a_k.dtype, device=a_k.device)  # [B, M + 7, R_k, H]
+    wide[:, :24, :1] = a_k
+    a_k.set_(wide.untyped_storage(), 0, a_k.shape, wide[:, :24, :1].stride())  # same values, other strides
+    assert_close_to_truth(*_call(inputs), inputs)
+    assert len(keyed) == 2 and len(_plans()) == 2
+    a_q = inputs[0]
+    a_q.resize_(2, 1, 2, 17)  # the same storage read as 17 heads: a_k's 34 no longer match
+    with pytest.raises(ValueError, match="head count H=17"):
+        _call(inputs)
+    assert len(keyed) == 3
+
+
+@needs_kernel
+def test_without_tensor_guards_every_call_is_keyed(monkeypatch):
+    """A torch without dynamo's C guards (or another signature of them) keys every call, with the
+    same results."""
+    monkeypatch.setattr(decode, "_TensorGuards", None)
+    keyed = _count_keyed(monkeypatch)
+    inputs = make_inputs([5, 9], 1, 4, 32, 32, (2, 1, 2), torch.float32, capacity=12, seed=11)
+    for _ in range(3):
+        assert_close_to_truth(*_call(inputs), inputs)
+    assert len(keyed) == 3 and len(_plans()) == 1 and decode_launch.RECENT[0] is None
+
+
+def test_misaligned_calls_and_inference_mode_are_keyed(monkeypatch):
+    """A call with a pointer off 16 bytes is keyed every time (its alignment is part of the key) and
+    never becomes the recent entry; a guard built outside inference mode fails inside it (dispatch
+    keys), and the keyed call rebuilds it there."""
+    keyed = _count_keyed(monkeypatch)
+    good = [t.cpu() if isinstance(t, torch.Tensor) else t for t in make_inputs(
+        [5, 9], 1, 4, 32, 32, (2, 1, 2), torch.float32, capacity=12, seed=11)[:7]]
+    shifted = list(good)
+    shifted[1] = torch.empty(good[1].numel() + 1)[1:].view_as(good[1]).copy_(good[1])  # 4 bytes off
+    want = tpa_decode(*good, backend="reference")
+    for _ in range(2):
+        torch.testing.assert_close(tpa_decode(*shifted, backend="reference"), want)  # (vectorised otherwise)
+    assert len(keyed) == 3 and decode_launch.RECENT[0] is not None
+    recent = decode_launch.RECENT[0]
+    with torch.inference_mode():
+        for _ in range(2):
+            torch.testing.assert_close(tpa_decode(*good, backend="reference"), want, rtol=0, atol=0)
+    assert len(keyed) == 4 and decode_launch.RECENT[0] is recent
+    decode_launch.clear_plans()
+    assert decode_launch.RECENT[0] is None

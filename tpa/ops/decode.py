@@ -23,14 +23,16 @@ The stack, bottom to top:
   :func:`tpa_decode`, the public op: validates, fills defaults, dispatches to Triton or to the
   reference twin :func:`tpa.ops.naive.tpa_decode_reference`.
 
-Host cost: an eager call looks up its entry by one dict lookup on a key of the inputs' classes,
-shapes, strides, dtypes, devices and pointer alignment and of the other arguments (built at the
-top of :func:`tpa_decode`, which also reads the pointers the launch passes on). A key seen before
-was validated then, so a repeated call checks nothing else, computes no launch parameter and
-allocates at most its output (none with ``out=``): the entry's ``run`` (the plan's launch through
-its compiled handles, :attr:`tpa.ops.decode_launch.DecodePlan.fast_run`, or the reference twin)
-takes the call from there. A new key runs the full validation (:func:`_validate`) with its error
-messages and builds the plan.
+Host cost: an eager call that repeats the last one (tensors of the same classes, shapes, strides,
+dtypes and devices, the same other arguments, pointers aligned to 16 bytes: every layer of a decode
+step) finds its entry through that entry's guard, PyTorch's C++ ``TensorGuards`` check of the
+tensors (about 1 us for nine tensors on a CPU where building the key takes 3 us). Any other call
+looks its entry up by one dict lookup on a key of the same properties and of the pointers'
+alignment (:func:`_keyed_entry`). A key seen before was validated then, so a repeated call checks
+nothing else, computes no launch parameter and allocates at most its output (none with ``out=``):
+the entry's ``run`` (the plan's launch through its compiled handles,
+:attr:`tpa.ops.decode_launch.DecodePlan.fast_run`, or the reference twin) takes the call from there.
+A new key runs the full validation (:func:`_validate`) with its error messages and builds the plan.
 
 Run-time cache lengths: ``cache_seqlens`` is read by the kernel from device memory, and each
 split's slice of the cache is computed in the kernel from the sequence's own length, so a new
@@ -73,6 +75,11 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _is_compiling = torch.compiler.is_compiling
 _PLANS = decode_launch.PLANS  # never rebound (decode_launch.clear_plans empties it)
 _PLANS_GET = _PLANS.get  # bound once: it runs on every call
+_RECENT = decode_launch.RECENT  # [the entry of the last keyed call with aligned pointers], never rebound
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # a torch without dynamo's C guards: every call goes through the key
+    _TensorGuards = None
 _MAX_FEATURE_DIM = 256  # D and E the kernel is built and tested for
 _MAX_SPLITS = 1024  # what DecodeConfig accepts (the merge kernel's BLOCK_S); the heuristic's cap is DecodeHeuristic.max_splits
 
@@ -553,8 +560,8 @@ class _Entry:
     result: :func:`_run_plan` until the plan has compiled handles, then the plan's
     :attr:`~tpa.ops.decode_launch.DecodePlan.fast_run`; :func:`_run_reference` for the twin."""
 
-    __slots__ = ("capacity", "check_by_default", "held", "num_blocks", "num_queries", "plan", "return_lse", "run",
-                 "scale")
+    __slots__ = ("call", "capacity", "check_by_default", "guard", "held", "num_blocks", "num_queries", "plan",
+                 "return_lse", "run", "scale")
 
     def __init__(self, run, capacity, num_blocks, num_queries, check_by_default, plan, scale, return_lse, held):
         self.run = run
@@ -563,6 +570,8 @@ class _Entry:
         self.plan = plan  # None for the reference twin and an empty batch
         self.scale, self.return_lse = scale, return_lse
         self.held = held  # config and options, kept alive while their ids are part of the key
+        self.guard = None  # a TensorGuards of the tensors of the call that made it the recent entry
+        self.call = None  # that call's other arguments (see tpa_decode)
 
 
 def _use_triton(backend: str, device: torch.device, d: int, e: int) -> bool:
@@ -703,12 +712,11 @@ def tpa_decode(
     Returns:
         ``out [B, N, H, E]`` in the dtype of ``a_q``; with ``return_lse``, ``(out, lse [B, N, H])``.
 
-    Host cost: a call whose key (classes, shapes, strides, dtypes, devices, alignment, arguments) was
-    seen before skips validation and launch planning (module docstring). Under ``torch.compile`` the
-    Triton path is the ``triton_op`` ``torch.ops.tpa.decode``, whose launches inductor emits. This
-    function is longer than ~100 lines on purpose: it is the host path of every eager decode step,
-    and the key is built here because a helper would add a Python call to each (validation and
-    planning of a new key are :func:`_new_entry`'s, the launch the entry's ``run``).
+    Host cost: a repeat of the last call is found by a guard of its tensors, another call by its key
+    (classes, shapes, strides, dtypes, devices, alignment, arguments); either way a known call skips
+    validation and launch planning (module docstring). Under ``torch.compile`` the Triton path is the
+    ``triton_op`` ``torch.ops.tpa.decode``, whose launches inductor emits. The repeat's path is this
+    function's body and the entry's ``run``, with no other Python call of this module.
 
     Raises:
         TypeError: a non-tensor argument, unsupported or mismatched dtypes, ``cache_seqlens`` or
@@ -720,44 +728,70 @@ def tpa_decode(
     if _is_compiling():
         return _decode_traced(a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table,
                               softmax_scale, return_lse, backend, out, check_lengths, config, options)
-    # The key: what validation and launch depend on but values. A contiguous tensor's strides enter
-    # as True (along dimensions of size > 1 they follow from its shape; a dimension of size 1 is only
-    # indexed at 0); config and options by identity (their entry holds them, so an id is not reused).
     a_k, b_k, a_v, b_v, lens, table = a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table
-    try:
+    try:  # the pointers the launch passes on; a non-tensor argument goes to the full validation
         p0, p1, p2, p3 = a_q.data_ptr(), b_q.data_ptr(), a_k.data_ptr(), b_k.data_ptr()
         p4, p5, p6 = a_v.data_ptr(), b_v.data_ptr(), lens.data_ptr()
-        key = (
-            a_q.__class__, a_q.shape, a_q.is_contiguous() or a_q.stride(), a_q.dtype, a_q.device,
-            b_q.__class__, b_q.shape, b_q.is_contiguous() or b_q.stride(), b_q.dtype, b_q.device,
-            a_k.__class__, a_k.shape, a_k.is_contiguous() or a_k.stride(), a_k.dtype, a_k.device,
-            b_k.__class__, b_k.shape, b_k.is_contiguous() or b_k.stride(), b_k.dtype, b_k.device,
-            a_v.__class__, a_v.shape, a_v.is_contiguous() or a_v.stride(), a_v.dtype, a_v.device,
-            b_v.__class__, b_v.shape, b_v.is_contiguous() or b_v.stride(), b_v.dtype, b_v.device,
-            lens.__class__, lens.shape, lens.is_contiguous() or lens.stride(), lens.dtype, lens.device,
-            softmax_scale, return_lse, backend, id(config), id(options),
-        )
-        if (p0 | p1 | p2 | p3 | p4 | p5 | p6) & 15:  # which pointers are misaligned: the kernel's specialisation
-            key += (p0 & 15, p1 & 15, p2 & 15, p3 & 15, p4 & 15, p5 & 15, p6 & 15)
-        p7 = p6  # the table's pointer, lens's without one (the kernel does not read it then)
-        if table is not None:
-            p7 = table.data_ptr()
-            key += ("table", table.__class__, table.shape, table.stride(), table.dtype, table.device, p7 & 15)
-        ptrs = (p0, p1, p2, p3, p4, p5, p6, p7)
-        out_ptr = None
-        if out is not None:
-            out_ptr = out.data_ptr()
-            key += ("out", out.__class__, out.shape, out.is_contiguous() or out.stride(), out.dtype, out.device,
-                    out_ptr & 15)
-    except AttributeError:  # a non-tensor argument: the full validation raises the right error
-        key = ptrs = out_ptr = None
-    entry = _PLANS_GET(key)
-    if entry is None:
-        entry = _new_entry(key, (a_q, b_q, a_k_cache, b_k_cache, a_v_cache, b_v_cache, cache_seqlens, block_table,
-                                 out, softmax_scale, return_lse, backend, config, options))
+        p7 = p6 if table is None else table.data_ptr()  # lens's without a table (the kernel does not read it)
+        out_ptr = None if out is None else out.data_ptr()
+    except AttributeError:
+        entry = _new_entry(None, (a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, softmax_scale, return_lse, backend,
+                                  config, options))
+        return entry.run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, None, None)
+    ptrs = (p0, p1, p2, p3, p4, p5, p6, p7)
+    tensors = (a_q, b_q, a_k, b_k, a_v, b_v, lens) if table is None else (a_q, b_q, a_k, b_k, a_v, b_v, lens, table)
+    if out is not None:
+        tensors += (out,)
+    call = (softmax_scale, return_lse, backend, config, options, table is None, out is None)
+    misaligned = (p0 | p1 | p2 | p3 | p4 | p5 | p6 | p7 | (out_ptr or 0)) & 15
+    entry = _RECENT[0]
+    if misaligned or entry is None or entry.call != call or not entry.guard.check(*tensors):
+        entry = _keyed_entry(tensors, ptrs, out_ptr, misaligned, call)
     if check_lengths or (check_lengths is None and entry.check_by_default):
         check_cache_seqlens(cache_seqlens, entry.capacity, entry.num_queries, block_table, entry.num_blocks)
     return entry.run(entry, a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, ptrs, out_ptr)
+
+
+def _keyed_entry(tensors, ptrs, out_ptr, misaligned, call) -> _Entry:
+    """The entry of a call that is not the last one's repeat (see :func:`tpa_decode`): looked up by
+    its key, or validated and planned (:func:`_new_entry`). With aligned pointers it becomes the
+    recent entry, with a guard of this call's tensors.
+
+    The key holds what validation and launch depend on but values: each tensor's class, shape,
+    strides (True for a contiguous one: along dimensions of size > 1 they follow from its shape, and
+    a dimension of size 1 is only indexed at 0), dtype and device; the other arguments, config and
+    options by identity (their entry holds them, so an id is not reused); the pointers' alignment."""
+    softmax_scale, return_lse, backend, config, options, no_table, no_out = call
+    a_q, b_q, a_k, b_k, a_v, b_v, lens = tensors[:7]
+    table = None if no_table else tensors[7]
+    out = None if no_out else tensors[-1]
+    key = (softmax_scale, return_lse, backend, id(config), id(options), no_table, no_out,
+           *((t.__class__, t.shape, t.is_contiguous() or t.stride(), t.dtype, t.device) for t in tensors))
+    if misaligned:  # which pointers are misaligned: the kernel's specialisation
+        key += (*(p & 15 for p in ptrs), (out_ptr or 0) & 15)
+    entry = _PLANS_GET(key)
+    if entry is None:
+        entry = _new_entry(key, (a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, softmax_scale, return_lse, backend,
+                                 config, options))
+    if not misaligned:
+        if entry.guard is None or not entry.guard.check(*tensors):  # (a guard also holds autograd's mode)
+            entry.guard = _tensor_guard(tensors)
+        entry.call = call
+        if entry.guard is not None:
+            _RECENT[0] = entry
+    return entry
+
+
+def _tensor_guard(tensors):
+    """A check that tensors have these tensors' classes, dtypes, devices, shapes, strides and
+    dispatch keys (PyTorch's C++ ``TensorGuards``, ~0.1 us per tensor), or None without one."""
+    if _TensorGuards is None:
+        return None
+    try:
+        return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                             dynamic_dims_strides=[list(t.stride()) for t in tensors])
+    except (TypeError, RuntimeError):  # another signature in this torch: no recent-call shortcut
+        return None
 
 
 def _decode_reference(a_q, b_q, a_k, b_k, a_v, b_v, cache_seqlens, block_table, scale, return_lse, out):

@@ -49,11 +49,13 @@ __all__ = ["MAX_PLANS", "PLANS", "DecodePlan", "clear_plans"]
 _LOG2E = 1.4426950408889634
 MAX_PLANS = 128
 PLANS: OrderedDict = OrderedDict()  # call key -> entry holding its DecodePlan (see tpa.ops.decode.tpa_decode)
+RECENT: list = [None]  # the entry of the last keyed call, which a repeat of that call finds without its key
 
 
 def clear_plans() -> None:
     """Forget every plan (their kernel handles and workspaces)."""
     PLANS.clear()
+    RECENT[0] = None
 
 
 @functools.lru_cache(maxsize=1)
