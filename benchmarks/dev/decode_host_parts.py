@@ -8,8 +8,10 @@ calls back to back, no sync inside the timed span), as the median of ``--repeats
   (contiguous caches, and paged ones of 256-token pages at the last two points);
 - ``call_no_out``: the same without ``out`` (the output allocated per call);
 - ``entry_run``: the plan's launch closure alone (key, lookup and checks skipped);
-- ``launches``: the compiled handles' launches alone, with their arguments prebuilt (Triton's launcher
-  and the driver: what no Python of ours can remove);
+- ``launches``: the compiled handles' launches alone, as the launch closure makes them
+  (:func:`tpa.ops.decode_launch.launcher_of`: Triton's C launcher itself where that is supported), with
+  their arguments prebuilt: Triton's launcher and the driver, what no Python of ours can remove;
+- ``run_launches``: the same through the handles' ``run`` (Triton's ``CudaLauncher.__call__`` in front);
 - ``empty``: one ``torch.empty`` of the output's shape (what ``call_no_out`` adds);
 - ``sdpa``: PyTorch's SDPA decode call at the same B, H, L with d_h = 64 and gcd(H, 8) KV heads
   (GQA-4 at H = 32), the reference the issue names.
@@ -61,17 +63,25 @@ def parts(bsz, length, h, ranks, page, calls, repeats) -> dict:
     split, merge = plan.split_handle, plan.merge_handle
     g0, g1, g2 = plan.split_grid
     ws = plan.workspace(stream) if plan.num_splits > 1 else (out, out, out.data_ptr(), out.data_ptr())
-    split_args = (g0, g1, g2, stream, split.function, split.packed_metadata, None, None, None, *ptrs,
-                  out.data_ptr(), out.data_ptr(), ws[2], ws[3], ws[3], *plan.split_tail)
-    merge_args = (*plan.merge_grid, 1, stream, merge.function, merge.packed_metadata, None, None, None,
-                  ws[2], ws[3], out.data_ptr(), out.data_ptr(), *plan.merge_tail)
+    split_ptrs = (*ptrs, out.data_ptr(), out.data_ptr(), ws[2], ws[3], ws[3], *plan.split_tail)
+    merge_ptrs = (ws[2], ws[3], out.data_ptr(), out.data_ptr(), *plan.merge_tail)
+    def through_run(handle):
+        return handle.run, (handle.function, handle.packed_metadata, None, None, None)
 
-    def launches():
-        split.run(*split_args)
-        if plan.num_splits > 1:
-            merge.run(*merge_args)
+    launcher_of = getattr(decode_launch, "launcher_of", through_run)  # (a tree before it: BASE= runs)
+    merge = merge or split  # (not launched with one split)
+    for name, (split_launch, split_fixed), (merge_launch, merge_fixed) in (
+            ("launches", launcher_of(split), launcher_of(merge)),
+            ("run_launches", through_run(split), through_run(merge))):
+        split_args = (g0, g1, g2, stream, *split_fixed, *split_ptrs)
+        merge_args = (*plan.merge_grid, 1, stream, *merge_fixed, *merge_ptrs)
 
-    row["launches_us"] = median_host_us(launches, calls, repeats)
+        def launches():
+            split_launch(*split_args)
+            if plan.num_splits > 1:
+                merge_launch(*merge_args)
+
+        row[f"{name}_us"] = median_host_us(launches, calls, repeats)
     row["empty_us"] = median_host_us(lambda: torch.empty(bsz, 1, h, 64, dtype=torch.bfloat16, device="cuda"),
                                      calls, repeats)
     q = torch.randn(bsz, h, 1, 64, dtype=torch.bfloat16, device="cuda")

@@ -629,3 +629,42 @@ def test_misaligned_calls_and_inference_mode_are_keyed(monkeypatch):
     assert len(keyed) == 4 and decode_launch.RECENT[0] is recent
     decode_launch.clear_plans()
     assert decode_launch.RECENT[0] is None
+
+
+def test_direct_launch_passes_what_tritons_launcher_would(monkeypatch):
+    """Where Triton's C launcher is called directly (Triton 3.5 and 3.6, no scratch memory), it gets
+    exactly the arguments the installed Triton's own ``CudaLauncher.__call__`` passes it for the same
+    launch; with scratch memory, another Triton or another launcher class the handle's ``run`` stays."""
+    driver = pytest.importorskip("triton.backends.nvidia.driver")
+
+    def launcher(scratch=0):
+        run = object.__new__(driver.CudaLauncher)  # no compiled launcher module: its C launch is recorded
+        calls = []
+        run.__dict__.update(num_ctas=1, global_scratch_size=scratch, global_scratch_align=1, profile_scratch_size=0,
+                            profile_scratch_align=1, launch_cooperative_grid=False, launch_pdl=True, gsan_enabled=False,
+                            arg_annotations="annotations", kernel_signature="signature",
+                            launch=lambda *args: calls.append(args))
+        return run, calls
+
+    class Handle:
+        function, packed_metadata = "fn", "meta"
+
+        def __init__(self, run):
+            self.run = run
+
+    run, calls = launcher()
+    handle = Handle(run)
+    launch, fixed = decode_launch.launcher_of(handle)
+    if decode_launch._direct_launch_supported():  # (later Triton's __call__ asks for a GPU driver first)
+        grid_stream, kernel_args = (3, 2, 1, 7), (11, 12, 0.5, 64)
+        run(*grid_stream, handle.function, handle.packed_metadata, None, None, None, *kernel_args)
+        assert launch == run.launch
+        launch(*grid_stream, *fixed, *kernel_args)
+        assert calls[1] == calls[0]
+    else:
+        assert launch is run and fixed == (handle.function, handle.packed_metadata, None, None, None)
+    monkeypatch.setattr(decode_launch, "_direct_launch_supported", lambda: True)
+    scratch_run, _ = launcher(scratch=256)
+    assert decode_launch.launcher_of(Handle(scratch_run))[0] is scratch_run
+    plain = Handle(lambda *args: None)
+    assert decode_launch.launcher_of(plain)[0] is plain.run

@@ -361,12 +361,9 @@ def _fast_runner(plan: DecodePlan):
     (the inputs' devices were validated). A call with a launch hook set (a profiler) or another
     current device than the inputs' goes through ``entry.plan.run`` (``triton.jit``) instead. It holds
     no reference to the plan (nor the plan to an entry), so a dropped plan is freed at once."""
-    split_launch = plan.split_handle.run
-    split_fixed = (plan.split_handle.function, plan.split_handle.packed_metadata, None, None, None)
-    merge_handle = plan.merge_handle
+    split_launch, split_fixed = launcher_of(plan.split_handle)
     merged = plan.num_splits > 1
-    merge_launch = merge_handle.run if merged else None
-    merge_fixed = (merge_handle.function, merge_handle.packed_metadata, None, None, None) if merged else None
+    merge_launch, merge_fixed = launcher_of(plan.merge_handle) if merged else (None, None)
     g0, g1, g2 = plan.split_grid
     m0, m1 = plan.merge_grid
     split_tail, merge_tail = plan.split_tail, plan.merge_tail
@@ -404,6 +401,32 @@ def _fast_runner(plan: DecodePlan):
         return (out, lse) if return_lse else out
 
     return run
+
+
+@functools.lru_cache(maxsize=1)
+def _direct_launch_supported() -> bool:
+    """Whether this Triton's ``CudaLauncher.__call__`` is the one of Triton 3.5 and 3.6, which only
+    prepends its scratch buffers (None without them) and launch flags to the arguments it is given
+    before calling its C launcher."""
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) in ((3, 5), (3, 6))
+
+
+def launcher_of(handle) -> tuple:
+    """``(launch, fixed)``: ``launch(grid_x, grid_y, grid_z, stream, *fixed, *kernel_args)`` launches the
+    compiled kernel ``handle``. Where :func:`_direct_launch_supported` and the kernel needs no scratch
+    memory, ``launch`` is Triton's C launcher itself, with the launch flags and the empty scratch
+    pointers in ``fixed`` (what ``CudaLauncher.__call__`` would pass: that Python call costs about a
+    microsecond per launch); otherwise it is ``handle.run``."""
+    run = handle.run
+    direct = (_direct_launch_supported() and type(run).__name__ == "CudaLauncher"
+              and getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0
+              and callable(getattr(run, "launch", None)))
+    if direct:
+        return run.launch, (handle.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                            handle.packed_metadata, None, None, None)
+    return run, (handle.function, handle.packed_metadata, None, None, None)
 
 
 @functools.lru_cache(maxsize=1)
