@@ -23,6 +23,16 @@ def test_default_command_line_times_the_default_variant_only():
     assert Variant().options(launch) is launch
 
 
+def test_grid_lengths_are_every_power_of_two_or_the_given_ones():
+    """Without --lengths the grid runs every power of two from --min-len to --max-len (the default is
+    the Figure 5 grid, 4K to 512K); --lengths gives them in its order."""
+    from tpa.bench.decode.grid import grid_lengths
+
+    assert grid_lengths(_args()) == [4096 << i for i in range(8)]
+    assert grid_lengths(_args("--min-len", "4096", "--max-len", "32768")) == [4096, 8192, 16384, 32768]
+    assert grid_lengths(_args("--lengths", "524288", "32768")) == [524288, 32768]
+
+
 def test_variants_are_the_product_of_the_lists():
     args = _args("--block-h", "16", "32", "64", "--pad-a-heads", "1", "8", "16", "--pad-loads", "both",
                  "--grid-only", "--lengths", "524288", "32768")

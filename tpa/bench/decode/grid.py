@@ -24,6 +24,18 @@ KV_HEADS = {"mha": None, "gqa4": 4, "mqa": 1}  # None: as many KV heads as query
 BASELINES = (*KV_HEADS, "mla")  # "mla": the absorbed decode over MLA's latent cache (no SDPA)
 
 
+def grid_lengths(args) -> list[int]:
+    """The cache lengths of the grid: ``args.lengths`` in their order, or every power of two from
+    ``args.min_len`` to ``args.max_len``."""
+    if getattr(args, "lengths", None):
+        return list(args.lengths)
+    lengths, length = [], args.min_len
+    while length <= args.max_len:
+        lengths.append(length)
+        length *= 2
+    return lengths
+
+
 class Grid:
     def __init__(self, torch, args, timer, dtype, bw, log, launch):
         from tpa.ops import decode as decode_mod
@@ -36,11 +48,7 @@ class Grid:
         self.decode_mod, self.tpa_decode, self.tpa_decode_reference = decode_mod, tpa_decode, tpa_decode_reference
         self.ranks_list = [tuple(int(x) for x in r.split(",")) for r in args.ranks]
         self.variants = variants_from_args(args)
-        self.lengths = list(getattr(args, "lengths", None) or [])
-        length = args.min_len
-        while not self.lengths and length <= args.max_len:
-            self.lengths.append(length)
-            length *= 2
+        self.lengths = grid_lengths(args)
         self.csv_path = None  # rewritten after every point when set (a run cut by a timeout keeps its rows)
         self.rows = []
         self.sdpa_choice = {}  # (baseline, d_model, batch) -> SDPA variant
