@@ -22,9 +22,9 @@
 #   host-parts     benchmarks/dev/decode_host_parts.py: an eager tpa_decode call's host time, part by part
 #   step-kernels   benchmarks/dev/step_kernels.py: the small preset's residual add + RMSNorm and SwiGLU activation
 #                  in one launch each, beside the torch ops, and the TPA projection's GEMM; B 1 and 8, graph replay
-#   generate       tpa bench generate, small preset, TPA / MHA / GQA / MLA beside transformers' Llama, 32K prompts
-#                  (GEN_TYPES picks the types), and tpa-pad16: T6Config.tpa_cache_head_multiple=16 (GEN_PAD, default
-#                  "1 16", lists the multiples)
+#   generate       tpa bench generate, small preset, TPA / MHA / GQA / MQA / MLA beside transformers' Llama matched to
+#                  GQA, MHA and MQA (llama, llama-mha, llama-mqa), 32K prompts (GEN_TYPES picks the types), and
+#                  tpa-pad16: T6Config.tpa_cache_head_multiple=16 (GEN_PAD, default "1 16", lists the multiples)
 #   profile-generate benchmarks/dev/profile_generate.py: where a generate() decode step goes (torch.profiler),
 #                  small preset, 32K prompt, B 1 and 8, for PROF_GEN_TYPES (default "tpa")
 #   host-step      benchmarks/dev/host_step.py at 32K (real replays, then --replay fake: host work only), then
@@ -94,9 +94,10 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
                 benchmarks/dev/decode_ncu.py ${NCU_ARGS:-} --out "$R/ncu-base"
            stage ncu "${T_NCU:-240}" $PY benchmarks/dev/decode_ncu.py ${NCU_ARGS:-} --out "$R/ncu" ;;
       host-parts) stage host-parts "${T_HOST_PARTS:-90}" $PY benchmarks/dev/decode_host_parts.py --out "$R/host-parts" ;;
-      generate) stage generate "${T_GENERATE:-200}" $PY -m tpa.cli bench generate --preset small \
-                --types ${GEN_TYPES:-tpa mha gqa mla llama} --contexts 32K --batch-sizes 1 8 --new-tokens 64 --short-tokens 8 \
-                --cache-head-multiple ${GEN_PAD:-1 16} --time-budget "${GEN_BUDGET:-170}" --output "$R/generate" ;;
+      generate) stage generate "${T_GENERATE:-280}" $PY -m tpa.cli bench generate --preset small \
+                --types ${GEN_TYPES:-tpa mha gqa mqa mla llama llama-mha llama-mqa} --contexts 32K --batch-sizes 1 8 \
+                --new-tokens 64 --short-tokens 8 --cache-head-multiple ${GEN_PAD:-1 16} --time-budget "${GEN_BUDGET:-250}" \
+                --output "$R/generate" ;;
       profile-generate) stage profile-generate "${T_PROF_GEN:-120}" $PY benchmarks/dev/profile_generate.py \
                 --types ${PROF_GEN_TYPES:-tpa} --context 32768 --batch 1 8 --top 12 --out "$R/profile-generate" ;;
       host-step) stage host-step "${T_HOSTSTEP:-240}" bash -c "$PY benchmarks/dev/host_step.py --context 32768 --repeats 3 \

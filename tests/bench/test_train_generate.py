@@ -127,6 +127,25 @@ def test_bench_generate_tiny(tmp_path, capsys):
     assert (out / "generate.csv").is_file() and "| llama |" in (out / "generate.md").read_text()
 
 
+def test_bench_generate_llama_matched_to_mha_and_mqa(tmp_path):
+    """``llama-mha`` and ``llama-mqa`` are transformers' Llama at the KV heads, width and depth of the
+    preset's MHA and MQA: the same cached bytes per token as each, query heads hidden_size // head_dim."""
+    out = tmp_path / "gen"
+    rc = main(["bench", "generate", "--preset", "tiny", "--types", "mha", "mqa", "llama-mha", "llama-mqa",
+               "--contexts", "12", "--batch-sizes", "2", "--new-tokens", "4", "--short-tokens", "1",
+               "--device", "cpu", "--output", str(out)])
+    assert rc == 0
+    rows = {r["attention_type"]: r for r in json.loads((out / "generate.json").read_text())["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    for t6, llama in (("mha", "llama-mha"), ("mqa", "llama-mqa")):
+        assert rows[llama]["kv_heads"] == (rows[t6]["kv_heads"] or rows[t6]["heads"])
+        assert rows[llama]["predicted_kv_cache_bytes"] == rows[t6]["predicted_kv_cache_bytes"]
+        assert rows[llama]["heads"] == 128 // 32
+    assert rows["llama-mqa"]["kv_heads"] == 1
+    assert main(["bench", "generate", "--preset", "tiny", "--types", "llama-gqa", "--device", "cpu",
+                 "--output", str(tmp_path / "bad")]) == 2
+
+
 def test_bench_generate_padded_cache_rows(tmp_path, capsys):
     """--cache-head-multiple 1 8: a tpa-pad8 row beside tpa, its cache holding the padded head factors
     (tiny's TPA heads are not a multiple of 8) and generating the same tokens."""

@@ -132,7 +132,7 @@ def _register_generate(subparsers) -> None:
     p.add_argument("--preset", default="small", help="model preset (tiny, mini, small, ...)")
     p.add_argument("--types", nargs="+", default=["tpa", "mha", "gqa", "mla", "llama"],
                    help="attention types, llama (transformers' LlamaForCausalLM at gqa's width, depth and KV heads), "
-                        "or all")
+                        "llama-mha and llama-mqa (the same at mha's and mqa's KV heads), or all")
     p.add_argument("--contexts", nargs="+", default=["4K", "32K", "128K"], help="prompt lengths (4K = 4096)")
     p.add_argument("--batch-sizes", nargs="+", default=["1", "8"], help="sequences per generate call")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence (the long run)")

@@ -4,7 +4,8 @@ and against transformers' own ``LlamaForCausalLM``.
 The models are a preset's (``--preset``, default ``small``) for each attention type, with the head
 counts of the paper's Table 10, so their parameter counts match; weights are random (speed does not
 depend on them). Type ``llama`` is transformers' ``LlamaForCausalLM`` at the width, depth and KV
-heads of the preset's ``gqa`` (:mod:`tpa.bench.hf_llama`), run by the same protocol with
+heads of the preset's ``gqa`` (``llama-mha`` and ``llama-mqa``: of its ``mha`` and ``mqa``;
+:mod:`tpa.bench.hf_llama`), run by the same protocol with
 transformers' own caches (``StaticCache`` where the T6 types use a static cache, so that on a GPU
 ``generate`` auto-compiles its decode step as it does for ``cache_implementation="static"``). For
 every batch size and context length it runs twice, with ``--short-tokens`` and with
@@ -173,11 +174,12 @@ def _build(cfg, device, dtype):
 def _model_and_caches(kind: str, cfg, device, dtype, batch: int, capacity: int, graphs: bool):
     """The model of a point and its cache source: ``new_cache()`` gives a fresh cache per run, or the
     one static cache, reset (its CUDA graph, or transformers' compiled step, survives the reset).
-    ``kind`` is a T6 attention type or ``llama`` (``cfg`` then a ``LlamaConfig``)."""
+    ``kind`` is a T6 attention type or one of :data:`tpa.bench.hf_llama.LLAMA_TYPES` (``cfg`` then a
+    ``LlamaConfig``)."""
     from tpa import T6Cache
-    from tpa.bench.hf_llama import LLAMA_TYPE, build_llama, llama_cache
+    from tpa.bench.hf_llama import LLAMA_TYPES, build_llama, llama_cache
 
-    if kind == LLAMA_TYPE:
+    if kind in LLAMA_TYPES:
         model = build_llama(cfg, device, dtype)
         make = lambda: llama_cache(model, capacity, static=graphs)  # noqa: E731
     else:
@@ -207,7 +209,7 @@ class _Plan:
     dtype: Any
     graphs: bool  # decode steps replay a CUDA graph (a static cache); else eager with a dynamic cache
     capacity: int | None  # the device's memory in bytes (None: unknown)
-    configs: dict = field(default_factory=dict)  # type -> T6Config (``llama``: a LlamaConfig)
+    configs: dict = field(default_factory=dict)  # type -> T6Config (a Llama type: a LlamaConfig)
     params: dict = field(default_factory=dict)  # type -> parameter count
 
     @property
@@ -217,14 +219,14 @@ class _Plan:
 
 def _plan(args) -> _Plan:
     """Check the arguments (:class:`UsageError` for a bad one) and resolve the device and dtype."""
-    from tpa.bench.hf_llama import LLAMA_TYPE
+    from tpa.bench.hf_llama import LLAMA_TYPES
     from tpa.models.presets import ATTENTION_TYPES, PRESETS
     from tpa.utils.args import parse_ints, parse_list
     from tpa.utils.devices import resolve_device, resolve_dtype
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
-    types = parse_list(args.types, (*ATTENTION_TYPES, LLAMA_TYPE), "attention type")
+    types = parse_list(args.types, (*ATTENTION_TYPES, *LLAMA_TYPES), "attention type")
     contexts = sorted(parse_ints(args.contexts, "context length", minimum=2))
     batches = sorted(parse_ints(args.batch_sizes, "batch size"))
     if args.new_tokens < 2:
@@ -277,26 +279,27 @@ def _base_type(kind: str) -> tuple[str, int]:
 def _add_configs(plan: _Plan, args) -> None:
     """The model configuration and parameter count of every type, long enough for the longest point."""
     from tpa import T6Config
-    from tpa.bench.hf_llama import LLAMA_TYPE, llama_config_like, llama_parameters
+    from tpa.bench.hf_llama import LLAMA_TYPES, llama_config_like, llama_parameters
     from tpa.bench.memory import model_parameters
 
     max_len = max(plan.contexts) + args.new_tokens
     plan.configs = {t: T6Config.from_preset(args.preset, _base_type(t)[0], max_position_embeddings=max_len,
                                             decode_impl=args.decode_impl, tpa_cache_head_multiple=_base_type(t)[1])
-                    for t in plan.types if t != LLAMA_TYPE}
+                    for t in plan.types if t not in LLAMA_TYPES}
     plan.params = {t: model_parameters(cfg) for t, cfg in plan.configs.items()}
-    if LLAMA_TYPE in plan.types:  # matched to the preset's GQA
-        plan.configs[LLAMA_TYPE] = llama_config_like(T6Config.from_preset(args.preset, "gqa",
-                                                                          max_position_embeddings=max_len))
-        plan.params[LLAMA_TYPE] = llama_parameters(plan.configs[LLAMA_TYPE])
+    for t in plan.types:
+        if t in LLAMA_TYPES:  # matched to the preset's GQA, MHA or MQA
+            plan.configs[t] = llama_config_like(T6Config.from_preset(args.preset, LLAMA_TYPES[t],
+                                                                     max_position_embeddings=max_len))
+            plan.params[t] = llama_parameters(plan.configs[t])
 
 
 def _point_row(plan: _Plan, args, kind: str, batch: int, context: int) -> dict:
     """The fields of a point's row known before it runs (its sizes, the predicted cache bytes)."""
-    from tpa.bench.hf_llama import LLAMA_TYPE, kv_bytes_per_token
+    from tpa.bench.hf_llama import LLAMA_TYPES, kv_bytes_per_token
 
     cfg, itemsize = plan.configs[kind], plan.dtype.itemsize
-    if kind == LLAMA_TYPE:
+    if kind in LLAMA_TYPES:
         per_token = kv_bytes_per_token(cfg, itemsize)
         mode = "static cache, transformers auto-compile" if plan.graphs else "eager"
     else:

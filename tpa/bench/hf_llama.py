@@ -1,15 +1,17 @@
 """transformers' own ``LlamaForCausalLM`` as a baseline of ``tpa bench generate``.
 
-The GQA model a user already has: the same width, depth, KV heads, head size, MLP width, vocabulary,
-RoPE base and norm epsilon as a T6 config (``gqa`` of the preset), random weights. Its query heads
-are ``hidden_size // head_dim`` (transformers' config wants ``hidden_size`` divisible by the head
-count; T6's ``small`` GQA has 22 heads of 64, which becomes 12 here): the cached bytes per token, and
-so the KV traffic of a decode step, are those of the T6 model.
+The model a user already has, matched to a T6 config of the preset: the same width, depth, KV heads,
+head size, MLP width, vocabulary, RoPE base and norm epsilon, random weights. Type ``llama`` is
+matched to the preset's ``gqa``, ``llama-mha`` to its ``mha`` and ``llama-mqa`` to its ``mqa``
+(:data:`LLAMA_TYPES`). Its query heads are ``hidden_size // head_dim`` (transformers' config wants
+``hidden_size`` divisible by the head count; T6's ``small`` GQA has 22 heads of 64, which becomes 12
+here): the cached bytes per token, and so the KV traffic of a decode step, are those of the T6 model.
 """
 
 from __future__ import annotations
 
 LLAMA_TYPE = "llama"
+LLAMA_TYPES = {LLAMA_TYPE: "gqa", "llama-mha": "mha", "llama-mqa": "mqa"}  # type -> the T6 type it is matched to
 
 
 def llama_heads(hidden_size: int, head_dim: int, kv_heads: int, max_heads: int) -> int:
