@@ -609,6 +609,22 @@ def test_without_tensor_guards_every_call_is_keyed(monkeypatch):
     assert len(keyed) == 3 and len(_plans()) == 1 and decode_launch.RECENT[0] is None
 
 
+def test_a_guard_that_cannot_be_rebuilt_clears_the_recent_entry(monkeypatch):
+    """When the recent entry's guard fails and a new one cannot be built (TensorGuards refusing these
+    tensors), the entry stops being the recent one, and every later call is keyed."""
+    keyed = _count_keyed(monkeypatch)
+    good = [t.cpu() if isinstance(t, torch.Tensor) else t for t in make_inputs(
+        [5, 9], 1, 4, 32, 32, (2, 1, 2), torch.float32, capacity=12, seed=11)[:7]]
+    want = tpa_decode(*good, backend="reference")
+    assert decode_launch.RECENT[0] is not None
+    monkeypatch.setattr(decode, "_tensor_guard", lambda tensors: None)
+    again = [t.clone() for t in good]
+    again[0].requires_grad_()  # the guard fails, and none can be built
+    for _ in range(2):
+        torch.testing.assert_close(tpa_decode(*again, backend="reference"), want, rtol=0, atol=0)
+    assert decode_launch.RECENT[0] is None and len(keyed) == 3
+
+
 def test_misaligned_calls_and_inference_mode_are_keyed(monkeypatch):
     """A call with a pointer off 16 bytes is keyed every time (its alignment is part of the key) and
     never becomes the recent entry; a guard built outside inference mode fails inside it (dispatch

@@ -774,11 +774,10 @@ def _keyed_entry(tensors, ptrs, out_ptr, misaligned, call) -> _Entry:
         entry = _new_entry(key, (a_q, b_q, a_k, b_k, a_v, b_v, lens, table, out, softmax_scale, return_lse, backend,
                                  config, options))
     if not misaligned:
-        if entry.guard is None or not entry.guard.check(*tensors):  # (a guard also holds autograd's mode)
+        if entry.guard is None or not entry.guard.check(*tensors):  # (a guard also holds the dispatch keys' mode)
             entry.guard = _tensor_guard(tensors)
         entry.call = call
-        if entry.guard is not None:
-            _RECENT[0] = entry
+        _RECENT[0] = entry if entry.guard is not None else None
     return entry
 
 
