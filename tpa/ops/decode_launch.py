@@ -10,8 +10,10 @@ depends only on the call's shapes is computed once per launch configuration and 
 - the compiled kernels' handles: after a plan's first launch through ``triton.jit`` (which binds
   and specialises the arguments, the part of a Triton launch that costs the most host time), later
   launches call the compiled kernel's launcher directly with the run-time arguments: the tensors'
-  pointers as integers (read once per call by the key, see below; the launcher then skips its own
-  ``data_ptr()`` call and driver query per pointer) before the pre-assembled scalars and constexprs.
+  pointers as integers (read once per call by tpa_decode, see below; the launcher then skips its own
+  ``data_ptr()`` call and driver query per pointer) before the pre-assembled scalars and constexprs
+  (:func:`launcher_of`: with Triton 3.5 and 3.6, whose ``CudaLauncher.__call__`` only passes its
+  arguments on, Triton's C launcher itself).
   A plan is keyed by everything the specialisation depends on (shapes, strides, dtypes, devices and
   the 16-byte alignment of every pointer), so the handle it keeps is the one ``triton.jit`` would
   pick; a launch hook (a profiler) or a current device other than the inputs' sends the call
