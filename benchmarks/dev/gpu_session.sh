@@ -46,11 +46,13 @@
 # BASE=DIR: the gap and ncu stages run first with DIR ahead on PYTHONPATH (a copy of an earlier `tpa` package, e.g.
 # `mkdir -p .baseline && git archive HEAD tpa | tar -x -C .baseline`, carried), into gap-base and ncu-base: the
 # earlier kernels and the tree's in one call (GAP_BASE_ARGS, default GAP_ARGS, for the first).
-# Run from the repository root with the package importable (PYTHONPATH=$PWD). DATA: token shards of
+# Run from the repository root (the script puts it first on PYTHONPATH, so that the scripts under benchmarks/dev import
+# this tree's `tpa`). DATA: token shards of
 # `tpa data prepare shakespeare` (default .carry/shakespeare). Logs and results go under $OUT: log.txt
 # and results.tar.gz, rewritten after every stage, so that a stage cut by its timeout keeps what came before.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # bitsandbytes, where the device lacks it: the wheel's package unpacked into .carry/bnb (benchmarks/dev/README.md)
 if [ -d .carry/bnb/bitsandbytes ]; then export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/.carry/bnb"; fi
 DATA=${DATA:-.carry/shakespeare}; OFFICIAL=${OFFICIAL:-.official/T6}; PY=${PY:-python3}
@@ -72,7 +74,7 @@ TRAIN="--preset small --data $DATA --micro-batch 16 --seq-len 1024 --steps 20 --
   $PY -c "import torch, transformers, triton, sys; print(sys.version.split()[0], torch.__version__, transformers.__version__, triton.__version__)"
   for s in "$@"; do
     case $s in
-      tests) stage tests "${T_TESTS:-170}" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider --continue-on-collection-errors \
+      tests) stage tests "${T_TESTS:-240}" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider --continue-on-collection-errors \
                 ${TESTS:-} ;;
       decode) stage decode "${T_DECODE:-170}" $PY -m tpa.cli bench decode --d-model ${DECODE_DMODEL:-2048} \
                 --batch ${DECODE_BATCH:-1 4 16} ${DECODE_LENGTHS:+--lengths $DECODE_LENGTHS} ${DECODE_EXTRA:-} \
